@@ -1,0 +1,231 @@
+"""Unit tests of the pure core: page allocator, scheduler, embed-cache index. No model, no torch."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlmd.core.embed_index import EmbedIndex, RowArena
+from vlmd.core.page_allocator import PageAllocator, pages_for
+from vlmd.core.request import Request
+from vlmd.core.scheduler import Scheduler, SchedulerConfig
+from vlmd.messages import EmbedRun, ImageRef, SamplingParams
+
+
+def make_request(rid: str, prompt_len: int = 5, max_new: int = 4, **kw) -> Request:
+    return Request(rid, list(range(100, 100 + prompt_len)), SamplingParams(max_new_tokens=max_new), **kw)
+
+
+def make_scheduler(num_pages: int = 16, page_size: int = 4, budget: int = 64, **kw) -> Scheduler:
+    return Scheduler(SchedulerConfig(num_pages, page_size, budget, **kw))
+
+
+def run_step(sched: Scheduler, token: int = 7):
+    plan = sched.schedule()
+    assert plan is not None
+    sampled = {item.request_id: (token, -0.5) for item in plan.items if item.sample}
+    outputs, finished = sched.update(plan, sampled)
+    sched.check_integrity()
+    return plan, outputs, finished
+
+
+# --- page allocator ---------------------------------------------------------------------------
+
+
+def test_allocator_hands_out_and_takes_back():
+    alloc = PageAllocator(4)
+    pages = alloc.allocate(3)
+    assert len(set(pages)) == 3 and alloc.num_free == 1
+    with pytest.raises(MemoryError):
+        alloc.allocate(2)
+    alloc.free(pages)
+    alloc.check_integrity()
+    assert alloc.num_free == 4
+
+
+def test_allocator_rejects_double_free():
+    alloc = PageAllocator(2)
+    pages = alloc.allocate(1)
+    alloc.free(pages)
+    with pytest.raises(AssertionError):
+        alloc.free(pages)
+
+
+def test_pages_for_rounds_up():
+    assert [pages_for(n, 4) for n in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
+
+
+# --- scheduler --------------------------------------------------------------------------------
+
+
+def test_prefill_then_decode_until_length():
+    sched = make_scheduler()
+    sched.add(make_request("a", prompt_len=5, max_new=3))
+    plan, outputs, _ = run_step(sched, token=11)
+    (item,) = plan.items
+    assert item.start == 0 and item.token_ids == list(range(100, 105)) and item.sample
+    assert len(item.new_pages) == 2 and plan.new_requests[0].request_id == "a"
+    assert outputs[0].token_ids == [11] and outputs[0].finish_reason is None
+    plan, outputs, _ = run_step(sched, token=12)
+    assert plan.items[0].start == 5 and plan.items[0].token_ids == [11] and not plan.new_requests
+    plan, outputs, finished = run_step(sched, token=13)
+    assert outputs[0].finish_reason == "length" and finished[0].request.output_ids == [11, 12, 13]
+    assert sched.allocator.num_used == 0 and not sched.running
+    assert sched.schedule() is None
+
+
+def test_finished_request_is_announced_to_workers_in_next_plan():
+    sched = make_scheduler()
+    sched.add(make_request("a", max_new=1))
+    run_step(sched)
+    sched.add(make_request("b"))
+    plan, _, _ = run_step(sched)
+    assert plan.finished_ids == ["a"]
+
+
+def test_eos_and_stop_sequences():
+    sched = make_scheduler()
+    sched.add(make_request("eos", max_new=10, eos_token_ids=[7]))
+    sched.add(make_request("ign", max_new=2))
+    _, outputs, finished = run_step(sched, token=7)
+    reasons = {o.request_id: o.finish_reason for o in outputs}
+    assert reasons == {"eos": "stop", "ign": None}
+
+
+def test_ignore_eos_keeps_going():
+    sched = make_scheduler()
+    req = Request("a", [1, 2], SamplingParams(max_new_tokens=2, ignore_eos=True), eos_token_ids=[7])
+    sched.add(req)
+    _, outputs, _ = run_step(sched, token=7)
+    assert outputs[0].finish_reason is None
+
+
+def test_stop_token_sequence_reports_tokens_to_hide():
+    sched = make_scheduler()
+    sched.add(make_request("a", max_new=10, stop_token_seqs=[[8, 9]]))
+    run_step(sched, token=8)
+    _, outputs, _ = run_step(sched, token=9)
+    assert outputs[0].finish_reason == "stop" and outputs[0].num_stop_tokens == 2
+
+
+def test_continuous_batching_admits_between_steps():
+    sched = make_scheduler()
+    sched.add(make_request("a", max_new=5))
+    run_step(sched)
+    sched.add(make_request("b", prompt_len=3))
+    plan, _, _ = run_step(sched)
+    assert [(i.request_id, len(i.token_ids)) for i in plan.items] == [("a", 1), ("b", 3)]
+
+
+def test_admission_respects_reserved_pages():
+    # 4 pages of 4 tokens: a request of 5 + 4 tokens reserves 3 pages, so a second must wait.
+    sched = make_scheduler(num_pages=4)
+    sched.add(make_request("a", prompt_len=5, max_new=4))
+    sched.add(make_request("b", prompt_len=5, max_new=4))
+    plan, _, _ = run_step(sched)
+    assert [i.request_id for i in plan.items] == ["a"]
+    for _ in range(3):
+        run_step(sched)
+    plan, _, _ = run_step(sched)  # "a" finished last step and freed its pages
+    assert [i.request_id for i in plan.items] == ["b"]
+
+
+def test_chunked_prefill_spans_cover_the_prompt():
+    sched = make_scheduler(budget=4)
+    sched.add(make_request("a", prompt_len=10, max_new=2))
+    spans = []
+    for _ in range(3):
+        plan, outputs, _ = run_step(sched)
+        spans.append((plan.items[0].start, len(plan.items[0].token_ids), plan.items[0].sample))
+    assert spans == [(0, 4, False), (4, 4, False), (8, 2, True)]
+    assert len(outputs) == 1
+
+
+def test_abort_frees_pages_at_once():
+    sched = make_scheduler()
+    sched.add(make_request("a", max_new=20))
+    run_step(sched)
+    assert sched.allocator.num_used > 0
+    sched.abort("a")
+    sched.check_integrity()
+    assert sched.allocator.num_used == 0 and not sched.requests
+    assert not sched.has_work() and sched.schedule() is None
+
+
+def test_abort_while_step_in_flight_ignores_its_result():
+    sched = make_scheduler()
+    sched.add(make_request("a"))
+    plan = sched.schedule()
+    sched.abort("a")
+    outputs, finished = sched.update(plan, {"a": (5, 0.0)})
+    assert outputs == [] and finished == []
+    sched.check_integrity()
+
+
+def test_images_gate_admission_and_map_to_spans():
+    sched = make_scheduler(budget=6)
+    image = ImageRef("m", "seg", 10, 1, token_offset=2, num_tokens=5)
+    sched.add(make_request("a", prompt_len=9, images=[image]))
+    assert sched.schedule() is None  # waiting for its embeddings
+    sched.images_ready("a", [EmbedRun("m", 100, 5)])
+    plan, _, _ = run_step(sched)
+    assert [(s.row_offset, s.num_rows, s.dst_offset) for s in plan.items[0].embeds] == [(100, 4, 2)]
+    plan, _, _ = run_step(sched)
+    assert [(s.row_offset, s.num_rows, s.dst_offset) for s in plan.items[0].embeds] == [(104, 1, 0)]
+
+
+def test_many_requests_keep_integrity():
+    sched = make_scheduler(num_pages=12, budget=16)
+    for i in range(10):
+        sched.add(make_request(f"r{i}", prompt_len=3 + i, max_new=1 + i % 4))
+    finished = 0
+    for _ in range(100):
+        if not sched.has_work():
+            break
+        _, _, done = run_step(sched)
+        finished += len(done)
+    assert finished == 10 and sched.allocator.num_used == 0
+
+
+# --- embed index ------------------------------------------------------------------------------
+
+
+def test_arena_first_fit_and_coalescing():
+    arena = RowArena(10)
+    a, b, c = arena.allocate(3), arena.allocate(3), arena.allocate(3)
+    assert (a, b, c) == (0, 3, 6) and arena.allocate(2) is None
+    arena.free(b, 3)
+    arena.free(a, 3)
+    arena.check_integrity()
+    assert arena.allocate(6) == 0
+
+
+def test_index_hit_pins_and_lru_evicts_unpinned_only():
+    index = EmbedIndex(capacity_images=2, num_rows=100)
+    index.insert("a", 10, pin_for="r1")
+    index.insert("b", 10, pin_for="r2")
+    assert index.insert("c", 10, pin_for="r3") is None  # both pinned
+    index.unpin("r1", ["a"])
+    assert index.insert("c", 10, pin_for="r3") is not None  # evicts "a"
+    assert "a" not in index and index.num_evictions == 1
+    index.check_integrity()
+
+
+def test_index_lookup_refreshes_lru():
+    index = EmbedIndex(capacity_images=2, num_rows=100)
+    index.insert("a", 10, pin_for="r")
+    index.insert("b", 10, pin_for="r")
+    index.unpin("r", ["a", "b"])
+    assert index.lookup("a", pin_for="r2") is not None
+    index.unpin("r2", ["a"])
+    index.insert("c", 10, pin_for="r3")
+    assert "a" in index and "b" not in index
+
+
+def test_index_evicts_to_make_room_in_the_arena():
+    index = EmbedIndex(capacity_images=10, num_rows=30)
+    for name in "abc":
+        index.insert(name, 10, pin_for="r")
+    index.unpin("r", ["a", "b"])
+    entry = index.insert("d", 20, pin_for="r")
+    assert entry is not None and entry.row_offset == 0
+    index.check_integrity()

@@ -1,0 +1,5 @@
+import sys
+
+from vlmd.cli import main
+
+sys.exit(main())

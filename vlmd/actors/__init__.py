@@ -1,0 +1,1 @@
+"""The actors: separate processes that exchange `vlmd.messages` over Unix sockets."""

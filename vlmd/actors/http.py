@@ -1,0 +1,266 @@
+"""The http actor: Starlette on uvicorn (uvloop). Parses and validates requests, fetches and
+checks images, builds prompt ids (tokenizer actor), talks to the scheduler, answers clients.
+
+Every client error is a 4xx JSON `{"error": ...}`; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+import msgspec
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from vlmd import ipc, shm
+from vlmd.actors.images import BadImage, CheckedImage, ImageChecker
+from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
+from vlmd.actors.metrics import render_metrics
+from vlmd.actors.tokenizer import PromptBuilder, PromptError
+from vlmd.api import GenerateBody
+from vlmd.image import TilingConfig
+from vlmd.messages import (
+    Abort,
+    GetMetrics,
+    Hello,
+    ImageRef,
+    MetricsSnapshot,
+    RequestFailed,
+    SamplingParams,
+    SubmitRequest,
+    TokenOut,
+)
+from vlmd.sampling import InvalidParameter, make_sampling_params
+
+log = logging.getLogger("vlmd.http")
+
+
+class ClientError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+@dataclass
+class Tracked:
+    """A request in flight: tokens as they arrive, and a future for the end."""
+
+    done: asyncio.Future
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    segments: list[str] = field(default_factory=list)  # image byte segments to unlink on failure
+
+
+class HttpActor:
+    def __init__(self, launch: Launch, channel: ipc.Channel) -> None:
+        self.args, self.runtime = launch.args, launch.runtime
+        self.channel = channel
+        self.segment_prefix = shm.segment_prefix(self.runtime.server_id)
+        self.prompts = PromptBuilder(self.args.model_dir, self.runtime.image_seq_length)
+        tiling = TilingConfig.from_model_dir(
+            self.args.model_dir, min_tiles=self.args.min_tiles, max_tiles=self.args.max_tiles
+        )
+        self.images = ImageChecker(tiling, self.args.image_fetch_timeout, self.args.max_body_bytes)
+        self.inflight: dict[str, Tracked] = {}
+        self.metric_queries: dict[int, asyncio.Future] = {}
+        self._query_ids = itertools.count()
+
+    # --- scheduler side ---------------------------------------------------------------------
+
+    async def receive_loop(self) -> None:
+        while True:
+            msg = await self.channel.recv()
+            if isinstance(msg, TokenOut):
+                self._on_tokens(msg)
+            elif isinstance(msg, RequestFailed):
+                tracked = self.inflight.get(msg.request_id)
+                if tracked is not None and not tracked.done.done():
+                    tracked.done.set_exception(ClientError(msg.status, msg.message))
+            elif isinstance(msg, MetricsSnapshot):
+                future = self.metric_queries.pop(msg.query_id, None)
+                if future is not None and not future.done():
+                    future.set_result(msg.values)
+
+    def _on_tokens(self, msg: TokenOut) -> None:
+        tracked = self.inflight.get(msg.request_id)
+        if tracked is None:
+            return
+        tracked.token_ids += msg.token_ids
+        tracked.logprobs += msg.logprobs
+        if msg.finish_reason is not None and not tracked.done.done():
+            tracked.done.set_result((msg.finish_reason, msg.num_stop_tokens))
+
+    # --- routes -----------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(self, request: Request) -> Response:
+        query_id = next(self._query_ids)
+        future = asyncio.get_running_loop().create_future()
+        self.metric_queries[query_id] = future
+        self.channel.send(GetMetrics(query_id))
+        values = await asyncio.wait_for(future, 10.0)
+        return Response(render_metrics(values), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def generate(self, request: Request) -> Response:
+        try:
+            body = await self._read_body(request)
+            return JSONResponse(await self._generate(body))
+        except ClientError as exc:
+            return error_response(exc.status, str(exc))
+
+    async def _read_body(self, request: Request) -> GenerateBody:
+        limit = self.args.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ClientError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise ClientError(413, f"request body exceeds the limit of {limit} bytes")
+        try:
+            return msgspec.json.decode(raw, type=GenerateBody)
+        except msgspec.ValidationError as exc:
+            raise ClientError(400, f"invalid request: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise ClientError(400, f"malformed JSON: {exc}") from None
+
+    async def _generate(self, body: GenerateBody) -> dict:
+        params = body.parameters
+        sampling = self._sampling(body)
+        images = body.multimodal_params.images
+        if images and not self.args.enable_multimodal:
+            raise ClientError(400, "this server runs without --enable_multimodal: images are not accepted")
+        try:
+            checked = await self.images.check_all(images)
+            prompt_ids, spans = self.prompts.build(body.inputs, [image.num_tiles for image in checked])
+        except (BadImage, PromptError) as exc:
+            raise ClientError(400, str(exc)) from None
+        self._check_length(len(prompt_ids), sampling.max_new_tokens)
+        stops = [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
+        request_id = uuid.uuid4().hex
+        tracked = Tracked(asyncio.get_running_loop().create_future())
+        self.inflight[request_id] = tracked
+        try:
+            refs = self._image_refs(checked, spans, tracked)
+            self.channel.send(
+                SubmitRequest(
+                    request_id=request_id,
+                    prompt_ids=prompt_ids,
+                    sampling=sampling,
+                    images=refs,
+                    stop_token_seqs=self.prompts.stop_token_seqs(stops),
+                    eos_token_ids=self.runtime.eos_token_ids,
+                )
+            )
+            finish_reason, num_stop = await tracked.done
+        except BaseException:
+            for name in tracked.segments:
+                shm.unlink_segment(name)
+            if not tracked.done.done():
+                self.channel.send(Abort(request_id))
+            raise
+        finally:
+            del self.inflight[request_id]
+        shown = tracked.token_ids[: len(tracked.token_ids) - num_stop]
+        response = {
+            "generated_text": [self.prompts.decode(shown)],
+            "count_output_tokens": len(tracked.token_ids),
+            "finish_reason": finish_reason,
+            "prompt_tokens": len(prompt_ids),
+        }
+        if params.return_details:
+            response["tokens"] = [
+                {"id": t, "text": self.prompts.token_text(t), "logprob": lp}
+                for t, lp in zip(tracked.token_ids, tracked.logprobs, strict=True)
+            ]
+        return response
+
+    def _sampling(self, body: GenerateBody) -> SamplingParams:
+        p = body.parameters
+        try:
+            return make_sampling_params(
+                max_new_tokens=p.max_new_tokens,
+                do_sample=p.do_sample,
+                temperature=p.temperature,
+                top_p=p.top_p,
+                top_k=p.top_k,
+                repetition_penalty=p.repetition_penalty,
+                ignore_eos=p.ignore_eos,
+                seed=p.seed,
+            )
+        except InvalidParameter as exc:
+            raise ClientError(400, str(exc)) from None
+
+    def _check_length(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
+        limit = self.runtime.max_req_total_len
+        if num_prompt_tokens >= limit:
+            raise ClientError(
+                400,
+                f"the prompt has {num_prompt_tokens} tokens; max_req_total_len allows at most {limit - 1}",
+            )
+        if num_prompt_tokens + max_new_tokens > limit:
+            raise ClientError(
+                400,
+                f"parameter `max_new_tokens` ({max_new_tokens}) goes beyond the context: the prompt has "
+                f"{num_prompt_tokens} tokens and max_req_total_len is {limit}",
+            )
+
+    def _image_refs(self, checked: list[CheckedImage], spans, tracked: Tracked) -> list[ImageRef]:
+        refs = []
+        for image, span in zip(checked, spans, strict=True):
+            name = shm.write_bytes_segment(self.segment_prefix, image.data)
+            tracked.segments.append(name)
+            refs.append(
+                ImageRef(
+                    image.md5, name, len(image.data), image.num_tiles, span.token_offset, span.num_tokens
+                )
+            )
+        return refs
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/generate", self.generate, methods=["POST"]),
+        ]
+        return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return error_response(404, f"no route {request.url.path}")
+
+
+async def _not_allowed(request: Request, exc: Exception) -> Response:
+    return error_response(405, f"method {request.method} not allowed on {request.url.path}")
+
+
+async def run(launch: Launch, rank: int) -> None:
+    channel = await ipc.connect(launch.socket(SCHEDULER_SOCKET), Hello("http"))
+    actor = HttpActor(launch, channel)
+    receiver = asyncio.get_running_loop().create_task(actor.receive_loop())
+    sock = socket.socket(socket.AF_INET6 if ":" in launch.args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((launch.args.host, launch.args.port))  # fails here, before Ready, if the port is taken
+    config = uvicorn.Config(actor.app(), log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    await announce_ready(launch, "http", detail=f"(http://{launch.args.host}:{launch.args.port})")
+    serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    done, _ = await asyncio.wait([receiver, serving], return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        task.result()  # the scheduler connection closed, or the server failed: exit non-zero
+    raise SystemExit(1)

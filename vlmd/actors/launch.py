@@ -1,0 +1,95 @@
+"""What every actor process is started with: the server args and the resolved runtime facts."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+import msgspec
+
+from vlmd import ipc
+from vlmd.config import ServerArgs
+from vlmd.messages import Hello, Ready
+
+LAUNCH_FILE = "launch.json"
+SUPERVISOR_SOCKET = "supervisor.sock"
+SCHEDULER_SOCKET = "scheduler.sock"
+
+
+class RuntimeInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """Facts the supervisor resolved from the model and the machine, shared by all actors."""
+
+    server_id: int  # the supervisor's pid: prefix of every shared-memory segment
+    run_dir: str  # sockets live here
+    dtype: str  # model dtype: "float32" | "bfloat16" | "float16"
+    hidden_size: int  # language model hidden size: width of an embedding row
+    image_seq_length: int  # image tokens per tile
+    num_kv_pages: int
+    max_req_total_len: int
+    eos_token_ids: list[int]
+    embed_store: str = ""  # shared-memory segment of the EmbedStore ("" without multimodal)
+    embed_store_rows: int = 0
+
+
+class Launch(msgspec.Struct, frozen=True):
+    args: ServerArgs
+    runtime: RuntimeInfo
+
+    def socket(self, name: str) -> str:
+        return os.path.join(self.runtime.run_dir, name)
+
+
+def write_launch(launch: Launch) -> None:
+    with open(os.path.join(launch.runtime.run_dir, LAUNCH_FILE), "wb") as f:
+        f.write(msgspec.json.encode(launch))
+
+
+def read_launch(run_dir: str) -> Launch:
+    with open(os.path.join(run_dir, LAUNCH_FILE), "rb") as f:
+        return msgspec.json.decode(f.read(), type=Launch)
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to kill this process when the supervisor dies, however it dies."""
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+    if os.getppid() == 1:
+        sys.exit(1)  # the parent died before we could register
+
+
+def setup_logging(role: str) -> logging.Logger:
+    logging.basicConfig(
+        level=os.environ.get("VLMD_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s {role:>9} %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    return logging.getLogger(f"vlmd.{role}")
+
+
+async def announce_ready(launch: Launch, role: str, rank: int = 0, detail: str = "") -> ipc.Channel:
+    """Tell the supervisor we are ready; exit if the supervisor ever goes away."""
+    import asyncio
+
+    channel = await ipc.connect(launch.socket(SUPERVISOR_SOCKET), Hello(role, rank))
+    channel.send(Ready(role, rank, detail))
+
+    async def watch() -> None:
+        try:
+            while True:
+                await channel.recv()  # Shutdown, or the supervisor is gone
+                break
+        except ipc.ChannelClosed:
+            pass
+        os._exit(0)
+
+    _background.add(asyncio.get_running_loop().create_task(watch()))
+    return channel
+
+
+_background: set = set()  # the event loop keeps only weak references to tasks

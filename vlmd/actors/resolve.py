@@ -1,0 +1,93 @@
+"""Resolve the model- and machine-dependent facts every actor needs, before any actor starts.
+
+Runs in the supervisor without importing torch, so a bad flag or model directory fails fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from vlmd.actors.launch import RuntimeInfo
+from vlmd.config import ENV_IMAGE_LENGTH, ConfigError, ServerArgs
+from vlmd.core.page_allocator import pages_for
+from vlmd.models.config import InternVLArch
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CPU_KV_SHARE = 0.25  # share of mem_fraction * available host memory the CPU KV cache may take
+CPU_KV_MAX_BYTES = 2 * 2**30  # the CPU path serves tests and demos, not production loads
+
+
+def resolve_runtime(args: ServerArgs, server_id: int, run_dir: str) -> RuntimeInfo:
+    try:
+        arch = InternVLArch.from_model_dir(args.model_dir)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise ConfigError("--model_dir", f"cannot serve {args.model_dir!r}: {exc}") from None
+    if args.image_length != arch.image_seq_length:
+        raise ConfigError(
+            ENV_IMAGE_LENGTH,
+            f"is {args.image_length} but the model makes {arch.image_seq_length} tokens per tile",
+        )
+    dtype = model_dtype(args)
+    num_kv_pages = _num_kv_pages(args, arch, dtype)
+    pool_tokens = num_kv_pages * args.page_size
+    max_len = min(arch.max_position_embeddings, pool_tokens)
+    if args.max_req_total_len is not None:
+        if args.max_req_total_len > max_len:
+            raise ConfigError(
+                "--max_req_total_len",
+                f"{args.max_req_total_len} exceeds what the model and KV cache allow ({max_len})",
+            )
+        max_len = args.max_req_total_len
+    embed_store, embed_rows = "", 0
+    if args.enable_multimodal:
+        row_bytes = arch.hidden_size * DTYPE_BYTES[dtype]
+        embed_rows = args.embed_store_mb * 2**20 // row_bytes
+        embed_store = f"vlmd-{server_id}-embeds"
+    return RuntimeInfo(
+        server_id=server_id,
+        run_dir=run_dir,
+        dtype=dtype,
+        hidden_size=arch.hidden_size,
+        image_seq_length=arch.image_seq_length,
+        num_kv_pages=num_kv_pages,
+        max_req_total_len=max_len,
+        eos_token_ids=_eos_token_ids(args.model_dir),
+        embed_store=embed_store,
+        embed_store_rows=embed_rows,
+    )
+
+
+def model_dtype(args: ServerArgs) -> str:
+    if args.data_type != "auto":
+        return args.data_type
+    return "float32" if args.device == "cpu" else "bfloat16"
+
+
+def _num_kv_pages(args: ServerArgs, arch: InternVLArch, dtype: str) -> int:
+    if args.max_total_token_num is not None:
+        return pages_for(args.max_total_token_num, args.page_size)
+    bytes_per_token = (
+        2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim * DTYPE_BYTES[dtype]
+    )
+    budget = min(CPU_KV_SHARE * args.mem_fraction * _available_host_bytes(), CPU_KV_MAX_BYTES)
+    return max(1, int(budget // (bytes_per_token * args.page_size)))
+
+
+def _available_host_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _eos_token_ids(model_dir: str) -> list[int]:
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        eos = json.load(f).get("eos_token_id")
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)

@@ -1,0 +1,165 @@
+"""The scheduler actor: a thin asyncio shell around `vlmd.core.scheduler.Scheduler`.
+
+Connections (all accepted on scheduler.sock, each opened with a Hello): the http actor submits
+and aborts requests and receives tokens; the vision actor encodes images; TP rank workers
+execute step plans. One step is in flight at a time; messages that arrive meanwhile are applied
+between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import Counter
+
+from vlmd import ipc
+from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
+from vlmd.core.page_allocator import pages_for
+from vlmd.core.request import Request
+from vlmd.core.scheduler import Scheduler, SchedulerConfig
+from vlmd.messages import (
+    Abort,
+    EncodeImages,
+    GetMetrics,
+    Hello,
+    ImagesFailed,
+    ImagesReady,
+    MetricsSnapshot,
+    ReleaseImages,
+    RequestFailed,
+    StepResult,
+    SubmitRequest,
+)
+
+log = logging.getLogger("vlmd.scheduler")
+
+
+class SchedulerActor:
+    def __init__(self, launch: Launch) -> None:
+        args, runtime = launch.args, launch.runtime
+        self.core = Scheduler(
+            SchedulerConfig(
+                num_pages=runtime.num_kv_pages,
+                page_size=args.page_size,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                max_running_requests=args.max_running_requests,
+            )
+        )
+        self.http: ipc.Channel | None = None
+        self.vision: ipc.Channel | None = None
+        self.workers: dict[int, ipc.Channel] = {}
+        self.num_workers = args.tp
+        self._work = asyncio.Event()
+        self._results: asyncio.Queue[StepResult] = asyncio.Queue()
+        self._workers_ready = asyncio.Event()
+        self._vision_counters: dict[str, float] = {}
+        self._finished = Counter()
+        self._images_of: dict[str, bool] = {}  # request id -> asked the vision actor for images
+
+    async def on_channel(self, channel: ipc.Channel) -> None:
+        hello = await channel.recv()
+        assert isinstance(hello, Hello), f"expected Hello, got {hello!r}"
+        if hello.role == "http":
+            self.http = channel
+        elif hello.role == "vision":
+            self.vision = channel
+        elif hello.role == "worker":
+            self.workers[hello.rank] = channel
+            if len(self.workers) == self.num_workers:
+                self._workers_ready.set()
+        try:
+            while True:
+                self._dispatch(await channel.recv())
+        except ipc.ChannelClosed:
+            # A peer only disconnects when it dies: the server cannot go on without it.
+            log.error("%s%s disconnected", hello.role, hello.rank if hello.role == "worker" else "")
+            logging.shutdown()
+            os._exit(1)
+
+    def _dispatch(self, msg) -> None:
+        if isinstance(msg, StepResult):
+            self._results.put_nowait(msg)
+        elif isinstance(msg, SubmitRequest):
+            self._submit(msg)
+        elif isinstance(msg, Abort):
+            self._abort(msg.request_id)
+        elif isinstance(msg, ImagesReady):
+            self._vision_counters = msg.counters
+            self.core.images_ready(msg.request_id, msg.runs)
+            self._work.set()
+        elif isinstance(msg, ImagesFailed):
+            self._abort(msg.request_id)
+            self.http.send(RequestFailed(msg.request_id, msg.status, msg.message))
+        elif isinstance(msg, GetMetrics):
+            self.http.send(MetricsSnapshot(msg.query_id, self._metrics()))
+        else:
+            log.warning("unexpected message %r", type(msg).__name__)
+
+    def _submit(self, msg: SubmitRequest) -> None:
+        request = Request(
+            request_id=msg.request_id,
+            prompt_ids=msg.prompt_ids,
+            sampling=msg.sampling,
+            images=msg.images,
+            stop_token_seqs=msg.stop_token_seqs,
+            eos_token_ids=msg.eos_token_ids,
+        )
+        if pages_for(request.max_total_tokens, self.core.config.page_size) > self.core.config.num_pages:
+            self.http.send(RequestFailed(msg.request_id, 400, "prompt + max_new_tokens exceed the KV cache"))
+            return
+        self.core.add(request)
+        if msg.images:
+            self._images_of[msg.request_id] = True
+            self.vision.send(EncodeImages(msg.request_id, msg.images))
+        self._work.set()
+
+    def _abort(self, request_id: str) -> None:
+        self.core.abort(request_id)
+        self._release_images(request_id)
+        self._work.set()
+
+    def _release_images(self, request_id: str) -> None:
+        if self._images_of.pop(request_id, False):
+            self.vision.send(ReleaseImages(request_id))
+
+    async def step_loop(self) -> None:
+        await self._workers_ready.wait()
+        while True:
+            await self._work.wait()
+            plan = self.core.schedule()
+            if plan is None:
+                self._work.clear()
+                continue
+            for worker in self.workers.values():
+                worker.send(plan)
+            result = await self._results.get()
+            assert result.step_id == plan.step_id, "workers answer steps in order"
+            sampled = dict(
+                zip(result.request_ids, zip(result.token_ids, result.logprobs, strict=True), strict=True)
+            )
+            outputs, finished = self.core.update(plan, sampled)
+            for out in outputs:
+                self.http.send(out)
+            for done in finished:
+                self._finished[done.reason] += 1
+                self._release_images(done.request.request_id)
+
+    def _metrics(self) -> dict[str, float]:
+        values = {
+            "kv_pages_total": self.core.config.num_pages,
+            "kv_pages_used": self.core.allocator.num_used,
+            "requests_running": len(self.core.running),
+            "requests_waiting": len(self.core.requests) - len(self.core.running),
+        }
+        values.update({f"requests_finished_{reason}": n for reason, n in self._finished.items()})
+        values.update(self._vision_counters)
+        return values
+
+
+async def run(launch: Launch, rank: int) -> None:
+    actor = SchedulerActor(launch)
+    server = await ipc.serve(launch.socket(SCHEDULER_SOCKET), actor.on_channel)
+    await announce_ready(launch, "scheduler", detail=f"({launch.runtime.num_kv_pages} KV pages)")
+    async with server:
+        await actor.step_loop()

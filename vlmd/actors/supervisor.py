@@ -1,0 +1,161 @@
+"""`vlmd serve`: start every actor, wait for each to be ready, and stop them all together.
+
+On SIGINT/SIGTERM, or when any actor dies, every actor is stopped (SIGTERM, then SIGKILL after a
+grace period), every shared-memory segment of this server is unlinked and the run directory is
+removed. Actors also die on their own if the supervisor is killed (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass
+
+from vlmd import ipc, shm
+from vlmd.actors.launch import SUPERVISOR_SOCKET, Launch, write_launch
+from vlmd.actors.resolve import resolve_runtime
+from vlmd.config import ServerArgs
+from vlmd.messages import Ready
+
+log = logging.getLogger("vlmd.supervisor")
+STOP_GRACE_S = 5.0
+START_TIMEOUT_S = 600.0
+
+
+@dataclass
+class Actor:
+    role: str
+    rank: int
+    process: asyncio.subprocess.Process
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}{self.rank}" if self.role == "worker" else self.role
+
+
+class Supervisor:
+    def __init__(self, args: ServerArgs) -> None:
+        self.args = args
+        self.server_id = 0
+        self.actors: list[Actor] = []
+        self._ready: dict[tuple[str, int], asyncio.Future] = {}
+        self._stop = asyncio.Event()
+        self._stop_reason = ""
+        self._exit_code = 0
+
+    async def run(self) -> int:
+        import os
+
+        self.server_id = os.getpid()
+        run_dir = tempfile.mkdtemp(prefix=f"vlmd-{self.server_id}-")
+        server = None
+        try:
+            runtime = resolve_runtime(self.args, self.server_id, run_dir)
+            launch = Launch(self.args, runtime)
+            if runtime.embed_store:
+                row_bytes = runtime.hidden_size * _dtype_bytes(runtime.dtype)
+                shm.SharedSegment.create(runtime.embed_store, runtime.embed_store_rows * row_bytes).close()
+            write_launch(launch)
+            server = await ipc.serve(launch.socket(SUPERVISOR_SOCKET), self._on_channel)
+            self._install_signal_handlers()
+            if await self._start_all(launch):
+                log.info("vlmd ready on http://%s:%d", self.args.host, self.args.port)
+                print(
+                    f"vlmd: serving on http://{self.args.host}:{self.args.port}", file=sys.stderr, flush=True
+                )
+                await self._stop.wait()
+            log.info("stopping: %s", self._stop_reason)
+        finally:
+            await self._stop_actors()
+            if server is not None:
+                server.close()
+            removed = shm.unlink_all(shm.segment_prefix(self.server_id))
+            log.info("unlinked %d shared-memory segment(s)", len(removed))
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return self._exit_code
+
+    async def _start_all(self, launch: Launch) -> bool:
+        """Start the actors in dependency order; False if the server is stopping meanwhile."""
+        stages = [[("scheduler", 0)], [("worker", r) for r in range(self.args.tp)]]
+        if self.args.enable_multimodal:
+            stages[1].append(("vision", 0))
+        stages.append([("http", 0)])
+        for stage in stages:
+            all_ready = asyncio.gather(*[await self._spawn(launch, role, rank) for role, rank in stage])
+            stop = asyncio.ensure_future(self._stop.wait())
+            done, _ = await asyncio.wait(
+                [stop, all_ready], timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            stop.cancel()
+            if all_ready not in done:
+                all_ready.cancel()
+                self._request_stop(self._stop_reason or "start-up timed out", 1)
+                return False
+        return True
+
+    async def _spawn(self, launch: Launch, role: str, rank: int) -> asyncio.Future:
+        ready = asyncio.get_running_loop().create_future()
+        self._ready[(role, rank)] = ready
+        cmd = [sys.executable, "-m", "vlmd.actors", role, launch.runtime.run_dir, str(rank)]
+        process = await asyncio.create_subprocess_exec(*cmd)
+        actor = Actor(role, rank, process)
+        self.actors.append(actor)
+        asyncio.get_running_loop().create_task(self._watch(actor))
+        return ready
+
+    async def _watch(self, actor: Actor) -> None:
+        code = await actor.process.wait()
+        if not self._stop.is_set():
+            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            log.error("actor %s (pid %d) died: %s", actor.name, actor.process.pid, how)
+            self._request_stop(f"actor {actor.name} died ({how})", 1)
+
+    async def _on_channel(self, channel: ipc.Channel) -> None:
+        try:
+            while True:
+                msg = await channel.recv()
+                if isinstance(msg, Ready):
+                    log.info("%s%s ready %s", msg.role, msg.rank if msg.role == "worker" else "", msg.detail)
+                    future = self._ready.get((msg.role, msg.rank))
+                    if future is not None and not future.done():
+                        future.set_result(msg)
+        except ipc.ChannelClosed:
+            pass
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._request_stop, f"received {signal.Signals(sig).name}", 0)
+
+    def _request_stop(self, reason: str, exit_code: int) -> None:
+        if not self._stop.is_set():
+            self._stop_reason = reason
+            self._exit_code = exit_code
+            self._stop.set()
+
+    async def _stop_actors(self) -> None:
+        self._stop.set()
+        for actor in self.actors:
+            if actor.process.returncode is None:
+                actor.process.send_signal(signal.SIGTERM)
+        waits = [actor.process.wait() for actor in self.actors]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), STOP_GRACE_S)
+        except TimeoutError:
+            for actor in self.actors:
+                if actor.process.returncode is None:
+                    log.warning("actor %s did not stop in %.0f s: killing it", actor.name, STOP_GRACE_S)
+                    actor.process.kill()
+            await asyncio.gather(*waits)
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+
+
+async def serve(args: ServerArgs) -> int:
+    return await Supervisor(args).run()

@@ -1,0 +1,188 @@
+"""The vision actor: MD5 embedding cache, image preprocessing and the ViT, batched across requests.
+
+A cache hit answers at once and pins the entry for the request; misses queue for the encoder,
+which takes up to --visual_infer_batch_size images at a time, runs InternViT + projector, and
+writes the rows into the shared EmbedStore. The same image requested again while it is being
+encoded waits for that one encode instead of running the ViT twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vlmd import ipc, shm
+from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
+from vlmd.actors.worker import TORCH_DTYPES, embed_store_view
+from vlmd.core.embed_index import EmbedIndex
+from vlmd.image import ImageError, TilingConfig, decode_image, preprocess
+from vlmd.messages import EmbedRun, EncodeImages, Hello, ImageRef, ImagesFailed, ImagesReady, ReleaseImages
+from vlmd.models.loader import load_vision
+
+log = logging.getLogger("vlmd.vision")
+
+
+@dataclass
+class Pending:
+    """A request waiting for some of its images."""
+
+    runs: list[EmbedRun | None]
+    md5s: list[str]
+
+
+@dataclass
+class Job:
+    """One image to encode, and the (request, image index) pairs waiting for it."""
+
+    image: ImageRef
+    waiters: list[tuple[str, int]] = field(default_factory=list)
+
+
+class VisionActor:
+    def __init__(self, launch: Launch, channel: ipc.Channel) -> None:
+        args, runtime = launch.args, launch.runtime
+        self.channel = channel
+        self.batch_size = args.visual_infer_batch_size
+        self.device = torch.device(args.device)
+        self.model = load_vision(args.model_dir, TORCH_DTYPES[runtime.dtype], self.device, args.load_workers)
+        self.tiling = TilingConfig.from_model_dir(
+            args.model_dir, min_tiles=args.min_tiles, max_tiles=args.max_tiles
+        )
+        self.store = embed_store_view(launch)
+        self.index = EmbedIndex(args.cache_capacity, runtime.embed_store_rows)
+        self.pending: dict[str, Pending] = {}
+        self.pinned: dict[str, list[str]] = {}  # request id -> md5s it pins
+        self.jobs: dict[str, Job] = {}  # md5 -> job queued or running
+        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.counters = {
+            "vit_images_total": 0.0,
+            "embed_cache_hits_total": 0.0,
+            "embed_cache_misses_total": 0.0,
+        }
+
+    def on_encode(self, msg: EncodeImages) -> None:
+        pending = Pending([None] * len(msg.images), [image.md5 for image in msg.images])
+        self.pending[msg.request_id] = pending
+        self.pinned.setdefault(msg.request_id, [])
+        for i, image in enumerate(msg.images):
+            entry = self.index.lookup(image.md5, pin_for=msg.request_id)
+            if entry is not None or image.md5 in self.jobs:
+                self.counters["embed_cache_hits_total"] += 1
+                shm.unlink_segment(image.bytes_shm)  # the bytes are not needed
+            else:
+                self.counters["embed_cache_misses_total"] += 1
+            if entry is not None:
+                pending.runs[i] = EmbedRun(image.md5, entry.row_offset, entry.num_rows)
+                self.pinned[msg.request_id].append(image.md5)
+            elif image.md5 in self.jobs:
+                self.jobs[image.md5].waiters.append((msg.request_id, i))
+            else:
+                job = Job(image, [(msg.request_id, i)])
+                self.jobs[image.md5] = job
+                self.queue.put_nowait(job)
+        self._reply_if_complete(msg.request_id)
+
+    def on_release(self, request_id: str) -> None:
+        self.pending.pop(request_id, None)
+        self.index.unpin(request_id, self.pinned.pop(request_id, []))
+
+    def _reply_if_complete(self, request_id: str) -> None:
+        pending = self.pending.get(request_id)
+        if pending is not None and all(run is not None for run in pending.runs):
+            del self.pending[request_id]
+            self.channel.send(ImagesReady(request_id, pending.runs, dict(self.counters)))
+
+    def _fail(self, request_id: str, status: int, message: str) -> None:
+        if self.pending.pop(request_id, None) is not None:
+            self.channel.send(ImagesFailed(request_id, status, message))
+
+    async def encode_loop(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < self.batch_size and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            started = time.perf_counter()
+            results = await asyncio.to_thread(self._encode, [job.image for job in batch])
+            log.debug("encoded %d image(s) in %.3f s", len(batch), time.perf_counter() - started)
+            self.counters["vit_images_total"] += sum(1 for r in results if not isinstance(r, str))
+            for job, result in zip(batch, results, strict=True):
+                del self.jobs[job.image.md5]
+                self._store(job, result)
+
+    def _store(self, job: Job, result: torch.Tensor | str) -> None:
+        waiters = [(r, i) for r, i in job.waiters if r in self.pending]
+        if isinstance(result, str):
+            for request_id, _ in waiters:
+                self._fail(request_id, 400, result)
+            return
+        if not waiters:
+            return  # every request that wanted it is gone; cache it anyway only if pinned later
+        entry = self.index.insert(job.image.md5, result.shape[0], pin_for=waiters[0][0])
+        if entry is None:
+            for request_id, _ in waiters:
+                self._fail(request_id, 503, "image embedding cache is full of images in use; retry later")
+            return
+        self.store[entry.row_offset : entry.row_offset + entry.num_rows] = result
+        for request_id, i in waiters:
+            entry.pinned_by.add(request_id)
+            self.pinned[request_id].append(job.image.md5)
+            self.pending[request_id].runs[i] = EmbedRun(job.image.md5, entry.row_offset, entry.num_rows)
+            self._reply_if_complete(request_id)
+
+    @torch.inference_mode()
+    def _encode(self, images: list[ImageRef]) -> list[torch.Tensor | str]:
+        """Decode, tile and encode a batch; an image that fails gets its error message instead."""
+        tiles: list[np.ndarray] = []
+        counts: list[int] = []
+        errors: dict[int, str] = {}
+        for i, image in enumerate(images):
+            try:
+                data = shm.read_bytes_segment(image.bytes_shm, image.num_bytes)
+                pixels = preprocess(decode_image(data), self.tiling)  # [num_tiles, 3, tile, tile]
+                assert pixels.shape[0] == image.num_tiles, "http and vision disagree on the tile count"
+                tiles.append(pixels)
+                counts.append(pixels.shape[0])
+            except (ImageError, OSError) as exc:
+                errors[i] = f"image {i}: {exc}"
+                counts.append(0)
+        rows: list[torch.Tensor] = []
+        if tiles:
+            pixel_values = torch.from_numpy(np.concatenate(tiles)).to(self.device, self.model_dtype)
+            embeds = self.model(pixel_values)  # [total_tiles * image_seq_length, hidden]
+            rows_per_tile = embeds.shape[0] // sum(counts)
+            rows = list(torch.split(embeds, [c * rows_per_tile for c in counts if c]))
+        out: list[torch.Tensor | str] = []
+        for i in range(len(images)):
+            out.append(errors[i] if i in errors else rows.pop(0))
+        return out
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+async def run(launch: Launch, rank: int) -> None:
+    channel = await ipc.connect(launch.socket(SCHEDULER_SOCKET), Hello("vision"))
+    actor = VisionActor(launch, channel)
+    await announce_ready(launch, "vision", detail=f"(EmbedStore {launch.runtime.embed_store_rows} rows)")
+    encoder = asyncio.get_running_loop().create_task(actor.encode_loop())
+    encoder.add_done_callback(_exit_on_crash)
+    while True:
+        msg = await channel.recv()
+        if isinstance(msg, EncodeImages):
+            actor.on_encode(msg)
+        elif isinstance(msg, ReleaseImages):
+            actor.on_release(msg.request_id)
+
+
+def _exit_on_crash(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("encoder crashed", exc_info=task.exception())
+        logging.shutdown()
+        os._exit(1)

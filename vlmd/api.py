@@ -1,0 +1,35 @@
+"""HTTP request bodies, decoded and type-checked by msgspec (so errors name the bad field)."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class GenerateParameters(msgspec.Struct, kw_only=True):
+    max_new_tokens: int = 16
+    stop_sequences: list[str] | str = []
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    seed: int | None = None
+    return_details: bool = False  # add per-token ids and logprobs to the response
+
+
+class ImageInput(msgspec.Struct):
+    type: str  # "url" | "base64"
+    data: str
+
+
+class MultimodalParams(msgspec.Struct, kw_only=True):
+    images: list[ImageInput] = []
+
+
+class GenerateBody(msgspec.Struct, kw_only=True):
+    """The body of POST /generate, as LightLLM's clients send it."""
+
+    inputs: str
+    parameters: GenerateParameters = msgspec.field(default_factory=GenerateParameters)
+    multimodal_params: MultimodalParams = msgspec.field(default_factory=MultimodalParams)

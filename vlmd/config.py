@@ -1,0 +1,133 @@
+"""ServerArgs: built once from the command line and the environment, frozen, passed explicitly.
+
+This is the only module that reads vlmd's environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import msgspec
+
+ENV_IMAGE_LENGTH = "INTERNVL_IMAGE_LENGTH"
+ENV_LOAD_WORKERS = "LOADWORKER"
+
+
+class ConfigError(ValueError):
+    """An inconsistent setting; the message starts with the flag or variable it concerns."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+
+
+class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
+    model_dir: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    tp: int = 1
+    mem_fraction: float = 0.9
+    trust_remote_code: bool = False
+    enable_multimodal: bool = False
+    visual_infer_batch_size: int = 1
+    cache_capacity: int = 200
+    visual_dp: int = 1
+    visual_tp: int = 1
+    max_total_token_num: int | None = None
+    max_req_total_len: int | None = None
+    data_type: str = "auto"
+    page_size: int = 16
+    max_num_batched_tokens: int = 8192
+    max_running_requests: int = 256
+    max_body_bytes: int = 64 * 1024 * 1024
+    image_fetch_timeout: float = 10.0
+    embed_store_mb: int = 1024
+    min_tiles: int | None = None
+    max_tiles: int | None = None
+    image_length: int = 256  # INTERNVL_IMAGE_LENGTH: image tokens per tile
+    load_workers: int = 1  # LOADWORKER: threads that read weights
+    device: str = "cpu"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `vlmd serve` flags (LightLLM's names, so the user's commands work as written)."""
+    add = parser.add_argument
+    add("--model_dir", default=None, help="model directory (default: the built-in demo model)")
+    add("--host", default="127.0.0.1")
+    add("--port", type=int, default=8000)
+    add("--tp", type=int, default=1, help="tensor parallel degree of the language model")
+    add("--mem_fraction", type=float, default=0.9, help="share of device memory vlmd may use")
+    add(
+        "--trust_remote_code",
+        action="store_true",
+        help="accepted for compatibility; vlmd runs its own model code",
+    )
+    add("--enable_multimodal", action="store_true", help="serve images (start the vision actor)")
+    add("--visual_infer_batch_size", type=int, default=1, help="images per ViT batch")
+    add("--cache_capacity", type=int, default=200, help="image embeddings kept in the MD5 cache")
+    add("--visual_dp", type=int, default=1, help="ViT data-parallel replicas")
+    add("--visual_tp", type=int, default=1, help="ViT tensor-parallel degree")
+    add(
+        "--max_total_token_num", type=int, default=None, help="KV cache size in tokens (default: from memory)"
+    )
+    add("--max_req_total_len", type=int, default=None, help="max prompt + new tokens of one request")
+    add("--data_type", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add("--page_size", type=int, default=16, help="tokens per KV page")
+    add("--max_num_batched_tokens", type=int, default=8192, help="token budget of one step")
+    add("--max_running_requests", type=int, default=256)
+    add("--max_body_bytes", type=int, default=64 * 1024 * 1024, help="largest accepted request body")
+    add("--image_fetch_timeout", type=float, default=10.0, help="seconds to fetch an image URL")
+    add("--embed_store_mb", type=int, default=1024, help="shared-memory arena for image embeddings")
+    add("--min_tiles", type=int, default=None, help="override the processor config's min_patches")
+    add("--max_tiles", type=int, default=None, help="override the processor config's max_patches")
+
+
+def build_server_args(ns: argparse.Namespace, environ: dict[str, str] | None = None) -> ServerArgs:
+    """Validate the flags and environment; raise ConfigError naming the offending setting."""
+    env = os.environ if environ is None else environ
+    image_length = _env_int(env, ENV_IMAGE_LENGTH, 256)
+    load_workers = _env_int(env, ENV_LOAD_WORKERS, 1)
+    _check_positive(
+        ns, "tp", "visual_dp", "visual_tp", "visual_infer_batch_size", "cache_capacity", "page_size"
+    )
+    _check_positive(ns, "max_num_batched_tokens", "max_running_requests", "max_body_bytes", "embed_store_mb")
+    if not 0.0 < ns.mem_fraction <= 1.0:
+        raise ConfigError("--mem_fraction", f"must be in (0, 1], got {ns.mem_fraction}")
+    if ns.visual_dp * ns.visual_tp != ns.tp:
+        raise ConfigError(
+            "--visual_dp/--visual_tp",
+            f"visual_dp * visual_tp must equal tp ({ns.visual_dp} * {ns.visual_tp} != {ns.tp})",
+        )
+    if ns.tp > 1:
+        raise ConfigError("--tp", "tensor parallelism is not supported yet; use --tp 1")
+    for flag in ("max_total_token_num", "max_req_total_len", "min_tiles", "max_tiles"):
+        value = getattr(ns, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag}", f"must be at least 1, got {value}")
+    if ns.image_fetch_timeout <= 0:
+        raise ConfigError("--image_fetch_timeout", "must be positive")
+    if not os.path.isdir(ns.model_dir) or not os.access(ns.model_dir, os.R_OK | os.X_OK):
+        raise ConfigError("--model_dir", f"{ns.model_dir!r} is not a readable directory")
+    fields = {name: getattr(ns, name) for name in ServerArgs.__struct_fields__ if hasattr(ns, name)}
+    return ServerArgs(**fields, image_length=image_length, load_workers=load_workers)
+
+
+def _env_int(env, name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be an integer, got {raw!r}") from None
+    if value < 1:
+        raise ConfigError(name, f"must be at least 1, got {value}")
+    return value
+
+
+def _check_positive(ns: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(ns, name)
+        if value < 1:
+            raise ConfigError(f"--{name}", f"must be at least 1, got {value}")

@@ -1,0 +1,1 @@
+"""Pure policy: no torch, no asyncio. Unit-testable in microseconds."""

@@ -1,0 +1,302 @@
+"""InternVL image preprocessing: untrusted bytes -> RGB image -> normalised tiles.
+
+The output is bit-identical to transformers' `GotOcr2ImageProcessorPil` called with
+`crop_to_patches=True`, as `InternVLProcessor` calls it: the same grid choice, the same PIL resizes,
+the same float64 rescale and float32 normalisation. Any drift would change what the vision tower
+sees, so `tests/test_image.py` compares against transformers with `np.array_equal`.
+
+Only PIL and numpy are imported: this runs in the HTTP front end and in load workers, which must not
+pay for (or depend on) torch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Formats a client may upload. Anything else (EPS shells out to Ghostscript, PDF, PSD, FITS, ...) is
+# rejected before a decoder runs, which keeps PIL's rarely exercised plugins off untrusted input.
+# The multi-picture JPEGs (MPO) many phone cameras write open through the JPEG plugin.
+Image.init()
+_UPLOAD_FORMATS = tuple(
+    fmt
+    for fmt in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "ICO", "TGA", "PPM", "JPEG2000")
+    if fmt in Image.OPEN
+)
+
+
+class ImageError(ValueError):
+    """An uploaded image that cannot be used; the message is fit for an HTTP 400 response body."""
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """How an image becomes tiles: InternVL's dynamic-resolution "crop to patches" scheme.
+
+    The image is resized to a `cols x rows` grid of `tile_size` squares whose aspect ratio is the
+    closest to the image's among grids of `min_tiles..max_tiles` tiles, cut into tiles in row-major
+    order, and followed by a thumbnail of the whole image when there is more than one tile. With
+    `crop_to_patches=False` or `max_tiles == 1` the whole image becomes a single tile.
+    """
+
+    tile_size: int = 448
+    min_tiles: int = 1
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+    crop_to_patches: bool = True
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+    rescale_factor: float = 1 / 255
+    resample: int = Image.Resampling.BICUBIC.value
+
+    def __post_init__(self) -> None:
+        # Config files hold lists; tuples keep the frozen config hashable (it keys the LUT cache).
+        object.__setattr__(self, "image_mean", _per_channel(self.image_mean, "image_mean"))
+        object.__setattr__(self, "image_std", _per_channel(self.image_std, "image_std"))
+        object.__setattr__(self, "resample", int(self.resample))
+        if self.tile_size < 1:
+            raise ValueError(f"tile_size must be positive, got {self.tile_size}")
+        if not 1 <= self.min_tiles <= self.max_tiles:
+            raise ValueError(f"need 1 <= min_tiles <= max_tiles, got {self.min_tiles}..{self.max_tiles}")
+        if 0.0 in self.image_std:
+            raise ValueError(f"image_std must be non-zero, got {self.image_std}")
+        Image.Resampling(self.resample)  # raises ValueError for an unknown filter
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path, **overrides: Any) -> TilingConfig:
+        """Builds the config from a model directory as transformers saves it; non-None overrides win.
+
+        Reads the nested `"image_processor"` dict of `processor_config.json` if there is one, else
+        `preprocessor_config.json` (transformers' own priority); with neither, or for keys they lack,
+        InternVL-hf's defaults apply. The file's `crop_to_patches` is deliberately ignored:
+        `save_pretrained` writes GotOcr2's class default `false`, and `InternVLProcessor` overrides it
+        with `True` on every call, so honouring it would silently turn tiling off. Pass
+        `crop_to_patches=False` as an override to really disable it.
+        """
+        values = _config_values(_read_image_processor_dict(Path(path)))
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)
+
+
+def _per_channel(value: float | tuple | list, name: str) -> tuple[float, float, float]:
+    if isinstance(value, int | float):
+        value = (value,) * 3
+    if len(value) != 3:
+        raise ValueError(f"{name} needs one value per RGB channel, got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def _read_image_processor_dict(model_dir: Path) -> dict[str, Any]:
+    nested_file = model_dir / "processor_config.json"
+    if nested_file.is_file():
+        nested = json.loads(nested_file.read_text()).get("image_processor")
+        if nested is not None:
+            return nested
+    flat_file = model_dir / "preprocessor_config.json"
+    if flat_file.is_file():
+        return json.loads(flat_file.read_text())
+    return {}
+
+
+def _config_values(raw: dict[str, Any]) -> dict[str, Any]:
+    """Maps transformers' image-processor keys onto TilingConfig fields."""
+    renames = {
+        "min_patches": "min_tiles",
+        "max_patches": "max_tiles",
+        "image_mean": "image_mean",
+        "image_std": "image_std",
+        "rescale_factor": "rescale_factor",
+        "resample": "resample",
+    }
+    values = {field: raw[key] for key, field in renames.items() if raw.get(key) is not None}
+    if raw.get("size") is not None:
+        values["tile_size"] = _square_tile_size(raw["size"])
+    return values
+
+
+def _square_tile_size(size: int | dict[str, int]) -> int:
+    if isinstance(size, int):
+        return size
+    height, width = size.get("height"), size.get("width")
+    if height is None or width is None or height != width:
+        raise ValueError(f"InternVL tiles must be square {{height, width}}, got size={size!r}")
+    return height
+
+
+# ---------------------------------------------------------------------------------------------------
+# Grid choice
+
+
+@lru_cache(maxsize=32)
+def _candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
+    """(cols, rows) grids with min..max tiles, by tile count; ties keep cols-major order.
+
+    The order matters: the first grid wins a ratio tie unless the tie-break below moves on.
+    """
+    grids = [
+        (cols, rows)
+        for cols in range(1, max_tiles + 1)
+        for rows in range(1, max_tiles + 1)
+        if min_tiles <= cols * rows <= max_tiles
+    ]
+    return tuple(sorted(grids, key=lambda grid: grid[0] * grid[1]))  # stable sort
+
+
+def tile_grid(width: int, height: int, cfg: TilingConfig) -> tuple[int, int]:
+    """The (cols, rows) grid the image is resized to; (1, 1) when not cropping to tiles."""
+    if not cfg.crop_to_patches or cfg.max_tiles <= 1:
+        return (1, 1)
+    aspect_ratio = width / height
+    area = width * height
+    best_diff = float("inf")
+    best = (1, 1)
+    for cols, rows in _candidate_grids(cfg.min_tiles, cfg.max_tiles):
+        diff = abs(aspect_ratio - cols / rows)
+        if diff < best_diff:
+            best_diff, best = diff, (cols, rows)
+        # On an exact tie the larger grid wins while the image still covers more than half of it,
+        # so large images get more resolution without tiling small ones excessively.
+        elif diff == best_diff and area > 0.5 * cfg.tile_size * cfg.tile_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def num_tiles(width: int, height: int, cfg: TilingConfig) -> int:
+    """Tiles `preprocess` returns for an image of this size, thumbnail included."""
+    cols, rows = tile_grid(width, height, cfg)
+    grid_tiles = cols * rows
+    return grid_tiles + 1 if cfg.use_thumbnail and grid_tiles > 1 else grid_tiles
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Fully decodes untrusted bytes into an upright RGB image, or raises ImageError.
+
+    Decoding everything now (rather than lazily) is what detects truncated files, and EXIF
+    orientation is applied so the tiles match what a viewer shows.
+    """
+    if not data:
+        raise ImageError("not a decodable image: the image data is empty")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # Something in the process flipped PIL's global flag; truncated uploads would then decode
+        # with grey fill instead of being rejected.
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay False for vlmd")
+    image = _open(data)
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(f"image too large: {width} x {height} pixels exceeds the limit of {max_pixels}")
+    _load(image)
+    try:
+        upright = ImageOps.exif_transpose(image)
+        return convert_to_rgb(upright)
+    except MemoryError:
+        raise
+    except Exception as exc:  # malformed EXIF or an exotic mode PIL cannot convert
+        raise ImageError(f"not a decodable image: {exc}") from exc
+
+
+def _open(data: bytes) -> Image.Image:
+    """Reads only the header: format, mode and size."""
+    try:
+        return Image.open(io.BytesIO(data), formats=_UPLOAD_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(
+            f"not a decodable image: unrecognised or unsupported format (supported: {', '.join(_UPLOAD_FORMATS)})"
+        ) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # PIL's plugins raise many types (SyntaxError, struct.error, ...)
+        raise _decode_error(exc) from exc
+
+
+def _load(image: Image.Image) -> None:
+    """Decodes all pixel data, mapping PIL's errors to ImageError."""
+    try:
+        image.load()
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise _decode_error(exc) from exc
+
+
+def _decode_error(exc: Exception) -> ImageError:
+    # PIL reports truncation only in the message ("image file is truncated", "Truncated File Read").
+    if "truncated" in str(exc).lower():
+        return ImageError(f"truncated image: {exc}")
+    return ImageError(f"not a decodable image: {exc}")
+
+
+def convert_to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with any transparency composited onto white, as transformers' `convert_to_rgb` does."""
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if not has_alpha:
+        return image if image.mode == "RGB" else image.convert("RGB")
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiling and normalisation
+
+
+@lru_cache(maxsize=8)
+def _normalize_lut(cfg: TilingConfig) -> np.ndarray:
+    """[3, 256] float32: every normalised value a uint8 pixel of each channel can become.
+
+    transformers computes `float32(float64(v) * factor)` then `(x - mean) / std` in float32; both
+    are elementwise, correctly rounded IEEE operations, so evaluating them once per possible
+    (channel, value) pair and gathering gives the same bits at a fraction of the cost.
+    """
+    values = np.arange(256, dtype=np.uint8)
+    rescaled = (values.astype(np.float64) * cfg.rescale_factor).astype(np.float32)  # [256]
+    mean = np.array(cfg.image_mean, dtype=np.float32)[:, None]  # [3, 1]
+    std = np.array(cfg.image_std, dtype=np.float32)[:, None]  # [3, 1]
+    lut = (rescaled[None, :] - mean) / std  # [3, 256]
+    assert lut.dtype == np.float32
+    lut.flags.writeable = False
+    return lut
+
+
+def _resized_pixels(image: Image.Image, width: int, height: int, resample: int) -> np.ndarray:
+    """[height, width, 3] uint8."""
+    return np.asarray(image.resize((width, height), resample=resample))
+
+
+def _split_tiles(pixels: np.ndarray, cols: int, rows: int, tile: int) -> np.ndarray:
+    """[rows * tile, cols * tile, 3] -> [rows * cols, 3, tile, tile] view-or-copy, row-major tiles."""
+    grid = pixels.reshape(rows, tile, cols, tile, 3)  # [rows, tile_y, cols, tile_x, C]
+    grid = grid.transpose(0, 2, 4, 1, 3)  # [rows, cols, C, tile_y, tile_x]
+    return grid.reshape(rows * cols, 3, tile, tile)  # [num_grid_tiles, C, tile, tile]
+
+
+def preprocess(image: Image.Image, cfg: TilingConfig) -> np.ndarray:
+    """Normalised tiles of an image: float32 `[num_tiles(w, h, cfg), 3, tile_size, tile_size]`."""
+    image = convert_to_rgb(image)
+    tile = cfg.tile_size
+    cols, rows = tile_grid(image.width, image.height, cfg)
+    pixels = _resized_pixels(image, cols * tile, rows * tile, cfg.resample)
+    tiles = [_split_tiles(pixels, cols, rows, tile)]
+    if cfg.use_thumbnail and cols * rows > 1:
+        thumbnail = _resized_pixels(image, tile, tile, cfg.resample)
+        tiles.append(_split_tiles(thumbnail, 1, 1, tile))
+    uint8_tiles = np.concatenate(tiles) if len(tiles) > 1 else tiles[0]  # [N, C, tile, tile]
+    channel = np.arange(3).reshape(1, 3, 1, 1)
+    out = _normalize_lut(cfg)[channel, uint8_tiles]  # [N, C, tile, tile] float32, contiguous
+    assert out.shape == (num_tiles(image.width, image.height, cfg), 3, tile, tile)
+    return out

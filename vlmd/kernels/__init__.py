@@ -1,0 +1,1 @@
+"""Compute kernels behind stable seams: attention backends, sampling."""

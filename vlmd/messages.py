@@ -1,0 +1,213 @@
+"""Every message that crosses a process boundary, in one place.
+
+Messages are msgpack-encoded msgspec Structs sent over Unix domain sockets (see `vlmd.ipc`).
+No tensors, pixels or pickles travel here: large payloads live in shared memory and a message
+names the segment. Tags make one decoder handle every message type.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Message(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, gc=False):
+    """Base of every cross-process message."""
+
+
+class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, frozen=True):
+    """Validated sampling parameters (see `vlmd.sampling` for the checks and defaults)."""
+
+    max_new_tokens: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: whole vocabulary
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0.0
+
+
+class ImageRef(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One image of a request: where its bytes are and which prompt positions it fills."""
+
+    md5: str  # hex MD5 of the original image bytes: the embed-cache key
+    bytes_shm: str  # shared-memory segment holding the original bytes ("" once consumed)
+    num_bytes: int
+    num_tiles: int
+    token_offset: int  # prompt index of the first <IMG_CONTEXT> token of this image
+    num_tokens: int  # embedding rows = num_tiles * image_seq_length
+
+
+class EmbedRun(msgspec.Struct, array_like=True, gc=False):
+    """A run of embedding rows in the shared EmbedStore."""
+
+    md5: str
+    row_offset: int
+    num_rows: int
+
+
+# --- control -------------------------------------------------------------------------------
+
+
+class Hello(Message):
+    """First message on every connection: who is speaking."""
+
+    role: str
+    rank: int = 0
+
+
+class Ready(Message):
+    """An actor finished starting; `detail` is logged by the supervisor."""
+
+    role: str
+    rank: int = 0
+    detail: str = ""
+
+
+class Shutdown(Message):
+    """Stop in an orderly way."""
+
+
+# --- http <-> scheduler --------------------------------------------------------------------
+
+
+class SubmitRequest(Message):
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    images: list[ImageRef] = []
+    stop_token_seqs: list[list[int]] = []  # generation stops when output ends with one of these
+    eos_token_ids: list[int] = []
+
+
+class TokenOut(Message):
+    """New tokens of one request; the last one carries the finish reason."""
+
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None = None  # "stop" | "length" | None while running
+    num_stop_tokens: int = 0  # trailing tokens that matched a stop sequence: not shown to the user
+
+
+class RequestFailed(Message):
+    """The request cannot be served; `status` is the HTTP status to answer with."""
+
+    request_id: str
+    status: int
+    message: str
+
+
+class Abort(Message):
+    """The client is gone or no longer wants the request: free everything it holds."""
+
+    request_id: str
+
+
+class GetMetrics(Message):
+    query_id: int
+
+
+class MetricsSnapshot(Message):
+    query_id: int
+    values: dict[str, float]
+
+
+# --- scheduler <-> vision ------------------------------------------------------------------
+
+
+class EncodeImages(Message):
+    """Make the embeddings of these images available and pin them for the request."""
+
+    request_id: str
+    images: list[ImageRef]
+
+
+class ImagesReady(Message):
+    request_id: str
+    runs: list[EmbedRun]  # one per image, in request order
+    counters: dict[str, float]  # vision counters after this batch, for /metrics
+
+
+class ImagesFailed(Message):
+    request_id: str
+    status: int
+    message: str
+
+
+class ReleaseImages(Message):
+    """The request finished or was aborted: unpin its images."""
+
+    request_id: str
+
+
+# --- scheduler <-> TP rank workers ----------------------------------------------------------
+
+
+class EmbedSlice(msgspec.Struct, array_like=True, gc=False):
+    """EmbedStore rows [row_offset, row_offset + num_rows) replace the span's input embeddings
+    starting at span index dst_offset."""
+
+    row_offset: int
+    num_rows: int
+    dst_offset: int
+
+
+class StepItem(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One request's share of a step: compute the tokens [start, start + len(token_ids))."""
+
+    request_id: str
+    start: int  # tokens already in the KV cache
+    token_ids: list[int]  # input ids of the span (image positions hold the image token id)
+    new_pages: list[int] = []  # pages appended to the request's page table before this step
+    embeds: list[EmbedSlice] = []
+    sample: bool = True  # the span reaches the newest known token: sample the next one
+
+
+class NewRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """Sent with the first step of a request: what sampling needs for its whole life."""
+
+    request_id: str
+    sampling: SamplingParams
+    prompt_ids: list[int]  # for the repetition penalty
+
+
+class StepPlan(Message):
+    """The only contract between the scheduler and the workers; every rank executes it."""
+
+    step_id: int
+    items: list[StepItem]
+    new_requests: list[NewRequest] = []
+    finished_ids: list[str] = []  # drop per-request state (sampler, page table) before this step
+
+
+class StepResult(Message):
+    """Rank 0's answer: one sampled token per item with `sample` set, in item order."""
+
+    step_id: int
+    request_ids: list[str]
+    token_ids: list[int]
+    logprobs: list[float]
+
+
+ANY_MESSAGE = (
+    Hello
+    | Ready
+    | Shutdown
+    | SubmitRequest
+    | TokenOut
+    | RequestFailed
+    | Abort
+    | GetMetrics
+    | MetricsSnapshot
+    | EncodeImages
+    | ImagesReady
+    | ImagesFailed
+    | ReleaseImages
+    | StepPlan
+    | StepResult
+)

@@ -1,0 +1,70 @@
+"""The model runner of a TP rank worker: executes one StepPlan on the language model.
+
+Owns the weights, the attention backend (and through it the KV cache), per-request page tables
+and sampler state. Knows nothing of sockets: the worker actor feeds it plans.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlmd.kernels.attention import AttentionBackend, BatchLayout
+from vlmd.kernels.sampler import SamplerState, sample
+from vlmd.messages import StepItem, StepPlan, StepResult
+
+
+class ModelRunner:
+    def __init__(self, model, attn: AttentionBackend, embed_store: torch.Tensor | None) -> None:
+        """model: a language model with embed / forward / compute_logits; embed_store: the
+        shared [rows, hidden] arena of image embedding rows (None without images)."""
+        self.model = model
+        self.attn = attn
+        self.embed_store = embed_store
+        self.device = attn.spec.device
+        self._page_tables: dict[str, list[int]] = {}
+        self._samplers: dict[str, SamplerState] = {}
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        for request_id in plan.finished_ids:
+            self._page_tables.pop(request_id, None)
+            self._samplers.pop(request_id, None)
+        for new in plan.new_requests:
+            self._page_tables[new.request_id] = []
+            self._samplers[new.request_id] = SamplerState(new.sampling, new.prompt_ids, self.device)
+        layout = self._layout(plan.items)
+        self.attn.plan(layout)
+        inputs_embeds = self._input_embeddings(plan.items, layout)
+        positions = torch.tensor(layout.positions(), dtype=torch.long, device=self.device)
+        hidden = self.model.forward(inputs_embeds, positions, self.attn)  # [num_tokens, hidden]
+        sampled = [i for i, item in enumerate(plan.items) if item.sample]
+        if not sampled:
+            return StepResult(plan.step_id, [], [], [])
+        last_rows = torch.tensor([layout.qo_indptr[i + 1] - 1 for i in sampled], device=self.device)
+        logits = self.model.compute_logits(hidden[last_rows])  # [num_sampled, vocab] float32
+        request_ids = [plan.items[i].request_id for i in sampled]
+        tokens, logprobs = sample(logits, [self._samplers[r] for r in request_ids])
+        return StepResult(plan.step_id, request_ids, tokens, logprobs)
+
+    def _layout(self, items: list[StepItem]) -> BatchLayout:
+        qo_indptr = [0]
+        kv_lens, page_tables = [], []
+        for item in items:
+            table = self._page_tables[item.request_id]
+            table += item.new_pages
+            qo_indptr.append(qo_indptr[-1] + len(item.token_ids))
+            kv_lens.append(item.start + len(item.token_ids))
+            page_tables.append(table)
+        return BatchLayout(qo_indptr, kv_lens, page_tables)
+
+    def _input_embeddings(self, items: list[StepItem], layout: BatchLayout) -> torch.Tensor:
+        ids = torch.tensor(
+            [t for item in items for t in item.token_ids], dtype=torch.long, device=self.device
+        )
+        embeds = self.model.embed(ids)  # [num_tokens, hidden]
+        for item, start in zip(items, layout.qo_indptr, strict=False):
+            for piece in item.embeds:
+                dst = start + piece.dst_offset
+                rows = self.embed_store[piece.row_offset : piece.row_offset + piece.num_rows]
+                embeds[dst : dst + piece.num_rows] = rows.to(device=self.device, dtype=embeds.dtype)
+        return embeds
