@@ -48,6 +48,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     image_length: int = 256  # INTERNVL_IMAGE_LENGTH: image tokens per tile
     load_workers: int = 1  # LOADWORKER: threads that read weights
     device: str = "cpu"
+    torch_threads: int = 1  # intra-op threads of each torch actor (worker, vision) on the CPU
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +82,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--embed_store_mb", type=int, default=1024, help="shared-memory arena for image embeddings")
     add("--min_tiles", type=int, default=None, help="override the processor config's min_patches")
     add("--max_tiles", type=int, default=None, help="override the processor config's max_patches")
+    add(
+        "--torch_threads",
+        type=int,
+        default=None,
+        help="CPU threads per torch actor (default: half the cores)",
+    )
 
 
 def build_server_args(ns: argparse.Namespace, environ: dict[str, str] | None = None) -> ServerArgs:
@@ -109,6 +116,10 @@ def build_server_args(ns: argparse.Namespace, environ: dict[str, str] | None = N
         raise ConfigError("--image_fetch_timeout", "must be positive")
     if not os.path.isdir(ns.model_dir) or not os.access(ns.model_dir, os.R_OK | os.X_OK):
         raise ConfigError("--model_dir", f"{ns.model_dir!r} is not a readable directory")
+    if ns.torch_threads is None:
+        # Worker and vision share the cores: oversubscribed OpenMP threads spin and wait on each other.
+        ns.torch_threads = max(1, (os.cpu_count() or 2) // 2)
+    _check_positive(ns, "torch_threads")
     fields = {name: getattr(ns, name) for name in ServerArgs.__struct_fields__ if hasattr(ns, name)}
     return ServerArgs(**fields, image_length=image_length, load_workers=load_workers)
 

@@ -24,6 +24,7 @@ from vlmd.messages import Ready
 log = logging.getLogger("vlmd.supervisor")
 STOP_GRACE_S = 5.0
 START_TIMEOUT_S = 600.0
+DEATH_REPORT_GRACE_S = 0.3
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._stop_reason = ""
         self._exit_code = 0
+        self._terminating = False
 
     async def run(self) -> int:
         import os
@@ -109,7 +111,7 @@ class Supervisor:
 
     async def _watch(self, actor: Actor) -> None:
         code = await actor.process.wait()
-        if not self._stop.is_set():
+        if not self._terminating:
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
             log.error("actor %s (pid %d) died: %s", actor.name, actor.process.pid, how)
             self._request_stop(f"actor {actor.name} died ({how})", 1)
@@ -138,6 +140,11 @@ class Supervisor:
             self._stop.set()
 
     async def _stop_actors(self) -> None:
+        if self._exit_code:
+            # An actor died: its peers notice within moments; let their deaths be logged too, so
+            # the log names the actor that died first, not only the first one seen.
+            await asyncio.sleep(DEATH_REPORT_GRACE_S)
+        self._terminating = True
         self._stop.set()
         for actor in self.actors:
             if actor.process.returncode is None:

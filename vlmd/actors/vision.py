@@ -50,6 +50,7 @@ class VisionActor:
         self.channel = channel
         self.batch_size = args.visual_infer_batch_size
         self.device = torch.device(args.device)
+        torch.set_num_threads(args.torch_threads)
         self.model = load_vision(args.model_dir, TORCH_DTYPES[runtime.dtype], self.device, args.load_workers)
         self.tiling = TilingConfig.from_model_dir(
             args.model_dir, min_tiles=args.min_tiles, max_tiles=args.max_tiles

@@ -34,21 +34,43 @@ def embed_store_view(launch: Launch) -> torch.Tensor | None:
 
 def build_runner(launch: Launch) -> ModelRunner:
     args, runtime = launch.args, launch.runtime
-    device = torch.device(args.device)
-    dtype = TORCH_DTYPES[runtime.dtype]
-    arch = InternVLArch.from_model_dir(args.model_dir)
-    model = load_language_model(args.model_dir, dtype, device, num_threads=args.load_workers)
-    spec = KVCacheSpec(
-        num_layers=arch.num_hidden_layers,
+    torch.set_num_threads(args.torch_threads)
+    return create_runner(
+        args.model_dir,
+        runtime.dtype,
+        torch.device(args.device),
         num_pages=runtime.num_kv_pages,
         page_size=args.page_size,
+        num_threads=args.load_workers,
+        embed_store=embed_store_view(launch),
+    )
+
+
+def create_runner(
+    model_dir: str,
+    dtype_name: str,
+    device: torch.device,
+    *,
+    num_pages: int,
+    page_size: int,
+    num_threads: int = 1,
+    embed_store: torch.Tensor | None = None,
+) -> ModelRunner:
+    """Load the language model and give it a KV cache of `num_pages` pages."""
+    dtype = TORCH_DTYPES[dtype_name]
+    arch = InternVLArch.from_model_dir(model_dir)
+    model = load_language_model(model_dir, dtype, device, num_threads=num_threads)
+    spec = KVCacheSpec(
+        num_layers=arch.num_hidden_layers,
+        num_pages=num_pages,
+        page_size=page_size,
         num_kv_heads=arch.num_key_value_heads,
         head_dim=arch.head_dim,
         dtype=dtype,
         device=device,
     )
     attn = TorchReferenceBackend(spec, arch.num_attention_heads, scale=1 / math.sqrt(arch.head_dim))
-    return ModelRunner(model, attn, embed_store_view(launch))
+    return ModelRunner(model, attn, embed_store)
 
 
 async def run(launch: Launch, rank: int) -> None:

@@ -1,0 +1,160 @@
+"""Shared fixtures: the demo model on disk and real `vlmd serve` processes on loopback."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from vlmd.demo import write_demo_model
+
+SERVER_START_TIMEOUT_S = 180
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "demo"
+    write_demo_model(path, seed=0)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_image(width: int, height: int, seed: int, fmt: str = "PNG") -> bytes:
+    """A deterministic image with structure at several scales, so tiles differ from each other."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize((width, height), Image.NEAREST), dtype=np.int16)
+    noise = rng.integers(-40, 40, (height, width, 3))
+    pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt)
+    return out.getvalue()
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def server_id(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def actor_pids(self) -> list[int]:
+        """Live processes started by this server (their command line names its run dir)."""
+        marker = f"vlmd-{self.server_id}-".encode()
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        if marker in f.read():
+                            pids.append(int(entry))
+                except OSError:
+                    pass
+        return pids
+
+    def shm_segments(self) -> list[str]:
+        return [n for n in os.listdir("/dev/shm") if n.startswith(f"vlmd-{self.server_id}-")]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+
+def start_server(model_dir: Path, log_dir: Path, *flags: str, env: dict | None = None) -> Server:
+    port = free_port()
+    log_path = log_dir / f"server-{port}.log"
+    cmd = [sys.executable, "-m", "vlmd", "serve", "--model_dir", str(model_dir), "--port", str(port), *flags]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    _started.append(server)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        try:
+            if requests.get(server.url + "/health", timeout=1).status_code == 200:
+                return server
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    server.stop(signal.SIGKILL)
+    raise RuntimeError(f"server did not become healthy:\n{server.log()}")
+
+
+_started: list[Server] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_every_server():
+    """A failed test must not leave a server running."""
+    yield
+    for server in _started:
+        if server.process.poll() is None:
+            server.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def mm_server(model_dir, tmp_path_factory):
+    """One multimodal server shared by the tests that only send requests to it."""
+    server = start_server(
+        model_dir,
+        tmp_path_factory.mktemp("logs"),
+        "--enable_multimodal",
+        "--visual_infer_batch_size",
+        "4",
+        "--max_body_bytes",
+        str(8 * 2**20),
+        "--image_fetch_timeout",
+        "2",
+    )
+    yield server
+    assert server.stop() == 0, server.log()
+    assert server.actor_pids() == [] and server.shm_segments() == []
+
+
+@pytest.fixture(scope="session")
+def text_server(model_dir, tmp_path_factory):
+    """A server without --enable_multimodal."""
+    server = start_server(model_dir, tmp_path_factory.mktemp("logs"), "--max_req_total_len", "600")
+    yield server
+    assert server.stop() == 0, server.log()

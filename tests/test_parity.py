@@ -1,0 +1,138 @@
+"""Greedy tokens through the real HTTP server equal transformers' generate on the same weights."""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, InternVLForConditionalGeneration
+
+from tests.conftest import make_image
+
+NUM_TOKENS = 32
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+
+
+def chat(user: str) -> str:
+    return f"{SYSTEM}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+IMG_A = make_image(900, 600, seed=1)  # 3 x 2 tiles + thumbnail
+IMG_B = make_image(300, 700, seed=2, fmt="JPEG")  # 1 x 2 tiles + thumbnail
+IMG_C = make_image(448, 448, seed=3)  # one tile
+
+
+class Reference:
+    """transformers' InternVL in float32, fed exactly as its processor would feed it."""
+
+    def __init__(self, model_dir) -> None:
+        self.model = InternVLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.model.generation_config.eos_token_id = None  # vlmd's side runs with ignore_eos
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.processor = GotOcr2ImageProcessorPil(
+            crop_to_patches=True,
+            size={"height": 448, "width": 448},
+            min_patches=1,
+            max_patches=12,
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+        )
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, images: list[bytes], num_tokens: int = NUM_TOKENS) -> list[int]:
+        """`prompt` marks each image with <IMG_CONTEXT>, as the HF chat template writes it."""
+        kwargs = {}
+        if images:
+            pils = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+            processed = self.processor(images=pils, return_tensors="pt")
+            pieces = prompt.split("<IMG_CONTEXT>")
+            assert len(pieces) == len(images) + 1
+            prompt = pieces[0]
+            for n, piece in zip(processed["num_patches"], pieces[1:], strict=True):
+                prompt += "<img>" + "<IMG_CONTEXT>" * (256 * int(n)) + "</img>" + piece
+            kwargs["pixel_values"] = processed["pixel_values"]
+        input_ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+        out = self.model.generate(
+            input_ids, max_new_tokens=num_tokens, do_sample=False, eos_token_id=None, **kwargs
+        )
+        tokens = out[0, input_ids.shape[1] :].tolist()
+        assert len(tokens) == num_tokens
+        return tokens
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir) -> Reference:
+    return Reference(model_dir)
+
+
+def vlmd_generate(server, prompt: str, images: list[bytes], num_tokens: int = NUM_TOKENS) -> list[int]:
+    body = {
+        "inputs": prompt,
+        "parameters": {"max_new_tokens": num_tokens, "ignore_eos": True, "return_details": True},
+        "multimodal_params": {
+            "images": [{"type": "base64", "data": base64.b64encode(d).decode()} for d in images]
+        },
+    }
+    response = requests.post(server.url + "/generate", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    tokens = [t["id"] for t in payload["tokens"]]
+    assert payload["count_output_tokens"] == len(tokens) == num_tokens
+    return tokens
+
+
+# (vlmd prompt, the same prompt with HF placeholders, images)
+CASES = {
+    "text": (chat("Tell me a story about a red fox."), None, []),
+    "one_image": (chat("<img></img>\nWhat is in this picture?"), None, [IMG_A]),
+    "two_images": (chat("<img></img>\n<image>\nCompare these two images."), None, [IMG_A, IMG_B]),
+}
+
+
+def hf_prompt(prompt: str) -> str:
+    return prompt.replace("<img></img>", "<IMG_CONTEXT>").replace("<image>", "<IMG_CONTEXT>")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_tokens_equal_transformers(mm_server, reference, case):
+    prompt, _, images = CASES[case]
+    expected = reference.generate(hf_prompt(prompt), images)
+    assert len(set(expected)) >= 8, "the test model must not repeat itself, or this test proves little"
+    assert vlmd_generate(mm_server, prompt, images) == expected
+
+
+def test_concurrent_requests_match_one_at_a_time(mm_server, reference):
+    requests_ = [
+        (chat("Hi."), [], 32),
+        (chat("<img></img> Describe."), [IMG_C], 33),
+        (chat("A much longer question about several things: " + "why, " * 30 + "and how?"), [], 40),
+        (chat("<img></img><img></img> two"), [IMG_B, IMG_C], 34),
+        (chat("<IMG_CONTEXT>\nwhat?"), [IMG_A], 35),
+        (chat("Count to ten."), [], 36),
+        (chat("<image> and text after the image"), [IMG_B], 37),
+        (chat("<img></img>"), [IMG_C], 38),
+    ]
+    expected = [reference.generate(hf_prompt(p), imgs, n) for p, imgs, n in requests_]
+    with ThreadPoolExecutor(len(requests_)) as pool:
+        got = list(pool.map(lambda r: vlmd_generate(mm_server, *r), requests_))
+    for i, (want, have) in enumerate(zip(expected, got, strict=True)):
+        assert have == want, f"request {i} differs when batched"
+
+
+def test_comparison_catches_dropped_swapped_and_shifted_images(mm_server, reference):
+    """If vlmd dropped, swapped or shifted an image, the parity tests above would fail."""
+    prompt = chat("<img></img>\n<img></img>\nCompare these two images.")
+    original = reference.generate(hf_prompt(prompt), [IMG_A, IMG_B])
+    dropped = reference.generate(hf_prompt(chat("<img></img>\nCompare these two images.")), [IMG_A])
+    swapped = reference.generate(hf_prompt(prompt), [IMG_B, IMG_A])
+    shifted_prompt = chat("\n<img></img><img></img>\nCompare these two images.")
+    shifted = reference.generate(hf_prompt(shifted_prompt), [IMG_A, IMG_B])
+    assert len({tuple(original), tuple(dropped), tuple(swapped), tuple(shifted)}) == 4
+    assert vlmd_generate(mm_server, prompt, [IMG_A, IMG_B]) == original
+    assert vlmd_generate(mm_server, prompt, [IMG_B, IMG_A]) == swapped
+    assert vlmd_generate(mm_server, shifted_prompt, [IMG_A, IMG_B]) == shifted

@@ -1,0 +1,169 @@
+"""Load one component of an InternVL checkpoint (vision side or language model) from safetensors.
+
+The vision process and the LM process each read only their own tensors. Two key layouts exist
+on disk and both load:
+
+    hub (transformers >= 4.52 conversions)   legacy (LLaVA style; transformers 5 save_pretrained)
+    model.vision_tower.*                     vision_tower.*
+    model.multi_modal_projector.*            multi_modal_projector.*
+    model.language_model.*                   language_model.model.*
+    lm_head.weight                           language_model.lm_head.weight
+
+A file without an LM head means tied embeddings (whatever the config says). Any key outside these prefixes, any missing
+parameter and any shape mismatch is an error naming the keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from vlmd.models.config import InternVLArch
+from vlmd.models.internvl import InternVLVision
+from vlmd.models.qwen2 import Qwen2ForCausalLM
+
+VISION, LANGUAGE = "vision", "language"
+
+# (checkpoint prefix, component, prefix of the component's own parameter names); first match wins.
+_KEY_PREFIXES = (
+    ("model.vision_tower.", VISION, "vision_tower."),
+    ("model.multi_modal_projector.", VISION, "multi_modal_projector."),
+    ("model.language_model.", LANGUAGE, "model."),
+    ("lm_head.", LANGUAGE, "lm_head."),
+    ("vision_tower.", VISION, "vision_tower."),
+    ("multi_modal_projector.", VISION, "multi_modal_projector."),
+    ("language_model.model.", LANGUAGE, "model."),
+    ("language_model.lm_head.", LANGUAGE, "lm_head."),
+)
+
+
+def load_vision(
+    model_dir: str | Path, dtype: torch.dtype | str, device: torch.device | str, num_threads: int = 1
+) -> InternVLVision:
+    """The vision tower and projector, in eval mode, on `device` in `dtype`."""
+    arch = InternVLArch.from_model_dir(model_dir)
+    keys = _component_keys(Path(model_dir), VISION)
+    with torch.device("meta"):
+        model = InternVLVision(arch)
+    _load_into(model, keys, _to_dtype(dtype), torch.device(device), num_threads)
+    return _finish(model, torch.device(device))
+
+
+def load_language_model(
+    model_dir: str | Path, dtype: torch.dtype | str, device: torch.device | str, num_threads: int = 1
+) -> Qwen2ForCausalLM:
+    """The Qwen2 language model with its LM head, in eval mode, on `device` in `dtype`."""
+    arch = InternVLArch.from_model_dir(model_dir)
+    keys = _component_keys(Path(model_dir), LANGUAGE)
+    # Like transformers 5: a head in the file is used even if the config asks for tying (HF
+    # warns and unties), and a file without one means the embedding matrix is the head.
+    arch = dataclasses.replace(arch, tie_word_embeddings="lm_head.weight" not in keys)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(arch)
+    _load_into(model, keys, _to_dtype(dtype), torch.device(device), num_threads)
+    model.tie_weights()  # point the head at the loaded embedding, not the meta placeholder
+    return _finish(model, torch.device(device))
+
+
+def checkpoint_files(model_dir: Path) -> dict[str, Path]:
+    """Every tensor key of the checkpoint -> the safetensors file holding it."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        return {key: model_dir / name for key, name in weight_map.items()}
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json")
+    with safe_open(single, framework="pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def _component_keys(model_dir: Path, component: str) -> dict[str, tuple[Path, str]]:
+    """The component's parameter name -> (file, checkpoint key), for every tensor it owns."""
+    out: dict[str, tuple[Path, str]] = {}
+    unknown = []
+    for key, path in checkpoint_files(model_dir).items():
+        match = next((rule for rule in _KEY_PREFIXES if key.startswith(rule[0])), None)
+        if match is None:
+            unknown.append(key)
+            continue
+        prefix, owner, local_prefix = match
+        if owner == component:
+            name = local_prefix + key[len(prefix) :]
+            if name in out:
+                raise ValueError(f"{model_dir}: {key} and {out[name][1]} are the same parameter")
+            out[name] = (path, key)
+    if unknown:
+        raise ValueError(f"{model_dir}: unrecognised checkpoint keys (not InternVL-hf): {_preview(unknown)}")
+    return out
+
+
+def _load_into(
+    model: nn.Module,
+    keys: dict[str, tuple[Path, str]],
+    dtype: torch.dtype,
+    device: torch.device,
+    num_threads: int,
+) -> None:
+    """Replace every parameter of a model built on the meta device with its checkpoint tensor."""
+    params = {name: p for name, p in model.named_parameters()}  # tied duplicates appear once
+    missing, unexpected = sorted(params.keys() - keys.keys()), sorted(keys.keys() - params.keys())
+    if missing or unexpected:
+        kind = type(model).__name__
+        raise ValueError(
+            f"checkpoint does not match {kind}: missing {_preview(missing)}, unexpected {_preview(unexpected)}"
+        )
+    # Each thread opens its own handle on a file and reads every num_threads-th of its tensors.
+    num_threads = max(1, num_threads)
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name in sorted(keys):
+        by_file[keys[name][0]].append(name)
+    chunks = [(path, names[i::num_threads]) for path, names in by_file.items() for i in range(num_threads)]
+
+    def read(chunk: tuple[Path, list[str]]) -> list[tuple[str, torch.Tensor]]:
+        path, names = chunk
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return [(name, f.get_tensor(keys[name][1]).to(device=device, dtype=dtype)) for name in names]
+
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        for loaded in pool.map(read, [c for c in chunks if c[1]]):
+            for name, tensor in loaded:
+                _assign(model, name, params[name], tensor)
+
+
+def _finish(model: nn.Module, device: torch.device) -> nn.Module:
+    stray = [name for name, p in model.named_parameters() if p.is_meta]
+    assert not stray, f"parameters left unloaded: {stray}"
+    model.to(device)  # buffers built on the CPU (rotary inv_freq) follow the weights
+    return model.eval().requires_grad_(False)
+
+
+def _assign(model: nn.Module, name: str, placeholder: nn.Parameter, tensor: torch.Tensor) -> None:
+    if tensor.shape != placeholder.shape:
+        raise ValueError(
+            f"{name}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(placeholder.shape)}"
+        )
+    module_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def _to_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, dtype, None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return resolved
+
+
+def _preview(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)})" if keys else "none"

@@ -1,0 +1,114 @@
+"""Qwen2 decoder over a flattened batch: every request's new tokens are rows of one [T, hidden].
+
+Attention is the only op that cares where one request ends and the next begins, and that is
+the `AttentionBackend`'s job (planned once per step); everything here is row-wise.
+Module and parameter names match the HF checkpoint so the loader maps keys one to one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlmd.kernels.attention import AttentionBackend
+from vlmd.models.config import InternVLArch
+from vlmd.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+
+
+class Qwen2Attention(nn.Module):
+    """GQA self-attention with biased q/k/v projections and rotary positions."""
+
+    def __init__(self, arch: InternVLArch, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = arch.num_attention_heads
+        self.num_kv_heads = arch.num_key_value_heads
+        self.head_dim = arch.head_dim
+        hidden = arch.hidden_size
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, q_size, bias=True)
+        self.k_proj = nn.Linear(hidden, kv_size, bias=True)
+        self.v_proj = nn.Linear(hidden, kv_size, bias=True)
+        self.o_proj = nn.Linear(q_size, hidden, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, attn: AttentionBackend
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, q_heads, head_dim]
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kv_heads, head_dim]
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kv_heads, head_dim]
+        q, k = rotary(positions, q, k)
+        out = attn.forward(self.layer_idx, q, k, v)  # [T, q_heads, head_dim]
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))  # [T, hidden]
+
+
+class Qwen2DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, arch: InternVLArch, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = Qwen2Attention(arch, layer_idx)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, attn: AttentionBackend
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    """Token embeddings, the decoder stack and the final norm (HF's `Qwen2Model`)."""
+
+    def __init__(self, arch: InternVLArch) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(arch, i) for i in range(arch.num_hidden_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta)
+
+    def forward(
+        self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, positions, self.rotary, attn)
+        return self.norm(x)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """The language model of an InternVL checkpoint: embed, run the decoder, project to logits.
+
+    The caller embeds the tokens (`embed`), overwrites image placeholder rows with vision
+    embeddings, then calls `forward` with the step's positions and a planned attention backend.
+    """
+
+    def __init__(self, arch: InternVLArch) -> None:
+        super().__init__()
+        self.arch = arch
+        self.model = Qwen2Model(arch)
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the LM head; the loader calls it again after loading."""
+        if self.arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: [T] -> [T, hidden]."""
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        """inputs_embeds: [T, hidden]; positions: [T] int64 -> final-normed hidden [T, hidden]."""
+        assert positions.shape == inputs_embeds.shape[:1], "expected a flattened [T, hidden] batch"
+        return self.model(inputs_embeds, positions, attn)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] (usually only each request's last row) -> float32 logits [N, vocab]."""
+        return self.lm_head(hidden).float()
