@@ -293,3 +293,12 @@ def test_prompt_longer_than_max_req_total_len(text_server):
     assert response.status_code == 400 and "max_req_total_len" in response.json()["error"]
     response = generate(text_server, {"inputs": "hello", "parameters": {"max_new_tokens": 2}})
     assert response.status_code == 200
+
+
+def test_seeded_sampling_through_the_server(mm_server):
+    def text(seed):
+        body = chat_body("hello", max_new_tokens=16, ignore_eos=True, do_sample=True, temperature=1.0, seed=seed)
+        return generate(mm_server, body).json()["generated_text"]
+
+    assert text(7) == text(7)
+    assert text(7) != text(8)

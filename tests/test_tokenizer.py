@@ -1,0 +1,64 @@
+"""Prompt ids with image placeholders expanded exactly as transformers' InternVL processor does."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from vlmd.actors.tokenizer import PromptBuilder, PromptError
+from vlmd.image import TilingConfig, num_tiles
+
+
+@pytest.fixture(scope="module")
+def builder(model_dir) -> PromptBuilder:
+    return PromptBuilder(str(model_dir), image_seq_length=256)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(model_dir):
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def processor_ids(tokenizer, text: str, tiles: list[int]) -> list[int]:
+    """What InternVLProcessor does: each <IMG_CONTEXT> becomes <img> + 256 * tiles + </img>."""
+    pieces = text.split("<IMG_CONTEXT>")
+    expanded = pieces[0]
+    for n, piece in zip(tiles, pieces[1:], strict=True):
+        expanded += "<img>" + "<IMG_CONTEXT>" * (256 * n) + "</img>" + piece
+    return tokenizer(expanded).input_ids
+
+
+SIZES = [(448, 448), (900, 600), (300, 1000), (2000, 150), (64, 64)]
+
+
+@pytest.mark.parametrize("spelling", ["<img></img>", "<image>", "<IMG_CONTEXT>"])
+def test_expansion_matches_the_processor(builder, hf_tokenizer, spelling):
+    cfg = TilingConfig()
+    tiles = [num_tiles(w, h, cfg) for w, h in SIZES]
+    text = "<|im_start|>user\n" + "".join(f"{spelling}\npicture {i}, " for i in range(len(SIZES))) + "这是什么？"
+    ids, spans = builder.build(text, tiles)
+    assert ids == processor_ids(hf_tokenizer, text.replace(spelling, "<IMG_CONTEXT>"), tiles)
+    context_id = hf_tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    for span, n in zip(spans, tiles, strict=True):
+        assert span.num_tokens == 256 * n
+        assert ids[span.token_offset - 1] == hf_tokenizer.convert_tokens_to_ids("<img>")
+        assert set(ids[span.token_offset : span.token_offset + span.num_tokens]) == {context_id}
+        assert ids[span.token_offset + span.num_tokens] == hf_tokenizer.convert_tokens_to_ids("</img>")
+
+
+def test_text_only_prompt_is_plain_tokenization(builder, hf_tokenizer):
+    text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi"
+    assert builder.build(text, []) == (hf_tokenizer(text).input_ids, [])
+
+
+@pytest.mark.parametrize("text, tiles", [("no placeholder", [1]), ("<img></img><image>", [1]), ("<image>", [])])
+def test_placeholder_count_must_match(builder, text, tiles):
+    with pytest.raises(PromptError, match="placeholder"):
+        builder.build(text, tiles)
+
+
+def test_stop_sequences_drop_the_leading_space_token(builder, hf_tokenizer):
+    im_end = hf_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert builder.stop_token_seqs([" <|im_end|>", "<|im_end|>"]) == [[im_end], [im_end]]
+    word = hf_tokenizer.encode(" the", add_special_tokens=False)
+    assert builder.stop_token_seqs([" the"]) == [word]  # one token: nothing to drop
