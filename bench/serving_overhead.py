@@ -54,7 +54,9 @@ def forward_alone(
             started = time.perf_counter()
             result = runner.execute(plan)
             spent += time.perf_counter() - started
-            sampled = dict(zip(result.request_ids, zip(result.token_ids, result.logprobs, strict=True), strict=True))
+            sampled = dict(
+                zip(result.request_ids, zip(result.token_ids, result.logprobs, strict=True), strict=True)
+            )
             scheduler.update(plan, sampled)
         best = min(best, spent)
     return best

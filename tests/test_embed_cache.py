@@ -18,7 +18,9 @@ def test_lru_evicts_beyond_cache_capacity(model_dir, tmp_path):
         body = {
             "inputs": GOOD_PROMPT,
             "parameters": {"max_new_tokens": 2},
-            "multimodal_params": {"images": [{"type": "base64", "data": base64.b64encode(images[name]).decode()}]},
+            "multimodal_params": {
+                "images": [{"type": "base64", "data": base64.b64encode(images[name]).decode()}]
+            },
         }
         assert requests.post(server.url + "/generate", json=body, timeout=60).status_code == 200
 

@@ -297,7 +297,9 @@ def test_prompt_longer_than_max_req_total_len(text_server):
 
 def test_seeded_sampling_through_the_server(mm_server):
     def text(seed):
-        body = chat_body("hello", max_new_tokens=16, ignore_eos=True, do_sample=True, temperature=1.0, seed=seed)
+        body = chat_body(
+            "hello", max_new_tokens=16, ignore_eos=True, do_sample=True, temperature=1.0, seed=seed
+        )
         return generate(mm_server, body).json()["generated_text"]
 
     assert text(7) == text(7)

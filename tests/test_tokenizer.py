@@ -35,7 +35,9 @@ SIZES = [(448, 448), (900, 600), (300, 1000), (2000, 150), (64, 64)]
 def test_expansion_matches_the_processor(builder, hf_tokenizer, spelling):
     cfg = TilingConfig()
     tiles = [num_tiles(w, h, cfg) for w, h in SIZES]
-    text = "<|im_start|>user\n" + "".join(f"{spelling}\npicture {i}, " for i in range(len(SIZES))) + "这是什么？"
+    text = (
+        "<|im_start|>user\n" + "".join(f"{spelling}\npicture {i}, " for i in range(len(SIZES))) + "这是什么？"
+    )
     ids, spans = builder.build(text, tiles)
     assert ids == processor_ids(hf_tokenizer, text.replace(spelling, "<IMG_CONTEXT>"), tiles)
     context_id = hf_tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
@@ -51,7 +53,9 @@ def test_text_only_prompt_is_plain_tokenization(builder, hf_tokenizer):
     assert builder.build(text, []) == (hf_tokenizer(text).input_ids, [])
 
 
-@pytest.mark.parametrize("text, tiles", [("no placeholder", [1]), ("<img></img><image>", [1]), ("<image>", [])])
+@pytest.mark.parametrize(
+    "text, tiles", [("no placeholder", [1]), ("<img></img><image>", [1]), ("<image>", [])]
+)
 def test_placeholder_count_must_match(builder, text, tiles):
     with pytest.raises(PromptError, match="placeholder"):
         builder.build(text, tiles)

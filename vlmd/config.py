@@ -47,7 +47,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     max_tiles: int | None = None
     image_length: int = 256  # INTERNVL_IMAGE_LENGTH: image tokens per tile
     load_workers: int = 1  # LOADWORKER: threads that read weights
-    device: str = "cpu"
+    device: str = "auto"  # "auto" | "cpu" | "cuda"; resolved once by the supervisor
     torch_threads: int = 1  # intra-op threads of each torch actor (worker, vision) on the CPU
 
 
@@ -73,7 +73,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max_total_token_num", type=int, default=None, help="KV cache size in tokens (default: from memory)"
     )
     add("--max_req_total_len", type=int, default=None, help="max prompt + new tokens of one request")
-    add("--data_type", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add(
+        "--data_type",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="model dtype (default: float32 on the CPU, bfloat16 on CUDA)",
+    )
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the models run")
     add("--page_size", type=int, default=16, help="tokens per KV page")
     add("--max_num_batched_tokens", type=int, default=8192, help="token budget of one step")
     add("--max_running_requests", type=int, default=256)

@@ -72,6 +72,13 @@ class TilingConfig:
             raise ValueError(f"image_std must be non-zero, got {self.image_std}")
         Image.Resampling(self.resample)  # raises ValueError for an unknown filter
 
+    @property
+    def max_tiles_per_image(self) -> int:
+        """The most tiles one image can become: the largest grid plus its thumbnail."""
+        if not self.crop_to_patches or self.max_tiles <= 1:
+            return 1
+        return self.max_tiles + (1 if self.use_thumbnail else 0)
+
     @classmethod
     def from_model_dir(cls, path: str | Path, **overrides: Any) -> TilingConfig:
         """Builds the config from a model directory as transformers saves it; non-None overrides win.

@@ -58,6 +58,7 @@ class Hello(Message):
 
     role: str
     rank: int = 0
+    num_kv_pages: int = 0  # workers: the KV pool they allocated
 
 
 class Ready(Message):
@@ -66,6 +67,7 @@ class Ready(Message):
     role: str
     rank: int = 0
     detail: str = ""
+    num_kv_pages: int = 0  # workers: the KV pool they allocated
 
 
 class Shutdown(Message):

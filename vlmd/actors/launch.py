@@ -24,11 +24,13 @@ class RuntimeInfo(msgspec.Struct, frozen=True, kw_only=True):
 
     server_id: int  # the supervisor's pid: prefix of every shared-memory segment
     run_dir: str  # sockets live here
+    device: str  # "cpu" | "cuda"
     dtype: str  # model dtype: "float32" | "bfloat16" | "float16"
     hidden_size: int  # language model hidden size: width of an embedding row
     image_seq_length: int  # image tokens per tile
-    num_kv_pages: int
-    max_req_total_len: int
+    num_kv_pages: int  # 0 until the workers have sized the KV cache from free device memory
+    max_req_total_len: int  # 0 until num_kv_pages is known
+    max_model_len: int  # the model's max_position_embeddings
     eos_token_ids: list[int]
     embed_store: str = ""  # shared-memory segment of the EmbedStore ("" without multimodal)
     embed_store_rows: int = 0
@@ -72,12 +74,14 @@ def setup_logging(role: str) -> logging.Logger:
     return logging.getLogger(f"vlmd.{role}")
 
 
-async def announce_ready(launch: Launch, role: str, rank: int = 0, detail: str = "") -> ipc.Channel:
+async def announce_ready(
+    launch: Launch, role: str, rank: int = 0, detail: str = "", num_kv_pages: int = 0
+) -> ipc.Channel:
     """Tell the supervisor we are ready; exit if the supervisor ever goes away."""
     import asyncio
 
     channel = await ipc.connect(launch.socket(SUPERVISOR_SOCKET), Hello(role, rank))
-    channel.send(Ready(role, rank, detail))
+    channel.send(Ready(role, rank, detail, num_kv_pages))
 
     async def watch() -> None:
         try:

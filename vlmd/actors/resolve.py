@@ -1,12 +1,14 @@
 """Resolve the model- and machine-dependent facts every actor needs, before any actor starts.
 
-Runs in the supervisor without importing torch, so a bad flag or model directory fails fast.
+Runs in the supervisor, so a bad flag or model directory fails fast, before weights load.
 """
 
 from __future__ import annotations
 
 import json
 import os
+
+import msgspec
 
 from vlmd.actors.launch import RuntimeInfo
 from vlmd.config import ENV_IMAGE_LENGTH, ConfigError, ServerArgs
@@ -28,10 +30,39 @@ def resolve_runtime(args: ServerArgs, server_id: int, run_dir: str) -> RuntimeIn
             ENV_IMAGE_LENGTH,
             f"is {args.image_length} but the model makes {arch.image_seq_length} tokens per tile",
         )
-    dtype = model_dtype(args)
-    num_kv_pages = _num_kv_pages(args, arch, dtype)
-    pool_tokens = num_kv_pages * args.page_size
-    max_len = min(arch.max_position_embeddings, pool_tokens)
+    device = resolve_device(args.device)
+    dtype = model_dtype(args.data_type, device)
+    embed_store, embed_rows = "", 0
+    if args.enable_multimodal:
+        row_bytes = arch.hidden_size * DTYPE_BYTES[dtype]
+        embed_rows = args.embed_store_mb * 2**20 // row_bytes
+        embed_store = f"vlmd-{server_id}-embeds"
+    runtime = RuntimeInfo(
+        server_id=server_id,
+        run_dir=run_dir,
+        device=device,
+        dtype=dtype,
+        hidden_size=arch.hidden_size,
+        image_seq_length=arch.image_seq_length,
+        num_kv_pages=0,
+        max_req_total_len=0,
+        max_model_len=arch.max_position_embeddings,
+        eos_token_ids=_eos_token_ids(args.model_dir),
+        embed_store=embed_store,
+        embed_store_rows=embed_rows,
+    )
+    if args.max_total_token_num is not None:
+        return with_kv_pages(runtime, args, pages_for(args.max_total_token_num, args.page_size))
+    if device == "cpu":
+        return with_kv_pages(runtime, args, _cpu_kv_pages(args, arch, dtype))
+    return runtime  # on CUDA the workers size the KV cache from what the weights leave free
+
+
+def with_kv_pages(runtime: RuntimeInfo, args: ServerArgs, num_kv_pages: int) -> RuntimeInfo:
+    """The runtime once the KV pool is known, with the request length limit it implies."""
+    if num_kv_pages < 1:
+        raise ConfigError("--mem_fraction", "leaves no memory for the KV cache")
+    max_len = min(runtime.max_model_len, num_kv_pages * args.page_size)
     if args.max_req_total_len is not None:
         if args.max_req_total_len > max_len:
             raise ConfigError(
@@ -39,34 +70,32 @@ def resolve_runtime(args: ServerArgs, server_id: int, run_dir: str) -> RuntimeIn
                 f"{args.max_req_total_len} exceeds what the model and KV cache allow ({max_len})",
             )
         max_len = args.max_req_total_len
-    embed_store, embed_rows = "", 0
-    if args.enable_multimodal:
-        row_bytes = arch.hidden_size * DTYPE_BYTES[dtype]
-        embed_rows = args.embed_store_mb * 2**20 // row_bytes
-        embed_store = f"vlmd-{server_id}-embeds"
-    return RuntimeInfo(
-        server_id=server_id,
-        run_dir=run_dir,
-        dtype=dtype,
-        hidden_size=arch.hidden_size,
-        image_seq_length=arch.image_seq_length,
-        num_kv_pages=num_kv_pages,
-        max_req_total_len=max_len,
-        eos_token_ids=_eos_token_ids(args.model_dir),
-        embed_store=embed_store,
-        embed_store_rows=embed_rows,
-    )
+    return msgspec.structs.replace(runtime, num_kv_pages=num_kv_pages, max_req_total_len=max_len)
 
 
-def model_dtype(args: ServerArgs) -> str:
-    if args.data_type != "auto":
-        return args.data_type
-    return "float32" if args.device == "cpu" else "bfloat16"
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        if device == "cuda" and not _cuda_available():
+            raise ConfigError("--device", "cuda was asked for but no CUDA device is visible")
+        return device
+    return "cuda" if _cuda_available() else "cpu"
 
 
-def _num_kv_pages(args: ServerArgs, arch: InternVLArch, dtype: str) -> int:
-    if args.max_total_token_num is not None:
-        return pages_for(args.max_total_token_num, args.page_size)
+def _cuda_available() -> bool:
+    if not os.path.exists("/dev/nvidiactl"):
+        return False  # spare the torch import on machines without an NVIDIA driver
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def model_dtype(data_type: str, device: str) -> str:
+    if data_type != "auto":
+        return data_type
+    return "float32" if device == "cpu" else "bfloat16"
+
+
+def _cpu_kv_pages(args: ServerArgs, arch: InternVLArch, dtype: str) -> int:
     bytes_per_token = (
         2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim * DTYPE_BYTES[dtype]
     )

@@ -37,19 +37,13 @@ log = logging.getLogger("vlmd.scheduler")
 
 class SchedulerActor:
     def __init__(self, launch: Launch) -> None:
-        args, runtime = launch.args, launch.runtime
-        self.core = Scheduler(
-            SchedulerConfig(
-                num_pages=runtime.num_kv_pages,
-                page_size=args.page_size,
-                max_num_batched_tokens=args.max_num_batched_tokens,
-                max_running_requests=args.max_running_requests,
-            )
-        )
+        self.args = launch.args
+        self.core: Scheduler | None = None  # built once every worker has said how many KV pages it has
+        self._worker_pages: dict[int, int] = {}
         self.http: ipc.Channel | None = None
         self.vision: ipc.Channel | None = None
         self.workers: dict[int, ipc.Channel] = {}
-        self.num_workers = args.tp
+        self.num_workers = launch.args.tp
         self._work = asyncio.Event()
         self._results: asyncio.Queue[StepResult] = asyncio.Queue()
         self._workers_ready = asyncio.Event()
@@ -66,7 +60,16 @@ class SchedulerActor:
             self.vision = channel
         elif hello.role == "worker":
             self.workers[hello.rank] = channel
+            self._worker_pages[hello.rank] = hello.num_kv_pages
             if len(self.workers) == self.num_workers:
+                self.core = Scheduler(
+                    SchedulerConfig(
+                        num_pages=min(self._worker_pages.values()),
+                        page_size=self.args.page_size,
+                        max_num_batched_tokens=self.args.max_num_batched_tokens,
+                        max_running_requests=self.args.max_running_requests,
+                    )
+                )
                 self._workers_ready.set()
         try:
             while True:
@@ -160,6 +163,6 @@ class SchedulerActor:
 async def run(launch: Launch, rank: int) -> None:
     actor = SchedulerActor(launch)
     server = await ipc.serve(launch.socket(SCHEDULER_SOCKET), actor.on_channel)
-    await announce_ready(launch, "scheduler", detail=f"({launch.runtime.num_kv_pages} KV pages)")
+    await announce_ready(launch, "scheduler")
     async with server:
         await actor.step_loop()

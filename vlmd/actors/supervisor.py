@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from vlmd import ipc, shm
 from vlmd.actors.launch import SUPERVISOR_SOCKET, Launch, write_launch
-from vlmd.actors.resolve import resolve_runtime
+from vlmd.actors.resolve import resolve_runtime, with_kv_pages
 from vlmd.config import ServerArgs
 from vlmd.messages import Ready
 
@@ -80,13 +80,22 @@ class Supervisor:
             shutil.rmtree(run_dir, ignore_errors=True)
         return self._exit_code
 
+    def _stages(self, launch: Launch) -> list[list[tuple[str, int]]]:
+        """Actors to start, stage by stage; each stage waits for the previous one to be ready."""
+        workers = [("worker", rank) for rank in range(self.args.tp)]
+        vision = [("vision", 0)] if self.args.enable_multimodal else []
+        if launch.runtime.num_kv_pages == 0:
+            # Workers size the KV cache from free device memory: the ViT must have taken its share.
+            middle = [vision, workers] if vision else [workers]
+        else:
+            middle = [workers + vision]
+        return [[("scheduler", 0)], *middle, [("http", 0)]]
+
     async def _start_all(self, launch: Launch) -> bool:
         """Start the actors in dependency order; False if the server is stopping meanwhile."""
-        stages = [[("scheduler", 0)], [("worker", r) for r in range(self.args.tp)]]
-        if self.args.enable_multimodal:
-            stages[1].append(("vision", 0))
-        stages.append([("http", 0)])
-        for stage in stages:
+        for stage in self._stages(launch):
+            if stage[0][0] == "http" and launch.runtime.num_kv_pages == 0:
+                launch = self._with_worker_kv_pages(launch)
             all_ready = asyncio.gather(*[await self._spawn(launch, role, rank) for role, rank in stage])
             stop = asyncio.ensure_future(self._stop.wait())
             done, _ = await asyncio.wait(
@@ -98,6 +107,13 @@ class Supervisor:
                 self._request_stop(self._stop_reason or "start-up timed out", 1)
                 return False
         return True
+
+    def _with_worker_kv_pages(self, launch: Launch) -> Launch:
+        """Every rank sized its own pool; the smallest one is the server's."""
+        pages = min(self._ready[("worker", rank)].result().num_kv_pages for rank in range(self.args.tp))
+        launch = Launch(launch.args, with_kv_pages(launch.runtime, launch.args, pages))
+        write_launch(launch)
+        return launch
 
     async def _spawn(self, launch: Launch, role: str, rank: int) -> asyncio.Future:
         ready = asyncio.get_running_loop().create_future()

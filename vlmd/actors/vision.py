@@ -49,8 +49,9 @@ class VisionActor:
         args, runtime = launch.args, launch.runtime
         self.channel = channel
         self.batch_size = args.visual_infer_batch_size
-        self.device = torch.device(args.device)
-        torch.set_num_threads(args.torch_threads)
+        self.device = torch.device(runtime.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(args.torch_threads)
         self.model = load_vision(args.model_dir, TORCH_DTYPES[runtime.dtype], self.device, args.load_workers)
         self.tiling = TilingConfig.from_model_dir(
             args.model_dir, min_tiles=args.min_tiles, max_tiles=args.max_tiles
@@ -162,6 +163,14 @@ class VisionActor:
         for i in range(len(images)):
             out.append(errors[i] if i in errors else rows.pop(0))
         return out
+
+    @torch.inference_mode()
+    def _reserve_peak_memory(self, num_tiles: int) -> None:
+        """Run the largest batch once so its activations stay in this process's allocator cache:
+        the LLM workers, which start after the vision actor, size their KV cache from what is left."""
+        size = self.tiling.tile_size
+        self.model(torch.zeros(num_tiles, 3, size, size, dtype=self.model_dtype, device=self.device))
+        torch.cuda.synchronize(self.device)
 
     @property
     def model_dtype(self) -> torch.dtype:

@@ -10,8 +10,10 @@ import torch
 
 from vlmd import ipc, shm
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
-from vlmd.kernels.attention import KVCacheSpec, TorchReferenceBackend
-from vlmd.messages import Hello, StepPlan
+from vlmd.core.page_allocator import pages_for
+from vlmd.kernels.attention import KVCacheSpec
+from vlmd.kernels.registry import make_attention_backend
+from vlmd.messages import Hello, NewRequest, SamplingParams, StepItem, StepPlan
 from vlmd.models.config import InternVLArch
 from vlmd.models.loader import load_language_model
 from vlmd.runner import ModelRunner
@@ -19,6 +21,9 @@ from vlmd.runner import ModelRunner
 log = logging.getLogger("vlmd.worker")
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Device memory kept out of the KV pool for what the profiling step does not see (attention
+# workspaces, CUDA graphs, allocator fragmentation).
+GPU_HEADROOM_BYTES = 512 * 2**20
 
 
 def embed_store_view(launch: Launch) -> torch.Tensor | None:
@@ -32,18 +37,24 @@ def embed_store_view(launch: Launch) -> torch.Tensor | None:
     return store.view(runtime.embed_store_rows, runtime.hidden_size)
 
 
-def build_runner(launch: Launch) -> ModelRunner:
-    args, runtime = launch.args, launch.runtime
-    torch.set_num_threads(args.torch_threads)
-    return create_runner(
-        args.model_dir,
-        runtime.dtype,
-        torch.device(args.device),
-        num_pages=runtime.num_kv_pages,
-        page_size=args.page_size,
-        num_threads=args.load_workers,
-        embed_store=embed_store_view(launch),
+def make_runner(
+    model, arch: InternVLArch, *, num_pages: int, page_size: int, embed_store: torch.Tensor | None = None
+) -> ModelRunner:
+    """Give a loaded language model a KV cache of `num_pages` pages and an attention backend."""
+    weight = next(model.parameters())
+    spec = KVCacheSpec(
+        num_layers=arch.num_hidden_layers,
+        num_pages=num_pages,
+        page_size=page_size,
+        num_kv_heads=arch.num_key_value_heads,
+        head_dim=arch.head_dim,
+        dtype=weight.dtype,
+        device=weight.device,
     )
+    attn = make_attention_backend(
+        spec, arch.num_attention_heads, scale=1 / math.sqrt(arch.head_dim), logger=log
+    )
+    return ModelRunner(model, attn, embed_store)
 
 
 def create_runner(
@@ -54,32 +65,79 @@ def create_runner(
     num_pages: int,
     page_size: int,
     num_threads: int = 1,
-    embed_store: torch.Tensor | None = None,
 ) -> ModelRunner:
-    """Load the language model and give it a KV cache of `num_pages` pages."""
-    dtype = TORCH_DTYPES[dtype_name]
+    """Load the language model and give it a KV cache (benchmarks and tests)."""
     arch = InternVLArch.from_model_dir(model_dir)
-    model = load_language_model(model_dir, dtype, device, num_threads=num_threads)
-    spec = KVCacheSpec(
-        num_layers=arch.num_hidden_layers,
-        num_pages=num_pages,
-        page_size=page_size,
-        num_kv_heads=arch.num_key_value_heads,
-        head_dim=arch.head_dim,
-        dtype=dtype,
-        device=device,
+    model = load_language_model(model_dir, TORCH_DTYPES[dtype_name], device, num_threads=num_threads)
+    return make_runner(model, arch, num_pages=num_pages, page_size=page_size)
+
+
+def gpu_kv_pages(model, arch: InternVLArch, launch: Launch) -> int:
+    """KV pages that fit in mem_fraction of the device once the weights are loaded and the
+    largest step the scheduler can plan has run (its activations stay reserved)."""
+    args = launch.args
+    device = next(model.parameters()).device
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    num_tokens = args.max_num_batched_tokens
+    probe = make_runner(
+        model, arch, num_pages=pages_for(num_tokens, args.page_size), page_size=args.page_size
     )
-    attn = TorchReferenceBackend(spec, arch.num_attention_heads, scale=1 / math.sqrt(arch.head_dim))
-    return ModelRunner(model, attn, embed_store)
+    probe_kv_bytes = sum(t.numel() * t.element_size() for t in probe.attn.kv_cache)
+    plan = StepPlan(
+        step_id=0,
+        items=[StepItem("probe", 0, [0] * num_tokens, list(range(pages_for(num_tokens, args.page_size))))],
+        new_requests=[NewRequest("probe", SamplingParams(), [])],
+    )
+    probe.execute(plan)
+    torch.cuda.synchronize(device)
+    activation_bytes = torch.cuda.max_memory_allocated(device) - before - probe_kv_bytes
+    # The logits of a full batch of decodes (and their log-softmax) are the other large transient.
+    logits_bytes = 2 * args.max_running_requests * arch.vocab_size * 4
+    del probe, plan
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    budget = free - (1 - args.mem_fraction) * total - activation_bytes - logits_bytes - GPU_HEADROOM_BYTES
+    spec_bytes_per_token = 2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim
+    bytes_per_page = spec_bytes_per_token * next(model.parameters()).element_size() * args.page_size
+    log.info(
+        "memory: %.1f GiB free of %.1f GiB after weights; step activations %.2f GiB; KV page %d bytes",
+        free / 2**30,
+        total / 2**30,
+        activation_bytes / 2**30,
+        bytes_per_page,
+    )
+    return max(0, int(budget // bytes_per_page))
+
+
+def build_runner(launch: Launch) -> ModelRunner:
+    args, runtime = launch.args, launch.runtime
+    device = torch.device(runtime.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.torch_threads)
+    arch = InternVLArch.from_model_dir(args.model_dir)
+    model = load_language_model(
+        args.model_dir, TORCH_DTYPES[runtime.dtype], device, num_threads=args.load_workers
+    )
+    num_pages = runtime.num_kv_pages or gpu_kv_pages(model, arch, launch)
+    if num_pages < 1:
+        raise SystemExit("--mem_fraction leaves no device memory for the KV cache")
+    return make_runner(
+        model, arch, num_pages=num_pages, page_size=args.page_size, embed_store=embed_store_view(launch)
+    )
 
 
 async def run(launch: Launch, rank: int) -> None:
     started = time.perf_counter()
     runner = build_runner(launch)
-    channel = await ipc.connect(launch.socket(SCHEDULER_SOCKET), Hello("worker", rank))
-    num_tokens = launch.runtime.num_kv_pages * launch.args.page_size
-    detail = f"(weights loaded in {time.perf_counter() - started:.1f} s, KV cache {num_tokens} tokens)"
-    await announce_ready(launch, "worker", rank, detail)
+    num_pages = runner.attn.spec.num_pages
+    channel = await ipc.connect(launch.socket(SCHEDULER_SOCKET), Hello("worker", rank, num_pages))
+    detail = (
+        f"(weights loaded in {time.perf_counter() - started:.1f} s, "
+        f"KV cache {num_pages * launch.args.page_size} tokens in {num_pages} pages)"
+    )
+    await announce_ready(launch, "worker", rank, detail, num_pages)
     while True:
         plan = await channel.recv()
         assert isinstance(plan, StepPlan), f"worker expects StepPlan, got {type(plan).__name__}"

@@ -1,8 +1,8 @@
 """FlashInfer paged attention behind the `AttentionBackend` seam (written against FlashInfer 0.7.2).
 
 One step = one plan: the host turns the `BatchLayout` into FlashInfer's CSR page table once, copies
-it to the GPU in a single transfer, and plans one wrapper; every layer then appends its k/v into
-its cache and runs that wrapper. A step where every request brings exactly one token uses the
+it to the GPU in one transfer (the wrapper's own plan adds a few small ones) and plans one
+wrapper; every layer then appends its k/v into its cache and runs that wrapper. A step where every request brings exactly one token uses the
 decode wrapper; any other step (prefill, chunked prefill, or prefill mixed with decodes) runs the
 paged prefill wrapper with a causal mask over the whole batch.
 
@@ -162,8 +162,9 @@ class FlashInferBackend(AttentionBackend):
         super().__init__(spec, num_q_heads, scale)
         import flashinfer
 
-        # FlashInfer may read a page's unwritten tail before masking it; never-written memory
-        # could hold NaN bit patterns that survive a zero probability, so start from zeros.
+        # Insurance, once: should a kernel load a partial page's unwritten tail before masking
+        # it, never-written memory may hold NaN bit patterns, which a zero probability does not
+        # cancel (0 * NaN = NaN). Tails of reused pages hold finite old k/v.
         for cache in self.kv_cache:
             cache.zero_()
         group_size = num_q_heads // spec.num_kv_heads

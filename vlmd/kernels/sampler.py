@@ -1,4 +1,8 @@
-"""Token sampling from logits: greedy, temperature, top-k, top-p, repetition penalty, seeds."""
+"""Token sampling from logits: greedy, temperature, top-k, top-p, repetition penalty, seeds.
+
+Everything stays on the logits' device; the only host sync is reading back the chosen tokens and
+their logprobs once per step, for the whole batch.
+"""
 
 from __future__ import annotations
 
@@ -25,22 +29,27 @@ class SamplerState:
 def sample(logits: torch.Tensor, states: list[SamplerState]) -> tuple[list[int], list[float]]:
     """logits: [num_reqs, vocab] float32, one row per request. Returns tokens and their logprobs
     under the model's raw distribution."""
-    logprobs = torch.log_softmax(logits, dim=-1)
-    tokens: list[int] = []
-    for row, state in enumerate(states):
-        token = _sample_row(logits[row], state)
-        tokens.append(token)
+    processed = logits
+    penalized = [i for i, s in enumerate(states) if s.params.repetition_penalty != 1.0 and s.seen]
+    if penalized:
+        processed = logits.clone()
+        for i in penalized:
+            processed[i] = apply_repetition_penalty(
+                logits[i], states[i].seen, states[i].params.repetition_penalty
+            )
+    tokens = torch.argmax(processed, dim=-1)  # [num_reqs]; greedy rows are done
+    for i, state in enumerate(states):
+        if not state.params.greedy:
+            tokens[i] = _draw(processed[i], state)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
+    token_list = tokens.tolist()
+    for state, token in zip(states, token_list, strict=True):
         state.observe(token)
-    chosen = logprobs[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)]
-    return tokens, chosen.tolist()
+    return token_list, logprobs.tolist()
 
 
-def _sample_row(logits: torch.Tensor, state: SamplerState) -> int:
+def _draw(logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
     params = state.params
-    if params.repetition_penalty != 1.0 and state.seen:
-        logits = apply_repetition_penalty(logits, state.seen, params.repetition_penalty)
-    if params.greedy:
-        return int(torch.argmax(logits))
     logits = logits / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
@@ -48,7 +57,7 @@ def _sample_row(logits: torch.Tensor, state: SamplerState) -> int:
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
         probs = _top_p_filter(probs, params.top_p)
-    return int(torch.multinomial(probs, 1, generator=state.generator))
+    return torch.multinomial(probs, 1, generator=state.generator)[0]
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: set[int], penalty: float) -> torch.Tensor:

@@ -1,0 +1,91 @@
+"""bf16 on the GPU: vlmd's logits stay as close to the float32 reference as transformers' own bf16.
+
+Teacher-forced: a prompt, then 128 fixed tokens fed one decode step at a time through the paged
+KV cache (FlashInfer where it applies); transformers computes all positions in one forward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import InternVLForConditionalGeneration
+
+from vlmd.actors.worker import make_runner
+from vlmd.demo import write_demo_model
+from vlmd.kernels.attention import BatchLayout
+from vlmd.models.config import InternVLArch
+from vlmd.models.loader import load_language_model
+
+pytestmark = pytest.mark.gpu
+
+NUM_STEPS = 128
+PROMPT_LEN = 200
+PAGE_SIZE = 16
+MID_SIZE = {  # a Qwen2-0.5B-shaped language model
+    "hidden_size": 896,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "intermediate_size": 4864,
+}
+
+
+@pytest.fixture(scope="module", params=["demo", "mid"])
+def model_dir(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpu-models") / request.param
+    write_demo_model(path, seed=0, **({"text_config": MID_SIZE} if request.param == "mid" else {}))
+    return path
+
+
+def token_ids(vocab: int) -> list[int]:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (PROMPT_LEN + NUM_STEPS,), generator=generator).tolist()
+
+
+@torch.inference_mode()
+def vlmd_logits(model_dir, ids: list[int]) -> torch.Tensor:
+    """[NUM_STEPS + 1, vocab]: logits after the prompt, then after each forced token."""
+    arch = InternVLArch.from_model_dir(model_dir)
+    model = load_language_model(model_dir, torch.bfloat16, torch.device("cuda"))
+    num_pages = -(-len(ids) // PAGE_SIZE)
+    attn = make_runner(model, arch, num_pages=num_pages, page_size=PAGE_SIZE).attn
+    pages = list(range(num_pages))[::-1]  # a non-trivial page order
+    rows = []
+    spans = [(0, PROMPT_LEN)] + [(t, t + 1) for t in range(PROMPT_LEN, PROMPT_LEN + NUM_STEPS)]
+    for start, end in spans:
+        layout = BatchLayout([0, end - start], [end], [pages[: -(-end // PAGE_SIZE)]])
+        attn.plan(layout)
+        input_ids = torch.tensor(ids[start:end], device="cuda")
+        positions = torch.arange(start, end, device="cuda")
+        hidden = model.forward(model.embed(input_ids), positions, attn)
+        rows.append(model.compute_logits(hidden[-1:]))
+    return torch.cat(rows).float()
+
+
+@torch.inference_mode()
+def hf_logits(model_dir, ids: list[int], dtype: torch.dtype) -> torch.Tensor:
+    model = InternVLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).cuda().eval()
+    logits = model(input_ids=torch.tensor([ids], device="cuda")).logits[0]
+    return logits[PROMPT_LEN - 1 : PROMPT_LEN + NUM_STEPS].float()
+
+
+def test_bf16_logits_deviate_no_more_than_transformers_bf16(model_dir):
+    from vlmd.kernels.flashinfer_backend import flashinfer_unsupported_reason
+
+    arch = InternVLArch.from_model_dir(model_dir)
+    reason = flashinfer_unsupported_reason(
+        arch.head_dim, arch.num_attention_heads, arch.num_key_value_heads, torch.bfloat16, torch.device("cuda")
+    )
+    assert reason is None, f"this test must exercise FlashInfer: {reason}"
+    ids = token_ids(min(arch.vocab_size, 990))
+    reference = hf_logits(model_dir, ids, torch.float32)
+    hf_bf16 = (hf_logits(model_dir, ids, torch.bfloat16) - reference).abs()
+    ours = (vlmd_logits(model_dir, ids) - reference).abs()
+    print(f"mean abs error: vlmd {ours.mean():.4f}, transformers bf16 {hf_bf16.mean():.4f}")
+    print(f"max abs error:  vlmd {ours.max():.4f}, transformers bf16 {hf_bf16.max():.4f}")
+    assert ours.mean() <= 1.5 * hf_bf16.mean()
+    assert ours.max() <= 1.5 * hf_bf16.max()
+    # Greedy choices agree wherever the reference is not near a tie.
+    top2 = reference.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 4 * hf_bf16.max()
+    assert torch.equal(vlmd_logits(model_dir, ids).argmax(-1)[clear], reference.argmax(-1)[clear])
