@@ -49,6 +49,8 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     load_workers: int = 1  # LOADWORKER: threads that read weights
     device: str = "auto"  # "auto" | "cpu" | "cuda"; resolved once by the supervisor
     torch_threads: int = 1  # intra-op threads of each torch actor (worker, vision) on the CPU
+    graph_max_batch_size: int = 64
+    disable_cudagraph: bool = False
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +91,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--min_tiles", type=int, default=None, help="override the processor config's min_patches")
     add("--max_tiles", type=int, default=None, help="override the processor config's max_patches")
     add(
+        "--graph_max_batch_size", type=int, default=64, help="largest decode batch replayed from a CUDA graph"
+    )
+    add("--disable_cudagraph", action="store_true", help="run decode steps op by op")
+    add(
         "--torch_threads",
         type=int,
         default=None,
@@ -105,6 +111,7 @@ def build_server_args(ns: argparse.Namespace, environ: dict[str, str] | None = N
         ns, "tp", "visual_dp", "visual_tp", "visual_infer_batch_size", "cache_capacity", "page_size"
     )
     _check_positive(ns, "max_num_batched_tokens", "max_running_requests", "max_body_bytes", "embed_store_mb")
+    _check_positive(ns, "graph_max_batch_size")
     if not 0.0 < ns.mem_fraction <= 1.0:
         raise ConfigError("--mem_fraction", f"must be in (0, 1], got {ns.mem_fraction}")
     if ns.visual_dp * ns.visual_tp != ns.tp:

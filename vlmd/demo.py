@@ -38,8 +38,9 @@ PROJECTOR_OUT_GAIN = 2.0  # image rows end up with a norm like a text embedding'
 DEFAULT_TEXT_CONFIG: dict[str, Any] = {
     "model_type": "qwen2",
     "architectures": ["Qwen2ForCausalLM"],
-    "hidden_size": 64,
-    "intermediate_size": 128,
+    # head_dim 64: the smallest FlashInfer serves, so the demo model exercises the GPU kernels too.
+    "hidden_size": 256,
+    "intermediate_size": 512,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,

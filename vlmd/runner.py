@@ -14,12 +14,14 @@ from vlmd.messages import StepItem, StepPlan, StepResult
 
 
 class ModelRunner:
-    def __init__(self, model, attn: AttentionBackend, embed_store: torch.Tensor | None) -> None:
+    def __init__(self, model, attn: AttentionBackend, embed_store: torch.Tensor | None, graphs=None) -> None:
         """model: a language model with embed / forward / compute_logits; embed_store: the
-        shared [rows, hidden] arena of image embedding rows (None without images)."""
+        shared [rows, hidden] arena of image embedding rows (None without images); graphs:
+        captured decode steps (`DecodeGraphs`) or None."""
         self.model = model
         self.attn = attn
         self.embed_store = embed_store
+        self.graphs = graphs
         self.device = attn.spec.device
         self._page_tables: dict[str, list[int]] = {}
         self._samplers: dict[str, SamplerState] = {}
@@ -33,18 +35,35 @@ class ModelRunner:
             self._page_tables[new.request_id] = []
             self._samplers[new.request_id] = SamplerState(new.sampling, new.prompt_ids, self.device)
         layout = self._layout(plan.items)
-        self.attn.plan(layout)
-        inputs_embeds = self._input_embeddings(plan.items, layout)
-        positions = torch.tensor(layout.positions(), dtype=torch.long, device=self.device)
-        hidden = self.model.forward(inputs_embeds, positions, self.attn)  # [num_tokens, hidden]
         sampled = [i for i, item in enumerate(plan.items) if item.sample]
+        if self._graph_step(plan.items):
+            logits = self.graphs.run(layout, [item.token_ids[0] for item in plan.items])
+        else:
+            logits = self._eager(plan.items, layout, sampled)
         if not sampled:
             return StepResult(plan.step_id, [], [], [])
-        last_rows = torch.tensor([layout.qo_indptr[i + 1] - 1 for i in sampled], device=self.device)
-        logits = self.model.compute_logits(hidden[last_rows])  # [num_sampled, vocab] float32
         request_ids = [plan.items[i].request_id for i in sampled]
         tokens, logprobs = sample(logits, [self._samplers[r] for r in request_ids])
         return StepResult(plan.step_id, request_ids, tokens, logprobs)
+
+    def _graph_step(self, items: list[StepItem]) -> bool:
+        """Pure decode steps small enough for a captured graph replay it."""
+        return (
+            self.graphs is not None
+            and len(items) <= self.graphs.max_batch_size
+            and all(len(item.token_ids) == 1 and item.sample and not item.embeds for item in items)
+        )
+
+    def _eager(self, items: list[StepItem], layout: BatchLayout, sampled: list[int]) -> torch.Tensor | None:
+        """Run the step op by op; returns the logits of the sampled rows [num_sampled, vocab]."""
+        self.attn.plan(layout)
+        inputs_embeds = self._input_embeddings(items, layout)
+        positions = torch.tensor(layout.positions(), dtype=torch.long, device=self.device)
+        hidden = self.model.forward(inputs_embeds, positions, self.attn)  # [num_tokens, hidden]
+        if not sampled:
+            return None
+        last_rows = torch.tensor([layout.qo_indptr[i + 1] - 1 for i in sampled], device=self.device)
+        return self.model.compute_logits(hidden[last_rows])  # float32
 
     def _layout(self, items: list[StepItem]) -> BatchLayout:
         qo_indptr = [0]

@@ -12,6 +12,8 @@ from vlmd import ipc, shm
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
 from vlmd.core.page_allocator import pages_for
 from vlmd.kernels.attention import KVCacheSpec
+from vlmd.kernels.cuda_graph import DecodeGraphs
+from vlmd.kernels.flashinfer_backend import FlashInferBackend
 from vlmd.kernels.registry import make_attention_backend
 from vlmd.messages import Hello, NewRequest, SamplingParams, StepItem, StepPlan
 from vlmd.models.config import InternVLArch
@@ -38,13 +40,20 @@ def embed_store_view(launch: Launch) -> torch.Tensor | None:
 
 
 def make_runner(
-    model, arch: InternVLArch, *, num_pages: int, page_size: int, embed_store: torch.Tensor | None = None
+    model,
+    arch: InternVLArch,
+    *,
+    num_pages: int,
+    page_size: int,
+    embed_store: torch.Tensor | None = None,
+    graph_max_batch_size: int = 0,
 ) -> ModelRunner:
-    """Give a loaded language model a KV cache of `num_pages` pages and an attention backend."""
+    """Give a loaded language model a KV cache of `num_pages` pages and an attention backend;
+    with graph_max_batch_size > 0 and FlashInfer, capture decode steps in CUDA graphs."""
     weight = next(model.parameters())
     spec = KVCacheSpec(
         num_layers=arch.num_hidden_layers,
-        num_pages=num_pages,
+        num_pages=num_pages + (1 if graph_max_batch_size else 0),  # + the graphs' padding page
         page_size=page_size,
         num_kv_heads=arch.num_key_value_heads,
         head_dim=arch.head_dim,
@@ -54,7 +63,13 @@ def make_runner(
     attn = make_attention_backend(
         spec, arch.num_attention_heads, scale=1 / math.sqrt(arch.head_dim), logger=log
     )
-    return ModelRunner(model, attn, embed_store)
+    graphs = None
+    if graph_max_batch_size and isinstance(attn, FlashInferBackend):
+        graphs = DecodeGraphs(model, attn, graph_max_batch_size, dummy_page=num_pages)
+        graphs.capture()
+    elif graph_max_batch_size:
+        log.warning("CUDA graphs need the FlashInfer backend: decoding op by op")
+    return ModelRunner(model, attn, embed_store, graphs)
 
 
 def create_runner(
@@ -123,15 +138,23 @@ def build_runner(launch: Launch) -> ModelRunner:
     num_pages = runtime.num_kv_pages or gpu_kv_pages(model, arch, launch)
     if num_pages < 1:
         raise SystemExit("--mem_fraction leaves no device memory for the KV cache")
+    graph_max_batch_size = 0 if args.disable_cudagraph or device.type != "cuda" else args.graph_max_batch_size
     return make_runner(
-        model, arch, num_pages=num_pages, page_size=args.page_size, embed_store=embed_store_view(launch)
+        model,
+        arch,
+        num_pages=num_pages,
+        page_size=args.page_size,
+        embed_store=embed_store_view(launch),
+        graph_max_batch_size=graph_max_batch_size,
     )
 
 
 async def run(launch: Launch, rank: int) -> None:
     started = time.perf_counter()
     runner = build_runner(launch)
-    num_pages = runner.attn.spec.num_pages
+    num_pages = runner.attn.spec.num_pages - (
+        1 if runner.graphs else 0
+    )  # the padding page is not the scheduler's
     channel = await ipc.connect(launch.socket(SCHEDULER_SOCKET), Hello("worker", rank, num_pages))
     detail = (
         f"(weights loaded in {time.perf_counter() - started:.1f} s, "

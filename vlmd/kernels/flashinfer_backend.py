@@ -175,6 +175,8 @@ class FlashInferBackend(AttentionBackend):
         )
         # The decode wrapper wants a zeroed float workspace on first use.
         workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=spec.device)
+        self.workspace = workspace  # CUDA-graph decode wrappers share it too (steps never overlap)
+        self.decode_use_tensor_cores = decode_use_tensor_cores
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             workspace, "NHD", use_tensor_cores=decode_use_tensor_cores

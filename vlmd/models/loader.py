@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -72,6 +73,43 @@ def load_language_model(
     return _finish(model, torch.device(device))
 
 
+def vision_from_state_dict(
+    arch: InternVLArch,
+    state_dict: Mapping[str, torch.Tensor],
+    dtype: torch.dtype | str,
+    device: torch.device | str,
+) -> InternVLVision:
+    """`load_vision` from tensors in memory (e.g. `InternVLForConditionalGeneration.state_dict()`,
+    either key layout); keys of the language model are ignored. Tensors already in `dtype` on
+    `device` are shared with the caller, not copied."""
+    names = _component_names(state_dict, VISION, "state dict")
+    with torch.device("meta"):
+        model = InternVLVision(arch)
+    _assign_all(model, {name: state_dict[key] for name, key in names.items()}, _to_dtype(dtype), device)
+    return _finish(model, torch.device(device))
+
+
+def language_model_from_state_dict(
+    arch: InternVLArch,
+    state_dict: Mapping[str, torch.Tensor],
+    dtype: torch.dtype | str,
+    device: torch.device | str,
+) -> Qwen2ForCausalLM:
+    """`load_language_model` from tensors in memory; tensors already in `dtype` on `device` are
+    shared, not copied. Tied when `arch` says so (a tied model's state dict lists its head under
+    its own key, holding the embedding's tensor) or when no head is given."""
+    names = _component_names(state_dict, LANGUAGE, "state dict")
+    tied = arch.tie_word_embeddings or "lm_head.weight" not in names
+    if tied:
+        names.pop("lm_head.weight", None)
+    arch = dataclasses.replace(arch, tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(arch)
+    _assign_all(model, {name: state_dict[key] for name, key in names.items()}, _to_dtype(dtype), device)
+    model.tie_weights()
+    return _finish(model, torch.device(device))
+
+
 def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     """Every tensor key of the checkpoint -> the safetensors file holding it."""
     index = model_dir / "model.safetensors.index.json"
@@ -88,9 +126,16 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
 
 def _component_keys(model_dir: Path, component: str) -> dict[str, tuple[Path, str]]:
     """The component's parameter name -> (file, checkpoint key), for every tensor it owns."""
-    out: dict[str, tuple[Path, str]] = {}
+    files = checkpoint_files(model_dir)
+    names = _component_names(files, component, str(model_dir))
+    return {name: (files[key], key) for name, key in names.items()}
+
+
+def _component_names(keys: Iterable[str], component: str, source: str) -> dict[str, str]:
+    """The component's parameter name -> checkpoint key, for every key it owns (either layout)."""
+    out: dict[str, str] = {}
     unknown = []
-    for key, path in checkpoint_files(model_dir).items():
+    for key in keys:
         match = next((rule for rule in _KEY_PREFIXES if key.startswith(rule[0])), None)
         if match is None:
             unknown.append(key)
@@ -99,10 +144,10 @@ def _component_keys(model_dir: Path, component: str) -> dict[str, tuple[Path, st
         if owner == component:
             name = local_prefix + key[len(prefix) :]
             if name in out:
-                raise ValueError(f"{model_dir}: {key} and {out[name][1]} are the same parameter")
-            out[name] = (path, key)
+                raise ValueError(f"{source}: {key} and {out[name]} are the same parameter")
+            out[name] = key
     if unknown:
-        raise ValueError(f"{model_dir}: unrecognised checkpoint keys (not InternVL-hf): {_preview(unknown)}")
+        raise ValueError(f"{source}: unrecognised checkpoint keys (not InternVL-hf): {_preview(unknown)}")
     return out
 
 
@@ -114,13 +159,7 @@ def _load_into(
     num_threads: int,
 ) -> None:
     """Replace every parameter of a model built on the meta device with its checkpoint tensor."""
-    params = {name: p for name, p in model.named_parameters()}  # tied duplicates appear once
-    missing, unexpected = sorted(params.keys() - keys.keys()), sorted(keys.keys() - params.keys())
-    if missing or unexpected:
-        kind = type(model).__name__
-        raise ValueError(
-            f"checkpoint does not match {kind}: missing {_preview(missing)}, unexpected {_preview(unexpected)}"
-        )
+    params = _expect_parameters(model, keys.keys())
     # Each thread opens its own handle on a file and reads every num_threads-th of its tensors.
     num_threads = max(1, num_threads)
     by_file: dict[Path, list[str]] = defaultdict(list)
@@ -137,6 +176,27 @@ def _load_into(
         for loaded in pool.map(read, [c for c in chunks if c[1]]):
             for name, tensor in loaded:
                 _assign(model, name, params[name], tensor)
+
+
+def _assign_all(
+    model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str
+) -> None:
+    """Replace every parameter of a model built on the meta device with its tensor from memory."""
+    params = _expect_parameters(model, tensors.keys())
+    for name, tensor in tensors.items():
+        _assign(model, name, params[name], tensor.to(device=device, dtype=dtype))
+
+
+def _expect_parameters(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Parameter]:
+    """The model's parameters by name, checked to be exactly `names`."""
+    params = {name: p for name, p in model.named_parameters()}  # tied duplicates appear once
+    missing, unexpected = sorted(params.keys() - set(names)), sorted(set(names) - params.keys())
+    if missing or unexpected:
+        kind = type(model).__name__
+        raise ValueError(
+            f"checkpoint does not match {kind}: missing {_preview(missing)}, unexpected {_preview(unexpected)}"
+        )
+    return params
 
 
 def _finish(model: nn.Module, device: torch.device) -> nn.Module:

@@ -1,0 +1,153 @@
+"""CUDA graphs of decode steps: embed -> language model -> logits, one graph per batch size.
+
+A decode step of n requests replays the graph of the smallest captured size B >= n. The B - n
+padding rows are requests of one token that live on a dummy page the scheduler never hands out,
+so they write and read nothing that matters. Before each replay the FlashInfer decode wrapper of
+that size is re-planned (its page-table buffers are the graph's static inputs), and the step's
+token ids and positions are copied into the static input buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from vlmd.kernels.attention import BatchLayout
+from vlmd.kernels.flashinfer_backend import FlashInferBackend, PagedKVMetadata
+
+log = logging.getLogger("vlmd.kernels")
+
+CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+class GraphDecodeAttention:
+    """The decode attention of one captured batch size: FlashInfer in CUDA-graph mode, with the
+    page table in fixed device buffers that `plan` refills before every replay."""
+
+    def __init__(self, backend: FlashInferBackend, batch_size: int) -> None:
+        import flashinfer
+
+        spec, device = backend.spec, backend.spec.device
+        self.backend = backend
+        self.kv_cache = backend.kv_cache
+        self.kv_indptr = torch.zeros(batch_size + 1, dtype=torch.int32, device=device)
+        # Every page at most once, plus the dummy page once per padding row.
+        self.kv_indices = torch.zeros(spec.num_pages + batch_size, dtype=torch.int32, device=device)
+        self.kv_last_page_len = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.batch_indices = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.positions = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            backend.workspace,
+            "NHD",
+            use_cuda_graph=True,
+            use_tensor_cores=backend.decode_use_tensor_cores,
+            paged_kv_indptr_buffer=self.kv_indptr,
+            paged_kv_indices_buffer=self.kv_indices,
+            paged_kv_last_page_len_buffer=self.kv_last_page_len,
+        )
+        self._append = flashinfer.append_paged_kv_cache
+
+    def plan(self, layout: BatchLayout) -> None:
+        """Outside the graph: fill the static buffers for this step (layout padded to the size)."""
+        spec = self.backend.spec
+        meta = PagedKVMetadata.from_layout(layout, spec.page_size)
+        host = meta.views(meta.to_tensor())
+        self.batch_indices.copy_(host.batch_indices, non_blocking=True)
+        self.positions.copy_(host.positions, non_blocking=True)
+        self.wrapper.plan(  # copies indptr / indices / last_page_len into the buffers above
+            host.kv_indptr,
+            host.kv_indices,
+            host.kv_last_page_len,
+            num_qo_heads=self.backend.num_q_heads,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            page_size=spec.page_size,
+            sm_scale=self.backend.scale,
+            q_data_type=spec.dtype,
+            kv_data_type=spec.dtype,
+        )
+
+    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        cache = self.kv_cache[layer_idx]  # [pages, 2, page_size, kv_heads, head_dim]
+        self._append(
+            k.contiguous(),
+            v.contiguous(),
+            self.batch_indices,
+            self.positions,
+            cache,
+            self.kv_indices,
+            self.kv_indptr,
+            self.kv_last_page_len,
+            kv_layout="NHD",
+        )
+        return self.wrapper.run(q.contiguous(), cache)  # [batch, q_heads, head_dim]
+
+
+class DecodeGraphs:
+    """Captured decode steps for batch sizes up to `max_batch_size`."""
+
+    def __init__(self, model, backend: FlashInferBackend, max_batch_size: int, dummy_page: int) -> None:
+        self.model = model
+        self.backend = backend
+        self.dummy_page = dummy_page
+        self.sizes = sorted({b for b in CAPTURE_SIZES if b < max_batch_size} | {max_batch_size})
+        device = backend.spec.device
+        self.input_ids = torch.zeros(max_batch_size, dtype=torch.long, device=device)
+        self.input_positions = torch.zeros(max_batch_size, dtype=torch.long, device=device)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}  # static outputs: [size, vocab] float32
+        self._attn: dict[int, GraphDecodeAttention] = {}
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.sizes[-1]
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        started = time.perf_counter()
+        pool = None
+        for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
+            attn = GraphDecodeAttention(self.backend, size)
+            attn.plan(self._padded(BatchLayout([0], [], []), size))
+            self._forward(attn, size)  # warm-up: kernels loaded, workspaces sized
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._logits[size] = self._forward(attn, size)
+            pool = graph.pool()
+            self._graphs[size], self._attn[size] = graph, attn
+        torch.cuda.synchronize()
+        log.info(
+            "captured %d CUDA graphs (batch sizes %s) in %.1f s",
+            len(self.sizes),
+            self.sizes,
+            time.perf_counter() - started,
+        )
+
+    def _forward(self, attn: GraphDecodeAttention, size: int) -> torch.Tensor:
+        hidden = self.model.forward(
+            self.model.embed(self.input_ids[:size]), self.input_positions[:size], attn
+        )
+        return self.model.compute_logits(hidden)
+
+    def run(self, layout: BatchLayout, token_ids: list[int]) -> torch.Tensor:
+        """Replay the decode step of `len(token_ids)` requests; returns their logits [n, vocab]."""
+        n = len(token_ids)
+        size = next(s for s in self.sizes if s >= n)
+        padding = size - n
+        host = torch.tensor([token_ids + [0] * padding, layout.positions() + [0] * padding], dtype=torch.long)
+        self.input_ids[:size].copy_(host[0], non_blocking=True)
+        self.input_positions[:size].copy_(host[1], non_blocking=True)
+        self._attn[size].plan(self._padded(layout, size))
+        self._graphs[size].replay()
+        return self._logits[size][:n]
+
+    def _padded(self, layout: BatchLayout, size: int) -> BatchLayout:
+        """The layout plus one-token requests on the dummy page, up to `size` requests."""
+        padding = size - len(layout.kv_lens)
+        qo_indptr = layout.qo_indptr + [layout.qo_indptr[-1] + i for i in range(1, padding + 1)]
+        return BatchLayout(
+            qo_indptr, layout.kv_lens + [1] * padding, layout.page_tables + [[self.dummy_page]] * padding
+        )
