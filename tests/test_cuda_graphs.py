@@ -61,4 +61,4 @@ def test_graphs_on_and_off_give_identical_tokens(model_and_arch, batch):
     if batch <= 64:
         assert replays == 31  # every decode step after the prefill step
     else:
-        assert replays == 0  # too large for the captured sizes: op by op
+        assert replays < 31  # steps of more than 64 requests run op by op

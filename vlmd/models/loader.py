@@ -1,4 +1,5 @@
-"""Load one component of an InternVL checkpoint (vision side or language model) from safetensors.
+"""Load one component of an InternVL checkpoint (vision side or language model) from safetensors,
+or from tensors already in memory (`*_from_state_dict`, for benchmarks that share weights).
 
 The vision process and the LM process each read only their own tensors. Two key layouts exist
 on disk and both load:

@@ -1,0 +1,574 @@
+"""GPU serving at the memory-bandwidth floor: vlmd against transformers and the copy roofline,
+every figure from one run on one GPU.
+
+    python bench/gpu_bench.py [--batch_sizes 1 16 64] [--new_tokens 128] [--prompt_len 512] [--json PATH]
+    python bench/gpu_bench.py --tiny   # a tiny float32 model on the CPU: checks the script, not speed
+
+An InternVL3-8B-shaped model (InternViT-300M + Qwen2-7B shape) gets random weights once, in
+transformers' `InternVLForConditionalGeneration`; vlmd's language model and vision tower are
+built from the same tensors (shared, not copied), so both sides run identical weights.
+
+- copy bandwidth: a device-to-device copy of a >= 2 GiB tensor, (read + write bytes) / time;
+- decode ms per step: vlmd driven by `Scheduler` + `ModelRunner` in process (the wall time of
+  `runner.execute`, host metadata and token read-back included; median over the decode steps at
+  the full batch), against transformers' `generate` ((t(N new) - t(1 new)) / (N - 1));
+- roofline: (LM weight bytes read per step + KV bytes read per step) / copy bandwidth, where
+  the weights are every LM parameter except the input embedding table (the LM head is read);
+- time to first token of one tile + text: vlmd = ViT + prefill with the image rows + first
+  token; transformers = `generate(max_new_tokens=1)` with `pixel_values`;
+- ViT tiles per second at one batch: vlmd's vision forward against `get_image_features`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlmd.actors.worker import make_runner
+from vlmd.core.page_allocator import pages_for
+from vlmd.core.request import Request
+from vlmd.core.scheduler import Scheduler, SchedulerConfig
+from vlmd.messages import EmbedRun, ImageRef, SamplingParams, StepPlan
+from vlmd.models.config import InternVLArch
+from vlmd.models.loader import language_model_from_state_dict, vision_from_state_dict
+
+PAGE_SIZE = 16
+# Defaults of the run's settings: the issue's full run on the GPU, and --tiny on the CPU.
+SETTINGS = ("batch_sizes", "prompt_len", "new_tokens", "ttft_text_tokens", "vit_batch", "repeats",
+            "copy_mib", "profile_steps", "device", "dtype")  # fmt: skip
+FULL = dict(zip(SETTINGS, ([1, 16, 64], 512, 128, 64, 12, 10, 2048, 8, "cuda", "bfloat16"), strict=True))
+TINY = dict(zip(SETTINGS, ([1, 4], 32, 6, 16, 2, 3, 32, 0, "cpu", "float32"), strict=True))
+# (name, measured key, goal, sense): the issue's targets.
+TARGETS = (
+    ("batch-1 step / roofline", "b1_over_roofline", 1.15, "<="),
+    ("batch-64 step / roofline", "b64_over_roofline", 1.35, "<="),
+    ("ViT tiles/s, vlmd / transformers", "vit_speedup", 1.3, ">="),
+    ("TTFT, vlmd / transformers", "ttft_ratio", 0.5, "<="),
+)
+# Qwen2-7B and InternViT-300M (InternVL3-8B), and the tiny model; then the token ids: prompts draw
+# ordinary tokens below the first, then <img>, </img>, <IMG_CONTEXT>.
+TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "vocab_size")  # fmt: skip
+VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size")
+SHAPES = {
+    "full": ((3584, 18944, 28, 28, 4, 128, 151674), (1024, 4096, 24, 16, [448, 448]), (151643, 151665, 151666, 151667)),
+    "tiny": ((128, 256, 2, 4, 2, 64, 512), (64, 128, 2, 4, [224, 224]), (500, 509, 510, 511)),
+}  # fmt: skip
+log = logging.getLogger("gpu_bench")
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    config: dict[str, Any]  # config.json of an InternVL-hf model
+    num_text_ids: int  # random prompts draw from [0, num_text_ids): ordinary tokens only
+    img_start_id: int  # <img>
+    img_end_id: int  # </img>
+
+
+def model_shape(tiny: bool) -> ModelShape:
+    """InternVL3-8B's shape (InternViT-300M + Qwen2-7B), or a tiny one for the CPU."""
+    text_sizes, vision_sizes, (num_text_ids, img_start, img_end, img_context) = SHAPES[
+        "tiny" if tiny else "full"
+    ]
+    text = dict(zip(TEXT_KEYS, text_sizes, strict=True)) | {
+        "model_type": "qwen2",
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 32768,
+        "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"},
+        "tie_word_embeddings": False,
+    }
+    vision = dict(zip(VISION_KEYS, vision_sizes, strict=True)) | {
+        "model_type": "internvl_vision",
+        "patch_size": [14, 14],
+        "norm_type": "layer_norm",
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-6,
+        "attention_bias": True,
+        "use_qk_norm": False,
+        "use_mean_pooling": True,
+    }
+    side = vision["image_size"][0] // 14 // 2  # patches per side, pixel-shuffled by 0.5
+    config = {
+        "model_type": "internvl",
+        "architectures": ["InternVLForConditionalGeneration"],
+        "downsample_ratio": 0.5,
+        "image_seq_length": side * side,
+        "image_token_id": img_context,
+        "projector_hidden_act": "gelu",
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "default",
+        "tie_word_embeddings": False,
+        "text_config": text,
+        "vision_config": vision,
+    }
+    return ModelShape(config, num_text_ids, img_start, img_end)
+
+
+def build_models(shape: ModelShape, dtype: torch.dtype, device: torch.device):
+    """transformers' model with random weights, and vlmd's LM and vision tower sharing them."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    hf_config = InternVLConfig(**{k: v for k, v in shape.config.items() if k != "model_type"})
+    with torch.device(device):
+        hf = InternVLForConditionalGeneration._from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+    hf = hf.to(device).eval().requires_grad_(False)
+    randomize_(hf, seed=0)
+    bad = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if not torch.isfinite(t).all()]
+    assert not bad, f"non-finite weights or buffers: {bad}"
+    hf.generation_config.eos_token_id = None  # every run generates exactly the tokens asked for
+    hf.generation_config.pad_token_id = 0
+    arch = InternVLArch.from_config_dict(shape.config)
+    state = hf.state_dict()
+    lm = language_model_from_state_dict(arch, state, dtype, device)
+    vision = vision_from_state_dict(arch, state, dtype, device)
+    return hf, lm, vision, arch
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter drawn here, whatever the constructor did: matrices, embeddings, CLS and
+    positions N(0, 0.02); biases 0; norm gains and layer scales 1."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim >= 2:
+            p.normal_(0.0, 0.02, generator=gen)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.fill_(1.0)
+
+
+def lm_weight_bytes(lm) -> int:
+    """Bytes of LM weights a decode step reads: all but the input embedding table (which only
+    gathers a few rows) unless it doubles as the LM head."""
+    total = sum(p.numel() * p.element_size() for p in lm.parameters())  # tied weights appear once
+    if not lm.arch.tie_word_embeddings:
+        embed = lm.model.embed_tokens.weight
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_s(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of fn() with the device idle before and after each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, num_bytes: int, repeats: int) -> float:
+    """Bytes per second of a device-to-device copy, counting the read and the write."""
+    src = torch.ones(num_bytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    if device.type != "cuda":
+        return 2 * num_bytes / median_s(lambda: dst.copy_(src), device, repeats)
+    dst.copy_(src)
+    pairs = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)
+    ]
+    for start, end in pairs:
+        start.record()
+        dst.copy_(src)
+        end.record()
+    torch.cuda.synchronize(device)
+    return 2 * num_bytes / (statistics.median(s.elapsed_time(e) for s, e in pairs) / 1e3)
+
+
+# --- the serving loop in process ---------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    plan: StepPlan
+    wall_s: float  # runner.execute, which returns once the sampled tokens are on the host
+    gpu_span_s: float | None  # CUDA events recorded just before and after runner.execute
+
+
+def run_steps(runner, scheduler: Scheduler, max_steps: int | None = None) -> list[Step]:
+    """Drive scheduler and runner as the serving loop does, timing each `runner.execute`."""
+    steps: list[Step] = []
+    cuda = runner.device.type == "cuda"
+    while scheduler.has_work() and (max_steps is None or len(steps) < max_steps):
+        plan = scheduler.schedule()
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else []
+        started = time.perf_counter()
+        if events:
+            events[0].record()
+        result = runner.execute(plan)
+        if events:
+            events[1].record()
+        wall = time.perf_counter() - started
+        if events:
+            events[1].synchronize()
+        span = events[0].elapsed_time(events[1]) / 1e3 if events else None
+        sampled = zip(result.request_ids, zip(result.token_ids, result.logprobs, strict=True), strict=True)
+        scheduler.update(plan, dict(sampled))
+        steps.append(Step(plan, wall, span))
+    return steps
+
+
+def add_text_requests(scheduler: Scheduler, prompts: torch.Tensor, new_tokens: int, tag: str) -> None:
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    for i, ids in enumerate(prompts.tolist()):
+        scheduler.add(Request(f"{tag}-{i}", ids, params))
+
+
+def hf_generate(hf, input_ids: torch.Tensor, new_tokens: int, pixel_values=None) -> None:
+    images = {} if pixel_values is None else {"pixel_values": pixel_values}
+    out = hf.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        **images,
+    )
+    assert out.shape[1] == input_ids.shape[1] + new_tokens, "generate stopped early"
+
+
+# --- the measurements --------------------------------------------------------------------------
+
+
+class Bench:
+    """transformers' model and vlmd's (same weights, same device), and vlmd's serving loop."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device, self.dtype = torch.device(args.device), getattr(torch, args.dtype)
+        self.shape = model_shape(args.tiny)
+        self.hf, self.lm, self.vision, self.arch = build_models(self.shape, self.dtype, self.device)
+        self.gen = torch.Generator().manual_seed(1)
+        max_batch = max(args.batch_sizes)
+        ttft_tokens = args.ttft_text_tokens + self.arch.image_seq_length + 2 + 1
+        num_pages = max(
+            max_batch * pages_for(args.prompt_len + args.new_tokens, PAGE_SIZE),
+            pages_for(ttft_tokens, PAGE_SIZE),
+        )
+        # The embed store holds one tile's rows; the TTFT run writes the ViT's output into it.
+        store = torch.empty(
+            self.arch.image_seq_length, self.arch.hidden_size, dtype=self.dtype, device=self.device
+        )
+        graph_max_batch_size = args.graph_max_batch_size if self.device.type == "cuda" else 0
+        self.runner = make_runner(
+            self.lm,
+            self.arch,
+            num_pages=num_pages,
+            page_size=PAGE_SIZE,
+            embed_store=store,
+            graph_max_batch_size=graph_max_batch_size,  # decode steps replayed as `vlmd serve` does
+        )
+        # A batch prefills in one step, so its requests then decode in lockstep.
+        budget = max(8192, max_batch * args.prompt_len, ttft_tokens)
+        self.scheduler = Scheduler(SchedulerConfig(num_pages, PAGE_SIZE, budget, max(256, max_batch)))
+
+    def decode_row(self, batch: int, bandwidth: float) -> dict:
+        """vlmd's and transformers' decode step at one batch size, against the roofline."""
+        args, arch = self.args, self.arch
+        prompts = torch.randint(0, self.shape.num_text_ids, (batch, args.prompt_len), generator=self.gen)
+        row = {"batch": batch} | self.vlmd_decode(prompts)
+        row["vlmd_kernel_ms"] = self.vlmd_kernel_ms(prompts)
+        row["transformers_step_ms"] = self.hf_decode_ms(prompts.to(self.device))
+        avg_context = args.prompt_len + args.new_tokens / 2  # decode steps see prompt+1 .. prompt+new-1
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        kv_bytes = (
+            batch * avg_context * 2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim * elem
+        )
+        row["kv_bytes_per_step"] = kv_bytes
+        row["roofline_ms"] = (lm_weight_bytes(self.lm) + kv_bytes) / bandwidth * 1e3
+        row["vlmd_over_roofline"] = row["vlmd_step_ms"] / row["roofline_ms"]
+        row["transformers_over_roofline"] = row["transformers_step_ms"] / row["roofline_ms"]
+        return row
+
+    def vlmd_decode(self, prompts: torch.Tensor) -> dict:
+        """Median ms of the decode steps that carry the whole batch (not the prefill step)."""
+        batch = prompts.shape[0]
+        add_text_requests(self.scheduler, prompts, self.args.new_tokens, f"decode{batch}")
+        steps = run_steps(self.runner, self.scheduler)
+        decode = [
+            s
+            for s in steps
+            if len(s.plan.items) == batch and all(len(i.token_ids) == 1 for i in s.plan.items)
+        ]
+        assert decode, "no decode step ran at the full batch"
+        spans = [s.gpu_span_s for s in decode if s.gpu_span_s is not None]
+        return {
+            "vlmd_step_ms": statistics.median(s.wall_s for s in decode) * 1e3,
+            "vlmd_gpu_span_ms": statistics.median(spans) * 1e3 if spans else None,
+            "num_decode_steps": len(decode),
+        }
+
+    def vlmd_kernel_ms(self, prompts: torch.Tensor) -> float | None:
+        """GPU time per decode step summed over the profiler's kernels and copies: the step
+        with no host overhead. None on the CPU, when off, or if the profiler fails."""
+        num_steps = self.args.profile_steps
+        if self.device.type != "cuda" or num_steps < 1:
+            return None
+        from torch.profiler import ProfilerActivity, profile
+
+        add_text_requests(self.scheduler, prompts, num_steps + 1, f"profile{prompts.shape[0]}")
+        try:
+            run_steps(self.runner, self.scheduler, max_steps=1)  # the prefill
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                profiled = run_steps(self.runner, self.scheduler, max_steps=num_steps)
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            return sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / len(profiled)
+        except Exception as exc:  # an optional figure: never lose the run over it
+            log.warning("kernel time not measured: %s: %s", type(exc).__name__, exc)
+            return None
+        finally:
+            run_steps(self.runner, self.scheduler)  # finish the requests
+
+    def hf_decode_ms(self, prompts: torch.Tensor) -> float:
+        """(t(new_tokens) - t(1)) / (new_tokens - 1): the prefill and first sample cancel out."""
+        new_tokens, repeats = self.args.new_tokens, max(1, self.args.repeats // 3)
+        one = median_s(lambda: hf_generate(self.hf, prompts, 1), self.device, repeats, warmup=1)
+        full = median_s(lambda: hf_generate(self.hf, prompts, new_tokens), self.device, 1, warmup=0)
+        return (full - one) / (new_tokens - 1) * 1e3
+
+    def ttft(self) -> dict:
+        """One 448 px tile + text: vlmd's ViT + prefill + first token, against generate(1 token)."""
+        side, repeats = self.arch.image_size, self.args.repeats
+        tile = torch.randn(1, 3, side, side, generator=self.gen).to(self.device, self.dtype)
+        text = torch.randint(
+            0, self.shape.num_text_ids, (self.args.ttft_text_tokens,), generator=self.gen
+        ).tolist()
+        half = len(text) // 2
+        image = [self.arch.image_token_id] * self.arch.image_seq_length
+        prompt = text[:half] + [self.shape.img_start_id, *image, self.shape.img_end_id] + text[half:]
+        vlmd = [self.vlmd_ttft_s(prompt, half + 1, tile, f"ttft{i}") for i in range(repeats + 2)][2:]
+        ids = torch.tensor([prompt], device=self.device)
+        hf = median_s(lambda: hf_generate(self.hf, ids, 1, pixel_values=tile), self.device, repeats, warmup=2)
+        return {"vlmd": statistics.median(vlmd) * 1e3, "transformers": hf * 1e3}
+
+    def vlmd_ttft_s(self, prompt: list[int], offset: int, tile: torch.Tensor, tag: str) -> float:
+        store = self.runner.embed_store
+        sync(self.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            store.copy_(self.vision(tile))  # [image_seq_length, hidden]
+        params = SamplingParams(max_new_tokens=1, ignore_eos=True)
+        image = ImageRef("bench", "", 0, num_tiles=1, token_offset=offset, num_tokens=store.shape[0])
+        self.scheduler.add(Request(tag, prompt, params, images=[image]))
+        self.scheduler.images_ready(tag, [EmbedRun("bench", 0, store.shape[0])])
+        run_steps(self.runner, self.scheduler)
+        return time.perf_counter() - started
+
+    @torch.inference_mode()
+    def vit(self) -> dict:
+        """Tiles per second at one batch, and how far apart the two towers' rows are."""
+        side, batch, repeats = self.arch.image_size, self.args.vit_batch, self.args.repeats
+        tiles = torch.randn(batch, 3, side, side, generator=self.gen).to(self.device, self.dtype)
+        hf_features = self.hf.model.get_image_features
+        vlmd = median_s(lambda: self.vision(tiles), self.device, repeats, warmup=2)
+        hf = median_s(lambda: hf_features(pixel_values=tiles), self.device, repeats, warmup=2)
+        got = self.vision(tiles).float()
+        want = hf_features(pixel_values=tiles)
+        want = getattr(want, "pooler_output", want).reshape(got.shape).float()
+        return {
+            "tiles_per_s": {"vlmd": batch / vlmd, "transformers": batch / hf},
+            "vision_rel_err": ((got - want).norm() / want.norm()).item(),
+        }
+
+
+def measure(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    bench = Bench(args)
+    log.info("models built in %.1f s", time.perf_counter() - started)
+    out: dict[str, Any] = {"cuda_graphs": bench.runner.graphs is not None}
+    out["copy_bandwidth_bytes_per_s"] = copy_bandwidth(bench.device, args.copy_mib * 2**20, args.repeats)
+    out["lm_weight_bytes"] = lm_weight_bytes(bench.lm)
+    log.info("vlmd warm-up (FlashInfer compiles its kernels on a first run)")
+    warmup = torch.randint(
+        0, bench.shape.num_text_ids, (max(args.batch_sizes), args.prompt_len), generator=bench.gen
+    )
+    add_text_requests(bench.scheduler, warmup, 3, "warmup")
+    run_steps(bench.runner, bench.scheduler)
+    out["decode"] = []
+    for batch in args.batch_sizes:
+        log.info("decode at batch %d", batch)
+        out["decode"].append(bench.decode_row(batch, out["copy_bandwidth_bytes_per_s"]))
+    log.info("time to first token")
+    out["ttft_ms"] = bench.ttft()
+    log.info("ViT at batch %d", args.vit_batch)
+    vit = bench.vit()
+    out["vit_tiles_per_s"], out["vision_rel_err"] = vit["tiles_per_s"], vit["vision_rel_err"]
+    bench.scheduler.check_integrity()
+    return out
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
+def target_rows(out: dict) -> list[dict]:
+    by_batch = {row["batch"]: row for row in out["decode"]}
+    measured = {
+        "b1_over_roofline": by_batch.get(1, {}).get("vlmd_over_roofline"),
+        "b64_over_roofline": by_batch.get(64, {}).get("vlmd_over_roofline"),
+        "vit_speedup": out["vit_tiles_per_s"]["vlmd"] / out["vit_tiles_per_s"]["transformers"],
+        "ttft_ratio": out["ttft_ms"]["vlmd"] / out["ttft_ms"]["transformers"],
+    }
+    rows = []
+    for name, key, goal, sense in TARGETS:
+        value = measured[key]
+        passed = None if value is None else (value <= goal if sense == "<=" else value >= goal)
+        rows.append({"name": name, "value": value, "goal": f"{sense} {goal}x", "pass": passed})
+    return rows
+
+
+def _f(value: float | None, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:.2f}{suffix}"
+
+
+def report(meta: dict, out: dict) -> str:
+    lines = [
+        f"# {meta['gpu']}; torch {meta['torch']}; flashinfer {meta['flashinfer']}; "
+        f"transformers {meta['transformers']}; {meta['date']}",
+        f"# command: {meta['command']}",
+        f"# {meta['model']}; {meta['dtype']}; LM weights read per step {out['lm_weight_bytes'] / 1e9:.2f} GB; "
+        f"copy bandwidth {out['copy_bandwidth_bytes_per_s'] / 1e12:.3f} TB/s; "
+        f"vlmd CUDA graphs: {'yes' if out['cuda_graphs'] else 'no'}",
+        f"# decode: {meta['prompt_len']}-token prompts, {meta['new_tokens']} new tokens; "
+        "roofline = (LM weight bytes + KV bytes read) / copy bandwidth",
+        "",
+        "| batch | vlmd ms/step | vlmd GPU span ms | vlmd kernel ms | transformers ms/step | roofline ms "
+        "| vlmd / roofline | transformers / roofline | vlmd tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in out["decode"]:
+        lines.append(
+            f"| {r['batch']} | {_f(r['vlmd_step_ms'])} | {_f(r['vlmd_gpu_span_ms'])} | {_f(r['vlmd_kernel_ms'])} "
+            f"| {_f(r['transformers_step_ms'])} | {_f(r['roofline_ms'])} | {_f(r['vlmd_over_roofline'], 'x')} "
+            f"| {_f(r['transformers_over_roofline'], 'x')} | {r['batch'] / r['vlmd_step_ms'] * 1e3:.0f} |"
+        )
+    ttft, vit = out["ttft_ms"], out["vit_tiles_per_s"]
+    lines += [
+        "",
+        "| metric | vlmd | transformers | vlmd / transformers |",
+        "|---|---|---|---|",
+        f"| TTFT ms, 1 tile + {meta['ttft_text_tokens']} text tokens | {ttft['vlmd']:.2f} "
+        f"| {ttft['transformers']:.2f} | {ttft['vlmd'] / ttft['transformers']:.2f}x |",
+        f"| ViT tiles/s at batch {meta['vit_batch']} | {vit['vlmd']:.0f} | {vit['transformers']:.0f} "
+        f"| {vit['vlmd'] / vit['transformers']:.2f}x |",
+        "",
+        "| target | measured | goal | result |",
+        "|---|---|---|---|",
+    ]
+    for t in out["targets"]:
+        result = {True: "pass", False: "miss", None: "n/a (not run)"}[t["pass"]]
+        lines.append(f"| {t['name']} | {_f(t['value'], 'x')} | {t['goal']} | {result} |")
+    lines += [
+        "",
+        f"# vision rows, vlmd vs transformers: relative error {out['vision_rel_err']:.1e}; "
+        f"total wall time {out['wall_s']:.0f} s",
+    ]
+    return "\n".join(lines)
+
+
+def versions(device: torch.device) -> dict:
+    import transformers
+
+    try:
+        import flashinfer
+
+        flashinfer_version = flashinfer.__version__
+    except Exception as exc:  # absent, or present but broken: say which
+        flashinfer_version = f"not importable ({type(exc).__name__})"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"
+    return {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "flashinfer": flashinfer_version,
+        "transformers": transformers.__version__,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny float32 model on the CPU, few steps")
+    parser.add_argument("--batch_sizes", type=int, nargs="+")
+    parser.add_argument("--prompt_len", type=int)
+    parser.add_argument("--new_tokens", type=int, help="tokens generated per request (>= 2)")
+    parser.add_argument(
+        "--ttft_text_tokens", type=int, help="text tokens around the image in the TTFT prompt"
+    )
+    parser.add_argument("--vit_batch", type=int, help="tiles per ViT forward")
+    parser.add_argument("--repeats", type=int, help="timed runs per median")
+    parser.add_argument("--copy_mib", type=int, help="size of the copied tensor")
+    parser.add_argument("--profile_steps", type=int, help="decode steps profiled for kernel time (0: off)")
+    parser.add_argument(
+        "--graph_max_batch_size", type=int, default=64, help="vlmd's CUDA graphs, as `vlmd serve` (0: off)"
+    )
+    parser.add_argument("--device")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--json", help="also write every figure to this file")
+    args = parser.parse_args(argv)
+    for key, value in (TINY if args.tiny else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.new_tokens < 2:
+        parser.error("--new_tokens must be at least 2 (one prefill token, one decode step)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(relativeCreated)7.0f ms %(name)s: %(message)s")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    out = measure(args)
+    out["targets"] = target_rows(out)
+    out["wall_s"] = time.perf_counter() - started
+    meta = (
+        versions(torch.device(args.device))
+        | {
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": shlex.join(["python", *sys.argv]),
+            "model": "tiny InternVL"
+            if args.tiny
+            else "InternVL3-8B-shaped (InternViT-300M + Qwen2-7B), random weights",
+            "dtype": args.dtype,
+        }
+        | {
+            k: getattr(args, k)
+            for k in ("prompt_len", "new_tokens", "ttft_text_tokens", "vit_batch", "batch_sizes")
+        }
+    )
+    print(report(meta, out))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"meta": meta, **out}, f, indent=2)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

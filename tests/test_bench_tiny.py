@@ -1,0 +1,158 @@
+"""bench/gpu_bench.py end to end on a tiny CPU model, and the in-memory loaders it builds vlmd from."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import InternVLForConditionalGeneration
+
+from vlmd.demo import write_demo_model
+from vlmd.kernels.attention import BatchLayout, KVCacheSpec, TorchReferenceBackend
+from vlmd.models.config import InternVLArch
+from vlmd.models.loader import (
+    language_model_from_state_dict,
+    load_language_model,
+    load_vision,
+    vision_from_state_dict,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE_SIZE = 16
+IDS = list(range(100, 140))
+
+
+# --- the benchmark script ----------------------------------------------------------------------
+
+
+def test_tiny_bench_prints_every_metric_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_bench.py", "--tiny", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    assert elapsed < 60, f"--tiny took {elapsed:.0f} s"
+
+    stdout = proc.stdout
+    for line in (
+        "| batch | vlmd ms/step | vlmd GPU span ms | vlmd kernel ms | transformers ms/step | roofline ms "
+        "| vlmd / roofline | transformers / roofline | vlmd tokens/s |",
+        "| metric | vlmd | transformers | vlmd / transformers |",
+        "| target | measured | goal | result |",
+        "# command: python bench/gpu_bench.py --tiny --json",
+    ):
+        assert line in stdout, stdout
+    for label in ("TTFT ms, 1 tile", "ViT tiles/s at batch 2", "copy bandwidth", "torch ", "flashinfer "):
+        assert label in stdout, stdout
+    for name in (
+        "batch-1 step / roofline",
+        "batch-64 step / roofline",
+        "ViT tiles/s, vlmd / transformers",
+        "TTFT, vlmd / transformers",
+    ):
+        assert f"| {name} |" in stdout, stdout
+    assert [line.split("|")[1].strip() for line in stdout.splitlines() if line.startswith("| 1 |")] == ["1"]
+    assert any(line.startswith("| 4 |") for line in stdout.splitlines())
+
+    data = json.loads(out.read_text())
+    assert data["meta"]["batch_sizes"] == [1, 4] and data["meta"]["command"].startswith("python ")
+    assert data["copy_bandwidth_bytes_per_s"] > 0 and data["lm_weight_bytes"] > 0
+    assert [row["batch"] for row in data["decode"]] == [1, 4]
+    for row in data["decode"]:
+        assert row["num_decode_steps"] == data["meta"]["new_tokens"] - 1  # the prefill step excluded
+        for key in ("vlmd_step_ms", "transformers_step_ms", "roofline_ms", "vlmd_over_roofline"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert math.isclose(row["vlmd_over_roofline"], row["vlmd_step_ms"] / row["roofline_ms"])
+    assert all(
+        data["ttft_ms"][side] > 0 and data["vit_tiles_per_s"][side] > 0 for side in ("vlmd", "transformers")
+    )
+    assert data["vision_rel_err"] < 1e-5, "vlmd's vision tower does not run transformers' weights"
+    targets = {t["name"]: t for t in data["targets"]}
+    assert len(targets) == 4
+    assert targets["batch-64 step / roofline"]["pass"] is None  # batch 64 was not run
+    assert isinstance(targets["batch-1 step / roofline"]["pass"], bool)
+
+
+# --- loading from tensors in memory ------------------------------------------------------------
+
+
+def _logits(lm, ids: list[int]) -> torch.Tensor:
+    arch, num_pages = lm.arch, math.ceil(len(ids) / PAGE_SIZE)
+    spec = KVCacheSpec(
+        arch.num_hidden_layers,
+        num_pages,
+        PAGE_SIZE,
+        arch.num_key_value_heads,
+        arch.head_dim,
+        torch.float32,
+        torch.device("cpu"),
+    )
+    attn = TorchReferenceBackend(spec, arch.num_attention_heads, arch.head_dim**-0.5)
+    layout = BatchLayout([0, len(ids)], [len(ids)], [list(range(num_pages))])
+    attn.plan(layout)
+    with torch.no_grad():
+        return lm.compute_logits(lm(lm.embed(torch.tensor(ids)), torch.tensor(layout.positions()), attn))
+
+
+@pytest.mark.parametrize("layout", ["hub", "legacy"])
+def test_from_state_dict_matches_loading_the_saved_model(tmp_path: Path, layout: str) -> None:
+    write_demo_model(tmp_path, key_layout=layout)
+    arch = InternVLArch.from_model_dir(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+
+    lm = language_model_from_state_dict(arch, state, torch.float32, "cpu")
+    expected = _logits(load_language_model(tmp_path, torch.float32, "cpu"), IDS)
+    torch.testing.assert_close(_logits(lm, IDS), expected, atol=0, rtol=0)
+    embed_key = (
+        "model.language_model.embed_tokens.weight"
+        if layout == "hub"
+        else "language_model.model.embed_tokens.weight"
+    )
+    assert lm.model.embed_tokens.weight.data_ptr() == state[embed_key].data_ptr(), "copied, not shared"
+
+    pixel_values = torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(0))
+    vision = vision_from_state_dict(arch, state, "float32", "cpu")
+    with torch.no_grad():
+        expected = load_vision(tmp_path, torch.float32, "cpu")(pixel_values)
+        torch.testing.assert_close(vision(pixel_values), expected, atol=0, rtol=0)
+
+
+def test_from_state_dict_of_a_tied_transformers_model(tmp_path: Path) -> None:
+    """What the benchmark does: vlmd built from a live transformers model's state dict."""
+    write_demo_model(tmp_path, tie_word_embeddings=True)
+    arch = InternVLArch.from_model_dir(tmp_path)
+    hf = InternVLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    lm = language_model_from_state_dict(arch, hf.state_dict(), torch.float32, "cpu")
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    expected = _logits(load_language_model(tmp_path, torch.float32, "cpu"), IDS)
+    torch.testing.assert_close(_logits(lm, IDS), expected, atol=0, rtol=0)
+    with torch.no_grad():
+        hf_logits = hf(input_ids=torch.tensor([IDS])).logits[0]
+    torch.testing.assert_close(_logits(lm, IDS), hf_logits, atol=2e-4, rtol=1e-5)
+
+
+def test_from_state_dict_names_missing_and_foreign_keys(tmp_path: Path) -> None:
+    write_demo_model(tmp_path)
+    arch = InternVLArch.from_model_dir(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    missing = {k: v for k, v in state.items() if not k.endswith("layers.1.mlp.up_proj.weight")}
+    with pytest.raises(ValueError, match=r"missing \[model\.layers\.1\.mlp\.up_proj\.weight\]"):
+        language_model_from_state_dict(arch, missing, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="unrecognised checkpoint keys"):
+        vision_from_state_dict(arch, state | {"extra.weight": torch.zeros(1)}, torch.float32, "cpu")
