@@ -286,9 +286,9 @@ class Bench:
             embed_store=store,
             graph_max_batch_size=graph_max_batch_size,  # decode steps replayed as `vlmd serve` does
         )
-        # A batch prefills in one step, so its requests then decode in lockstep.
-        budget = max(8192, max_batch * args.prompt_len, ttft_tokens)
-        self.scheduler = Scheduler(SchedulerConfig(num_pages, PAGE_SIZE, budget, max(256, max_batch)))
+        # The server's default step budget: a large batch prefills over a few steps, in waves.
+        config = SchedulerConfig(num_pages, PAGE_SIZE, max_running_requests=max(256, max_batch))
+        self.scheduler = Scheduler(config)
 
     def decode_row(self, batch: int, bandwidth: float) -> dict:
         """vlmd's and transformers' decode step at one batch size, against the roofline."""
@@ -297,7 +297,7 @@ class Bench:
         row = {"batch": batch} | self.vlmd_decode(prompts)
         row["vlmd_kernel_ms"] = self.vlmd_kernel_ms(prompts)
         row["transformers_step_ms"] = self.hf_decode_ms(prompts.to(self.device))
-        avg_context = args.prompt_len + args.new_tokens / 2  # decode steps see prompt+1 .. prompt+new-1
+        avg_context = args.prompt_len + args.new_tokens / 2  # decode steps read prompt+1 .. prompt+new-1
         elem = torch.empty((), dtype=self.dtype).element_size()
         kv_bytes = (
             batch * avg_context * 2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim * elem
@@ -309,7 +309,8 @@ class Bench:
         return row
 
     def vlmd_decode(self, prompts: torch.Tensor) -> dict:
-        """Median ms of the decode steps that carry the whole batch (not the prefill step)."""
+        """Median ms of the steps in which every request of the batch decodes one token (no
+        prefill chunk rides along)."""
         batch = prompts.shape[0]
         add_text_requests(self.scheduler, prompts, self.args.new_tokens, f"decode{batch}")
         steps = run_steps(self.runner, self.scheduler)
@@ -340,6 +341,8 @@ class Bench:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 profiled = run_steps(self.runner, self.scheduler, max_steps=num_steps)
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            if not kernels:
+                raise RuntimeError("the profiler saw no GPU activity (is CUPTI missing?)")
             return sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / len(profiled)
         except Exception as exc:  # an optional figure: never lose the run over it
             log.warning("kernel time not measured: %s: %s", type(exc).__name__, exc)
