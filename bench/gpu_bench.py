@@ -263,6 +263,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self.kernel_breakdown: dict[int, list[tuple[str, float]]] = {}  # batch -> top kernels, ms/step
         self.device, self.dtype = torch.device(args.device), getattr(torch, args.dtype)
         self.shape = model_shape(args.tiny)
         self.hf, self.lm, self.vision, self.arch = build_models(self.shape, self.dtype, self.device)
@@ -337,12 +338,19 @@ class Bench:
 
         add_text_requests(self.scheduler, prompts, num_steps + 1, f"profile{prompts.shape[0]}")
         try:
-            run_steps(self.runner, self.scheduler, max_steps=1)  # the prefill
+            # The prefill may take several steps (the step token budget): profile decodes only.
+            num_prefill_steps = -(-prompts.numel() // self.scheduler.config.max_num_batched_tokens)
+            run_steps(self.runner, self.scheduler, max_steps=num_prefill_steps)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 profiled = run_steps(self.runner, self.scheduler, max_steps=num_steps)
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             if not kernels:
                 raise RuntimeError("the profiler saw no GPU activity (is CUPTI missing?)")
+            per_name: dict[str, float] = {}
+            for e in kernels:
+                per_name[e.name] = per_name.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3 / len(profiled)
+            top = sorted(per_name.items(), key=lambda kv: -kv[1])[:15]
+            self.kernel_breakdown[prompts.shape[0]] = [(name[:90], ms) for name, ms in top]
             return sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / len(profiled)
         except Exception as exc:  # an optional figure: never lose the run over it
             log.warning("kernel time not measured: %s: %s", type(exc).__name__, exc)
@@ -424,6 +432,7 @@ def measure(args: argparse.Namespace) -> dict:
     log.info("ViT at batch %d", args.vit_batch)
     vit = bench.vit()
     out["vit_tiles_per_s"], out["vision_rel_err"] = vit["tiles_per_s"], vit["vision_rel_err"]
+    out["kernel_breakdown"] = {str(b): rows for b, rows in bench.kernel_breakdown.items()}
     bench.scheduler.check_integrity()
     return out
 
@@ -493,6 +502,9 @@ def report(meta: dict, out: dict) -> str:
         f"# vision rows, vlmd vs transformers: relative error {out['vision_rel_err']:.1e}; "
         f"total wall time {out['wall_s']:.0f} s",
     ]
+    for batch, rows in out.get("kernel_breakdown", {}).items():
+        lines += ["", f"Top GPU kernels per decode step at batch {batch} (ms):", ""]
+        lines += [f"- {ms:.3f} {name}" for name, ms in rows]
     return "\n".join(lines)
 
 

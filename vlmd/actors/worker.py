@@ -14,6 +14,7 @@ from vlmd.core.page_allocator import pages_for
 from vlmd.kernels.attention import KVCacheSpec
 from vlmd.kernels.cuda_graph import DecodeGraphs
 from vlmd.kernels.flashinfer_backend import FlashInferBackend
+from vlmd.kernels.ops import make_ops
 from vlmd.kernels.registry import make_attention_backend
 from vlmd.messages import Hello, NewRequest, SamplingParams, StepItem, StepPlan
 from vlmd.models.config import InternVLArch
@@ -51,6 +52,7 @@ def make_runner(
     """Give a loaded language model a KV cache of `num_pages` pages and an attention backend;
     with graph_max_batch_size > 0 and FlashInfer, capture decode steps in CUDA graphs."""
     weight = next(model.parameters())
+    model.set_ops(make_ops(weight.device, weight.dtype, log))
     spec = KVCacheSpec(
         num_layers=arch.num_hidden_layers,
         num_pages=num_pages + (1 if graph_max_batch_size else 0),  # + the graphs' padding page

@@ -1,14 +1,18 @@
 """Building blocks shared by the model files.
 
-Numerics follow the HF reference op for op (same dtype casts, same order of operations), so
-float32 vlmd outputs match transformers to rounding and greedy decoding agrees token for token.
+With `TorchOps` the numerics follow the HF reference op for op (same dtype casts, same order of
+operations), so float32 vlmd outputs match transformers to rounding and greedy decoding agrees
+token for token. The row-wise ops run through `self.ops`, set once for the whole model.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from vlmd.kernels.ops import TorchOps
+
+TORCH_OPS = TorchOps()
 
 
 class RMSNorm(nn.Module):
@@ -18,12 +22,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.ops = TORCH_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        variance = x32.pow(2).mean(-1, keepdim=True)
-        # Casting back before the weight multiply (not after) is what HF does in bf16.
-        return self.weight * (x32 * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add fused into the norm."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -36,6 +42,8 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
+        self.theta = theta
+        self.ops = TORCH_OPS
         # Built on the CPU explicitly so a model constructed under a meta device still gets a
         # real buffer; `module.to(device)` moves it, and it stays float32 whatever the weights are.
         exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
@@ -45,29 +53,45 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T]; q: [T, num_q_heads, head_dim]; k: [T, num_kv_heads, head_dim]."""
-        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, head_dim / 2]
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, head_dim]
-        cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the two halves of the last dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        return self.ops.rope(q, k, positions, self.inv_freq, self.theta)
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)): the LLaMA/Qwen feed-forward block."""
+    """down(silu(gate(x)) * up(x)): the LLaMA/Qwen feed-forward block.
+
+    Loads as HF's gate_proj / up_proj; `fuse()` (the loader calls it) makes them one GEMM.
+    """
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.ops = TORCH_OPS
+
+    def fuse(self) -> None:
+        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))  # [T, I] between the two
+
+
+def fuse_linears(*linears: nn.Linear) -> nn.Linear:
+    """One Linear whose output is the outputs of `linears` side by side (one GEMM instead of many)."""
+    first = linears[0]
+    fused = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None)
+    fused.weight = nn.Parameter(torch.cat([m.weight.data for m in linears]), requires_grad=False)
+    if first.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([m.bias.data for m in linears]), requires_grad=False)
+    return fused
+
+
+def set_ops(model: nn.Module, ops: TorchOps) -> None:
+    """Point every layer of `model` that has row-wise ops at `ops`."""
+    for module in model.modules():
+        if hasattr(module, "ops"):
+            module.ops = ops
 
 
 def make_norm(norm_type: str, hidden_size: int, eps: float) -> nn.Module:

@@ -204,6 +204,8 @@ def _finish(model: nn.Module, device: torch.device) -> nn.Module:
     stray = [name for name, p in model.named_parameters() if p.is_meta]
     assert not stray, f"parameters left unloaded: {stray}"
     model.to(device)  # buffers built on the CPU (rotary inv_freq) follow the weights
+    if hasattr(model, "fuse"):
+        model.fuse()  # loaded under HF's names; run with fused projections
     return model.eval().requires_grad_(False)
 
 

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from vlmd.kernels.attention import AttentionBackend
+from vlmd.kernels.ops import TorchOps
 from vlmd.models.config import InternVLArch
-from vlmd.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from vlmd.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, fuse_linears, set_ops
 
 
 class Qwen2Attention(nn.Module):
@@ -26,18 +27,25 @@ class Qwen2Attention(nn.Module):
         self.head_dim = arch.head_dim
         hidden = arch.hidden_size
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.sizes = [q_size, kv_size, kv_size]
         self.q_proj = nn.Linear(hidden, q_size, bias=True)
         self.k_proj = nn.Linear(hidden, kv_size, bias=True)
         self.v_proj = nn.Linear(hidden, kv_size, bias=True)
         self.o_proj = nn.Linear(q_size, hidden, bias=False)
 
+    def fuse(self) -> None:
+        """One q/k/v GEMM instead of three (the loader calls this once the weights are in)."""
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, attn: AttentionBackend
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, q_heads, head_dim]
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kv_heads, head_dim]
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kv_heads, head_dim]
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, q_heads, head_dim]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kv_heads, head_dim]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kv_heads, head_dim]
         q, k = rotary(positions, q, k)
         out = attn.forward(self.layer_idx, q, k, v)  # [T, q_heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))  # [T, hidden]
@@ -54,10 +62,25 @@ class Qwen2DecoderLayer(nn.Module):
         self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, attn: AttentionBackend
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        attn: AttentionBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous sublayer's output (the embeddings for layer 0, with residual None).
+
+        Returns (this layer's MLP output, the residual stream before it); each residual add is
+        fused into the norm that follows it.
+        """
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm.add(x, residual)
+        x = self.self_attn(x, positions, rotary, attn)
+        x, residual = self.post_attention_layernorm.add(x, residual)
+        return self.mlp(x), residual
 
 
 class Qwen2Model(nn.Module):
@@ -73,10 +96,10 @@ class Qwen2Model(nn.Module):
     def forward(
         self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
-        x = inputs_embeds
+        x, residual = inputs_embeds, None
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, attn)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, attn)
+        return self.norm.add(x, residual)[0]
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -97,6 +120,16 @@ class Qwen2ForCausalLM(nn.Module):
         """Share the embedding matrix with the LM head; the loader calls it again after loading."""
         if self.arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse(self) -> None:
+        """Concatenate q/k/v and gate/up weights; done once after loading."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
+    def set_ops(self, ops: TorchOps) -> None:
+        """Run the norms, rotary and activations with `ops` (chosen once, at start-up)."""
+        set_ops(self, ops)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: [T] -> [T, hidden]."""

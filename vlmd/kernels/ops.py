@@ -1,0 +1,97 @@
+"""Row-wise ops of a decoder layer (norms, rotary, gated activation), chosen once at start-up.
+
+`TorchOps` repeats transformers' arithmetic op for op (the CPU path and the float32 oracle);
+`FlashInferOps` runs each as one fused CUDA kernel. Model files call `self.ops.<op>` and never
+ask which one they hold.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+
+class TorchOps:
+    """transformers' arithmetic: variance in float32, weight applied after casting back."""
+
+    name = "torch"
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        variance = x32.pow(2).mean(-1, keepdim=True)
+        return weight * (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); either input's memory may be reused."""
+        residual = x + residual
+        return self.rms_norm(residual, weight, eps), residual
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2 * I] (gate then up) -> [T, I]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def rope(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, theta: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neox-style rotary; q: [T, q_heads, head_dim], k: [T, kv_heads, head_dim]."""
+        freqs = positions[:, None].float() * inv_freq[None, :]  # [T, head_dim / 2]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, head_dim]
+        cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class FlashInferOps(TorchOps):
+    """One fused FlashInfer kernel per op (CUDA, float16/bfloat16)."""
+
+    name = "flashinfer"
+
+    def __init__(self) -> None:
+        import flashinfer
+
+        self._fi = flashinfer
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self._fi.norm.rmsnorm(x.contiguous(), weight, eps)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # In place: residual += x, then x = norm(residual). Both are the layer's own temporaries.
+        x, residual = x.contiguous(), residual.contiguous()
+        self._fi.norm.fused_add_rmsnorm(x, residual, weight, eps)
+        return x, residual
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self._fi.activation.silu_and_mul(gate_up.contiguous())
+
+    def rope(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, theta: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._fi.rope.apply_rope_pos_ids(
+            q.contiguous(), k.contiguous(), positions.to(torch.int32), rope_theta=theta
+        )
+
+
+def make_ops(device: torch.device, dtype: torch.dtype, logger: logging.Logger | None = None) -> TorchOps:
+    """FlashInfer's fused kernels on CUDA in half precision when importable, else torch."""
+    log = logger or logging.getLogger("vlmd.kernels")
+    if torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        try:
+            ops = FlashInferOps()
+        except ImportError as exc:
+            log.warning("decoder ops: torch (flashinfer not importable: %s)", exc)
+            return TorchOps()
+        log.info("decoder ops: FlashInfer (rmsnorm, fused add-rmsnorm, rope, silu_and_mul)")
+        return ops
+    return TorchOps()
