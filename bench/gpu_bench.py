@@ -264,6 +264,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.kernel_breakdown: dict[int, list[tuple[str, float]]] = {}  # batch -> top kernels, ms/step
+        self.profiles: dict[str, dict | None] = {}  # one profiled call of the TTFT and ViT paths
         self.device, self.dtype = torch.device(args.device), getattr(torch, args.dtype)
         self.shape = model_shape(args.tiny)
         self.hf, self.lm, self.vision, self.arch = build_models(self.shape, self.dtype, self.device)
@@ -376,6 +377,11 @@ class Bench:
         image = [self.arch.image_token_id] * self.arch.image_seq_length
         prompt = text[:half] + [self.shape.img_start_id, *image, self.shape.img_end_id] + text[half:]
         vlmd = [self.vlmd_ttft_s(prompt, half + 1, tile, f"ttft{i}") for i in range(repeats + 2)][2:]
+        self.profiles["ttft"] = kernel_profile(
+            lambda: self.vlmd_ttft_s(prompt, half + 1, tile, "ttftp"), self.device
+        )
+        with torch.inference_mode():
+            self.profiles["ttft_vit_only"] = kernel_profile(lambda: self.vision(tile), self.device)
         ids = torch.tensor([prompt], device=self.device)
         hf = median_s(lambda: hf_generate(self.hf, ids, 1, pixel_values=tile), self.device, repeats, warmup=2)
         return {"vlmd": statistics.median(vlmd) * 1e3, "transformers": hf * 1e3}
@@ -400,6 +406,7 @@ class Bench:
         tiles = torch.randn(batch, 3, side, side, generator=self.gen).to(self.device, self.dtype)
         hf_features = self.hf.model.get_image_features
         vlmd = median_s(lambda: self.vision(tiles), self.device, repeats, warmup=2)
+        self.profiles["vit"] = kernel_profile(lambda: self.vision(tiles), self.device)
         hf = median_s(lambda: hf_features(pixel_values=tiles), self.device, repeats, warmup=2)
         got = self.vision(tiles).float()
         want = hf_features(pixel_values=tiles)
@@ -408,6 +415,26 @@ class Bench:
             "tiles_per_s": {"vlmd": batch / vlmd, "transformers": batch / hf},
             "vision_rel_err": ((got - want).norm() / want.norm()).item(),
         }
+
+
+def kernel_profile(fn, device: torch.device, top: int = 10) -> dict | None:
+    """One call of `fn` under the profiler: its wall time, its GPU kernel time and top kernels."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    wall_ms = (time.perf_counter() - started) * 1e3
+    per_name: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_name[e.name] = per_name.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3
+    rows = sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
+    return {"wall_ms": wall_ms, "gpu_ms": sum(per_name.values()), "top": [(n[:90], ms) for n, ms in rows]}
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -433,6 +460,7 @@ def measure(args: argparse.Namespace) -> dict:
     vit = bench.vit()
     out["vit_tiles_per_s"], out["vision_rel_err"] = vit["tiles_per_s"], vit["vision_rel_err"]
     out["kernel_breakdown"] = {str(b): rows for b, rows in bench.kernel_breakdown.items()}
+    out["profiles"] = bench.profiles
     bench.scheduler.check_integrity()
     return out
 
@@ -505,6 +533,14 @@ def report(meta: dict, out: dict) -> str:
     for batch, rows in out.get("kernel_breakdown", {}).items():
         lines += ["", f"Top GPU kernels per decode step at batch {batch} (ms):", ""]
         lines += [f"- {ms:.3f} {name}" for name, ms in rows]
+    for what, prof in out.get("profiles", {}).items():
+        if prof:
+            lines += [
+                "",
+                f"Profile of one {what} call: wall {prof['wall_ms']:.2f} ms, GPU kernels {prof['gpu_ms']:.2f} ms",
+                "",
+            ]
+            lines += [f"- {ms:.3f} {name}" for name, ms in prof["top"]]
     return "\n".join(lines)
 
 
