@@ -39,6 +39,8 @@ from vlmd.actors.worker import make_runner
 from vlmd.core.page_allocator import pages_for
 from vlmd.core.request import Request
 from vlmd.core.scheduler import Scheduler, SchedulerConfig
+from vlmd.image import TilingConfig
+from vlmd.kernels.vision_graph import VisionGraphs
 from vlmd.messages import EmbedRun, ImageRef, SamplingParams, StepPlan
 from vlmd.models.config import InternVLArch
 from vlmd.models.loader import language_model_from_state_dict, vision_from_state_dict
@@ -288,6 +290,10 @@ class Bench:
             embed_store=store,
             graph_max_batch_size=graph_max_batch_size,  # decode steps replayed as `vlmd serve` does
         )
+        if graph_max_batch_size:  # as the vision actor does: one image's tiles replay a graph
+            max_tiles = TilingConfig().max_tiles_per_image
+            self.vision = VisionGraphs(self.vision, max(max_tiles, args.vit_batch), self.arch.image_size)
+            self.vision.capture()
         # The server's default step budget: a large batch prefills over a few steps, in waves.
         config = SchedulerConfig(num_pages, PAGE_SIZE, max_running_requests=max(256, max_batch))
         self.scheduler = Scheduler(config)
@@ -340,8 +346,10 @@ class Bench:
         add_text_requests(self.scheduler, prompts, num_steps + 1, f"profile{prompts.shape[0]}")
         try:
             # The prefill may take several steps (the step token budget): profile decodes only.
-            num_prefill_steps = -(-prompts.numel() // self.scheduler.config.max_num_batched_tokens)
-            run_steps(self.runner, self.scheduler, max_steps=num_prefill_steps)
+            while self.scheduler.waiting or any(
+                r.num_computed < len(r.prompt_ids) for r in self.scheduler.running
+            ):
+                run_steps(self.runner, self.scheduler, max_steps=1)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 profiled = run_steps(self.runner, self.scheduler, max_steps=num_steps)
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]

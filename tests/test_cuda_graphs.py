@@ -62,3 +62,17 @@ def test_graphs_on_and_off_give_identical_tokens(model_and_arch, batch):
         assert replays == 31  # every decode step after the prefill step
     else:
         assert replays < 31  # steps of more than 64 requests run op by op
+
+
+def test_vision_graphs_match_eager(model_dir):
+    from vlmd.kernels.vision_graph import VisionGraphs
+    from vlmd.models.loader import load_vision
+
+    vision = load_vision(model_dir, torch.bfloat16, torch.device("cuda"))
+    graphs = VisionGraphs(vision, max_tiles=4, image_size=448)
+    graphs.capture()
+    generator = torch.Generator().manual_seed(0)
+    for num_tiles in (1, 3, 4, 6):  # 6: beyond the captured sizes, op by op
+        tiles = torch.randn(num_tiles, 3, 448, 448, generator=generator).to("cuda", torch.bfloat16)
+        with torch.inference_mode():
+            assert torch.equal(graphs(tiles).clone(), vision(tiles))

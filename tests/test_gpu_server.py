@@ -14,7 +14,9 @@ pytestmark = pytest.mark.gpu
 
 
 def test_serves_text_and_images_on_cuda(model_dir, tmp_path):
-    server = start_server(model_dir, tmp_path, "--enable_multimodal", "--mem_fraction", "0.5", "--device", "cuda")
+    server = start_server(
+        model_dir, tmp_path, "--enable_multimodal", "--mem_fraction", "0.5", "--device", "cuda"
+    )
     try:
         prompt = "<|im_start|>user\n<img></img>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n"
         image = base64.b64encode(make_image(900, 600, seed=1)).decode()
@@ -27,7 +29,9 @@ def test_serves_text_and_images_on_cuda(model_dir, tmp_path):
         second = requests.post(server.url + "/generate", json=body, timeout=300)
         assert first.status_code == 200, first.text
         assert first.json() == second.json() and first.json()["count_output_tokens"] == 32
-        text = requests.post(server.url + "/generate", json={"inputs": "hello", "parameters": {"max_new_tokens": 8}})
+        text = requests.post(
+            server.url + "/generate", json={"inputs": "hello", "parameters": {"max_new_tokens": 8}}
+        )
         assert text.status_code == 200
         log = server.log()
         assert "attention backend: FlashInfer" in log and "captured" in log

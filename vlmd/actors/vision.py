@@ -22,6 +22,7 @@ from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
 from vlmd.actors.worker import TORCH_DTYPES, embed_store_view
 from vlmd.core.embed_index import EmbedIndex
 from vlmd.image import ImageError, TilingConfig, decode_image, preprocess
+from vlmd.kernels.vision_graph import VisionGraphs
 from vlmd.messages import EmbedRun, EncodeImages, Hello, ImageRef, ImagesFailed, ImagesReady, ReleaseImages
 from vlmd.models.loader import load_vision
 
@@ -62,6 +63,11 @@ class VisionActor:
         self.pinned: dict[str, list[str]] = {}  # request id -> md5s it pins
         self.jobs: dict[str, Job] = {}  # md5 -> job queued or running
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        if self.device.type == "cuda":
+            self._reserve_peak_memory(args.visual_infer_batch_size * self.tiling.max_tiles_per_image)
+            if not args.disable_cudagraph:
+                self.model = VisionGraphs(self.model, self.tiling.max_tiles_per_image, self.tiling.tile_size)
+                self.model.capture()
         self.counters = {
             "vit_images_total": 0.0,
             "embed_cache_hits_total": 0.0,
