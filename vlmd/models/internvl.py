@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmd.models.config import InternVLArch
-from vlmd.models.layers import RMSNorm, make_norm
+from vlmd.models.layers import RMSNorm, fuse_linears, make_norm
 
 
 class PatchEmbeddings(nn.Module):
@@ -66,12 +66,18 @@ class VisionAttention(nn.Module):
         self.q_norm = RMSNorm(hidden, eps) if arch.vision_use_qk_norm else nn.Identity()
         self.k_norm = RMSNorm(hidden, eps) if arch.vision_use_qk_norm else nn.Identity()
 
+    def fuse(self) -> None:
+        """One q/k/v GEMM instead of three (the loader calls this once the weights are in)."""
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq_len, hidden = x.shape
         heads_shape = (batch, seq_len, self.num_heads, self.head_dim)
-        q = self.q_norm(self.q_proj(x)).view(heads_shape).transpose(1, 2)  # [N, heads, seq, head_dim]
-        k = self.k_norm(self.k_proj(x)).view(heads_shape).transpose(1, 2)  # [N, heads, seq, head_dim]
-        v = self.v_proj(x).view(heads_shape).transpose(1, 2)  # [N, heads, seq, head_dim]
+        q, k, v = self.qkv_proj(x).split(hidden, dim=-1)  # each [N, seq, hidden]
+        q = self.q_norm(q).reshape(heads_shape).transpose(1, 2)  # [N, heads, seq, head_dim]
+        k = self.k_norm(k).reshape(heads_shape).transpose(1, 2)  # [N, heads, seq, head_dim]
+        v = v.reshape(heads_shape).transpose(1, 2)  # [N, heads, seq, head_dim]
         out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
         return self.projection_layer(out.transpose(1, 2).reshape(batch, seq_len, hidden))  # [N, seq, hidden]
 
@@ -100,8 +106,9 @@ class VisionLayer(nn.Module):
         self.lambda_2 = nn.Parameter(torch.ones(hidden))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.lambda_1 * self.attention(self.layernorm_before(x)) + x
-        return self.lambda_2 * self.mlp(self.layernorm_after(x)) + x
+        # x + lambda * branch in one pass over the activations (addcmul), not a multiply then an add.
+        x = torch.addcmul(x, self.lambda_1, self.attention(self.layernorm_before(x)))
+        return torch.addcmul(x, self.lambda_2, self.mlp(self.layernorm_after(x)))
 
 
 class VisionEncoder(nn.Module):
@@ -169,6 +176,10 @@ class InternVLVision(nn.Module):
         self.arch = arch
         self.vision_tower = InternViT(arch)
         self.multi_modal_projector = MultiModalProjector(arch)
+
+    def fuse(self) -> None:
+        for layer in self.vision_tower.encoder.layer:
+            layer.attention.fuse()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values: [num_tiles, 3, image_size, image_size] -> [num_tiles * image_seq_length, hidden]."""
