@@ -147,7 +147,9 @@ class HttpActor:
             raise ClientError(400, "this server runs without --enable_multimodal: images are not accepted")
         try:
             checked = await self.images.check_all(images)
-            prompt_ids, spans = self.prompts.build(body.inputs, [image.num_tiles for image in checked])
+            # The fast tokenizer releases the GIL: a long prompt does not stall other requests.
+            tiles = [image.num_tiles for image in checked]
+            prompt_ids, spans = await asyncio.to_thread(self.prompts.build, body.inputs, tiles)
         except (BadImage, PromptError) as exc:
             raise ClientError(400, str(exc)) from None
         self._check_length(len(prompt_ids), sampling.max_new_tokens)
