@@ -153,6 +153,11 @@ class HttpActor:
         except (BadImage, PromptError) as exc:
             raise ClientError(400, str(exc)) from None
         self._check_length(len(prompt_ids), sampling.max_new_tokens)
+        if len({image.md5 for image in checked}) > self.args.cache_capacity:
+            raise ClientError(
+                400,
+                f"the request has more distinct images than --cache_capacity ({self.args.cache_capacity}) holds",
+            )
         stops = [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
         request_id = uuid.uuid4().hex
         tracked = Tracked(asyncio.get_running_loop().create_future())

@@ -61,7 +61,8 @@ class VisionActor:
         self.index = EmbedIndex(args.cache_capacity, runtime.embed_store_rows)
         self.pending: dict[str, Pending] = {}
         self.pinned: dict[str, list[str]] = {}  # request id -> md5s it pins
-        self.jobs: dict[str, Job] = {}  # md5 -> job queued or running
+        self.jobs: dict[str, Job] = {}  # md5 -> job queued, running or parked
+        self.parked: list[tuple[Job, torch.Tensor]] = []  # encoded, waiting for room in the cache
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         if self.device.type == "cuda":
             self._reserve_peak_memory(args.visual_infer_batch_size * self.tiling.max_tiles_per_image)
@@ -99,6 +100,9 @@ class VisionActor:
     def on_release(self, request_id: str) -> None:
         self.pending.pop(request_id, None)
         self.index.unpin(request_id, self.pinned.pop(request_id, []))
+        parked, self.parked = self.parked, []
+        for job, result in parked:
+            self._store(job, result)
 
     def _reply_if_complete(self, request_id: str) -> None:
         pending = self.pending.get(request_id)
@@ -120,28 +124,39 @@ class VisionActor:
             log.debug("encoded %d image(s) in %.3f s", len(batch), time.perf_counter() - started)
             self.counters["vit_images_total"] += sum(1 for r in results if not isinstance(r, str))
             for job, result in zip(batch, results, strict=True):
-                del self.jobs[job.image.md5]
                 self._store(job, result)
 
     def _store(self, job: Job, result: torch.Tensor | str) -> None:
+        """Put an encoded image in the EmbedStore and answer its waiters. When the cache is full
+        of images that requests still use, park it until one of them is released."""
+        md5 = job.image.md5
         waiters = [(r, i) for r, i in job.waiters if r in self.pending]
-        if isinstance(result, str):
+        if isinstance(result, str) or not waiters:
+            del self.jobs[md5]
             for request_id, _ in waiters:
                 self._fail(request_id, 400, result)
             return
-        if not waiters:
-            return  # every request that wanted it is gone; cache it anyway only if pinned later
-        entry = self.index.insert(job.image.md5, result.shape[0], pin_for=waiters[0][0])
+        entry = self.index.insert(md5, result.shape[0], pin_for=waiters[0][0])
         if entry is None:
+            if self._pins_will_be_released():
+                self.parked.append((job, result))  # the job stays in self.jobs: new requests join it
+                return
+            del self.jobs[md5]
             for request_id, _ in waiters:
-                self._fail(request_id, 503, "image embedding cache is full of images in use; retry later")
+                self._fail(request_id, 503, "the image embedding cache is full of images in use; retry later")
             return
+        del self.jobs[md5]
         self.store[entry.row_offset : entry.row_offset + entry.num_rows] = result
         for request_id, i in waiters:
             entry.pinned_by.add(request_id)
-            self.pinned[request_id].append(job.image.md5)
-            self.pending[request_id].runs[i] = EmbedRun(job.image.md5, entry.row_offset, entry.num_rows)
+            self.pinned[request_id].append(md5)
+            self.pending[request_id].runs[i] = EmbedRun(md5, entry.row_offset, entry.num_rows)
             self._reply_if_complete(request_id)
+
+    def _pins_will_be_released(self) -> bool:
+        """Some pinned image belongs to a request that has all its embeddings: it is scheduled and
+        will unpin when it ends. If every pin is held by requests still waiting here, none will."""
+        return any(md5s and request_id not in self.pending for request_id, md5s in self.pinned.items())
 
     @torch.inference_mode()
     def _encode(self, images: list[ImageRef]) -> list[torch.Tensor | str]:
