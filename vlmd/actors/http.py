@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import socket
 import uuid
@@ -17,7 +18,7 @@ import msgspec
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from vlmd import ipc, shm
@@ -26,6 +27,7 @@ from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
 from vlmd.actors.metrics import render_metrics
 from vlmd.actors.tokenizer import PromptBuilder, PromptError
 from vlmd.api import GenerateBody
+from vlmd.detokenizer import IncrementalDetokenizer
 from vlmd.image import TilingConfig
 from vlmd.messages import (
     Abort,
@@ -58,9 +60,11 @@ class Tracked:
     """A request in flight: tokens as they arrive, and a future for the end."""
 
     done: asyncio.Future
+    num_prompt_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     segments: list[str] = field(default_factory=list)  # image byte segments to unlink on failure
+    updates: asyncio.Queue = field(default_factory=asyncio.Queue)  # TokenOut / ClientError, for streams
 
 
 class HttpActor:
@@ -87,7 +91,9 @@ class HttpActor:
             elif isinstance(msg, RequestFailed):
                 tracked = self.inflight.get(msg.request_id)
                 if tracked is not None and not tracked.done.done():
-                    tracked.done.set_exception(ClientError(msg.status, msg.message))
+                    error = ClientError(msg.status, msg.message)
+                    tracked.done.set_exception(error)
+                    tracked.updates.put_nowait(error)
             elif isinstance(msg, MetricsSnapshot):
                 future = self.metric_queries.pop(msg.query_id, None)
                 if future is not None and not future.done():
@@ -99,6 +105,7 @@ class HttpActor:
             return
         tracked.token_ids += msg.token_ids
         tracked.logprobs += msg.logprobs
+        tracked.updates.put_nowait(msg)
         if msg.finish_reason is not None and not tracked.done.done():
             tracked.done.set_result((msg.finish_reason, msg.num_stop_tokens))
 
@@ -139,7 +146,8 @@ class HttpActor:
         except msgspec.DecodeError as exc:
             raise ClientError(400, f"malformed JSON: {exc}") from None
 
-    async def _generate(self, body: GenerateBody) -> dict:
+    async def _submit(self, body: GenerateBody) -> tuple[str, Tracked]:
+        """Validate, fetch images, build the prompt and hand the request to the scheduler."""
         params = body.parameters
         sampling = self._sampling(body)
         images = body.multimodal_params.images
@@ -160,42 +168,99 @@ class HttpActor:
             )
         stops = [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
         request_id = uuid.uuid4().hex
-        tracked = Tracked(asyncio.get_running_loop().create_future())
+        tracked = Tracked(asyncio.get_running_loop().create_future(), num_prompt_tokens=len(prompt_ids))
         self.inflight[request_id] = tracked
-        try:
-            refs = self._image_refs(checked, spans, tracked)
-            self.channel.send(
-                SubmitRequest(
-                    request_id=request_id,
-                    prompt_ids=prompt_ids,
-                    sampling=sampling,
-                    images=refs,
-                    stop_token_seqs=self.prompts.stop_token_seqs(stops),
-                    eos_token_ids=self.runtime.eos_token_ids,
-                )
+        refs = self._image_refs(checked, spans, tracked)
+        self.channel.send(
+            SubmitRequest(
+                request_id=request_id,
+                prompt_ids=prompt_ids,
+                sampling=sampling,
+                images=refs,
+                stop_token_seqs=self.prompts.stop_token_seqs(stops),
+                eos_token_ids=self.runtime.eos_token_ids,
             )
-            finish_reason, num_stop = await tracked.done
-        except BaseException:
+        )
+        return request_id, tracked
+
+    def _forget(self, request_id: str, tracked: Tracked) -> None:
+        """The request is over for the client: if it did not finish, abort it and free its images."""
+        if not tracked.done.done():
+            tracked.done.cancel()
+            self.channel.send(Abort(request_id))
             for name in tracked.segments:
                 shm.unlink_segment(name)
-            if not tracked.done.done():
-                self.channel.send(Abort(request_id))
-            raise
+        elif tracked.done.exception() is not None:
+            for name in tracked.segments:
+                shm.unlink_segment(name)
+        self.inflight.pop(request_id, None)
+
+    async def _generate(self, body: GenerateBody) -> dict:
+        request_id, tracked = await self._submit(body)
+        try:
+            finish_reason, num_stop = await tracked.done
         finally:
-            del self.inflight[request_id]
+            self._forget(request_id, tracked)
         shown = tracked.token_ids[: len(tracked.token_ids) - num_stop]
         response = {
             "generated_text": [self.prompts.decode(shown)],
             "count_output_tokens": len(tracked.token_ids),
             "finish_reason": finish_reason,
-            "prompt_tokens": len(prompt_ids),
+            "prompt_tokens": tracked.num_prompt_tokens,
         }
-        if params.return_details:
+        if body.parameters.return_details:
             response["tokens"] = [
                 {"id": t, "text": self.prompts.token_text(t), "logprob": lp}
                 for t, lp in zip(tracked.token_ids, tracked.logprobs, strict=True)
             ]
         return response
+
+    async def generate_stream(self, request: Request) -> Response:
+        """Server-sent events, one per token, as LightLLM emits them; the last carries the text."""
+        try:
+            request_id, tracked = await self._submit(await self._read_body(request))
+        except ClientError as exc:
+            return error_response(exc.status, str(exc))
+        return StreamingResponse(self._events(request_id, tracked), media_type="text/event-stream")
+
+    async def _events(self, request_id: str, tracked: Tracked):
+        detok = IncrementalDetokenizer(self.prompts.tokenizer)
+        special = set(self.prompts.tokenizer.all_special_ids)
+        count = 0
+        try:
+            while True:
+                update = await tracked.updates.get()
+                if isinstance(update, ClientError):
+                    yield _sse({"error": str(update), "finished": True, "finish_reason": None})
+                    return
+                for token_id, logprob in zip(update.token_ids, update.logprobs, strict=True):
+                    count += 1
+                    text = detok.push(token_id)
+                    final = update.finish_reason is not None and count == len(tracked.token_ids)
+                    if final:
+                        # The text of a matched stop sequence is not shown (its last token here).
+                        text = "" if update.num_stop_tokens else text + detok.flush()
+                    event = {
+                        "token": {
+                            "id": token_id,
+                            "text": text,
+                            "logprob": logprob,
+                            "special": token_id in special,
+                            "count_output_tokens": count,
+                            "prompt_tokens": tracked.num_prompt_tokens,
+                        },
+                        "generated_text": None,
+                        "finished": final,
+                        "finish_reason": update.finish_reason if final else None,
+                    }
+                    if final:
+                        shown = tracked.token_ids[: len(tracked.token_ids) - update.num_stop_tokens]
+                        event["generated_text"] = self.prompts.decode(shown)
+                    yield _sse(event)
+                if update.finish_reason is not None:
+                    return
+        finally:
+            self._forget(request_id, tracked)
 
     def _sampling(self, body: GenerateBody) -> SamplingParams:
         p = body.parameters
@@ -244,8 +309,13 @@ class HttpActor:
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
             Route("/generate", self.generate, methods=["POST"]),
+            Route("/generate_stream", self.generate_stream, methods=["POST"]),
         ]
         return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+
+
+def _sse(event: dict) -> bytes:
+    return b"data:" + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

@@ -1,0 +1,69 @@
+"""POST /generate_stream: server-sent events, one per token, as LightLLM emits them."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import requests
+
+from tests.conftest import make_image
+from tests.test_http import chat_body, generate, metrics
+
+IMAGE = base64.b64encode(make_image(700, 400, seed=21)).decode()
+
+
+def stream(server, body) -> list[dict]:
+    with requests.post(server.url + "/generate_stream", json=body, stream=True, timeout=120) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith(
+            "text/event-stream"
+        )
+        return [json.loads(line[5:]) for line in response.iter_lines() if line.startswith(b"data:")]
+
+
+def test_streamed_text_equals_generate(mm_server):
+    body = chat_body("<img></img> what is this?", max_new_tokens=40, ignore_eos=True)
+    body["multimodal_params"] = {"images": [{"type": "base64", "data": IMAGE}]}
+    events = stream(mm_server, body)
+    whole = generate(mm_server, body).json()
+    assert len(events) == 40 and [e["token"]["count_output_tokens"] for e in events] == list(range(1, 41))
+    assert [e["token"]["id"] for e in events] == [t["id"] for t in whole["tokens"]]
+    assert "".join(e["token"]["text"] for e in events) == whole["generated_text"][0]
+    assert [e["finished"] for e in events] == [False] * 39 + [True]
+    assert events[-1]["generated_text"] == whole["generated_text"][0]
+    assert events[-1]["finish_reason"] == "length"
+    assert events[0]["token"]["prompt_tokens"] == whole["prompt_tokens"]
+
+
+def test_stop_sequence_text_is_not_streamed(mm_server):
+    tokens = generate(mm_server, chat_body("hello", max_new_tokens=12, ignore_eos=True)).json()["tokens"]
+    # A token whose text is whole characters, so the stop string maps back to that token.
+    stop = next(t["text"] for t in tokens[2:] if t["text"].strip() and "\ufffd" not in t["text"])
+    body = chat_body("hello", max_new_tokens=12, ignore_eos=True, stop_sequences=[" " + stop])
+    events = stream(mm_server, body)
+    whole = generate(mm_server, body).json()
+    assert events[-1]["finish_reason"] == "stop" == whole["finish_reason"]
+    assert "".join(e["token"]["text"] for e in events) == whole["generated_text"][0]
+
+
+def test_client_that_disconnects_frees_its_pages(mm_server):
+    body = chat_body("a long answer please", max_new_tokens=3000, ignore_eos=True)
+    with requests.post(mm_server.url + "/generate_stream", json=body, stream=True, timeout=60) as response:
+        lines = response.iter_lines()
+        received = [next(lines) for _ in range(6)]  # a few events (blank separator lines included)
+        assert any(line.startswith(b"data:") for line in received)
+        assert metrics(mm_server)["vlmd_kv_pages_used"] > 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        values = metrics(mm_server)
+        if values["vlmd_kv_pages_used"] == 0 and values["vlmd_requests_running"] == 0:
+            break
+        time.sleep(0.1)
+    assert values["vlmd_kv_pages_used"] == 0 and values["vlmd_requests_running"] == 0
+    assert generate(mm_server, chat_body("hi", max_new_tokens=2)).status_code == 200
+
+
+def test_bad_stream_request_is_a_json_4xx(mm_server):
+    response = requests.post(mm_server.url + "/generate_stream", json={"parameters": {}}, timeout=30)
+    assert response.status_code == 400 and "inputs" in response.json()["error"]
