@@ -67,3 +67,25 @@ def test_client_that_disconnects_frees_its_pages(mm_server):
 def test_bad_stream_request_is_a_json_4xx(mm_server):
     response = requests.post(mm_server.url + "/generate_stream", json={"parameters": {}}, timeout=30)
     assert response.status_code == 400 and "inputs" in response.json()["error"]
+
+
+def test_non_streaming_client_that_disconnects_frees_its_pages(mm_server):
+    import socket
+
+    host, port = mm_server.url.removeprefix("http://").split(":")
+    body = json.dumps(chat_body("a long answer please", max_new_tokens=3000, ignore_eos=True)).encode()
+    head = f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head.encode() + body)
+        deadline = time.monotonic() + 10
+        while metrics(mm_server)["vlmd_kv_pages_used"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metrics(mm_server)["vlmd_kv_pages_used"] > 0  # the request is running
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        values = metrics(mm_server)
+        if values["vlmd_kv_pages_used"] == 0 and values["vlmd_requests_running"] == 0:
+            break
+        time.sleep(0.1)
+    assert values["vlmd_kv_pages_used"] == 0 and values["vlmd_requests_running"] == 0
+    assert generate(mm_server, chat_body("hi", max_new_tokens=2)).status_code == 200

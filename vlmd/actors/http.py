@@ -45,6 +45,10 @@ from vlmd.sampling import InvalidParameter, make_sampling_params
 log = logging.getLogger("vlmd.http")
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
 class ClientError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -125,9 +129,16 @@ class HttpActor:
     async def generate(self, request: Request) -> Response:
         try:
             body = await self._read_body(request)
-            return JSONResponse(await self._generate(body))
+            return JSONResponse(await self._generate(body, request))
         except ClientError as exc:
             return error_response(exc.status, str(exc))
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it; the request was aborted
+
+    async def _until_disconnect(self, request: Request) -> None:
+        """Returns when the client closes the connection (the body has been read already)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     async def _read_body(self, request: Request) -> GenerateBody:
         limit = self.args.max_body_bytes
@@ -195,11 +206,16 @@ class HttpActor:
                 shm.unlink_segment(name)
         self.inflight.pop(request_id, None)
 
-    async def _generate(self, body: GenerateBody) -> dict:
+    async def _generate(self, body: GenerateBody, request: Request) -> dict:
         request_id, tracked = await self._submit(body)
+        gone = asyncio.ensure_future(self._until_disconnect(request))
         try:
-            finish_reason, num_stop = await tracked.done
+            await asyncio.wait([tracked.done, gone], return_when=asyncio.FIRST_COMPLETED)
+            if not tracked.done.done():
+                raise ClientGone()
+            finish_reason, num_stop = tracked.done.result()
         finally:
+            gone.cancel()
             self._forget(request_id, tracked)
         shown = tracked.token_ids[: len(tracked.token_ids) - num_stop]
         response = {
