@@ -196,12 +196,11 @@ class HttpActor:
 
     def _forget(self, request_id: str, tracked: Tracked) -> None:
         """The request is over for the client: if it did not finish, abort it and free its images."""
+        finished = tracked.done.done() and tracked.done.exception() is None
         if not tracked.done.done():
             tracked.done.cancel()
             self.channel.send(Abort(request_id))
-            for name in tracked.segments:
-                shm.unlink_segment(name)
-        elif tracked.done.exception() is not None:
+        if not finished:  # the vision actor may never read (and unlink) the image bytes
             for name in tracked.segments:
                 shm.unlink_segment(name)
         self.inflight.pop(request_id, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import os
@@ -78,8 +79,6 @@ async def announce_ready(
     launch: Launch, role: str, rank: int = 0, detail: str = "", num_kv_pages: int = 0
 ) -> ipc.Channel:
     """Tell the supervisor we are ready; exit if the supervisor ever goes away."""
-    import asyncio
-
     channel = await ipc.connect(launch.socket(SUPERVISOR_SOCKET), Hello(role, rank))
     channel.send(Ready(role, rank, detail, num_kv_pages))
 

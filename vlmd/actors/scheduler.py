@@ -49,7 +49,7 @@ class SchedulerActor:
         self._workers_ready = asyncio.Event()
         self._vision_counters: dict[str, float] = {}
         self._finished = Counter()
-        self._images_of: dict[str, bool] = {}  # request id -> asked the vision actor for images
+        self._with_images: set[str] = set()  # requests whose images the vision actor has pinned
 
     async def on_channel(self, channel: ipc.Channel) -> None:
         hello = await channel.recv()
@@ -113,7 +113,7 @@ class SchedulerActor:
             return
         self.core.add(request)
         if msg.images:
-            self._images_of[msg.request_id] = True
+            self._with_images.add(msg.request_id)
             self.vision.send(EncodeImages(msg.request_id, msg.images))
         self._work.set()
 
@@ -123,7 +123,8 @@ class SchedulerActor:
         self._work.set()
 
     def _release_images(self, request_id: str) -> None:
-        if self._images_of.pop(request_id, False):
+        if request_id in self._with_images:
+            self._with_images.discard(request_id)
             self.vision.send(ReleaseImages(request_id))
 
     async def step_loop(self) -> None:

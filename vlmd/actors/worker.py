@@ -112,12 +112,11 @@ def gpu_kv_pages(model, arch: InternVLArch, launch: Launch) -> int:
     activation_bytes = torch.cuda.max_memory_allocated(device) - before - probe_kv_bytes
     # The logits of a full batch of decodes (and their log-softmax) are the other large transient.
     logits_bytes = 2 * args.max_running_requests * arch.vocab_size * 4
+    bytes_per_page = probe.attn.spec.bytes_per_token * args.page_size
     del probe, plan
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     budget = free - (1 - args.mem_fraction) * total - activation_bytes - logits_bytes - GPU_HEADROOM_BYTES
-    spec_bytes_per_token = 2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim
-    bytes_per_page = spec_bytes_per_token * next(model.parameters()).element_size() * args.page_size
     log.info(
         "memory: %.1f GiB free of %.1f GiB after weights; step activations %.2f GiB; KV page %d bytes",
         free / 2**30,
