@@ -9,9 +9,11 @@ transformers' `InternVLForConditionalGeneration`; vlmd's language model and visi
 built from the same tensors (shared, not copied), so both sides run identical weights.
 
 - copy bandwidth: a device-to-device copy of a >= 2 GiB tensor, (read + write bytes) / time;
-- decode ms per step: vlmd driven by `Scheduler` + `ModelRunner` in process (the wall time of
-  `runner.execute`, host metadata and token read-back included; median over the decode steps at
-  the full batch), against transformers' `generate` ((t(N new) - t(1 new)) / (N - 1));
+- decode ms per step: vlmd driven by `Scheduler` + `ModelRunner` in process (the wall time
+  between steps collected in a row, the next step launched before the last one's
+  tokens are read back, as `vlmd serve` does; median over the decode steps at the full batch;
+  also one step at a time, for comparison), against transformers' `generate`
+  ((t(N new) - t(1 new)) / (N - 1));
 - roofline: (LM weight bytes read per step + KV bytes read per step) / copy bandwidth, where
   the weights are every LM parameter except the input embedding table (the LM head is read);
 - time to first token of one tile + text: vlmd = ViT + prefill with the image rows + first
@@ -44,6 +46,7 @@ from vlmd.kernels.vision_graph import VisionGraphs
 from vlmd.messages import EmbedRun, ImageRef, SamplingParams, StepPlan
 from vlmd.models.config import InternVLArch
 from vlmd.models.loader import language_model_from_state_dict, vision_from_state_dict
+from vlmd.runner import run_in_process
 
 PAGE_SIZE = 16
 # Defaults of the run's settings: the issue's full run on the GPU, and --tiny on the CPU.
@@ -211,30 +214,18 @@ def copy_bandwidth(device: torch.device, num_bytes: int, repeats: int) -> float:
 @dataclass
 class Step:
     plan: StepPlan
-    wall_s: float  # runner.execute, which returns once the sampled tokens are on the host
-    gpu_span_s: float | None  # CUDA events recorded just before and after runner.execute
+    interval_s: float  # wall time since the step before was collected: the step's share of the run
 
 
-def run_steps(runner, scheduler: Scheduler, max_steps: int | None = None) -> list[Step]:
-    """Drive scheduler and runner as the serving loop does, timing each `runner.execute`."""
+def run_steps(runner, scheduler: Scheduler, max_steps: int | None = None, overlap: bool = True) -> list[Step]:
+    """Drive scheduler and runner as the serving loop does (with overlap, the next step is
+    launched before the last one's tokens are read back), timing each step's interval."""
     steps: list[Step] = []
-    cuda = runner.device.type == "cuda"
-    while scheduler.has_work() and (max_steps is None or len(steps) < max_steps):
-        plan = scheduler.schedule()
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else []
-        started = time.perf_counter()
-        if events:
-            events[0].record()
-        result = runner.execute(plan)
-        if events:
-            events[1].record()
-        wall = time.perf_counter() - started
-        if events:
-            events[1].synchronize()
-        span = events[0].elapsed_time(events[1]) / 1e3 if events else None
-        sampled = zip(result.request_ids, zip(result.token_ids, result.logprobs, strict=True), strict=True)
-        scheduler.update(plan, dict(sampled))
-        steps.append(Step(plan, wall, span))
+    last = time.perf_counter()
+    for plan, _ in run_in_process(scheduler, runner, 2 if overlap else 1, max_steps):
+        now = time.perf_counter()
+        steps.append(Step(plan, now - last))
+        last = now
     return steps
 
 
@@ -318,22 +309,23 @@ class Bench:
 
     def vlmd_decode(self, prompts: torch.Tensor) -> dict:
         """Median ms of the steps in which every request of the batch decodes one token (no
-        prefill chunk rides along)."""
+        prefill chunk rides along), with the next step launched before the last one is read
+        back (as served) and, for comparison, one step at a time."""
         batch = prompts.shape[0]
-        add_text_requests(self.scheduler, prompts, self.args.new_tokens, f"decode{batch}")
-        steps = run_steps(self.runner, self.scheduler)
-        decode = [
-            s
-            for s in steps
-            if len(s.plan.items) == batch and all(len(i.token_ids) == 1 for i in s.plan.items)
-        ]
-        assert decode, "no decode step ran at the full batch"
-        spans = [s.gpu_span_s for s in decode if s.gpu_span_s is not None]
-        return {
-            "vlmd_step_ms": statistics.median(s.wall_s for s in decode) * 1e3,
-            "vlmd_gpu_span_ms": statistics.median(spans) * 1e3 if spans else None,
-            "num_decode_steps": len(decode),
-        }
+        out = {}
+        for overlap, key in ((True, "vlmd_step_ms"), (False, "vlmd_serial_step_ms")):
+            add_text_requests(self.scheduler, prompts, self.args.new_tokens, f"decode{batch}{key}")
+            steps = run_steps(self.runner, self.scheduler, overlap=overlap)
+            # The first decode step at the full batch also waits for the prefill step before it.
+            decode = [
+                s
+                for s in steps
+                if len(s.plan.items) == batch and all(len(i.token_ids) == 1 for i in s.plan.items)
+            ][1:]
+            assert decode, "no decode step ran at the full batch"
+            out[key] = statistics.median(s.interval_s for s in decode) * 1e3
+            out["num_decode_steps"] = len(decode)
+        return out
 
     def vlmd_kernel_ms(self, prompts: torch.Tensor) -> float | None:
         """GPU time per decode step summed over the profiler's kernels and copies: the step
@@ -343,13 +335,16 @@ class Bench:
             return None
         from torch.profiler import ProfilerActivity, profile
 
-        add_text_requests(self.scheduler, prompts, num_steps + 1, f"profile{prompts.shape[0]}")
+        # Prompts prefill in waves (the step token budget): early requests decode meanwhile, so
+        # every request gets tokens to spare, and the profiled steps run at the full batch.
+        add_text_requests(self.scheduler, prompts, num_steps + 32, f"profile{prompts.shape[0]}")
         try:
             # The prefill may take several steps (the step token budget): profile decodes only.
             while self.scheduler.waiting or any(
                 r.num_computed < len(r.prompt_ids) for r in self.scheduler.running
             ):
                 run_steps(self.runner, self.scheduler, max_steps=1)
+            run_steps(self.runner, self.scheduler, max_steps=1)  # the first decode waits for the prefill
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 profiled = run_steps(self.runner, self.scheduler, max_steps=num_steps)
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -507,13 +502,16 @@ def report(meta: dict, out: dict) -> str:
         f"# decode: {meta['prompt_len']}-token prompts, {meta['new_tokens']} new tokens; "
         "roofline = (LM weight bytes + KV bytes read) / copy bandwidth",
         "",
-        "| batch | vlmd ms/step | vlmd GPU span ms | vlmd kernel ms | transformers ms/step | roofline ms "
-        "| vlmd / roofline | transformers / roofline | vlmd tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| batch | vlmd ms/step | vlmd ms/step, no overlap | vlmd kernel ms | GPU idle share "
+        "| transformers ms/step | roofline ms | vlmd / roofline | transformers / roofline | vlmd tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["decode"]:
+        kernel = r["vlmd_kernel_ms"]
+        idle = None if kernel is None else max(0.0, 1 - kernel / r["vlmd_step_ms"]) * 100
         lines.append(
-            f"| {r['batch']} | {_f(r['vlmd_step_ms'])} | {_f(r['vlmd_gpu_span_ms'])} | {_f(r['vlmd_kernel_ms'])} "
+            f"| {r['batch']} | {_f(r['vlmd_step_ms'])} | {_f(r['vlmd_serial_step_ms'])} | {_f(kernel)} "
+            f"| {_f(idle, '%')} "
             f"| {_f(r['transformers_step_ms'])} | {_f(r['roofline_ms'])} | {_f(r['vlmd_over_roofline'], 'x')} "
             f"| {_f(r['transformers_over_roofline'], 'x')} | {r['batch'] / r['vlmd_step_ms'] * 1e3:.0f} |"
         )

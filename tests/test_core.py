@@ -8,7 +8,7 @@ from vlmd.core.embed_index import EmbedIndex, RowArena
 from vlmd.core.page_allocator import PageAllocator, pages_for
 from vlmd.core.request import Request
 from vlmd.core.scheduler import Scheduler, SchedulerConfig
-from vlmd.messages import EmbedRun, ImageRef, SamplingParams
+from vlmd.messages import PENDING_TOKEN, EmbedRun, ImageRef, SamplingParams
 
 
 def make_request(rid: str, prompt_len: int = 5, max_new: int = 4, **kw) -> Request:
@@ -184,6 +184,66 @@ def test_many_requests_keep_integrity():
         _, _, done = run_step(sched)
         finished += len(done)
     assert finished == 10 and sched.allocator.num_used == 0
+
+
+# --- steps planned while the previous one is in flight ----------------------------------------
+
+
+def test_next_step_feeds_back_the_pending_token():
+    sched = make_scheduler()
+    sched.add(make_request("a", prompt_len=5, max_new=4))
+    first = sched.schedule()  # the prompt, samples token 1
+    second = sched.schedule()  # planned before the first returns
+    assert second.items[0].start == 5 and second.items[0].token_ids == [PENDING_TOKEN]
+    assert second.items[0].sample
+    assert sched.schedule() is None  # a pending token comes only from the step just before
+    sched.update(first, {"a": (11, -0.1)})
+    sched.check_integrity()
+    third = sched.schedule()  # token 11 is known now; token 2 is pending
+    assert third.items[0].start == 6 and third.items[0].token_ids == [PENDING_TOKEN]
+    sched.update(second, {"a": (12, -0.2)})
+    sched.update(third, {"a": (13, -0.3)})
+    assert sched.requests["a"].output_ids == [11, 12, 13]
+    fourth = sched.schedule()
+    assert fourth.items[0].token_ids == [13]
+    sched.check_integrity()
+
+
+def test_no_step_is_planned_past_max_new_tokens():
+    sched = make_scheduler()
+    sched.add(make_request("a", max_new=2))
+    first, second = sched.schedule(), sched.schedule()
+    assert second is not None and sched.schedule() is None  # token 2 is the last: nothing after it
+    assert not sched.has_work()
+    sched.update(first, {"a": (11, 0.0)})
+    _, finished = sched.update(second, {"a": (12, 0.0)})
+    assert [f.reason for f in finished] == ["length"]
+    assert sched.allocator.num_used == 0
+    sched.check_integrity()
+
+
+def test_a_stop_seen_late_wastes_one_step_and_frees_pages():
+    sched = make_scheduler()
+    request = make_request("a", max_new=10)
+    request.eos_token_ids = [2]
+    sched.add(request)
+    first, second = sched.schedule(), sched.schedule()
+    outputs, finished = sched.update(first, {"a": (2, 0.0)})  # EOS
+    assert [f.reason for f in finished] == ["stop"] and outputs[0].finish_reason == "stop"
+    assert sched.allocator.num_used == 0  # freed before the speculative step returns
+    sched.check_integrity()
+    assert sched.update(second, {"a": (9, 0.0)}) == ([], [])  # its token is dropped
+    sched.add(make_request("b"))
+    assert sched.schedule().finished_ids == ["a"]  # the worker drops a's state after both steps
+
+
+def test_chunked_prefill_plans_ahead_with_known_tokens():
+    sched = make_scheduler(budget=4)
+    sched.add(make_request("a", prompt_len=10))
+    plans = [sched.schedule() for _ in range(3)]
+    assert [(p.items[0].start, len(p.items[0].token_ids)) for p in plans] == [(0, 4), (4, 4), (8, 2)]
+    assert [p.items[0].sample for p in plans] == [False, False, True]
+    assert PENDING_TOKEN not in [t for p in plans for t in p.items[0].token_ids]
 
 
 # --- embed index ------------------------------------------------------------------------------

@@ -159,12 +159,18 @@ class EmbedSlice(msgspec.Struct, array_like=True, gc=False):
     dst_offset: int
 
 
+# A step's input id for the token this request sampled in the step launched just before: the
+# scheduler plans a step before the previous one returns, and the worker fills it in on the device.
+PENDING_TOKEN = -1
+
+
 class StepItem(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """One request's share of a step: compute the tokens [start, start + len(token_ids))."""
 
     request_id: str
     start: int  # tokens already in the KV cache
-    token_ids: list[int]  # input ids of the span (image positions hold the image token id)
+    token_ids: list[int]  # input ids of the span (image positions hold the image token id; the
+    # last may be PENDING_TOKEN)
     new_pages: list[int] = []  # pages appended to the request's page table before this step
     embeds: list[EmbedSlice] = []
     sample: bool = True  # the span reaches the newest known token: sample the next one
@@ -185,6 +191,14 @@ class StepPlan(Message):
     items: list[StepItem]
     new_requests: list[NewRequest] = []
     finished_ids: list[str] = []  # drop per-request state (sampler, page table) before this step
+
+
+class FlushStep(Message):
+    """Scheduler -> workers: no plan follows for now, so return the last step's result.
+
+    A worker launches a step before it reads back the previous one's tokens, so that the GPU
+    never waits for the host; without a next plan it would hold the last result forever.
+    """
 
 
 class StepResult(Message):
@@ -211,5 +225,6 @@ ANY_MESSAGE = (
     | ImagesFailed
     | ReleaseImages
     | StepPlan
+    | FlushStep
     | StepResult
 )

@@ -1,16 +1,37 @@
-"""The model runner of a TP rank worker: executes one StepPlan on the language model.
+"""The model runner of a TP rank worker: executes StepPlans on the language model.
 
 Owns the weights, the attention backend (and through it the KV cache), per-request page tables
 and sampler state. Knows nothing of sockets: the worker actor feeds it plans.
+
+A step is launched and collected in two calls so that the GPU never waits for the host: the
+worker launches step N+1 (all of it queued on the device, nothing read back) before it collects
+step N's tokens. Step N+1 may feed back a token step N sampled (`PENDING_TOKEN`): it is taken
+from step N's device tensor, in stream order. Nothing in `launch` waits for the device.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
 
+from vlmd.core.scheduler import Scheduler
 from vlmd.kernels.attention import AttentionBackend, BatchLayout
-from vlmd.kernels.sampler import SamplerState, sample
-from vlmd.messages import StepItem, StepPlan, StepResult
+from vlmd.kernels.sampler import SamplerState, needs_history, sample_on_device
+from vlmd.messages import PENDING_TOKEN, StepItem, StepPlan, StepResult, TokenOut
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device; its sampled tokens are being copied to the host."""
+
+    step_id: int
+    request_ids: list[str]  # the requests that sample, in item order
+    tokens: torch.Tensor | None  # [num_sampled] int64, host (pinned on CUDA)
+    logprobs: torch.Tensor | None  # [num_sampled] float32, host
+    copied: torch.cuda.Event | None  # recorded after the copies to the host; None on the CPU
 
 
 class ModelRunner:
@@ -23,28 +44,85 @@ class ModelRunner:
         self.embed_store = embed_store
         self.graphs = graphs
         self.device = attn.spec.device
+        self._cuda = self.device.type == "cuda"
         self._page_tables: dict[str, list[int]] = {}
         self._samplers: dict[str, SamplerState] = {}
+        # The last launched step that sampled: its tokens on the device, and each request's row.
+        self._last_tokens: torch.Tensor | None = None
+        self._last_rows: dict[str, int] = {}
+        # Recorded once a launched step's host-to-device inputs are consumed (see `launch`).
+        self._inputs_copied: torch.cuda.Event | None = None
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Launch and collect one step (no overlap)."""
+        return self.collect(self.launch(plan))
+
+    def must_collect_before(self, plan: StepPlan) -> bool:
+        """Whether `plan` needs the host to have seen the previous step's tokens: sampling that
+        reads a request's history (the repetition penalty) cannot take a pending token."""
+        return needs_history(
+            [self._samplers[i.request_id] for i in plan.items if i.token_ids[-1] == PENDING_TOKEN]
+        )
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
+    def launch(self, plan: StepPlan) -> LaunchedStep:
         for request_id in plan.finished_ids:
             self._page_tables.pop(request_id, None)
             self._samplers.pop(request_id, None)
         for new in plan.new_requests:
             self._page_tables[new.request_id] = []
             self._samplers[new.request_id] = SamplerState(new.sampling, new.prompt_ids, self.device)
+        if self._inputs_copied is not None:
+            # FlashInfer plans through one pinned host buffer per wrapper: the previous step's
+            # copy out of it must have run before this step's plan refills it (it runs first
+            # in that step, so this returns at once).
+            self._inputs_copied.synchronize()
         layout = self._layout(plan.items)
         sampled = [i for i, item in enumerate(plan.items) if item.sample]
+        input_ids = self._input_ids(plan.items)
         if self._graph_step(plan.items):
-            logits = self.graphs.run(layout, [item.token_ids[0] for item in plan.items])
+            size = self.graphs.prepare(layout, input_ids)
+            self._mark_inputs_copied()
+            logits = self.graphs.replay(size, len(plan.items))
         else:
-            logits = self._eager(plan.items, layout, sampled)
+            self.attn.plan(layout)
+            self._mark_inputs_copied()
+            logits = self._eager(plan.items, layout, input_ids, sampled)
         if not sampled:
-            return StepResult(plan.step_id, [], [], [])
+            return LaunchedStep(plan.step_id, [], None, None, None)
         request_ids = [plan.items[i].request_id for i in sampled]
-        tokens, logprobs = sample(logits, [self._samplers[r] for r in request_ids])
-        return StepResult(plan.step_id, request_ids, tokens, logprobs)
+        tokens, logprobs = sample_on_device(logits, [self._samplers[r] for r in request_ids])
+        self._last_tokens = tokens
+        self._last_rows = {r: row for row, r in enumerate(request_ids)}
+        return self._copy_to_host(plan.step_id, request_ids, tokens, logprobs)
+
+    def _mark_inputs_copied(self) -> None:
+        if self._cuda:
+            self._inputs_copied = torch.cuda.Event()
+            self._inputs_copied.record()
+
+    def collect(self, step: LaunchedStep) -> StepResult:
+        """Wait for a launched step's tokens and return them."""
+        if step.tokens is None:
+            return StepResult(step.step_id, [], [], [])
+        if step.copied is not None:
+            step.copied.synchronize()
+        tokens = step.tokens.tolist()
+        for request_id, token in zip(step.request_ids, tokens, strict=True):
+            if (state := self._samplers.get(request_id)) is not None:  # None: finished meanwhile
+                state.observe(token)
+        return StepResult(step.step_id, step.request_ids, tokens, step.logprobs.tolist())
+
+    def _copy_to_host(self, step_id: int, request_ids: list[str], tokens, logprobs) -> LaunchedStep:
+        if not self._cuda:
+            return LaunchedStep(step_id, request_ids, tokens, logprobs, None)
+        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+        host_tokens.copy_(tokens, non_blocking=True)
+        host_logprobs.copy_(logprobs, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return LaunchedStep(step_id, request_ids, host_tokens, host_logprobs, copied)
 
     def _graph_step(self, items: list[StepItem]) -> bool:
         """Pure decode steps small enough for a captured graph replay it."""
@@ -54,16 +132,40 @@ class ModelRunner:
             and all(len(item.token_ids) == 1 and item.sample and not item.embeds for item in items)
         )
 
-    def _eager(self, items: list[StepItem], layout: BatchLayout, sampled: list[int]) -> torch.Tensor | None:
-        """Run the step op by op; returns the logits of the sampled rows [num_sampled, vocab]."""
-        self.attn.plan(layout)
-        inputs_embeds = self._input_embeddings(items, layout)
-        positions = torch.tensor(layout.positions(), dtype=torch.long, device=self.device)
+    def _eager(
+        self, items: list[StepItem], layout: BatchLayout, input_ids: torch.Tensor, sampled: list[int]
+    ) -> torch.Tensor | None:
+        """Run the planned step op by op; returns the logits of the sampled rows [num_sampled, vocab]."""
+        inputs_embeds = self._input_embeddings(items, layout, input_ids)
+        positions = self._to_device(layout.positions())
         hidden = self.model.forward(inputs_embeds, positions, self.attn)  # [num_tokens, hidden]
         if not sampled:
             return None
-        last_rows = torch.tensor([layout.qo_indptr[i + 1] - 1 for i in sampled], device=self.device)
+        last_rows = self._to_device([layout.qo_indptr[i + 1] - 1 for i in sampled])
         return self.model.compute_logits(hidden[last_rows])  # float32
+
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        """An int64 tensor on the device, without waiting for the device (torch.tensor(...,
+        device=cuda) would synchronize the stream)."""
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def _input_ids(self, items: list[StepItem]) -> torch.Tensor:
+        """The step's input ids [num_tokens] on the device, pending tokens filled in from the
+        previous step's samples."""
+        ids: list[int] = []
+        rows, sources = [], []  # rows of pending tokens, and their rows in the previous step's samples
+        for item in items:
+            if item.token_ids[-1] == PENDING_TOKEN:  # only ever the last token of a span
+                assert item.request_id in self._last_rows, "a pending token comes from the step just before"
+                rows.append(len(ids) + len(item.token_ids) - 1)
+                sources.append(self._last_rows[item.request_id])
+            ids += item.token_ids
+        n, k = len(ids), len(rows)
+        flat = self._to_device(ids + rows + sources)  # one transfer
+        input_ids = flat[:n]
+        if k:
+            input_ids[flat[n : n + k]] = self._last_tokens[flat[n + k :]]
+        return input_ids
 
     def _layout(self, items: list[StepItem]) -> BatchLayout:
         qo_indptr = [0]
@@ -76,14 +178,48 @@ class ModelRunner:
             page_tables.append(table)
         return BatchLayout(qo_indptr, kv_lens, page_tables)
 
-    def _input_embeddings(self, items: list[StepItem], layout: BatchLayout) -> torch.Tensor:
-        ids = torch.tensor(
-            [t for item in items for t in item.token_ids], dtype=torch.long, device=self.device
-        )
-        embeds = self.model.embed(ids)  # [num_tokens, hidden]
+    def _input_embeddings(
+        self, items: list[StepItem], layout: BatchLayout, input_ids: torch.Tensor
+    ) -> torch.Tensor:
+        embeds = self.model.embed(input_ids)  # [num_tokens, hidden]
         for item, start in zip(items, layout.qo_indptr, strict=False):
             for piece in item.embeds:
                 dst = start + piece.dst_offset
                 rows = self.embed_store[piece.row_offset : piece.row_offset + piece.num_rows]
-                embeds[dst : dst + piece.num_rows] = rows.to(device=self.device, dtype=embeds.dtype)
+                # From shared memory: a non-blocking copy stages the rows at once, without a sync.
+                embeds[dst : dst + piece.num_rows] = rows.to(self.device, non_blocking=True).to(embeds.dtype)
         return embeds
+
+
+def run_in_process(
+    scheduler: Scheduler, runner: ModelRunner, max_in_flight: int = 2, max_steps: int | None = None
+) -> Iterator[tuple[StepPlan, list[TokenOut]]]:
+    """Drive a scheduler and a runner in one process the way the actors do (benchmarks, tests):
+    up to `max_in_flight` steps planned ahead, each launched before the one before it is
+    collected. Yields every step once collected and applied, in order, with the tokens it gave
+    to requests (tokens sampled for requests that had already stopped are dropped). Plans at
+    most `max_steps` steps; run it to the end, or the scheduler keeps steps it never hears of."""
+    launched: deque[tuple[StepPlan, LaunchedStep]] = deque()
+    num_planned = 0
+
+    def finish() -> tuple[StepPlan, list[TokenOut]]:
+        plan, step = launched.popleft()
+        result = runner.collect(step)
+        sampled = zip(result.request_ids, zip(result.token_ids, result.logprobs, strict=True), strict=True)
+        outputs, _ = scheduler.update(plan, dict(sampled))
+        return plan, outputs
+
+    while True:
+        more = len(launched) < max_in_flight and (max_steps is None or num_planned < max_steps)
+        plan = scheduler.schedule() if more else None
+        if plan is None:
+            if not launched:
+                return
+            yield finish()
+            continue
+        if launched and runner.must_collect_before(plan):
+            yield finish()
+        launched.append((plan, runner.launch(plan)))
+        num_planned += 1
+        if len(launched) == max_in_flight:
+            yield finish()

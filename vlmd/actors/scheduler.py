@@ -2,8 +2,9 @@
 
 Connections (all accepted on scheduler.sock, each opened with a Hello): the http actor submits
 and aborts requests and receives tokens; the vision actor encodes images; TP rank workers
-execute step plans. One step is in flight at a time; messages that arrive meanwhile are applied
-between steps.
+execute step plans. Two steps are in flight at a time: the next one is planned and sent while the
+workers run the last one (its sampled tokens fed back on the device), so the GPU never waits
+for this loop. Messages that arrive meanwhile are applied between steps.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections import Counter
+from collections import Counter, deque
 
 from vlmd import ipc
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
@@ -21,6 +22,7 @@ from vlmd.core.scheduler import Scheduler, SchedulerConfig
 from vlmd.messages import (
     Abort,
     EncodeImages,
+    FlushStep,
     GetMetrics,
     Hello,
     ImagesFailed,
@@ -28,11 +30,15 @@ from vlmd.messages import (
     MetricsSnapshot,
     ReleaseImages,
     RequestFailed,
+    StepPlan,
     StepResult,
     SubmitRequest,
 )
 
 log = logging.getLogger("vlmd.scheduler")
+
+# The step the workers run, and the next one, planned meanwhile (see the module docstring).
+MAX_STEPS_IN_FLIGHT = 2
 
 
 class SchedulerActor:
@@ -129,25 +135,42 @@ class SchedulerActor:
 
     async def step_loop(self) -> None:
         await self._workers_ready.wait()
+        in_flight: deque[StepPlan] = deque()
+        flushed = False  # a FlushStep went out since the last plan
         while True:
-            await self._work.wait()
-            plan = self.core.schedule()
-            if plan is None:
+            if len(in_flight) < MAX_STEPS_IN_FLIGHT:
+                plan = self.core.schedule()
+                if plan is not None:
+                    self._to_workers(plan)
+                    in_flight.append(plan)
+                    flushed = False
+                    continue
+            if not in_flight:
                 self._work.clear()
+                await self._work.wait()
                 continue
-            for worker in self.workers.values():
-                worker.send(plan)
+            if len(in_flight) == 1 and not flushed:
+                # Workers hold their newest step until the next plan comes; none will now.
+                self._to_workers(FlushStep())
+                flushed = True
             result = await self._results.get()
-            assert result.step_id == plan.step_id, "workers answer steps in order"
-            sampled = dict(
-                zip(result.request_ids, zip(result.token_ids, result.logprobs, strict=True), strict=True)
-            )
-            outputs, finished = self.core.update(plan, sampled)
-            for out in outputs:
-                self.http.send(out)
-            for done in finished:
-                self._finished[done.reason] += 1
-                self._release_images(done.request.request_id)
+            self._apply(in_flight.popleft(), result)
+
+    def _to_workers(self, msg) -> None:
+        for worker in self.workers.values():
+            worker.send(msg)
+
+    def _apply(self, plan: StepPlan, result: StepResult) -> None:
+        assert result.step_id == plan.step_id, "workers answer steps in order"
+        sampled = dict(
+            zip(result.request_ids, zip(result.token_ids, result.logprobs, strict=True), strict=True)
+        )
+        outputs, finished = self.core.update(plan, sampled)
+        for out in outputs:
+            self.http.send(out)
+        for done in finished:
+            self._finished[done.reason] += 1
+            self._release_images(done.request.request_id)
 
     def _metrics(self) -> dict[str, float]:
         values = {

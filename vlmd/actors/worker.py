@@ -16,7 +16,7 @@ from vlmd.kernels.cuda_graph import DecodeGraphs
 from vlmd.kernels.flashinfer_backend import FlashInferBackend
 from vlmd.kernels.ops import make_ops
 from vlmd.kernels.registry import make_attention_backend
-from vlmd.messages import Hello, NewRequest, SamplingParams, StepItem, StepPlan
+from vlmd.messages import FlushStep, Hello, NewRequest, SamplingParams, StepItem, StepPlan
 from vlmd.models.config import InternVLArch
 from vlmd.models.loader import load_language_model
 from vlmd.runner import ModelRunner
@@ -162,9 +162,36 @@ async def run(launch: Launch, rank: int) -> None:
         f"KV cache {num_pages * launch.args.page_size} tokens in {num_pages} pages)"
     )
     await announce_ready(launch, "worker", rank, detail, num_pages)
-    while True:
-        plan = await channel.recv()
-        assert isinstance(plan, StepPlan), f"worker expects StepPlan, got {type(plan).__name__}"
-        result = runner.execute(plan)
-        if rank == 0:
+    await serve_steps(runner, channel, send_results=rank == 0)
+
+
+async def serve_steps(runner: ModelRunner, channel: ipc.Channel, send_results: bool) -> None:
+    """Execute the scheduler's plans in order. On a GPU a step is launched before the previous
+    one is collected, so the device runs the next step while the host reads back and reports
+    the last one; the scheduler sends FlushStep when no plan follows. On the CPU, where launching
+    is computing, each step is collected at once (holding it would only delay its tokens)."""
+    overlap = runner.device.type == "cuda"
+    held = None  # the launched step not yet collected
+
+    def report() -> None:
+        nonlocal held
+        result = runner.collect(held)
+        held = None
+        if send_results:
             channel.send(result)
+
+    while True:
+        msg = await channel.recv()
+        if isinstance(msg, FlushStep):
+            if held is not None:
+                report()
+            continue
+        assert isinstance(msg, StepPlan), f"worker expects StepPlan, got {type(msg).__name__}"
+        if held is not None and runner.must_collect_before(msg):
+            report()
+        launched = runner.launch(msg)
+        if held is not None:
+            report()
+        held = launched
+        if not overlap:
+            report()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from vlmd.messages import EmbedRun, ImageRef, SamplingParams
+from vlmd.messages import PENDING_TOKEN, EmbedRun, ImageRef, SamplingParams
 
 
 class Status(enum.Enum):
@@ -17,9 +17,12 @@ class Status(enum.Enum):
 
 @dataclass
 class Request:
-    """Token bookkeeping: `num_computed` tokens are in the KV cache, `all_ids` are known.
+    """Token bookkeeping: `num_computed` tokens are in the KV cache, `num_tokens` are known.
 
     There are no prefill and decode phases, only computed tokens catching up with known ones.
+    With steps in flight, `num_scheduled` tokens will be in the KV cache once they finish, and
+    `num_pending` of them will have sampled a token the scheduler has not seen yet: the next
+    step may already feed that unseen token back (as `PENDING_TOKEN`).
     """
 
     request_id: str
@@ -30,6 +33,8 @@ class Request:
     eos_token_ids: list[int] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
+    num_scheduled: int = 0  # num_computed + the tokens of steps in flight
+    num_pending: int = 0  # steps in flight that sample a token for this request
     page_table: list[int] = field(default_factory=list)
     embed_runs: list[EmbedRun] = field(default_factory=list)  # aligned with images once ready
     status: Status = Status.WAITING
@@ -43,11 +48,28 @@ class Request:
     def max_total_tokens(self) -> int:
         return len(self.prompt_ids) + self.sampling.max_new_tokens
 
+    @property
+    def num_known_after_inflight(self) -> int:
+        """Tokens known once every step in flight has returned."""
+        return self.num_tokens + self.num_pending
+
+    def can_schedule(self) -> bool:
+        """Something is left to compute, the request is not sure to end by length first, and
+        no more than one of its sampled tokens is unseen (only the step just before can feed one
+        back on the device)."""
+        return (
+            self.num_pending <= 1
+            and self.num_scheduled < self.num_known_after_inflight
+            and len(self.output_ids) + self.num_pending < self.sampling.max_new_tokens
+        )
+
     def token_ids(self, start: int, end: int) -> list[int]:
+        """Ids of positions [start, end); positions sampled by steps in flight are PENDING_TOKEN."""
         prompt_len = len(self.prompt_ids)
         if end <= prompt_len:
             return self.prompt_ids[start:end]
-        return (self.prompt_ids + self.output_ids)[start:end]
+        known = (self.prompt_ids + self.output_ids)[start:end]
+        return known + [PENDING_TOKEN] * (end - max(start, self.num_tokens))
 
     def finish_reason_after(self, token_id: int) -> tuple[str | None, int]:
         """Called once `token_id` is appended: (finish reason, trailing tokens to hide)."""

@@ -5,6 +5,11 @@ first (a decode token, or the next chunk of a long prompt), then waiting request
 order while their pages fit. Admission reserves the pages of a request's whole life
 (prompt + max_new_tokens), so a running request never runs out of pages and nothing is ever
 preempted; pages themselves are allocated as tokens arrive and freed the moment a request ends.
+
+The next step may be planned while the previous one runs: a request whose step in flight samples
+a token decodes that token next (`PENDING_TOKEN`), unless it is sure to end by length first. A
+request that turns out to have stopped on that token has run one wasted step; its pages are
+freed at once, which is safe because the worker runs steps in order on one stream.
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ class Scheduler:
         return request
 
     def has_work(self) -> bool:
-        return bool(self.running) or self._can_admit()
+        return any(r.can_schedule() for r in self.running) or self._can_admit()
 
     # --- one step ---------------------------------------------------------------------------
 
@@ -82,6 +87,8 @@ class Scheduler:
         for request in self.running:
             if budget == 0:
                 break
+            if not request.can_schedule():
+                continue
             item = self._schedule_span(request, budget)
             items.append(item)
             budget -= len(item.token_ids)
@@ -110,6 +117,7 @@ class Scheduler:
             request.num_computed = item.start + len(item.token_ids)
             if not item.sample:
                 continue
+            request.num_pending -= 1
             token_id, logprob = sampled[item.request_id]
             request.output_ids.append(token_id)
             reason, num_stop = request.finish_reason_after(token_id)
@@ -135,21 +143,26 @@ class Scheduler:
         return request
 
     def _schedule_span(self, request: Request, budget: int) -> StepItem:
-        start = request.num_computed
-        end = min(request.num_tokens, start + budget)
-        assert end > start, "a running request always has a token to compute"
+        start = request.num_scheduled
+        end = min(request.num_known_after_inflight, start + budget)
+        assert end > start, "a schedulable request has a token to compute"
+        assert request.num_pending <= 1, "a pending token comes from the step just before"
         need = pages_for(end, self.config.page_size) - len(request.page_table)
         new_pages = self.allocator.allocate(need) if need > 0 else []
         request.page_table += new_pages
         self._reserved_pages -= len(new_pages)
-        return StepItem(
+        sample = end == request.num_known_after_inflight
+        item = StepItem(
             request_id=request.request_id,
             start=start,
             token_ids=request.token_ids(start, end),
             new_pages=new_pages,
             embeds=_embed_slices(request, start, end),
-            sample=end == request.num_tokens,
+            sample=sample,
         )
+        request.num_scheduled = end
+        request.num_pending += sample
+        return item
 
     def _finish(self, request: Request) -> None:
         if request.status is Status.RUNNING:
@@ -174,7 +187,8 @@ class Scheduler:
         assert reserved == self._reserved_pages, "reservation drifted"
         assert self._reserved_pages <= self.allocator.num_free
         for r in self.running:
-            assert r.status is Status.RUNNING and r.num_computed <= r.num_tokens
+            assert r.status is Status.RUNNING
+            assert r.num_computed <= r.num_scheduled <= r.num_known_after_inflight
         for r in self.waiting:
             assert r.status is Status.WAITING and not r.page_table
 

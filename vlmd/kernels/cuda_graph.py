@@ -4,7 +4,8 @@ A decode step of n requests replays the graph of the smallest captured size B >=
 padding rows are requests of one token that live on a dummy page the scheduler never hands out,
 so they write and read nothing that matters. Before each replay the FlashInfer decode wrapper of
 that size is re-planned (its page-table buffers are the graph's static inputs), and the step's
-token ids and positions are copied into the static input buffers.
+token ids and positions are copied into the static input buffers; nothing waits for the device,
+so the next step can be prepared while the previous one runs.
 """
 
 from __future__ import annotations
@@ -53,12 +54,17 @@ class GraphDecodeAttention:
         """Outside the graph: fill the static buffers for this step (layout padded to the size)."""
         spec = self.backend.spec
         meta = PagedKVMetadata.from_layout(layout, spec.page_size)
-        host = meta.views(meta.to_tensor())
-        self.batch_indices.copy_(host.batch_indices, non_blocking=True)
-        self.positions.copy_(host.positions, non_blocking=True)
+        host_flat = meta.to_tensor()
+        host = meta.views(host_flat)
+        device = meta.views(host_flat.to(spec.device, non_blocking=True))
+        self.batch_indices.copy_(device.batch_indices)
+        self.positions.copy_(device.positions)
+        # FlashInfer copies host page indices into its buffer with a blocking copy, which would
+        # wait for the step in flight: it gets them on the device. indptr / last_page_len stay
+        # on the host, where it reads them to schedule the work.
         self.wrapper.plan(  # copies indptr / indices / last_page_len into the buffers above
             host.kv_indptr,
-            host.kv_indices,
+            device.kv_indices,
             host.kv_last_page_len,
             num_qo_heads=self.backend.num_q_heads,
             num_kv_heads=spec.num_kv_heads,
@@ -132,15 +138,21 @@ class DecodeGraphs:
         )
         return self.model.compute_logits(hidden)
 
-    def run(self, layout: BatchLayout, token_ids: list[int]) -> torch.Tensor:
-        """Replay the decode step of `len(token_ids)` requests; returns their logits [n, vocab]."""
-        n = len(token_ids)
+    def prepare(self, layout: BatchLayout, input_ids: torch.Tensor) -> int:
+        """Fill the static inputs for a decode step of n requests (input_ids [n] on the device)
+        and plan its attention; returns the captured size to replay. Waits for nothing."""
+        n = input_ids.shape[0]
         size = next(s for s in self.sizes if s >= n)
         padding = size - n
-        host = torch.tensor([token_ids + [0] * padding, layout.positions() + [0] * padding], dtype=torch.long)
-        self.input_ids[:size].copy_(host[0], non_blocking=True)
-        self.input_positions[:size].copy_(host[1], non_blocking=True)
+        self.input_ids[:n].copy_(input_ids)
+        self.input_ids[n:size].zero_()
+        positions = torch.tensor(layout.positions() + [0] * padding, dtype=torch.long)
+        self.input_positions[:size].copy_(positions, non_blocking=True)
         self._attn[size].plan(self._padded(layout, size))
+        return size
+
+    def replay(self, size: int, n: int) -> torch.Tensor:
+        """Replay the graph `prepare` chose; returns the logits of the n real rows [n, vocab]."""
         self._graphs[size].replay()
         return self._logits[size][:n]
 

@@ -29,6 +29,26 @@ class SamplerState:
 def sample(logits: torch.Tensor, states: list[SamplerState]) -> tuple[list[int], list[float]]:
     """logits: [num_reqs, vocab] float32, one row per request. Returns tokens and their logprobs
     under the model's raw distribution."""
+    tokens, logprobs = sample_on_device(logits, states)
+    token_list = tokens.tolist()
+    observe(states, token_list)
+    return token_list, logprobs.tolist()
+
+
+def needs_history(states: list[SamplerState]) -> bool:
+    """Whether sampling these requests reads their earlier tokens on the host (so the previous
+    step's tokens must be read back first)."""
+    return any(s.params.repetition_penalty != 1.0 for s in states)
+
+
+def observe(states: list[SamplerState], token_ids: list[int]) -> None:
+    for state, token in zip(states, token_ids, strict=True):
+        state.observe(token)
+
+
+def sample_on_device(logits: torch.Tensor, states: list[SamplerState]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like `sample`, without reading anything back: tokens [num_reqs] int64 and their logprobs
+    [num_reqs] float32 on the logits' device. The caller `observe`s the tokens once read."""
     processed = logits
     penalized = [i for i, s in enumerate(states) if s.params.repetition_penalty != 1.0 and s.seen]
     if penalized:
@@ -42,10 +62,7 @@ def sample(logits: torch.Tensor, states: list[SamplerState]) -> tuple[list[int],
         if not state.params.greedy:
             tokens[i] = _draw(processed[i], state)
     logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
-    token_list = tokens.tolist()
-    for state, token in zip(states, token_list, strict=True):
-        state.observe(token)
-    return token_list, logprobs.tolist()
+    return tokens, logprobs
 
 
 def _draw(logits: torch.Tensor, state: SamplerState) -> torch.Tensor:

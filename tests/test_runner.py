@@ -1,0 +1,78 @@
+"""The runner with steps planned ahead: launching step N+1 before step N is collected (its
+pending tokens fed back on the device) gives exactly the tokens of one step at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlmd.actors.worker import make_runner
+from vlmd.core.request import Request
+from vlmd.core.scheduler import Scheduler, SchedulerConfig
+from vlmd.messages import PENDING_TOKEN, SamplingParams
+from vlmd.models.config import InternVLArch
+from vlmd.models.loader import load_language_model
+from vlmd.runner import run_in_process
+
+PAGE_SIZE = 4
+NUM_PAGES = 256
+
+
+@pytest.fixture(scope="module")
+def lm(model_dir):
+    arch = InternVLArch.from_model_dir(model_dir)
+    return load_language_model(model_dir, torch.float32, torch.device("cpu")), arch
+
+
+def generate(lm, requests: list[Request], max_in_flight: int, budget: int = 64):
+    model, arch = lm
+    runner = make_runner(model, arch, num_pages=NUM_PAGES, page_size=PAGE_SIZE)
+    scheduler = Scheduler(SchedulerConfig(NUM_PAGES, PAGE_SIZE, max_num_batched_tokens=budget))
+    for request in requests:
+        scheduler.add(request)
+    out: dict[str, list[tuple[int, float]]] = {r.request_id: [] for r in requests}
+    num_pending_fed = 0
+    for plan, outputs in run_in_process(scheduler, runner, max_in_flight):
+        scheduler.check_integrity()
+        num_pending_fed += sum(item.token_ids[-1] == PENDING_TOKEN for item in plan.items)
+        for token_out in outputs:
+            out[token_out.request_id] += zip(token_out.token_ids, token_out.logprobs, strict=True)
+    assert not scheduler.requests and scheduler.allocator.num_used == 0
+    return out, num_pending_fed
+
+
+def make_requests(eos: int | None = None) -> list[Request]:
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 990, (n,), generator=generator).tolist() for n in (7, 19, 3, 12)]
+    params = [
+        SamplingParams(max_new_tokens=12, ignore_eos=True),
+        SamplingParams(max_new_tokens=9, do_sample=True, temperature=0.9, top_k=50, seed=3),
+        SamplingParams(max_new_tokens=1),
+        SamplingParams(max_new_tokens=10, repetition_penalty=1.3),  # collected before its next step
+    ]
+    return [
+        Request(f"r{i}", prompt, p, eos_token_ids=[eos] if eos is not None else [])
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))
+    ]
+
+
+@pytest.mark.parametrize("budget", [64, 8])  # 8: prompts prefill in chunks
+def test_steps_planned_ahead_give_the_same_tokens(lm, budget):
+    want, fed_serial = generate(lm, make_requests(), max_in_flight=1, budget=budget)
+    got, fed_ahead = generate(lm, make_requests(), max_in_flight=2, budget=budget)
+    assert got == want
+    assert fed_serial == 0 and fed_ahead > 10  # the overlapped run did feed tokens back
+    assert [len(v) for v in want.values()] == [12, 9, 1, 10]
+
+
+def test_a_stop_token_seen_late_ends_the_request_the_same(lm):
+    """An EOS that a greedy request produces: the overlapped run computes one step past it,
+    drops that token, and still frees everything."""
+    reference, _ = generate(lm, make_requests(), max_in_flight=1)
+    r3_tokens = [token for token, _ in reference["r3"]]
+    eos = r3_tokens[4]  # r3's 5th greedy token becomes the end of sequence
+    want, _ = generate(lm, make_requests(eos), max_in_flight=1)
+    got, _ = generate(lm, make_requests(eos), max_in_flight=2)
+    assert got == want
+    assert len(got["r3"]) == r3_tokens.index(eos) + 1 < len(r3_tokens)
+    assert len(got["r0"]) == 12  # r0 ignores EOS
