@@ -35,11 +35,6 @@ def test_visual_dp_times_visual_tp_must_equal_tp(model_dir):
     assert_one_line_error(serve("--model_dir", str(model_dir), "--visual_dp", "2"), "--visual_dp")
 
 
-def test_tp_above_one_is_refused_for_now(model_dir):
-    flags = ("--model_dir", str(model_dir), "--tp", "2", "--visual_tp", "2")
-    assert_one_line_error(serve(*flags), "--tp")
-
-
 def test_missing_model_dir(tmp_path):
     assert_one_line_error(serve("--model_dir", str(tmp_path / "nope")), "--model_dir")
 

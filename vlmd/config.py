@@ -69,8 +69,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--enable_multimodal", action="store_true", help="serve images (start the vision actor)")
     add("--visual_infer_batch_size", type=int, default=1, help="images per ViT batch")
     add("--cache_capacity", type=int, default=200, help="image embeddings kept in the MD5 cache")
-    add("--visual_dp", type=int, default=1, help="ViT data-parallel replicas")
-    add("--visual_tp", type=int, default=1, help="ViT tensor-parallel degree")
+    add("--visual_dp", type=int, default=None, help="ViT data-parallel replicas (default: tp / visual_tp)")
+    add(
+        "--visual_tp",
+        type=int,
+        default=None,
+        help="ViT tensor-parallel degree (default: tp / visual_dp, so tensor parallel over all GPUs)",
+    )
     add(
         "--max_total_token_num", type=int, default=None, help="KV cache size in tokens (default: from memory)"
     )
@@ -107,20 +112,12 @@ def build_server_args(ns: argparse.Namespace, environ: dict[str, str] | None = N
     env = os.environ if environ is None else environ
     image_length = _env_int(env, ENV_IMAGE_LENGTH, 256)
     load_workers = _env_int(env, ENV_LOAD_WORKERS, 1)
-    _check_positive(
-        ns, "tp", "visual_dp", "visual_tp", "visual_infer_batch_size", "cache_capacity", "page_size"
-    )
+    _check_positive(ns, "tp", "visual_infer_batch_size", "cache_capacity", "page_size")
+    _resolve_vision_layout(ns)
     _check_positive(ns, "max_num_batched_tokens", "max_running_requests", "max_body_bytes", "embed_store_mb")
     _check_positive(ns, "graph_max_batch_size")
     if not 0.0 < ns.mem_fraction <= 1.0:
         raise ConfigError("--mem_fraction", f"must be in (0, 1], got {ns.mem_fraction}")
-    if ns.visual_dp * ns.visual_tp != ns.tp:
-        raise ConfigError(
-            "--visual_dp/--visual_tp",
-            f"visual_dp * visual_tp must equal tp ({ns.visual_dp} * {ns.visual_tp} != {ns.tp})",
-        )
-    if ns.tp > 1:
-        raise ConfigError("--tp", "tensor parallelism is not supported yet; use --tp 1")
     for flag in ("max_total_token_num", "max_req_total_len", "min_tiles", "max_tiles"):
         value = getattr(ns, flag)
         if value is not None and value < 1:
@@ -135,6 +132,26 @@ def build_server_args(ns: argparse.Namespace, environ: dict[str, str] | None = N
     _check_positive(ns, "torch_threads")
     fields = {name: getattr(ns, name) for name in ServerArgs.__struct_fields__ if hasattr(ns, name)}
     return ServerArgs(**fields, image_length=image_length, load_workers=load_workers)
+
+
+def _resolve_vision_layout(ns: argparse.Namespace) -> None:
+    """Fill in visual_dp / visual_tp: the ViT is tensor parallel over all `tp` GPUs unless told
+    otherwise, and every GPU must carry one ViT share (visual_dp * visual_tp == tp)."""
+    for name in ("visual_dp", "visual_tp"):
+        value = getattr(ns, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name}", f"must be at least 1, got {value}")
+    if ns.visual_dp is None and ns.visual_tp is None:
+        ns.visual_dp, ns.visual_tp = 1, ns.tp
+    elif ns.visual_tp is None:
+        ns.visual_tp = max(1, ns.tp // ns.visual_dp)
+    elif ns.visual_dp is None:
+        ns.visual_dp = max(1, ns.tp // ns.visual_tp)
+    if ns.visual_dp * ns.visual_tp != ns.tp:
+        raise ConfigError(
+            "--visual_dp/--visual_tp",
+            f"visual_dp * visual_tp must equal tp ({ns.visual_dp} * {ns.visual_tp} != {ns.tp})",
+        )
 
 
 def _env_int(env, name: str, default: int) -> int:

@@ -30,7 +30,11 @@ def resolve_runtime(args: ServerArgs, server_id: int, run_dir: str) -> RuntimeIn
             ENV_IMAGE_LENGTH,
             f"is {args.image_length} but the model makes {arch.image_seq_length} tokens per tile",
         )
+    if (reason := arch.tensor_parallel_error(args.tp)) is not None:
+        raise ConfigError("--tp", reason)
     device = resolve_device(args.device)
+    if device == "cuda" and args.tp > _cuda_device_count():
+        raise ConfigError("--tp", f"{args.tp} ranks need {args.tp} GPUs; {_cuda_device_count()} visible")
     dtype = model_dtype(args.data_type, device)
     embed_store, embed_rows = "", 0
     if args.enable_multimodal:
@@ -87,6 +91,12 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def model_dtype(data_type: str, device: str) -> str:

@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 from collections import Counter, deque
+
+import msgspec
 
 from vlmd import ipc
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
@@ -106,10 +109,14 @@ class SchedulerActor:
             log.warning("unexpected message %r", type(msg).__name__)
 
     def _submit(self, msg: SubmitRequest) -> None:
+        sampling = msg.sampling
+        if sampling.do_sample and sampling.seed is None:
+            # Every TP rank samples from the same logits; a shared seed makes them draw the same.
+            sampling = msgspec.structs.replace(sampling, seed=random.getrandbits(63))
         request = Request(
             request_id=msg.request_id,
             prompt_ids=msg.prompt_ids,
-            sampling=msg.sampling,
+            sampling=sampling,
             images=msg.images,
             stop_token_seqs=msg.stop_token_seqs,
             eos_token_ids=msg.eos_token_ids,

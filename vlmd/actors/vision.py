@@ -200,6 +200,14 @@ class VisionActor:
 
 async def run(launch: Launch, rank: int) -> None:
     channel = await ipc.connect(launch.socket(SCHEDULER_SOCKET), Hello("vision"))
+    args = launch.args
+    if args.visual_tp > 1 or args.visual_dp > 1:
+        log.warning(
+            "visual_tp=%d, visual_dp=%d: split and replicated ViT layouts are not built yet; "
+            "one whole ViT serves every image (on the first GPU)",
+            args.visual_tp,
+            args.visual_dp,
+        )
     actor = VisionActor(launch, channel)
     await announce_ready(launch, "vision", detail=f"(EmbedStore {launch.runtime.embed_store_rows} rows)")
     encoder = asyncio.get_running_loop().create_task(actor.encode_loop())

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import time
 
 import torch
+import torch.distributed as dist
 
 from vlmd import ipc, shm
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
@@ -19,9 +21,14 @@ from vlmd.kernels.registry import make_attention_backend
 from vlmd.messages import FlushStep, Hello, NewRequest, SamplingParams, StepItem, StepPlan
 from vlmd.models.config import InternVLArch
 from vlmd.models.loader import load_language_model
+from vlmd.models.tensor_parallel import SINGLE_RANK, TPGroup
 from vlmd.runner import ModelRunner
 
 log = logging.getLogger("vlmd.worker")
+
+TP_RENDEZVOUS_FILE = "tp-rendezvous"
+# A collective that waits longer than this raises instead of hanging the rank forever.
+TP_TIMEOUT_S = 600
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Device memory kept out of the KV pool for what the profiling step does not see (attention
@@ -53,18 +60,17 @@ def make_runner(
     with graph_max_batch_size > 0 and FlashInfer, capture decode steps in CUDA graphs."""
     weight = next(model.parameters())
     model.set_ops(make_ops(weight.device, weight.dtype, log))
+    heads = model.model.layers[0].self_attn  # this rank's heads (all of them without TP)
     spec = KVCacheSpec(
         num_layers=arch.num_hidden_layers,
         num_pages=num_pages + (1 if graph_max_batch_size else 0),  # + the graphs' padding page
         page_size=page_size,
-        num_kv_heads=arch.num_key_value_heads,
+        num_kv_heads=heads.num_kv_heads,
         head_dim=arch.head_dim,
         dtype=weight.dtype,
         device=weight.device,
     )
-    attn = make_attention_backend(
-        spec, arch.num_attention_heads, scale=1 / math.sqrt(arch.head_dim), logger=log
-    )
+    attn = make_attention_backend(spec, heads.num_heads, scale=1 / math.sqrt(arch.head_dim), logger=log)
     graphs = None
     if graph_max_batch_size and isinstance(attn, FlashInferBackend):
         graphs = DecodeGraphs(model, attn, graph_max_batch_size, dummy_page=num_pages)
@@ -127,14 +133,34 @@ def gpu_kv_pages(model, arch: InternVLArch, launch: Launch) -> int:
     return max(0, int(budget // bytes_per_page))
 
 
-def build_runner(launch: Launch) -> ModelRunner:
+def join_tp_group(launch: Launch, rank: int) -> TPGroup:
+    """Rank `rank` of the language model's tensor-parallel group: NCCL between GPUs (one per
+    rank), gloo on the CPU; the ranks meet through a file in the run directory."""
+    args = launch.args
+    if args.tp == 1:
+        return SINGLE_RANK
+    cuda = launch.runtime.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=f"file://{launch.socket(TP_RENDEZVOUS_FILE)}",
+        rank=rank,
+        world_size=args.tp,
+        timeout=datetime.timedelta(seconds=TP_TIMEOUT_S),
+    )
+    return TPGroup(rank, args.tp)
+
+
+def build_runner(launch: Launch, rank: int = 0) -> ModelRunner:
     args, runtime = launch.args, launch.runtime
-    device = torch.device(runtime.device)
+    device = torch.device(runtime.device, rank) if runtime.device == "cuda" else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.torch_threads)
+    tp = join_tp_group(launch, rank)
     arch = InternVLArch.from_model_dir(args.model_dir)
     model = load_language_model(
-        args.model_dir, TORCH_DTYPES[runtime.dtype], device, num_threads=args.load_workers
+        args.model_dir, TORCH_DTYPES[runtime.dtype], device, num_threads=args.load_workers, tp=tp
     )
     num_pages = runtime.num_kv_pages or gpu_kv_pages(model, arch, launch)
     if num_pages < 1:
@@ -152,7 +178,7 @@ def build_runner(launch: Launch) -> ModelRunner:
 
 async def run(launch: Launch, rank: int) -> None:
     started = time.perf_counter()
-    runner = build_runner(launch)
+    runner = build_runner(launch, rank)
     num_pages = runner.attn.spec.num_pages - (
         1 if runner.graphs else 0
     )  # the padding page is not the scheduler's

@@ -116,6 +116,16 @@ class InternVLArch:
         arch.check_integrity(config.get("image_seq_length"))
         return arch
 
+    def tensor_parallel_error(self, tp: int) -> str | None:
+        """Why the language model cannot be split over `tp` ranks, or None if it can."""
+        for name in ("num_attention_heads", "intermediate_size"):
+            if getattr(self, name) % tp:
+                return f"the model's {name} ({getattr(self, name)}) is not divisible by {tp}"
+        kv = self.num_key_value_heads
+        if kv % tp and tp % kv:
+            return f"{kv} KV heads can be neither split over nor replicated evenly on {tp} ranks"
+        return None
+
     def check_integrity(self, declared_image_seq_length: int | None = None) -> None:
         """Raise ValueError when the numbers cannot describe a model vlmd can run."""
         if self.num_attention_heads % self.num_key_value_heads:

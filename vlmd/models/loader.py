@@ -30,6 +30,7 @@ from torch import nn
 from vlmd.models.config import InternVLArch
 from vlmd.models.internvl import InternVLVision
 from vlmd.models.qwen2 import Qwen2ForCausalLM
+from vlmd.models.tensor_parallel import SINGLE_RANK, Shard, TPGroup, shard_language_model
 
 VISION, LANGUAGE = "vision", "language"
 
@@ -59,9 +60,14 @@ def load_vision(
 
 
 def load_language_model(
-    model_dir: str | Path, dtype: torch.dtype | str, device: torch.device | str, num_threads: int = 1
+    model_dir: str | Path,
+    dtype: torch.dtype | str,
+    device: torch.device | str,
+    num_threads: int = 1,
+    tp: TPGroup = SINGLE_RANK,
 ) -> Qwen2ForCausalLM:
-    """The Qwen2 language model with its LM head, in eval mode, on `device` in `dtype`."""
+    """The Qwen2 language model with its LM head, in eval mode, on `device` in `dtype`; with
+    `tp` of several ranks, this rank's share of it, read from the files slice by slice."""
     arch = InternVLArch.from_model_dir(model_dir)
     keys = _component_keys(Path(model_dir), LANGUAGE)
     # Like transformers 5: a head in the file is used even if the config asks for tying (HF
@@ -69,7 +75,8 @@ def load_language_model(
     arch = dataclasses.replace(arch, tie_word_embeddings="lm_head.weight" not in keys)
     with torch.device("meta"):
         model = Qwen2ForCausalLM(arch)
-    _load_into(model, keys, _to_dtype(dtype), torch.device(device), num_threads)
+        shards = shard_language_model(model, tp)
+    _load_into(model, keys, _to_dtype(dtype), torch.device(device), num_threads, shards)
     model.tie_weights()  # point the head at the loaded embedding, not the meta placeholder
     return _finish(model, torch.device(device))
 
@@ -158,8 +165,11 @@ def _load_into(
     dtype: torch.dtype,
     device: torch.device,
     num_threads: int,
+    shards: Mapping[str, Shard] | None = None,
 ) -> None:
-    """Replace every parameter of a model built on the meta device with its checkpoint tensor."""
+    """Replace every parameter of a model built on the meta device with its checkpoint tensor
+    (or, for parameters in `shards`, the slice of it this rank holds: only that is read)."""
+    shards = shards or {}
     params = _expect_parameters(model, keys.keys())
     # Each thread opens its own handle on a file and reads every num_threads-th of its tensors.
     num_threads = max(1, num_threads)
@@ -170,8 +180,13 @@ def _load_into(
 
     def read(chunk: tuple[Path, list[str]]) -> list[tuple[str, torch.Tensor]]:
         path, names = chunk
+        out = []
         with safe_open(path, framework="pt", device="cpu") as f:
-            return [(name, f.get_tensor(keys[name][1]).to(device=device, dtype=dtype)) for name in names]
+            for name in names:
+                key = keys[name][1]
+                tensor = shards[name].take(f.get_slice(key)) if name in shards else f.get_tensor(key)
+                out.append((name, tensor.to(device=device, dtype=dtype)))
+        return out
 
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
         for loaded in pool.map(read, [c for c in chunks if c[1]]):

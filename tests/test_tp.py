@@ -1,0 +1,149 @@
+"""Tensor parallelism on the CPU (gloo): --tp 2 gives transformers' tokens through the real
+server, KV heads replicate when there are fewer than ranks, and a dead rank stops the server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.conftest import start_server
+from tests.test_lifecycle import _cmdline, assert_one_line_error, serve
+from tests.test_parity import CASES, IMG_B, IMG_C, chat, hf_prompt, vlmd_generate
+from vlmd.actors.worker import make_runner
+from vlmd.core.request import Request
+from vlmd.core.scheduler import Scheduler, SchedulerConfig
+from vlmd.messages import SamplingParams
+from vlmd.models.config import InternVLArch
+from vlmd.models.loader import load_language_model
+from vlmd.models.tensor_parallel import TPGroup
+from vlmd.runner import run_in_process
+
+
+@pytest.fixture(scope="module")
+def tp2_server(model_dir, tmp_path_factory):
+    server = start_server(model_dir, tmp_path_factory.mktemp("tp2"), "--tp", "2", "--enable_multimodal")
+    yield server
+    assert server.stop() == 0
+    assert server.actor_pids() == [] and server.shm_segments() == []
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    from tests.test_parity import Reference
+
+    return Reference(model_dir)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tp2_greedy_tokens_equal_transformers(tp2_server, reference, case):
+    prompt, _, images = CASES[case]
+    assert vlmd_generate(tp2_server, prompt, images) == reference.generate(hf_prompt(prompt), images)
+    assert len(tp2_server.actor_pids()) == 5  # scheduler, two workers, vision, http
+
+
+def test_tp2_batched_requests_equal_transformers(tp2_server, reference):
+    from concurrent.futures import ThreadPoolExecutor
+
+    batch = [
+        (chat("Hi."), [], 33),
+        (chat("<img></img> Describe."), [IMG_C], 34),
+        (chat("<image>?"), [IMG_B], 35),
+    ]
+    expected = [reference.generate(hf_prompt(p), imgs, n) for p, imgs, n in batch]
+    with ThreadPoolExecutor(len(batch)) as pool:
+        assert list(pool.map(lambda r: vlmd_generate(tp2_server, *r), batch)) == expected
+
+
+# --- ranks in process: every layout of heads ----------------------------------------------------
+
+
+def _greedy(model_dir: str, tp: TPGroup, prompts: list[list[int]], num_tokens: int) -> dict[str, list[int]]:
+    arch = InternVLArch.from_model_dir(model_dir)
+    model = load_language_model(model_dir, torch.float32, "cpu", tp=tp)
+    runner = make_runner(model, arch, num_pages=64, page_size=16)
+    scheduler = Scheduler(SchedulerConfig(64, 16))
+    for i, prompt in enumerate(prompts):
+        scheduler.add(Request(f"r{i}", prompt, SamplingParams(max_new_tokens=num_tokens, ignore_eos=True)))
+    out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    for _, outputs in run_in_process(scheduler, runner):
+        for token_out in outputs:
+            out[token_out.request_id] += token_out.token_ids
+    return out
+
+
+def _rank_main(rank: int, size: int, port: int, model_dir: str, prompts, result_path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        tokens = _greedy(model_dir, TPGroup(rank, size), prompts, 20)
+        if rank == 0:
+            torch.save(tokens, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("size", [2, 4])  # the demo model has 2 KV heads: 4 ranks replicate them
+def test_every_rank_count_gives_the_single_rank_tokens(model_dir, tmp_path, size):
+    prompts = [list(range(5, 40)), list(range(100, 107)), list(range(300, 390))]
+    want = _greedy(str(model_dir), TPGroup(), prompts, 20)
+    path = str(tmp_path / "tokens.pt")
+    mp.spawn(_rank_main, args=(size, _free_port(), str(model_dir), prompts, path), nprocs=size)
+    assert torch.load(path) == want
+
+
+# --- start-up checks and failure ----------------------------------------------------------------
+
+
+def test_tp_that_does_not_divide_the_heads_is_refused(model_dir):
+    result = serve("--model_dir", str(model_dir), "--tp", "3")
+    assert_one_line_error(result, "--tp")
+    assert "num_attention_heads" in result.stderr
+
+
+def test_tp_alone_puts_the_vit_in_tensor_parallel_and_inconsistent_layouts_are_refused(model_dir):
+    import argparse
+
+    from vlmd.config import ConfigError, add_serve_arguments, build_server_args
+
+    def args(*flags: str):
+        parser = argparse.ArgumentParser()
+        add_serve_arguments(parser)
+        return build_server_args(parser.parse_args(["--model_dir", str(model_dir), *flags]), environ={})
+
+    assert (args("--tp", "2").visual_tp, args("--tp", "2").visual_dp) == (2, 1)
+    assert (
+        args("--tp", "2", "--visual_dp", "2").visual_tp,
+        args("--tp", "2", "--visual_tp", "1").visual_dp,
+    ) == (
+        1,
+        2,
+    )
+    for flags in (("--tp", "2", "--visual_dp", "2", "--visual_tp", "2"), ("--tp", "4", "--visual_dp", "3")):
+        with pytest.raises(ConfigError, match="visual_dp \\* visual_tp must equal tp"):
+            args(*flags)
+
+
+def test_a_dead_rank_stops_the_server_cleanly(model_dir, tmp_path):
+    server = start_server(model_dir, tmp_path, "--tp", "2", "--enable_multimodal")
+    # python -m vlmd.actors ROLE RUN_DIR RANK
+    victim = next(pid for pid in server.actor_pids() if _cmdline(pid).split()[3::2] == ["worker", "1"])
+    os.kill(victim, signal.SIGKILL)
+    assert server.process.wait(timeout=60) != 0
+    assert "actor worker1" in server.log() and "killed by signal 9" in server.log()
+    deadline = time.monotonic() + 10
+    while server.actor_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.actor_pids() == [] and server.shm_segments() == []

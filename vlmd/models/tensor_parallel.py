@@ -1,0 +1,167 @@
+"""Tensor parallelism for the language model, applied from outside the model file.
+
+`shard_language_model` takes a Qwen2 model built on the meta device and shrinks it, in place,
+to one rank's share (Megatron layout), so that the model file still reads as one-GPU code:
+
+- q/k/v and gate/up are column-parallel: each rank holds whole heads and a slice of the MLP's
+  intermediate features. With fewer KV heads than ranks, each KV head is replicated on
+  tp / num_kv_heads ranks (rank r keeps head r * num_kv_heads // tp).
+- o_proj and down_proj are row-parallel: each rank multiplies its slice of the input features
+  and a forward hook sums the partial outputs across ranks (all-reduce).
+- The token embedding and the LM head are split along the vocabulary: a rank embeds the ids
+  it owns (zeros elsewhere, then all-reduce), and computes the logits of its vocabulary slice
+  (then all-gather, so that every rank samples the same token from the same logits).
+
+It returns, per parameter, which slice of the checkpoint tensor the rank must load, so that
+every rank reads only its own share from the safetensors files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """This process's place in the tensor-parallel group (size 1: no communication)."""
+
+    rank: int = 0
+    size: int = 1
+
+    def all_reduce(self, x: torch.Tensor) -> None:
+        if self.size > 1:
+            dist.all_reduce(x)
+
+    def all_gather_last_dim(self, x: torch.Tensor, full: int) -> torch.Tensor:
+        """Concatenate every rank's [..., n] slice along the last dim, each padded to the same
+        width; the result is cut to `full` columns."""
+        if self.size == 1:
+            return x
+        width = -(-full // self.size)
+        padded = nn.functional.pad(x, (0, width - x.shape[-1]))
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat(parts, dim=-1)[..., :full]
+
+
+SINGLE_RANK = TPGroup()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The rank's slice of a checkpoint tensor: `length` entries from `start` along `dim`."""
+
+    dim: int
+    start: int
+    length: int
+
+    def take(self, tensor) -> torch.Tensor:
+        """Slice a tensor, or a safetensors slice (read from disk only for these entries)."""
+        index = [slice(None)] * (self.dim + 1)
+        index[self.dim] = slice(self.start, self.start + self.length)
+        return tensor[tuple(index)]
+
+
+def even_split(total: int, size: int, rank: int, what: str) -> tuple[int, int]:
+    """(start, length) of rank's equal share of `total`."""
+    if total % size:
+        raise ValueError(f"{what} ({total}) is not divisible by the tensor-parallel size {size}")
+    length = total // size
+    return rank * length, length
+
+
+def vocab_split(vocab: int, size: int, rank: int) -> tuple[int, int]:
+    """(start, length): ceil(vocab / size) ids per rank, the last rank taking what is left."""
+    width = -(-vocab // size)
+    start = min(vocab, rank * width)
+    return start, min(vocab, start + width) - start
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embeds the ids in [start, start + num_ids); other ids get zeros, summed across ranks."""
+
+    def __init__(self, start: int, num_ids: int, hidden_size: int, tp: TPGroup) -> None:
+        super().__init__()
+        self.start, self.num_ids, self.tp = start, num_ids, tp
+        self.weight = nn.Parameter(torch.empty(num_ids, hidden_size))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.start
+        outside = (local < 0) | (local >= self.num_ids)
+        out = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)  # [T, hidden]
+        out = out.masked_fill(outside[:, None], 0.0)
+        self.tp.all_reduce(out)
+        return out
+
+
+def shard_language_model(model: nn.Module, tp: TPGroup) -> dict[str, Shard]:
+    """Shrink a meta-device Qwen2ForCausalLM to rank `tp.rank`'s share; returns each sharded
+    parameter's slice of the checkpoint (parameters not listed are loaded whole)."""
+    if tp.size == 1:
+        return {}
+    arch = model.arch
+    shards: dict[str, Shard] = {}
+    for i, layer in enumerate(model.model.layers):
+        shards |= _shard_attention(layer.self_attn, f"model.layers.{i}.self_attn", arch, tp)
+        shards |= _shard_mlp(layer.mlp, f"model.layers.{i}.mlp", arch, tp)
+    start, num_ids = vocab_split(arch.vocab_size, tp.size, tp.rank)
+    model.model.embed_tokens = VocabParallelEmbedding(start, num_ids, arch.hidden_size, tp)
+    shards["model.embed_tokens.weight"] = Shard(0, start, num_ids)
+    model.lm_head = nn.Linear(arch.hidden_size, num_ids, bias=False)
+    model.lm_head.register_forward_hook(lambda m, args, out: tp.all_gather_last_dim(out, arch.vocab_size))
+    if arch.tie_word_embeddings:
+        model.tie_weights()
+    else:
+        shards["lm_head.weight"] = Shard(0, start, num_ids)
+    return shards
+
+
+def _shard_attention(attn: nn.Module, prefix: str, arch, tp: TPGroup) -> dict[str, Shard]:
+    head_dim, hidden = arch.head_dim, arch.hidden_size
+    q_start, num_heads = even_split(arch.num_attention_heads, tp.size, tp.rank, "num_attention_heads")
+    if arch.num_key_value_heads >= tp.size:
+        kv_start, num_kv = even_split(arch.num_key_value_heads, tp.size, tp.rank, "num_key_value_heads")
+    else:
+        if tp.size % arch.num_key_value_heads:
+            raise ValueError(
+                f"tensor-parallel size {tp.size} is not a multiple of num_key_value_heads "
+                f"({arch.num_key_value_heads}), so KV heads cannot be replicated evenly"
+            )
+        kv_start, num_kv = tp.rank * arch.num_key_value_heads // tp.size, 1
+    attn.num_heads, attn.num_kv_heads = num_heads, num_kv
+    attn.sizes = [num_heads * head_dim, num_kv * head_dim, num_kv * head_dim]
+    attn.q_proj = nn.Linear(hidden, num_heads * head_dim, bias=True)
+    attn.k_proj = nn.Linear(hidden, num_kv * head_dim, bias=True)
+    attn.v_proj = nn.Linear(hidden, num_kv * head_dim, bias=True)
+    attn.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
+    attn.o_proj.register_forward_hook(lambda m, args, out: tp.all_reduce(out))
+    q = Shard(0, q_start * head_dim, num_heads * head_dim)
+    kv = Shard(0, kv_start * head_dim, num_kv * head_dim)
+    return {
+        f"{prefix}.q_proj.weight": q,
+        f"{prefix}.q_proj.bias": q,
+        f"{prefix}.k_proj.weight": kv,
+        f"{prefix}.k_proj.bias": kv,
+        f"{prefix}.v_proj.weight": kv,
+        f"{prefix}.v_proj.bias": kv,
+        f"{prefix}.o_proj.weight": Shard(1, q_start * head_dim, num_heads * head_dim),
+    }
+
+
+def _shard_mlp(mlp: nn.Module, prefix: str, arch, tp: TPGroup) -> dict[str, Shard]:
+    start, width = even_split(arch.intermediate_size, tp.size, tp.rank, "intermediate_size")
+    hidden = arch.hidden_size
+    mlp.gate_proj = nn.Linear(hidden, width, bias=False)
+    mlp.up_proj = nn.Linear(hidden, width, bias=False)
+    mlp.down_proj = nn.Linear(width, hidden, bias=False)
+    mlp.down_proj.register_forward_hook(lambda m, args, out: tp.all_reduce(out))
+    column = Shard(0, start, width)
+    return {
+        f"{prefix}.gate_proj.weight": column,
+        f"{prefix}.up_proj.weight": column,
+        f"{prefix}.down_proj.weight": Shard(1, start, width),
+    }
