@@ -43,8 +43,10 @@ class ModelRunner:
         if not sampled:
             return StepResult(plan.step_id, [], [], [])
         request_ids = [plan.items[i].request_id for i in sampled]
-        tokens, logprobs = sample(logits, [self._samplers[r] for r in request_ids])
-        return StepResult(plan.step_id, request_ids, tokens, logprobs)
+        sampled = sample(logits, [self._samplers[r] for r in request_ids])
+        return StepResult(
+            plan.step_id, request_ids, sampled.token_ids, sampled.logprobs, sampled.top_logprobs
+        )
 
     def _graph_step(self, items: list[StepItem]) -> bool:
         """Pure decode steps small enough for a captured graph replay it."""
