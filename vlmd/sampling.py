@@ -10,6 +10,7 @@ from vlmd.messages import SamplingParams
 
 MAX_TOP_LOGPROBS = 20
 MAX_CHOICES = 16  # `n`: each choice is a request of its own, with its own KV pages
+MAX_STOP_STRINGS = 16
 
 
 class InvalidParameter(ValueError):
@@ -74,6 +75,16 @@ def make_sampling_params(
 def check_num_choices(n: int) -> None:
     if not 1 <= n <= MAX_CHOICES:
         raise InvalidParameter("n", f"must be in [1, {MAX_CHOICES}], got {n}")
+
+
+def check_stop_strings(stop: str | list[str] | None) -> list[str]:
+    """Text-level stop strings: the output ends before the first one it contains."""
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > MAX_STOP_STRINGS:
+        raise InvalidParameter("stop", f"takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
+    if not all(stops):
+        raise InvalidParameter("stop", "must not contain an empty string")
+    return stops
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
