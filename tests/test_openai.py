@@ -415,12 +415,28 @@ def test_models_lists_the_served_model(client):
     assert [(m.id, m.object, m.owned_by) for m in models] == [(MODEL, "model", "vlmd")]
 
 
-def test_images_need_multimodal(text_server):
+def test_served_model_name_and_images_without_multimodal(text_server):
     client = openai.OpenAI(base_url=text_server.url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["text-demo"]
     with pytest.raises(openai.BadRequestError, match="enable_multimodal"):
         client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": [image_part(data_uri(PNG))]}], max_tokens=1
+            model="text-demo",
+            messages=[{"role": "user", "content": [image_part(data_uri(PNG))]}],
+            max_tokens=1,
         )
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1
+        )
+    answer = client.chat.completions.create(
+        model="text-demo", messages=[{"role": "user", "content": "hi"}], max_tokens=1
+    )
+    assert answer.model == "text-demo" and answer.usage.completion_tokens == 1
+    # Without max_tokens a chat may fill the context (--max_req_total_len 600).
+    whole = client.chat.completions.create(
+        model="text-demo", messages=[{"role": "user", "content": "hi"}], extra_body={"ignore_eos": True}
+    )
+    assert whole.choices[0].finish_reason == "length" and whole.usage.total_tokens == 600
 
 
 # --- clients that leave ---------------------------------------------------------------------------
