@@ -39,7 +39,8 @@ class SamplerState:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
             self.output_counts = torch.zeros(vocab_size, dtype=torch.int32, device=self.device)
             if self._prompt_ids:
-                self.seen[_to_device(self._prompt_ids, torch.long, self.device)] = True
+                # index_fill_, not `seen[ids] = True`: the assignment waits for the device.
+                self.seen.index_fill_(0, _to_device(self._prompt_ids, torch.long, self.device), True)
         return self.seen, self.output_counts
 
     def observe(self, token: torch.Tensor) -> None:
