@@ -154,7 +154,14 @@ def mm_server(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def text_server(model_dir, tmp_path_factory):
-    """A server without --enable_multimodal."""
-    server = start_server(model_dir, tmp_path_factory.mktemp("logs"), "--max_req_total_len", "600")
+    """A server without --enable_multimodal, serving the model under another name."""
+    server = start_server(
+        model_dir,
+        tmp_path_factory.mktemp("logs"),
+        "--max_req_total_len",
+        "600",
+        "--served_model_name",
+        "text-demo",
+    )
     yield server
     assert server.stop() == 0, server.log()

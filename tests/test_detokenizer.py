@@ -6,7 +6,7 @@ import random
 
 from transformers import AutoTokenizer
 
-from vlmd.detokenizer import REPLACEMENT, IncrementalDetokenizer
+from vlmd.detokenizer import REPLACEMENT, IncrementalDetokenizer, StopStringText
 
 
 def test_pieces_concatenate_to_the_full_decode(model_dir):
@@ -28,3 +28,55 @@ def test_multibyte_characters_are_never_split(model_dir):
     pieces = [detok.push(i) for i in ids]
     assert all(REPLACEMENT not in piece for piece in pieces)
     assert "".join(pieces) == "这是什么？"
+
+
+class CharTokenizer:
+    """One token per character: token ids are code points."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
+
+def run_stop(text: str, stop: list[str]) -> tuple[list[str], StopStringText]:
+    out = StopStringText(CharTokenizer(), stop)
+    pieces = []
+    for char in text:
+        out.push(ord(char))
+        pieces.append(out.release())
+        if out.stopped:
+            break
+    if not out.stopped:
+        out.finish()
+    pieces.append(out.release())
+    return pieces, out
+
+
+def test_stop_string_cuts_the_text_before_it_and_spans_tokens():
+    pieces, out = run_stop("hello world, and more", ["wor", "more"])
+    assert out.stopped and out.text == "hello " and "".join(pieces) == "hello "
+    # The earliest match wins, whichever stop string it is.
+    assert run_stop("abcdef", ["def", "bc"])[1].text == "a"
+
+
+def test_a_possible_stop_prefix_is_held_back_until_resolved():
+    pieces, out = run_stop("ab xy ab xz", ["xyz"])
+    assert not out.stopped and "".join(pieces) == "ab xy ab xz"
+    # "x" and "xy" could begin "xyz": they are released only once the next character rules it out.
+    assert pieces[:6] == ["a", "b", " ", "", "", "xy "]
+
+
+def test_no_stop_strings_release_everything_at_once():
+    pieces, out = run_stop("plain", [])
+    assert pieces == ["p", "l", "a", "i", "n", ""] and out.text == "plain"
+
+
+def test_stop_string_in_real_tokens(model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    text = "The image shows a busy street at night"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    out = StopStringText(tokenizer, ["usy str"])  # starts and ends inside tokens
+    shown = ""
+    for token in ids:
+        out.push(token)
+        shown += out.release()
+    assert out.stopped and out.text == shown == "The image shows a b"

@@ -48,7 +48,7 @@ def make_requests(eos: int | None = None) -> list[Request]:
         SamplingParams(max_new_tokens=12, ignore_eos=True),
         SamplingParams(max_new_tokens=9, do_sample=True, temperature=0.9, top_k=50, seed=3),
         SamplingParams(max_new_tokens=1),
-        SamplingParams(max_new_tokens=10, repetition_penalty=1.3),  # collected before its next step
+        SamplingParams(max_new_tokens=10, repetition_penalty=1.3, presence_penalty=0.5, top_logprobs=3),
     ]
     return [
         Request(f"r{i}", prompt, p, eos_token_ids=[eos] if eos is not None else [])

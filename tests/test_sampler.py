@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from vlmd.kernels.sampler import SamplerState, apply_repetition_penalty, sample
+from vlmd.kernels.sampler import SamplerState, apply_penalties, sample, sample_on_device
 from vlmd.messages import SamplingParams
 
 CPU = torch.device("cpu")
@@ -14,7 +15,7 @@ CPU = torch.device("cpu")
 def test_greedy_is_argmax_and_logprob_is_log_softmax():
     logits = torch.randn(3, 50)
     states = [SamplerState(SamplingParams(), [], CPU) for _ in range(3)]
-    tokens, logprobs = sample(logits, states)
+    tokens, logprobs, _ = sample(logits, states)
     assert tokens == logits.argmax(-1).tolist()
     expected = torch.log_softmax(logits, -1)[torch.arange(3), logits.argmax(-1)]
     assert torch.allclose(torch.tensor(logprobs), expected)
@@ -22,9 +23,109 @@ def test_greedy_is_argmax_and_logprob_is_log_softmax():
 
 def test_repetition_penalty_matches_transformers():
     logits = torch.randn(1, 40)
-    seen = [3, 7, 7, 21, 39]
-    expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([seen]), logits.clone())[0]
-    assert torch.equal(apply_repetition_penalty(logits[0], set(seen), 1.3), expected)
+    prompt, generated = [3, 7, 7, 21], [39, 3]
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt + generated]), logits.clone())
+    state = SamplerState(SamplingParams(repetition_penalty=1.3), prompt, CPU)
+    state.history(40)
+    for token in generated:
+        state.observe(torch.tensor([token]))
+    assert torch.equal(apply_penalties(logits, [state]), expected)
+
+
+def observed(params: SamplingParams, generated: list[int], vocab_size: int) -> SamplerState:
+    state = SamplerState(params, [], CPU)
+    state.history(vocab_size)
+    for token in generated:
+        state.observe(torch.tensor([token]))
+    return state
+
+
+def test_presence_and_frequency_penalties_by_hand():
+    # Token 1 generated twice, token 2 once, tokens 0 and 3 never.
+    logits = torch.tensor([[1.0, 2.0, -1.0, 0.5]])
+    state = observed(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [1, 2, 1], 4)
+    # logit - frequency * count - presence * (count > 0)
+    expected = torch.tensor([[1.0, 2.0 - 0.25 * 2 - 0.5, -1.0 - 0.25 * 1 - 0.5, 0.5]])
+    assert torch.equal(apply_penalties(logits, [state]), expected)
+    # Negative penalties encourage repetition.
+    state = observed(SamplingParams(presence_penalty=-1.0, frequency_penalty=-0.5), [3], 4)
+    assert torch.equal(apply_penalties(logits, [state]), torch.tensor([[1.0, 2.0, -1.0, 0.5 + 0.5 + 1.0]]))
+
+
+def test_penalties_apply_only_to_their_rows_and_count_what_is_sampled():
+    logits = torch.tensor([[0.0, 3.0, 2.9], [0.0, 3.0, 2.9]])
+    states = [
+        SamplerState(SamplingParams(frequency_penalty=0.5), [], CPU),
+        SamplerState(SamplingParams(), [], CPU),
+    ]
+    # Row 0: 1 (3.0 > 2.9), then 2 (3.0 - 0.5 < 2.9), then 1 (2.5 > 2.4); row 1 is never penalized.
+    assert [sample(logits, states).token_ids for _ in range(3)] == [[1, 1], [2, 1], [1, 1]]
+    assert states[0].output_counts.tolist() == [0, 2, 1] and states[1].output_counts is None
+    assert torch.equal(apply_penalties(logits, states)[1], logits[1])
+
+
+def test_top_logprobs_are_the_raw_distributions_best_per_row():
+    logits = torch.randn(3, 50)
+    params = [
+        SamplingParams(top_logprobs=5),
+        SamplingParams(),
+        SamplingParams(top_logprobs=2, presence_penalty=2.0),
+    ]
+    states = [SamplerState(p, [], CPU) for p in params]
+    out = sample(logits, states)
+    raw = torch.log_softmax(logits, -1)
+    best = raw.topk(5, -1)
+    assert [len(top.token_ids) for top in out.top_logprobs] == [5, 0, 2]
+    for row, top in zip([0, 2], [out.top_logprobs[0], out.top_logprobs[2]], strict=True):
+        k = len(top.token_ids)
+        assert (
+            top.token_ids == best.indices[row, :k].tolist() and top.logprobs == best.values[row, :k].tolist()
+        )
+    assert out.logprobs == raw[torch.arange(3), torch.tensor(out.token_ids)].tolist()
+    assert sample(logits, [SamplerState(SamplingParams(), [], CPU)]).top_logprobs == []
+
+
+ALL_KNOBS = SamplingParams(
+    do_sample=True,
+    temperature=0.8,
+    top_k=50,
+    top_p=0.9,
+    seed=3,
+    repetition_penalty=1.2,
+    presence_penalty=0.5,
+    frequency_penalty=0.3,
+    top_logprobs=5,
+)
+
+
+@pytest.mark.gpu
+def test_gpu_sampling_never_waits_for_the_device():
+    cuda = torch.device("cuda")
+    params = [ALL_KNOBS, SamplingParams(), SamplingParams(frequency_penalty=1.0, top_logprobs=3)]
+    states = [SamplerState(p, [1, 2, 3], cuda) for p in params]
+    logits = torch.randn(3, 1000, device=cuda)
+    sample(logits, states)  # first use allocates the penalty buffers (and warms the allocators)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            sample_on_device(logits, states)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_greedy_penalized_sampling_agrees_on_cpu_and_gpu():
+    params = [
+        SamplingParams(presence_penalty=0.7, frequency_penalty=0.4, repetition_penalty=1.3),
+        SamplingParams(),
+    ]
+    logits = torch.randn(2, 300)
+    tokens = {}
+    for device in (CPU, torch.device("cuda")):
+        states = [SamplerState(p, [5, 6], device) for p in params]
+        tokens[device.type] = [sample(logits.to(device), states).token_ids for _ in range(8)]
+    assert tokens["cpu"] == tokens["cuda"]
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent():

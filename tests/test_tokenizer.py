@@ -66,3 +66,50 @@ def test_stop_sequences_drop_the_leading_space_token(builder, hf_tokenizer):
     assert builder.stop_token_seqs([" <|im_end|>", "<|im_end|>"]) == [[im_end], [im_end]]
     word = hf_tokenizer.encode(" the", add_special_tokens=False)
     assert builder.stop_token_seqs([" the"]) == [word]  # one token: nothing to drop
+
+
+CHAT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {
+        "role": "user",
+        "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "<image> two?"}],
+    },
+    {"role": "assistant", "content": "Two cats."},
+    {
+        "role": "user",
+        "content": [{"type": "text", "text": "And "}, {"type": "image"}, {"type": "text", "text": "?"}],
+    },
+]
+
+
+def test_chat_images_go_where_the_template_puts_them(builder, hf_tokenizer):
+    tiles = [1, 3, 2]
+    text = builder.render_chat(CHAT)
+    template = hf_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert text == template and text.endswith("<|im_start|>assistant\n")
+    ids, spans = builder.build_chat(text, tiles)
+    assert ids == processor_ids(hf_tokenizer, template, tiles)  # "<image>" in a text part is only text
+    assert [span.num_tokens for span in spans] == [256, 768, 512]
+
+
+def test_chat_with_one_image_equals_the_lightllm_prompt(builder):
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    lightllm = "<|im_start|>user\n<img></img>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n"
+    assert builder.build_chat(builder.render_chat(chat), [2]) == builder.build(lightllm, [2])
+
+
+@pytest.mark.parametrize("token", ["<img>", "</img>", "<IMG_CONTEXT>"])
+def test_chat_text_must_not_carry_image_tokens(builder, token):
+    with pytest.raises(PromptError, match="image tokens"):
+        builder.render_chat([{"role": "user", "content": f"look {token}"}])
+
+
+def test_chat_images_the_template_does_not_place_are_refused(builder):
+    with pytest.raises(PromptError, match="placed 1 image"):
+        builder.build_chat(builder.render_chat([{"role": "user", "content": [{"type": "image"}]}]), [1, 1])
+
+
+def test_token_bytes_concatenate_to_the_utf8_text(builder, hf_tokenizer):
+    text = "这是什么？ héllo, wörld <|im_end|>"
+    ids = hf_tokenizer.encode(text, add_special_tokens=False)
+    assert b"".join(builder.token_bytes(i) for i in ids) == text.encode()

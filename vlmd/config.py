@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 
 class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     model_dir: str
+    served_model_name: str | None = None  # the model's id in the OpenAI API (default: model_dir's name)
     host: str = "127.0.0.1"
     port: int = 8000
     tp: int = 1
@@ -57,6 +58,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The `vlmd serve` flags (LightLLM's names, so the user's commands work as written)."""
     add = parser.add_argument
     add("--model_dir", default=None, help="model directory (default: the built-in demo model)")
+    add(
+        "--served_model_name",
+        default=None,
+        help="the model's id in the OpenAI API (default: the model directory's name)",
+    )
     add("--host", default="127.0.0.1")
     add("--port", type=int, default=8000)
     add("--tp", type=int, default=1, help="tensor parallel degree of the language model")

@@ -37,3 +37,55 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+
+class StopStringText:
+    """The text of one generation, decoded incrementally and cut before the first stop string.
+
+    A stop string may span tokens. Text is released only once no stop string can begin in it, so
+    a stream never shows text that a later token turns into (the start of) a stop string.
+    """
+
+    def __init__(self, tokenizer, stop: list[str]) -> None:
+        assert all(stop), "stop strings are non-empty"
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.stop = stop
+        self.text = ""  # everything decoded so far, up to the stop string once one matched
+        self.stopped = False  # a stop string matched: the text is final
+        self._finished = False
+        self._released = 0  # text[:_released] has been handed out
+        self._longest = max((len(s) for s in stop), default=0)
+
+    def push(self, token_id: int) -> None:
+        self._append(self.detokenizer.push(token_id))
+
+    def finish(self) -> None:
+        """Generation ended without a stop string: the held-back text is final."""
+        self._append(self.detokenizer.flush())
+        self._finished = True
+
+    def release(self) -> str:
+        """The text that became safe to show since the last call."""
+        end = len(self.text) if self.stopped or self._finished else len(self.text) - self._held_back()
+        piece = self.text[self._released : end]
+        self._released = max(self._released, end)
+        return piece
+
+    def _append(self, piece: str) -> None:
+        if self.stopped or not piece:
+            return
+        # A stop string not found before must end in the new piece.
+        start = max(0, len(self.text) - self._longest + 1)
+        self.text += piece
+        found = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if found:
+            self.text = self.text[: min(found)]
+            self.stopped = True
+
+    def _held_back(self) -> int:
+        """Length of the longest end of the text that begins a stop string."""
+        for length in range(min(self._longest - 1, len(self.text)), 0, -1):
+            tail = self.text[-length:]
+            if any(s.startswith(tail) for s in self.stop):
+                return length
+        return 0

@@ -25,6 +25,9 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI: subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI: subtracted once per time a token was generated so far
+    top_logprobs: int = 0  # alternatives to return with each sampled token, best first
 
     @property
     def greedy(self) -> bool:
@@ -40,6 +43,14 @@ class ImageRef(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     num_tiles: int
     token_offset: int  # prompt index of the first <IMG_CONTEXT> token of this image
     num_tokens: int  # embedding rows = num_tiles * image_seq_length
+
+
+class TopLogprobs(msgspec.Struct, array_like=True, gc=False):
+    """The most likely tokens at one position, best first, with their logprobs under the model's
+    raw distribution (before temperature and penalties, like the sampled token's logprob)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
 
 
 class EmbedRun(msgspec.Struct, array_like=True, gc=False):
@@ -94,6 +105,7 @@ class TokenOut(Message):
     logprobs: list[float]
     finish_reason: str | None = None  # "stop" | "length" | None while running
     num_stop_tokens: int = 0  # trailing tokens that matched a stop sequence: not shown to the user
+    top_logprobs: list[TopLogprobs] = []  # aligned with token_ids when the request asked for them
 
 
 class RequestFailed(Message):
@@ -208,6 +220,8 @@ class StepResult(Message):
     request_ids: list[str]
     token_ids: list[int]
     logprobs: list[float]
+    # One per sampled item when any request of the step asked for alternatives (empty for the others).
+    top_logprobs: list[TopLogprobs] = []
 
 
 ANY_MESSAGE = (

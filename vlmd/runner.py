@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from vlmd.core.scheduler import Scheduler
 from vlmd.kernels.attention import AttentionBackend, BatchLayout
-from vlmd.kernels.sampler import SamplerState, needs_history, sample_on_device
-from vlmd.messages import PENDING_TOKEN, StepItem, StepPlan, StepResult, TokenOut
+from vlmd.kernels.sampler import SamplerState, sample_on_device
+from vlmd.messages import PENDING_TOKEN, StepItem, StepPlan, StepResult, TokenOut, TopLogprobs
 
 
 @dataclass
@@ -31,7 +31,10 @@ class LaunchedStep:
     request_ids: list[str]  # the requests that sample, in item order
     tokens: torch.Tensor | None  # [num_sampled] int64, host (pinned on CUDA)
     logprobs: torch.Tensor | None  # [num_sampled] float32, host
-    copied: torch.cuda.Event | None  # recorded after the copies to the host; None on the CPU
+    top_ids: torch.Tensor | None = None  # [num_sampled, k] when any request asked for alternatives
+    top_logprobs: torch.Tensor | None = None  # [num_sampled, k]
+    num_top: list[int] = field(default_factory=list)  # alternatives each request asked for
+    copied: torch.cuda.Event | None = None  # recorded after the copies to the host; None on the CPU
 
 
 class ModelRunner:
@@ -56,13 +59,6 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepResult:
         """Launch and collect one step (no overlap)."""
         return self.collect(self.launch(plan))
-
-    def must_collect_before(self, plan: StepPlan) -> bool:
-        """Whether `plan` needs the host to have seen the previous step's tokens: sampling that
-        reads a request's history (the repetition penalty) cannot take a pending token."""
-        return needs_history(
-            [self._samplers[i.request_id] for i in plan.items if i.token_ids[-1] == PENDING_TOKEN]
-        )
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> LaunchedStep:
@@ -89,12 +85,17 @@ class ModelRunner:
             self._mark_inputs_copied()
             logits = self._eager(plan.items, layout, input_ids, sampled)
         if not sampled:
-            return LaunchedStep(plan.step_id, [], None, None, None)
+            return LaunchedStep(plan.step_id, [], None, None)
         request_ids = [plan.items[i].request_id for i in sampled]
-        tokens, logprobs = sample_on_device(logits, [self._samplers[r] for r in request_ids])
+        states = [self._samplers[r] for r in request_ids]
+        tokens, logprobs, top = sample_on_device(logits, states)
         self._last_tokens = tokens
         self._last_rows = {r: row for row, r in enumerate(request_ids)}
-        return self._copy_to_host(plan.step_id, request_ids, tokens, logprobs)
+        step = LaunchedStep(plan.step_id, request_ids, tokens, logprobs)
+        if top is not None:
+            step.top_ids, step.top_logprobs = top.indices, top.values
+            step.num_top = [state.params.top_logprobs for state in states]
+        return self._copy_to_host(step)
 
     def _mark_inputs_copied(self) -> None:
         if self._cuda:
@@ -107,22 +108,24 @@ class ModelRunner:
             return StepResult(step.step_id, [], [], [])
         if step.copied is not None:
             step.copied.synchronize()
-        tokens = step.tokens.tolist()
-        for request_id, token in zip(step.request_ids, tokens, strict=True):
-            if (state := self._samplers.get(request_id)) is not None:  # None: finished meanwhile
-                state.observe(token)
-        return StepResult(step.step_id, step.request_ids, tokens, step.logprobs.tolist())
+        top = []
+        if step.top_ids is not None:
+            ids, values = step.top_ids.tolist(), step.top_logprobs.tolist()
+            top = [TopLogprobs(i[:k], v[:k]) for i, v, k in zip(ids, values, step.num_top, strict=True)]
+        return StepResult(step.step_id, step.request_ids, step.tokens.tolist(), step.logprobs.tolist(), top)
 
-    def _copy_to_host(self, step_id: int, request_ids: list[str], tokens, logprobs) -> LaunchedStep:
+    def _copy_to_host(self, step: LaunchedStep) -> LaunchedStep:
+        """Start copying the step's results to pinned host memory; `collect` waits for them."""
         if not self._cuda:
-            return LaunchedStep(step_id, request_ids, tokens, logprobs, None)
-        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
-        host_tokens.copy_(tokens, non_blocking=True)
-        host_logprobs.copy_(logprobs, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        return LaunchedStep(step_id, request_ids, host_tokens, host_logprobs, copied)
+            return step
+        for name in ("tokens", "logprobs", "top_ids", "top_logprobs"):
+            value = getattr(step, name)
+            if value is not None:
+                host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+                setattr(step, name, host.copy_(value, non_blocking=True))
+        step.copied = torch.cuda.Event()
+        step.copied.record()
+        return step
 
     def _graph_step(self, items: list[StepItem]) -> bool:
         """Pure decode steps small enough for a captured graph replay it."""
@@ -206,7 +209,8 @@ def run_in_process(
         plan, step = launched.popleft()
         result = runner.collect(step)
         sampled = zip(result.request_ids, zip(result.token_ids, result.logprobs, strict=True), strict=True)
-        outputs, _ = scheduler.update(plan, dict(sampled))
+        top = dict(zip(result.request_ids, result.top_logprobs, strict=True)) if result.top_logprobs else {}
+        outputs, _ = scheduler.update(plan, dict(sampled), top)
         return plan, outputs
 
     while True:
@@ -217,8 +221,6 @@ def run_in_process(
                 return
             yield finish()
             continue
-        if launched and runner.must_collect_before(plan):
-            yield finish()
         launched.append((plan, runner.launch(plan)))
         num_planned += 1
         if len(launched) == max_in_flight:

@@ -1,6 +1,8 @@
 """The http actor: Starlette on uvicorn (uvloop). Parses and validates requests, fetches and
 checks images, builds prompt ids (tokenizer actor), talks to the scheduler, answers clients.
 
+LightLLM's routes (/generate, /generate_stream) live here, OpenAI's in `openai_api`; both use
+the request machinery of `HttpActor` (read_body, check_images, tokenize, submit, forget).
 Every client error is a 4xx JSON `{"error": ...}`; the server keeps serving.
 """
 
@@ -10,9 +12,10 @@ import asyncio
 import itertools
 import json
 import logging
+import re
 import socket
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import msgspec
 import uvicorn
@@ -23,10 +26,12 @@ from starlette.routing import Route
 
 from vlmd import ipc, shm
 from vlmd.actors.images import BadImage, CheckedImage, ImageChecker
+from vlmd.actors.inflight import ClientError, ClientGone, Tracked
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
 from vlmd.actors.metrics import render_metrics
-from vlmd.actors.tokenizer import PromptBuilder, PromptError
-from vlmd.api import GenerateBody
+from vlmd.actors.openai_api import OpenAIApi
+from vlmd.actors.tokenizer import ImageSpan, PromptBuilder, PromptError
+from vlmd.api import GenerateBody, ImageInput
 from vlmd.detokenizer import IncrementalDetokenizer
 from vlmd.image import TilingConfig
 from vlmd.messages import (
@@ -45,30 +50,8 @@ from vlmd.sampling import InvalidParameter, make_sampling_params
 log = logging.getLogger("vlmd.http")
 
 
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
-
-
-class ClientError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 def error_response(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
-
-
-@dataclass
-class Tracked:
-    """A request in flight: tokens as they arrive, and a future for the end."""
-
-    done: asyncio.Future
-    num_prompt_tokens: int = 0
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    segments: list[str] = field(default_factory=list)  # image byte segments to unlink on failure
-    updates: asyncio.Queue = field(default_factory=asyncio.Queue)  # TokenOut / ClientError, for streams
 
 
 class HttpActor:
@@ -109,6 +92,7 @@ class HttpActor:
             return
         tracked.token_ids += msg.token_ids
         tracked.logprobs += msg.logprobs
+        tracked.top_logprobs += msg.top_logprobs
         tracked.updates.put_nowait(msg)
         if msg.finish_reason is not None and not tracked.done.done():
             tracked.done.set_result((msg.finish_reason, msg.num_stop_tokens))
@@ -128,19 +112,22 @@ class HttpActor:
 
     async def generate(self, request: Request) -> Response:
         try:
-            body = await self._read_body(request)
+            body = await self.read_body(request, GenerateBody)
             return JSONResponse(await self._generate(body, request))
         except ClientError as exc:
             return error_response(exc.status, str(exc))
         except ClientGone:
             return Response(status_code=499)  # nobody reads it; the request was aborted
 
-    async def _until_disconnect(self, request: Request) -> None:
+    # --- the request machinery every API uses ----------------------------------------------
+
+    async def until_disconnect(self, request: Request) -> None:
         """Returns when the client closes the connection (the body has been read already)."""
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    async def _read_body(self, request: Request) -> GenerateBody:
+    async def read_body(self, request: Request, body_type: type):
+        """The request body decoded as `body_type`; a ClientError names the field at fault."""
         limit = self.args.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -151,35 +138,70 @@ class HttpActor:
             if len(raw) > limit:
                 raise ClientError(413, f"request body exceeds the limit of {limit} bytes")
         try:
-            return msgspec.json.decode(raw, type=GenerateBody)
+            return msgspec.json.decode(raw, type=body_type)
         except msgspec.ValidationError as exc:
-            raise ClientError(400, f"invalid request: {exc}") from None
+            raise ClientError(400, f"invalid request: {exc}", _field_at_fault(str(exc))) from None
         except msgspec.DecodeError as exc:
             raise ClientError(400, f"malformed JSON: {exc}") from None
 
-    async def _submit(self, body: GenerateBody) -> tuple[str, Tracked]:
-        """Validate, fetch images, build the prompt and hand the request to the scheduler."""
-        params = body.parameters
-        sampling = self._sampling(body)
-        images = body.multimodal_params.images
+    async def check_images(self, images: list[ImageInput]) -> list[CheckedImage]:
+        """Fetch, decode and measure the request's images."""
         if images and not self.args.enable_multimodal:
             raise ClientError(400, "this server runs without --enable_multimodal: images are not accepted")
+        if not images:
+            return []
         try:
             checked = await self.images.check_all(images)
-            # The fast tokenizer releases the GIL: a long prompt does not stall other requests.
-            tiles = [image.num_tiles for image in checked]
-            prompt_ids, spans = await asyncio.to_thread(self.prompts.build, body.inputs, tiles)
-        except (BadImage, PromptError) as exc:
+        except BadImage as exc:
             raise ClientError(400, str(exc)) from None
-        self._check_length(len(prompt_ids), sampling.max_new_tokens)
         if len({image.md5 for image in checked}) > self.args.cache_capacity:
             raise ClientError(
                 400,
                 f"the request has more distinct images than --cache_capacity ({self.args.cache_capacity}) holds",
             )
-        stops = [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
+        return checked
+
+    async def tokenize(
+        self, build: Callable, prompt, checked: list[CheckedImage], param: str | None = None
+    ) -> tuple[list[int], list[ImageSpan]]:
+        """Prompt ids with the images expanded: `build(prompt, tiles_per_image)`, off the event loop."""
+        try:
+            # The fast tokenizer releases the GIL: a long prompt does not stall other requests.
+            return await asyncio.to_thread(build, prompt, [image.num_tiles for image in checked])
+        except PromptError as exc:
+            raise ClientError(400, str(exc), param) from None
+
+    def check_length(
+        self, num_prompt_tokens: int, max_new_tokens: int, param: str = "max_new_tokens"
+    ) -> None:
+        limit = self.runtime.max_req_total_len
+        if num_prompt_tokens >= limit:
+            raise ClientError(
+                400,
+                f"the prompt has {num_prompt_tokens} tokens; max_req_total_len allows at most {limit - 1}",
+            )
+        if num_prompt_tokens + max_new_tokens > limit:
+            raise ClientError(
+                400,
+                f"parameter `{param}` ({max_new_tokens}) goes beyond the context: the prompt has "
+                f"{num_prompt_tokens} tokens and max_req_total_len is {limit}",
+                param,
+            )
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        spans: list[ImageSpan],
+        checked: list[CheckedImage],
+        sampling: SamplingParams,
+        stop_token_seqs: list[list[int]] = (),
+        updates: asyncio.Queue | None = None,
+    ) -> tuple[str, Tracked]:
+        """Hand a checked request to the scheduler; its tokens arrive in the Tracked."""
         request_id = uuid.uuid4().hex
         tracked = Tracked(asyncio.get_running_loop().create_future(), num_prompt_tokens=len(prompt_ids))
+        if updates is not None:
+            tracked.updates = updates
         self.inflight[request_id] = tracked
         refs = self._image_refs(checked, spans, tracked)
         self.channel.send(
@@ -188,14 +210,17 @@ class HttpActor:
                 prompt_ids=prompt_ids,
                 sampling=sampling,
                 images=refs,
-                stop_token_seqs=self.prompts.stop_token_seqs(stops),
+                stop_token_seqs=list(stop_token_seqs),
                 eos_token_ids=self.runtime.eos_token_ids,
             )
         )
         return request_id, tracked
 
-    def _forget(self, request_id: str, tracked: Tracked) -> None:
-        """The request is over for the client: if it did not finish, abort it and free its images."""
+    def forget(self, request_id: str, tracked: Tracked) -> None:
+        """The request is over for the client: if it did not finish, abort it and free its images.
+        Forgetting a request twice is harmless."""
+        if self.inflight.pop(request_id, None) is None:
+            return
         finished = tracked.done.done() and tracked.done.exception() is None
         if not tracked.done.done():
             tracked.done.cancel()
@@ -203,11 +228,21 @@ class HttpActor:
         if not finished:  # the vision actor may never read (and unlink) the image bytes
             for name in tracked.segments:
                 shm.unlink_segment(name)
-        self.inflight.pop(request_id, None)
+
+    # --- LightLLM's API -----------------------------------------------------------------------
+
+    async def _submit(self, body: GenerateBody) -> tuple[str, Tracked]:
+        params = body.parameters
+        sampling = self._sampling(body)
+        checked = await self.check_images(body.multimodal_params.images)
+        prompt_ids, spans = await self.tokenize(self.prompts.build, body.inputs, checked)
+        self.check_length(len(prompt_ids), sampling.max_new_tokens)
+        stops = [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
+        return self.submit(prompt_ids, spans, checked, sampling, self.prompts.stop_token_seqs(stops))
 
     async def _generate(self, body: GenerateBody, request: Request) -> dict:
         request_id, tracked = await self._submit(body)
-        gone = asyncio.ensure_future(self._until_disconnect(request))
+        gone = asyncio.ensure_future(self.until_disconnect(request))
         try:
             await asyncio.wait([tracked.done, gone], return_when=asyncio.FIRST_COMPLETED)
             if not tracked.done.done():
@@ -215,7 +250,7 @@ class HttpActor:
             finish_reason, num_stop = tracked.done.result()
         finally:
             gone.cancel()
-            self._forget(request_id, tracked)
+            self.forget(request_id, tracked)
         shown = tracked.token_ids[: len(tracked.token_ids) - num_stop]
         response = {
             "generated_text": [self.prompts.decode(shown)],
@@ -233,7 +268,7 @@ class HttpActor:
     async def generate_stream(self, request: Request) -> Response:
         """Server-sent events, one per token, as LightLLM emits them; the last carries the text."""
         try:
-            request_id, tracked = await self._submit(await self._read_body(request))
+            request_id, tracked = await self._submit(await self.read_body(request, GenerateBody))
         except ClientError as exc:
             return error_response(exc.status, str(exc))
         return StreamingResponse(self._events(request_id, tracked), media_type="text/event-stream")
@@ -275,7 +310,7 @@ class HttpActor:
                 if update.finish_reason is not None:
                     return
         finally:
-            self._forget(request_id, tracked)
+            self.forget(request_id, tracked)
 
     def _sampling(self, body: GenerateBody) -> SamplingParams:
         p = body.parameters
@@ -287,27 +322,17 @@ class HttpActor:
                 top_p=p.top_p,
                 top_k=p.top_k,
                 repetition_penalty=p.repetition_penalty,
+                presence_penalty=p.presence_penalty,
+                frequency_penalty=p.frequency_penalty,
                 ignore_eos=p.ignore_eos,
                 seed=p.seed,
             )
         except InvalidParameter as exc:
-            raise ClientError(400, str(exc)) from None
+            raise ClientError(400, str(exc), exc.name) from None
 
-    def _check_length(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
-        limit = self.runtime.max_req_total_len
-        if num_prompt_tokens >= limit:
-            raise ClientError(
-                400,
-                f"the prompt has {num_prompt_tokens} tokens; max_req_total_len allows at most {limit - 1}",
-            )
-        if num_prompt_tokens + max_new_tokens > limit:
-            raise ClientError(
-                400,
-                f"parameter `max_new_tokens` ({max_new_tokens}) goes beyond the context: the prompt has "
-                f"{num_prompt_tokens} tokens and max_req_total_len is {limit}",
-            )
-
-    def _image_refs(self, checked: list[CheckedImage], spans, tracked: Tracked) -> list[ImageRef]:
+    def _image_refs(
+        self, checked: list[CheckedImage], spans: list[ImageSpan], tracked: Tracked
+    ) -> list[ImageRef]:
         refs = []
         for image, span in zip(checked, spans, strict=True):
             name = shm.write_bytes_segment(self.segment_prefix, image.data)
@@ -325,8 +350,17 @@ class HttpActor:
             Route("/metrics", self.metrics, methods=["GET"]),
             Route("/generate", self.generate, methods=["POST"]),
             Route("/generate_stream", self.generate_stream, methods=["POST"]),
+            *OpenAIApi(self).routes(),
         ]
         return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+
+
+def _field_at_fault(validation_message: str) -> str | None:
+    """The field a msgspec validation error names: `... - at `$.messages[0]`` and/or
+    `Object missing required field `role``."""
+    path = re.search(r"at `\$\.?(.*?)`", validation_message)
+    missing = re.search(r"required field `(.+?)`", validation_message)
+    return ".".join(m[1] for m in (path, missing) if m and m[1]) or None
 
 
 def _sse(event: dict) -> bytes:

@@ -172,7 +172,8 @@ class SchedulerActor:
         sampled = dict(
             zip(result.request_ids, zip(result.token_ids, result.logprobs, strict=True), strict=True)
         )
-        outputs, finished = self.core.update(plan, sampled)
+        top = dict(zip(result.request_ids, result.top_logprobs, strict=True)) if result.top_logprobs else {}
+        outputs, finished = self.core.update(plan, sampled, top)
         for out in outputs:
             self.http.send(out)
         for done in finished:

@@ -213,8 +213,6 @@ async def serve_steps(runner: ModelRunner, channel: ipc.Channel, send_results: b
                 report()
             continue
         assert isinstance(msg, StepPlan), f"worker expects StepPlan, got {type(msg).__name__}"
-        if held is not None and runner.must_collect_before(msg):
-            report()
         launched = runner.launch(msg)
         if held is not None:
             report()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from vlmd.core.page_allocator import PageAllocator, pages_for
 from vlmd.core.request import Request, Status
-from vlmd.messages import EmbedRun, EmbedSlice, NewRequest, StepItem, StepPlan, TokenOut
+from vlmd.messages import EmbedRun, EmbedSlice, NewRequest, StepItem, StepPlan, TokenOut, TopLogprobs
 
 
 @dataclass(frozen=True)
@@ -105,9 +105,13 @@ class Scheduler:
         return StepPlan(self._step_id, items, new_requests, finished)
 
     def update(
-        self, plan: StepPlan, sampled: dict[str, tuple[int, float]]
+        self,
+        plan: StepPlan,
+        sampled: dict[str, tuple[int, float]],
+        top_logprobs: dict[str, TopLogprobs] | None = None,
     ) -> tuple[list[TokenOut], list[Finished]]:
-        """Apply a step's results: advance computed tokens, append sampled ones, finish requests."""
+        """Apply a step's results: advance computed tokens, append sampled ones, finish requests.
+        `sampled`: (token, logprob) per request; `top_logprobs`: for requests that asked."""
         outputs: list[TokenOut] = []
         finished: list[Finished] = []
         for item in plan.items:
@@ -121,7 +125,8 @@ class Scheduler:
             token_id, logprob = sampled[item.request_id]
             request.output_ids.append(token_id)
             reason, num_stop = request.finish_reason_after(token_id)
-            outputs.append(TokenOut(request.request_id, [token_id], [logprob], reason, num_stop))
+            top = [top_logprobs[item.request_id]] if request.sampling.top_logprobs and top_logprobs else []
+            outputs.append(TokenOut(request.request_id, [token_id], [logprob], reason, num_stop, top))
             if reason is not None:
                 self._finish(request)
                 finished.append(Finished(request, reason))

@@ -1,14 +1,18 @@
-"""Token sampling from logits: greedy, temperature, top-k, top-p, repetition penalty, seeds.
+"""Token sampling from logits: greedy, temperature, top-k, top-p, repetition / presence /
+frequency penalties, seeds, and the top logprobs at each position.
 
-Everything stays on the logits' device; the only host sync is reading back the chosen tokens and
-their logprobs once per step, for the whole batch.
+Everything stays on the logits' device: the token counts the penalties need live there and are
+updated from the sampled tokens on the device; parameters go up with non-blocking copies. The
+only host sync is reading back the results once per step, for the whole batch.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from vlmd.messages import SamplingParams
+from vlmd.messages import SamplingParams, TopLogprobs
 
 
 class SamplerState:
@@ -16,53 +20,109 @@ class SamplerState:
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], device: torch.device) -> None:
         self.params = params
-        self.seen = set(prompt_ids) if params.repetition_penalty != 1.0 else set()
+        self.device = device
         self.generator = None
         if params.do_sample and params.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(params.seed)
+        self.penalized = (
+            params.repetition_penalty != 1.0
+            or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0
+        )
+        self._prompt_ids = prompt_ids if params.repetition_penalty != 1.0 else []
+        # Allocated on first use, when the vocabulary size is known; only for penalized requests.
+        self.seen: torch.Tensor | None = None  # [vocab] bool: in the prompt or generated
+        self.output_counts: torch.Tensor | None = None  # [vocab] int32: times each token was generated
 
-    def observe(self, token_id: int) -> None:
-        if self.params.repetition_penalty != 1.0:
-            self.seen.add(token_id)
+    def history(self, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.seen is None:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
+            self.output_counts = torch.zeros(vocab_size, dtype=torch.int32, device=self.device)
+            if self._prompt_ids:
+                # index_fill_, not `seen[ids] = True`: the assignment waits for the device.
+                self.seen.index_fill_(0, _to_device(self._prompt_ids, torch.long, self.device), True)
+        return self.seen, self.output_counts
+
+    def observe(self, token: torch.Tensor) -> None:
+        """token: [1] long on the device, the token just sampled."""
+        if self.seen is not None:
+            self.seen.index_fill_(0, token, True)
+            self.output_counts.index_add_(0, token, torch.ones_like(token, dtype=torch.int32))
 
 
-def sample(logits: torch.Tensor, states: list[SamplerState]) -> tuple[list[int], list[float]]:
-    """logits: [num_reqs, vocab] float32, one row per request. Returns tokens and their logprobs
-    under the model's raw distribution."""
-    tokens, logprobs = sample_on_device(logits, states)
-    token_list = tokens.tolist()
-    observe(states, token_list)
-    return token_list, logprobs.tolist()
+class Sampled(NamedTuple):
+    token_ids: list[int]
+    logprobs: list[float]  # of the sampled tokens, under the model's raw distribution
+    top_logprobs: list[TopLogprobs]  # one per row when any row asked (empty for the others), else []
 
 
-def needs_history(states: list[SamplerState]) -> bool:
-    """Whether sampling these requests reads their earlier tokens on the host (so the previous
-    step's tokens must be read back first)."""
-    return any(s.params.repetition_penalty != 1.0 for s in states)
+def sample(logits: torch.Tensor, states: list[SamplerState]) -> Sampled:
+    """logits: [num_reqs, vocab] float32, one row per request."""
+    tokens, logprobs, top = sample_on_device(logits, states)
+    token_list = tokens.tolist()  # the step's one wait for the device
+    return Sampled(token_list, logprobs.tolist(), _top_lists(top, states))
 
 
-def observe(states: list[SamplerState], token_ids: list[int]) -> None:
-    for state, token in zip(states, token_ids, strict=True):
-        state.observe(token)
-
-
-def sample_on_device(logits: torch.Tensor, states: list[SamplerState]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like `sample`, without reading anything back: tokens [num_reqs] int64 and their logprobs
-    [num_reqs] float32 on the logits' device. The caller `observe`s the tokens once read."""
-    processed = logits
-    penalized = [i for i, s in enumerate(states) if s.params.repetition_penalty != 1.0 and s.seen]
-    if penalized:
-        processed = logits.clone()
-        for i in penalized:
-            processed[i] = apply_repetition_penalty(
-                logits[i], states[i].seen, states[i].params.repetition_penalty
-            )
+def sample_on_device(logits: torch.Tensor, states: list[SamplerState]):
+    """Tokens [num_reqs], their raw logprobs [num_reqs] and the top (values, indices) [num_reqs, k]
+    (None when no row asked), all left on the device; the states observe the tokens."""
+    processed = apply_penalties(logits, states)
     tokens = torch.argmax(processed, dim=-1)  # [num_reqs]; greedy rows are done
     for i, state in enumerate(states):
         if not state.params.greedy:
             tokens[i] = _draw(processed[i], state)
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
-    return tokens, logprobs
+    for i, state in enumerate(states):
+        state.observe(tokens[i : i + 1])
+    raw_logprobs = torch.log_softmax(logits, dim=-1)  # [num_reqs, vocab]
+    chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]
+    num_top = max(state.params.top_logprobs for state in states)
+    top = torch.topk(raw_logprobs, num_top, dim=-1) if num_top else None
+    return tokens, chosen, top
+
+
+def apply_penalties(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
+    """The logits with every penalized row's penalties applied, in one batched operation."""
+    rows = [i for i, state in enumerate(states) if state.penalized]
+    if not rows:
+        return logits
+    vocab_size, device = logits.shape[-1], logits.device
+    histories = [states[i].history(vocab_size) for i in rows]
+    params = [states[i].params for i in rows]
+
+    def column(values: list[float]) -> torch.Tensor:
+        return _to_device(values, torch.float32, device)[:, None]  # [num_penalized, 1]
+
+    index = _to_device(rows, torch.long, device)
+    penalized = penalize(
+        logits[index],
+        torch.stack([seen for seen, _ in histories]),  # [num_penalized, vocab]
+        torch.stack([counts for _, counts in histories]),  # [num_penalized, vocab]
+        repetition=column([p.repetition_penalty for p in params]),
+        presence=column([p.presence_penalty for p in params]),
+        frequency=column([p.frequency_penalty for p in params]),
+    )
+    processed = logits.clone()
+    processed[index] = penalized
+    return processed
+
+
+def penalize(
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    output_counts: torch.Tensor,
+    *,
+    repetition: torch.Tensor,
+    presence: torch.Tensor,
+    frequency: torch.Tensor,
+) -> torch.Tensor:
+    """logits [n, vocab]; seen [n, vocab] bool; output_counts [n, vocab]; penalties [n, 1].
+
+    The CTRL repetition penalty on tokens of the prompt or the output, as transformers applies it
+    (positive logits divided, negative multiplied), then OpenAI's penalties on the output's token
+    counts: logit - frequency * count - presence * (count > 0)."""
+    repeated = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, repeated, logits)
+    return logits - frequency * output_counts - presence * (output_counts > 0)
 
 
 def _draw(logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
@@ -77,18 +137,27 @@ def _draw(logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
     return torch.multinomial(probs, 1, generator=state.generator)[0]
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: set[int], penalty: float) -> torch.Tensor:
-    """CTRL-style penalty as transformers applies it: positive logits divided, negative multiplied."""
-    ids = torch.tensor(sorted(seen), dtype=torch.long, device=logits.device)
-    picked = logits[ids]
-    logits = logits.clone()
-    logits[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits
-
-
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one)."""
     sorted_probs, order = torch.sort(probs, descending=True)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
     sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
     return torch.zeros_like(probs).scatter(0, order, sorted_probs)
+
+
+def _top_lists(top, states: list[SamplerState]) -> list[TopLogprobs]:
+    if top is None:
+        return []
+    ids, values = top.indices.tolist(), top.values.tolist()
+    return [
+        TopLogprobs(ids[i][: s.params.top_logprobs], values[i][: s.params.top_logprobs])
+        for i, s in enumerate(states)
+    ]
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on `device` without waiting for the device: a pinned, non-blocking copy."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)

@@ -1,0 +1,38 @@
+"""The http actor's view of a request in flight, and the errors that end one, shared by every API."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from vlmd.messages import TopLogprobs
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+class ClientError(Exception):
+    """A request the server will not serve: `status` is the HTTP status, `param` the request
+    parameter at fault when there is one, `code` a machine-readable reason for OpenAI clients."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param
+        self.code = code
+
+
+@dataclass
+class Tracked:
+    """A request in flight: tokens as they arrive, and a future for the end."""
+
+    done: asyncio.Future
+    num_prompt_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)  # when the request asked for them
+    segments: list[str] = field(default_factory=list)  # image byte segments to unlink on failure
+    # TokenOut / ClientError, for the consumers that follow tokens; several requests (the choices
+    # of one OpenAI request) may share one queue.
+    updates: asyncio.Queue = field(default_factory=asyncio.Queue)

@@ -1,0 +1,66 @@
+"""Request bodies of the OpenAI-compatible API, decoded and type-checked by msgspec.
+
+Optional parameters accept JSON null as "not given", as OpenAI's API does. Fields vLLM adds to
+OpenAI's (top_k, repetition_penalty, ignore_eos) are accepted too; unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ImageURL(msgspec.Struct):
+    url: str  # http(s) URL or data:image/...;base64,... URI
+    detail: str | None = None  # accepted; images are tiled as the model's processor does
+
+
+class TextPart(msgspec.Struct, tag="text", tag_field="type"):
+    text: str
+
+
+class ImagePart(msgspec.Struct, tag="image_url", tag_field="type"):
+    image_url: ImageURL | str
+
+
+class ChatMessage(msgspec.Struct):
+    role: str
+    content: str | list[TextPart | ImagePart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+
+
+class SamplingFields(msgspec.Struct, kw_only=True):
+    """What /v1/chat/completions and /v1/completions share."""
+
+    model: str | None = None
+    max_tokens: int | None = None  # default: the rest of the context
+    temperature: float | None = None  # default 1.0; 0 is greedy
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+
+
+class ChatCompletionBody(SamplingFields, kw_only=True):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = None  # alternatives per token; needs logprobs
+
+
+class CompletionBody(SamplingFields, kw_only=True):
+    prompt: str | list[str]
+    logprobs: int | None = None  # alternatives per token (the legacy API's logprobs)
+    echo: bool | None = None  # not supported: must be false
+    suffix: str | None = None  # not supported: must be absent
