@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -24,7 +25,8 @@ from starlette.routing import Route
 from vlmd import ipc, shm
 from vlmd.actors.images import BadImage, CheckedImage, ImageChecker
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
-from vlmd.actors.metrics import render_metrics
+from vlmd.actors.limits import LimitExceeded, QueueGate, check_image_count
+from vlmd.actors.metrics import LatencyMetrics, render_metrics
 from vlmd.actors.tokenizer import PromptBuilder, PromptError
 from vlmd.api import GenerateBody
 from vlmd.detokenizer import IncrementalDetokenizer
@@ -50,13 +52,14 @@ class ClientGone(Exception):
 
 
 class ClientError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
 
 
-def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 @dataclass
@@ -64,7 +67,9 @@ class Tracked:
     """A request in flight: tokens as they arrive, and a future for the end."""
 
     done: asyncio.Future
+    arrival: float  # time.perf_counter() when the request was parsed: latencies count from here
     num_prompt_tokens: int = 0
+    last_token_at: float | None = None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     segments: list[str] = field(default_factory=list)  # image byte segments to unlink on failure
@@ -80,7 +85,11 @@ class HttpActor:
         tiling = TilingConfig.from_model_dir(
             self.args.model_dir, min_tiles=self.args.min_tiles, max_tiles=self.args.max_tiles
         )
-        self.images = ImageChecker(tiling, self.args.image_fetch_timeout, self.args.max_body_bytes)
+        self.images = ImageChecker(
+            tiling, self.args.image_fetch_timeout, self.args.max_body_bytes, self.args.max_image_pixels
+        )
+        self.queue = QueueGate(self.args.max_queued_requests)
+        self.latency = LatencyMetrics()
         self.inflight: dict[str, Tracked] = {}
         self.metric_queries: dict[int, asyncio.Future] = {}
         self._query_ids = itertools.count()
@@ -95,18 +104,25 @@ class HttpActor:
             elif isinstance(msg, RequestFailed):
                 tracked = self.inflight.get(msg.request_id)
                 if tracked is not None and not tracked.done.done():
+                    self.queue.leave(msg.request_id)
                     error = ClientError(msg.status, msg.message)
                     tracked.done.set_exception(error)
                     tracked.updates.put_nowait(error)
             elif isinstance(msg, MetricsSnapshot):
                 future = self.metric_queries.pop(msg.query_id, None)
                 if future is not None and not future.done():
-                    future.set_result(msg.values)
+                    future.set_result(msg)
 
     def _on_tokens(self, msg: TokenOut) -> None:
         tracked = self.inflight.get(msg.request_id)
         if tracked is None:
             return
+        now = time.perf_counter()
+        self.latency.on_tokens(tracked.arrival, tracked.last_token_at, len(msg.token_ids), now)
+        tracked.last_token_at = now
+        self.queue.leave(msg.request_id)
+        if msg.finish_reason is not None:
+            self.latency.on_finished(tracked.arrival, now)
         tracked.token_ids += msg.token_ids
         tracked.logprobs += msg.logprobs
         tracked.updates.put_nowait(msg)
@@ -123,15 +139,18 @@ class HttpActor:
         future = asyncio.get_running_loop().create_future()
         self.metric_queries[query_id] = future
         self.channel.send(GetMetrics(query_id))
-        values = await asyncio.wait_for(future, 10.0)
-        return Response(render_metrics(values), media_type="text/plain; version=0.0.4; charset=utf-8")
+        snapshot = await asyncio.wait_for(future, 10.0)
+        values = {**snapshot.values, "requests_queued": len(self.queue)}
+        histograms = {**snapshot.histograms, **self.latency.snapshots()}
+        text = render_metrics(values, histograms)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def generate(self, request: Request) -> Response:
         try:
             body = await self._read_body(request)
             return JSONResponse(await self._generate(body, request))
         except ClientError as exc:
-            return error_response(exc.status, str(exc))
+            return error_response(exc.status, str(exc), exc.headers)
         except ClientGone:
             return Response(status_code=499)  # nobody reads it; the request was aborted
 
@@ -158,28 +177,24 @@ class HttpActor:
             raise ClientError(400, f"malformed JSON: {exc}") from None
 
     async def _submit(self, body: GenerateBody) -> tuple[str, Tracked]:
-        """Validate, fetch images, build the prompt and hand the request to the scheduler."""
-        params = body.parameters
-        sampling = self._sampling(body)
-        images = body.multimodal_params.images
-        if images and not self.args.enable_multimodal:
-            raise ClientError(400, "this server runs without --enable_multimodal: images are not accepted")
-        try:
-            checked = await self.images.check_all(images)
-            # The fast tokenizer releases the GIL: a long prompt does not stall other requests.
-            tiles = [image.num_tiles for image in checked]
-            prompt_ids, spans = await asyncio.to_thread(self.prompts.build, body.inputs, tiles)
-        except (BadImage, PromptError) as exc:
-            raise ClientError(400, str(exc)) from None
-        self._check_length(len(prompt_ids), sampling.max_new_tokens)
-        if len({image.md5 for image in checked}) > self.args.cache_capacity:
-            raise ClientError(
-                400,
-                f"the request has more distinct images than --cache_capacity ({self.args.cache_capacity}) holds",
-            )
-        stops = [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
+        """Validate, fetch images, build the prompt and hand the request to the scheduler.
+
+        The request holds a place in the queue from here to its first token (or its end)."""
+        arrival = time.perf_counter()
         request_id = uuid.uuid4().hex
-        tracked = Tracked(asyncio.get_running_loop().create_future(), num_prompt_tokens=len(prompt_ids))
+        try:
+            self.queue.enter(request_id)
+            sampling, checked, prompt_ids, spans = await self._prepare(body)
+        except LimitExceeded as exc:
+            self.queue.leave(request_id)
+            raise ClientError(exc.status, str(exc), exc.headers) from None
+        except BaseException:  # a bad request, or the client went away while images were fetched
+            self.queue.leave(request_id)
+            raise
+        # From here on nothing awaits: the request is tracked before any message can answer it.
+        params = body.parameters
+        stops = [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
+        tracked = Tracked(asyncio.get_running_loop().create_future(), arrival, len(prompt_ids))
         self.inflight[request_id] = tracked
         refs = self._image_refs(checked, spans, tracked)
         self.channel.send(
@@ -194,8 +209,31 @@ class HttpActor:
         )
         return request_id, tracked
 
+    async def _prepare(self, body: GenerateBody):
+        """(sampling parameters, checked images, prompt ids, image spans) of a valid request."""
+        sampling = self._sampling(body)
+        images = body.multimodal_params.images
+        if images and not self.args.enable_multimodal:
+            raise ClientError(400, "this server runs without --enable_multimodal: images are not accepted")
+        check_image_count(len(images), self.args.max_images_per_request)
+        try:
+            checked = await self.images.check_all(images)
+            # The fast tokenizer releases the GIL: a long prompt does not stall other requests.
+            tiles = [image.num_tiles for image in checked]
+            prompt_ids, spans = await asyncio.to_thread(self.prompts.build, body.inputs, tiles)
+        except (BadImage, PromptError) as exc:
+            raise ClientError(400, str(exc)) from None
+        self._check_length(len(prompt_ids), sampling.max_new_tokens)
+        if len({image.md5 for image in checked}) > self.args.cache_capacity:
+            raise ClientError(
+                400,
+                f"the request has more distinct images than --cache_capacity ({self.args.cache_capacity}) holds",
+            )
+        return sampling, checked, prompt_ids, spans
+
     def _forget(self, request_id: str, tracked: Tracked) -> None:
         """The request is over for the client: if it did not finish, abort it and free its images."""
+        self.queue.leave(request_id)
         finished = tracked.done.done() and tracked.done.exception() is None
         if not tracked.done.done():
             tracked.done.cancel()
@@ -235,7 +273,7 @@ class HttpActor:
         try:
             request_id, tracked = await self._submit(await self._read_body(request))
         except ClientError as exc:
-            return error_response(exc.status, str(exc))
+            return error_response(exc.status, str(exc), exc.headers)
         return StreamingResponse(self._events(request_id, tracked), media_type="text/event-stream")
 
     async def _events(self, request_id: str, tracked: Tracked):
@@ -312,11 +350,7 @@ class HttpActor:
         for image, span in zip(checked, spans, strict=True):
             name = shm.write_bytes_segment(self.segment_prefix, image.data)
             tracked.segments.append(name)
-            refs.append(
-                ImageRef(
-                    image.md5, name, len(image.data), image.num_tiles, span.token_offset, span.num_tokens
-                )
-            )
+            refs.append(image.ref(name, span.token_offset, span.num_tokens))
         return refs
 
     def app(self) -> Starlette:
