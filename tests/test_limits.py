@@ -113,3 +113,16 @@ def test_full_queue_is_503_with_retry_after(limited_server):
     assert waiting[0].status_code == 200, waiting[0].text
     assert generate(limited_server, chat_body("hello", max_new_tokens=2)).status_code == 200
     assert metrics(limited_server)["vlmd_requests_queued"] == 0
+
+
+def test_limits_and_their_defaults_are_in_serve_help():
+    import subprocess
+    import sys
+
+    help_text = subprocess.run(
+        [sys.executable, "-m", "vlmd", "serve", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    flat = " ".join(help_text.split())
+    assert "--max_images_per_request" in flat and "(default: 16)" in flat
+    assert "--max_image_pixels" in flat and "(default: 50000000)" in flat
+    assert "--max_queued_requests" in flat and "(default: 1024)" in flat

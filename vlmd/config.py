@@ -89,19 +89,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max_num_batched_tokens", type=int, default=8192, help="token budget of one step")
     add("--max_running_requests", type=int, default=256)
     add("--max_body_bytes", type=int, default=64 * 1024 * 1024, help="largest accepted request body")
-    add("--max_images_per_request", type=int, default=16, help="most images one request may carry")
+    add(
+        "--max_images_per_request",
+        type=int,
+        default=16,
+        help="most images one request may carry (default: %(default)s)",
+    )
     add(
         "--max_image_pixels",
         type=int,
         default=50_000_000,
         help="most pixels (width x height) of one image; a larger one is refused, "
-        'or downscaled if the request sets "resize_to_fit": true on it',
+        'or downscaled if the request sets "resize_to_fit": true on it (default: %(default)s)',
     )
     add(
         "--max_queued_requests",
         type=int,
         default=1024,
-        help="most requests accepted and still waiting for their first token; beyond it: 503 with Retry-After",
+        help="most requests accepted and still waiting for their first token; "
+        "beyond it: 503 with Retry-After (default: %(default)s)",
     )
     add("--image_fetch_timeout", type=float, default=10.0, help="seconds to fetch an image URL")
     add("--embed_store_mb", type=int, default=1024, help="shared-memory arena for image embeddings")
