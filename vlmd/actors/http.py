@@ -27,7 +27,7 @@ from vlmd.actors.images import BadImage, CheckedImage, ImageChecker
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
 from vlmd.actors.limits import LimitExceeded, QueueGate, check_image_count
 from vlmd.actors.metrics import LatencyMetrics, render_metrics
-from vlmd.actors.tokenizer import PromptBuilder, PromptError
+from vlmd.actors.tokenizer import ImageSpan, PromptBuilder, PromptError
 from vlmd.api import GenerateBody
 from vlmd.detokenizer import IncrementalDetokenizer
 from vlmd.image import TilingConfig
@@ -194,7 +194,9 @@ class HttpActor:
         # From here on nothing awaits: the request is tracked before any message can answer it.
         params = body.parameters
         stops = [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
-        tracked = Tracked(asyncio.get_running_loop().create_future(), arrival, len(prompt_ids))
+        tracked = Tracked(
+            asyncio.get_running_loop().create_future(), arrival=arrival, num_prompt_tokens=len(prompt_ids)
+        )
         self.inflight[request_id] = tracked
         refs = self._image_refs(checked, spans, tracked)
         self.channel.send(
@@ -209,8 +211,10 @@ class HttpActor:
         )
         return request_id, tracked
 
-    async def _prepare(self, body: GenerateBody):
-        """(sampling parameters, checked images, prompt ids, image spans) of a valid request."""
+    async def _prepare(
+        self, body: GenerateBody
+    ) -> tuple[SamplingParams, list[CheckedImage], list[int], list[ImageSpan]]:
+        """What a valid request becomes; raises ClientError or LimitExceeded for one that is not."""
         sampling = self._sampling(body)
         images = body.multimodal_params.images
         if images and not self.args.enable_multimodal:
