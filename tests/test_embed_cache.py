@@ -34,6 +34,7 @@ def test_lru_evicts_beyond_cache_capacity(model_dir, tmp_path):
     assert values["vlmd_embed_cache_misses_total"] == 4  # A, B, C, B
     assert values["vlmd_embed_cache_hits_total"] == 2  # A, A
     assert values["vlmd_vit_images_total"] == 4
+    assert values["vlmd_embed_cache_evictions_total"] == 2  # B for C, then C for B
 
 
 def test_full_cache_waits_for_pins_instead_of_failing(model_dir, tmp_path):

@@ -399,3 +399,16 @@ def test_image_module_imports_neither_torch_nor_transformers():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+@pytest.mark.parametrize(
+    "width, height, max_pixels", [(800, 600, 300_000), (4032, 3024, 12_000_000), (6000, 1000, 2_000_000)]
+)
+def test_fit_within_keeps_the_aspect_ratio_under_the_limit(width, height, max_pixels):
+    from vlmd.image import fit_within
+
+    new_width, new_height = fit_within(width, height, max_pixels)
+    assert new_width * new_height <= max_pixels < (new_width + 1) * (new_height + 1)
+    assert abs(new_width / new_height - width / height) < 0.01 * width / height
+    assert fit_within(width, height, width * height) == (width, height)
+    assert fit_within(10_000, 3, 1000) == (1000, 1)  # a degenerate case still fits

@@ -23,6 +23,7 @@ class GenerateParameters(msgspec.Struct, kw_only=True):
 class ImageInput(msgspec.Struct):
     type: str  # "url" | "base64"
     data: str
+    resize_to_fit: bool = False  # beyond --max_image_pixels: downscale it instead of refusing
 
 
 class MultimodalParams(msgspec.Struct, kw_only=True):

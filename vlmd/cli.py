@@ -1,4 +1,4 @@
-"""`vlmd serve`, `vlmd demo-model`: the command line."""
+"""`vlmd serve`, `vlmd bench`, `vlmd demo-model`: the command line."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from vlmd.benchmark.args import add_bench_arguments
 from vlmd.config import ConfigError, add_serve_arguments, build_server_args
 
 DEMO_MODEL_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vlmd", "demo-model")
@@ -16,12 +17,22 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="start the server")
     add_serve_arguments(serve)
+    bench = commands.add_parser(
+        "bench",
+        help="load-test a running server, report throughput and latency",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_bench_arguments(bench)
     demo = commands.add_parser("demo-model", help="write the tiny random-weight demo model")
     demo.add_argument("path")
     demo.add_argument("--seed", type=int, default=0)
     ns = parser.parse_args(argv)
     if ns.command == "demo-model":
         return _demo_model(ns.path, ns.seed)
+    if ns.command == "bench":
+        from vlmd.benchmark.runner import run
+
+        return run(ns)
     return _serve(serve, ns)
 
 

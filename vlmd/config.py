@@ -42,6 +42,9 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     max_num_batched_tokens: int = 8192
     max_running_requests: int = 256
     max_body_bytes: int = 64 * 1024 * 1024
+    max_images_per_request: int = 16
+    max_image_pixels: int = 50_000_000
+    max_queued_requests: int = 1024
     image_fetch_timeout: float = 10.0
     embed_store_mb: int = 1024
     min_tiles: int | None = None
@@ -97,6 +100,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max_num_batched_tokens", type=int, default=8192, help="token budget of one step")
     add("--max_running_requests", type=int, default=256)
     add("--max_body_bytes", type=int, default=64 * 1024 * 1024, help="largest accepted request body")
+    add(
+        "--max_images_per_request",
+        type=int,
+        default=16,
+        help="most images one request may carry (default: %(default)s)",
+    )
+    add(
+        "--max_image_pixels",
+        type=int,
+        default=50_000_000,
+        help="most pixels (width x height) of one image; a larger one is refused, "
+        'or downscaled if the request sets "resize_to_fit": true on it (default: %(default)s)',
+    )
+    add(
+        "--max_queued_requests",
+        type=int,
+        default=1024,
+        help="most requests accepted and still waiting for their first token; "
+        "beyond it: 503 with Retry-After (default: %(default)s)",
+    )
     add("--image_fetch_timeout", type=float, default=10.0, help="seconds to fetch an image URL")
     add("--embed_store_mb", type=int, default=1024, help="shared-memory arena for image embeddings")
     add("--min_tiles", type=int, default=None, help="override the processor config's min_patches")
@@ -121,7 +144,8 @@ def build_server_args(ns: argparse.Namespace, environ: dict[str, str] | None = N
     _check_positive(ns, "tp", "visual_infer_batch_size", "cache_capacity", "page_size")
     _resolve_vision_layout(ns)
     _check_positive(ns, "max_num_batched_tokens", "max_running_requests", "max_body_bytes", "embed_store_mb")
-    _check_positive(ns, "graph_max_batch_size")
+    _check_positive(ns, "graph_max_batch_size", "max_images_per_request", "max_image_pixels")
+    _check_positive(ns, "max_queued_requests")
     if not 0.0 < ns.mem_fraction <= 1.0:
         raise ConfigError("--mem_fraction", f"must be in (0, 1], got {ns.mem_fraction}")
     for flag in ("max_total_token_num", "max_req_total_len", "min_tiles", "max_tiles"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,6 +38,14 @@ _UPLOAD_FORMATS = tuple(
 
 class ImageError(ValueError):
     """An uploaded image that cannot be used; the message is fit for an HTTP 400 response body."""
+
+
+class ImageTooLarge(ImageError):
+    """The image has more pixels than the caller allows (found from its header, before decoding)."""
+
+    def __init__(self, width: int, height: int, max_pixels: int) -> None:
+        super().__init__(f"image too large: {width} x {height} pixels exceeds the limit of {max_pixels}")
+        self.width, self.height, self.max_pixels = width, height, max_pixels
 
 
 @dataclass(frozen=True)
@@ -204,7 +213,7 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     image = _open(data)
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageError(f"image too large: {width} x {height} pixels exceeds the limit of {max_pixels}")
+        raise ImageTooLarge(width, height, max_pixels)
     _load(image)
     try:
         upright = ImageOps.exif_transpose(image)
@@ -256,6 +265,27 @@ def convert_to_rgb(image: Image.Image) -> Image.Image:
     rgba = image.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def fit_within(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The largest size of the same aspect ratio with at most `max_pixels` pixels:
+    (floor(width * s), floor(height * s)) with s = sqrt(max_pixels / (width * height)), at least 1 x 1."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    new_width, new_height = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+    while new_width * new_height > max_pixels:  # float rounding up to an exact integer
+        if new_width >= new_height:
+            new_width -= 1
+        else:
+            new_height -= 1
+    return new_width, new_height
+
+
+def downscale(image: Image.Image, width: int, height: int) -> Image.Image:
+    """What `"resize_to_fit": true` does to an image beyond --max_image_pixels: a bicubic resize of
+    the decoded, upright RGB image (a client gets the same pixels by doing the same before sending)."""
+    return image.resize((width, height), resample=Image.Resampling.BICUBIC)
 
 
 # ---------------------------------------------------------------------------------------------------

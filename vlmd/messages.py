@@ -37,12 +37,22 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
 class ImageRef(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """One image of a request: where its bytes are and which prompt positions it fills."""
 
-    md5: str  # hex MD5 of the original image bytes: the embed-cache key
+    md5: str  # embed-cache key: hex MD5 of the original image bytes (and of the size, if resized)
     bytes_shm: str  # shared-memory segment holding the original bytes ("" once consumed)
     num_bytes: int
     num_tiles: int
     token_offset: int  # prompt index of the first <IMG_CONTEXT> token of this image
     num_tokens: int  # embedding rows = num_tiles * image_seq_length
+    resize_width: int = 0  # > 0: the vision actor downscales the decoded image to this size first
+    resize_height: int = 0
+
+
+class HistogramSnapshot(msgspec.Struct, array_like=True, gc=False):
+    """A fixed-bucket histogram's state; `vlmd.actors.metrics` renders it with cumulative buckets."""
+
+    bounds: list[float]  # finite upper edges (Prometheus `le`), increasing
+    counts: list[int]  # observations per bucket, not cumulative; len(bounds) + 1, the last is +Inf
+    sum: float
 
 
 class TopLogprobs(msgspec.Struct, array_like=True, gc=False):
@@ -129,6 +139,7 @@ class GetMetrics(Message):
 class MetricsSnapshot(Message):
     query_id: int
     values: dict[str, float]
+    histograms: dict[str, HistogramSnapshot] = {}
 
 
 # --- scheduler <-> vision ------------------------------------------------------------------
@@ -145,6 +156,7 @@ class ImagesReady(Message):
     request_id: str
     runs: list[EmbedRun]  # one per image, in request order
     counters: dict[str, float]  # vision counters after this batch, for /metrics
+    histograms: dict[str, HistogramSnapshot] = {}  # vision histograms, likewise
 
 
 class ImagesFailed(Message):

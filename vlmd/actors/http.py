@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import socket
+import time
 import uuid
 from collections.abc import Callable
 
@@ -28,7 +29,8 @@ from vlmd import ipc, shm
 from vlmd.actors.images import BadImage, CheckedImage, ImageChecker
 from vlmd.actors.inflight import ClientError, ClientGone, Tracked
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
-from vlmd.actors.metrics import render_metrics
+from vlmd.actors.limits import LimitExceeded, QueueGate, check_image_count
+from vlmd.actors.metrics import LatencyMetrics, render_metrics
 from vlmd.actors.openai_api import OpenAIApi
 from vlmd.actors.tokenizer import ImageSpan, PromptBuilder, PromptError
 from vlmd.api import GenerateBody, ImageInput
@@ -50,8 +52,8 @@ from vlmd.sampling import InvalidParameter, make_sampling_params
 log = logging.getLogger("vlmd.http")
 
 
-def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class HttpActor:
@@ -63,7 +65,11 @@ class HttpActor:
         tiling = TilingConfig.from_model_dir(
             self.args.model_dir, min_tiles=self.args.min_tiles, max_tiles=self.args.max_tiles
         )
-        self.images = ImageChecker(tiling, self.args.image_fetch_timeout, self.args.max_body_bytes)
+        self.images = ImageChecker(
+            tiling, self.args.image_fetch_timeout, self.args.max_body_bytes, self.args.max_image_pixels
+        )
+        self.queue = QueueGate(self.args.max_queued_requests)
+        self.latency = LatencyMetrics()
         self.inflight: dict[str, Tracked] = {}
         self.metric_queries: dict[int, asyncio.Future] = {}
         self._query_ids = itertools.count()
@@ -78,18 +84,25 @@ class HttpActor:
             elif isinstance(msg, RequestFailed):
                 tracked = self.inflight.get(msg.request_id)
                 if tracked is not None and not tracked.done.done():
+                    self.queue.leave(msg.request_id)
                     error = ClientError(msg.status, msg.message)
                     tracked.done.set_exception(error)
                     tracked.updates.put_nowait(error)
             elif isinstance(msg, MetricsSnapshot):
                 future = self.metric_queries.pop(msg.query_id, None)
                 if future is not None and not future.done():
-                    future.set_result(msg.values)
+                    future.set_result(msg)
 
     def _on_tokens(self, msg: TokenOut) -> None:
         tracked = self.inflight.get(msg.request_id)
         if tracked is None:
             return
+        now = time.perf_counter()
+        self.latency.on_tokens(tracked.arrival, tracked.last_token_at, len(msg.token_ids), now)
+        tracked.last_token_at = now
+        self.queue.leave(msg.request_id)
+        if msg.finish_reason is not None:
+            self.latency.on_finished(tracked.arrival, now)
         tracked.token_ids += msg.token_ids
         tracked.logprobs += msg.logprobs
         tracked.top_logprobs += msg.top_logprobs
@@ -107,15 +120,18 @@ class HttpActor:
         future = asyncio.get_running_loop().create_future()
         self.metric_queries[query_id] = future
         self.channel.send(GetMetrics(query_id))
-        values = await asyncio.wait_for(future, 10.0)
-        return Response(render_metrics(values), media_type="text/plain; version=0.0.4; charset=utf-8")
+        snapshot = await asyncio.wait_for(future, 10.0)
+        values = {**snapshot.values, "requests_queued": len(self.queue)}
+        histograms = {**snapshot.histograms, **self.latency.snapshots()}
+        text = render_metrics(values, histograms)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def generate(self, request: Request) -> Response:
         try:
             body = await self.read_body(request, GenerateBody)
             return JSONResponse(await self._generate(body, request))
         except ClientError as exc:
-            return error_response(exc.status, str(exc))
+            return error_response(exc.status, str(exc), exc.headers)
         except ClientGone:
             return Response(status_code=499)  # nobody reads it; the request was aborted
 
@@ -150,6 +166,10 @@ class HttpActor:
             raise ClientError(400, "this server runs without --enable_multimodal: images are not accepted")
         if not images:
             return []
+        try:
+            check_image_count(len(images), self.args.max_images_per_request)
+        except LimitExceeded as exc:
+            raise ClientError(exc.status, str(exc)) from None
         try:
             checked = await self.images.check_all(images)
         except BadImage as exc:
@@ -196,10 +216,19 @@ class HttpActor:
         sampling: SamplingParams,
         stop_token_seqs: list[list[int]] = (),
         updates: asyncio.Queue | None = None,
+        arrival: float | None = None,
     ) -> tuple[str, Tracked]:
-        """Hand a checked request to the scheduler; its tokens arrive in the Tracked."""
+        """Hand a checked request to the scheduler; its tokens arrive in the Tracked. It holds a
+        place in the queue (--max_queued_requests) until its first token or its end; `arrival`
+        (time.perf_counter() when the request was parsed) is where its latencies count from."""
         request_id = uuid.uuid4().hex
-        tracked = Tracked(asyncio.get_running_loop().create_future(), num_prompt_tokens=len(prompt_ids))
+        self.reserve_queue(1)
+        self.queue.enter(request_id)
+        tracked = Tracked(
+            asyncio.get_running_loop().create_future(),
+            arrival=time.perf_counter() if arrival is None else arrival,
+            num_prompt_tokens=len(prompt_ids),
+        )
         if updates is not None:
             tracked.updates = updates
         self.inflight[request_id] = tracked
@@ -216,9 +245,18 @@ class HttpActor:
         )
         return request_id, tracked
 
+    def reserve_queue(self, num_requests: int) -> None:
+        """A 503 with Retry-After unless the queue has room for `num_requests` more (checked
+        before the first of several submits, so that none goes out if they cannot all)."""
+        try:
+            self.queue.check_room(num_requests)
+        except LimitExceeded as exc:
+            raise ClientError(exc.status, str(exc), headers=exc.headers) from None
+
     def forget(self, request_id: str, tracked: Tracked) -> None:
         """The request is over for the client: if it did not finish, abort it and free its images.
         Forgetting a request twice is harmless."""
+        self.queue.leave(request_id)
         if self.inflight.pop(request_id, None) is None:
             return
         finished = tracked.done.done() and tracked.done.exception() is None
@@ -232,13 +270,15 @@ class HttpActor:
     # --- LightLLM's API -----------------------------------------------------------------------
 
     async def _submit(self, body: GenerateBody) -> tuple[str, Tracked]:
+        arrival = time.perf_counter()
         params = body.parameters
         sampling = self._sampling(body)
         checked = await self.check_images(body.multimodal_params.images)
         prompt_ids, spans = await self.tokenize(self.prompts.build, body.inputs, checked)
         self.check_length(len(prompt_ids), sampling.max_new_tokens)
         stops = [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
-        return self.submit(prompt_ids, spans, checked, sampling, self.prompts.stop_token_seqs(stops))
+        stop_token_seqs = self.prompts.stop_token_seqs(stops)
+        return self.submit(prompt_ids, spans, checked, sampling, stop_token_seqs, arrival=arrival)
 
     async def _generate(self, body: GenerateBody, request: Request) -> dict:
         request_id, tracked = await self._submit(body)
@@ -270,7 +310,7 @@ class HttpActor:
         try:
             request_id, tracked = await self._submit(await self.read_body(request, GenerateBody))
         except ClientError as exc:
-            return error_response(exc.status, str(exc))
+            return error_response(exc.status, str(exc), exc.headers)
         return StreamingResponse(self._events(request_id, tracked), media_type="text/event-stream")
 
     async def _events(self, request_id: str, tracked: Tracked):
@@ -337,11 +377,7 @@ class HttpActor:
         for image, span in zip(checked, spans, strict=True):
             name = shm.write_bytes_segment(self.segment_prefix, image.data)
             tracked.segments.append(name)
-            refs.append(
-                ImageRef(
-                    image.md5, name, len(image.data), image.num_tiles, span.token_offset, span.num_tokens
-                )
-            )
+            refs.append(image.ref(name, span.token_offset, span.num_tokens))
         return refs
 
     def app(self) -> Starlette:

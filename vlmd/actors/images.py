@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import httpx
 
 from vlmd.api import ImageInput
-from vlmd.image import ImageError, TilingConfig, decode_image, num_tiles
+from vlmd.image import ImageError, ImageTooLarge, TilingConfig, decode_image, fit_within, num_tiles
+from vlmd.messages import ImageRef
 
 
 class BadImage(ValueError):
@@ -22,23 +23,39 @@ class BadImage(ValueError):
 @dataclass(frozen=True)
 class CheckedImage:
     data: bytes
-    md5: str
+    md5: str  # the embed-cache key: MD5 of the bytes, or of the bytes and the size when resized
     num_tiles: int
+    resize_to: tuple[int, int] | None = None  # (width, height) the vision actor downscales it to
+
+    def ref(self, bytes_shm: str, token_offset: int, num_tokens: int) -> ImageRef:
+        """The image as the scheduler and the vision actor see it, its bytes in `bytes_shm`."""
+        width, height = self.resize_to or (0, 0)
+        return ImageRef(
+            self.md5, bytes_shm, len(self.data), self.num_tiles, token_offset, num_tokens, width, height
+        )
 
 
 class ImageChecker:
     """Fetches image bytes, decodes them once to validate and measure them, computes the MD5.
 
+    An image of more than `max_pixels` pixels is refused from its header alone, unless the
+    request asks for `resize_to_fit`: then it is decoded and the vision actor downscales it.
     Sizes are remembered by MD5, so an image sent again is not decoded again here.
     """
 
     def __init__(
-        self, tiling: TilingConfig, fetch_timeout: float, max_bytes: int, cache_size: int = 4096
+        self,
+        tiling: TilingConfig,
+        fetch_timeout: float,
+        max_bytes: int,
+        max_pixels: int,
+        cache_size: int = 4096,
     ) -> None:
         self.tiling = tiling
         self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
         self.client = httpx.AsyncClient(timeout=fetch_timeout, follow_redirects=True)
-        self._tiles_by_md5: OrderedDict[str, int] = OrderedDict()
+        self._size_by_md5: OrderedDict[str, tuple[int, int]] = OrderedDict()  # upright (width, height)
         self._cache_size = cache_size
 
     async def check_all(self, images: list[ImageInput]) -> list[CheckedImage]:
@@ -47,15 +64,31 @@ class ImageChecker:
     async def check(self, index: int, image: ImageInput) -> CheckedImage:
         data = await self._load_bytes(index, image)
         md5 = hashlib.md5(data).hexdigest()
-        tiles = self._tiles_by_md5.get(md5)
-        if tiles is None:
+        size = self._size_by_md5.get(md5)
+        if size is None:
             try:
-                decoded = await asyncio.to_thread(decode_image, data)
+                limit = None if image.resize_to_fit else self.max_pixels
+                decoded = await asyncio.to_thread(decode_image, data, limit)
+            except ImageTooLarge as exc:
+                raise BadImage(self._too_large(index, exc.width, exc.height)) from None
             except ImageError as exc:
                 raise BadImage(f"image {index}: {exc}") from None
-            tiles = num_tiles(decoded.width, decoded.height, self.tiling)
-            self._remember(md5, tiles)
-        return CheckedImage(data, md5, tiles)
+            size = decoded.size
+            self._remember(md5, size)
+        width, height = size
+        if width * height <= self.max_pixels:
+            return CheckedImage(data, md5, num_tiles(width, height, self.tiling))
+        if not image.resize_to_fit:
+            raise BadImage(self._too_large(index, width, height))
+        resize_to = fit_within(width, height, self.max_pixels)
+        resized_md5 = hashlib.md5(f"{md5}:{resize_to[0]}x{resize_to[1]}".encode()).hexdigest()
+        return CheckedImage(data, resized_md5, num_tiles(*resize_to, self.tiling), resize_to)
+
+    def _too_large(self, index: int, width: int, height: int) -> str:
+        return (
+            f"image {index} has {width} x {height} = {width * height} pixels; --max_image_pixels allows "
+            f'{self.max_pixels} (send it smaller, or set "resize_to_fit": true on the image to downscale it)'
+        )
 
     async def _load_bytes(self, index: int, image: ImageInput) -> bytes:
         if image.type == "base64":
@@ -84,10 +117,10 @@ class ImageChecker:
         except httpx.HTTPError as exc:
             raise BadImage(f"image {index}: fetching {url} failed: {exc}") from None
 
-    def _remember(self, md5: str, tiles: int) -> None:
-        self._tiles_by_md5[md5] = tiles
-        if len(self._tiles_by_md5) > self._cache_size:
-            self._tiles_by_md5.popitem(last=False)
+    def _remember(self, md5: str, size: tuple[int, int]) -> None:
+        self._size_by_md5[md5] = size
+        if len(self._size_by_md5) > self._cache_size:
+            self._size_by_md5.popitem(last=False)
 
 
 def _decode_base64(index: int, text: str) -> bytes:

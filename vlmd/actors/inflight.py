@@ -16,11 +16,19 @@ class ClientError(Exception):
     """A request the server will not serve: `status` is the HTTP status, `param` the request
     parameter at fault when there is one, `code` a machine-readable reason for OpenAI clients."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.param = param
         self.code = code
+        self.headers = headers or {}  # e.g. Retry-After on a 503
 
 
 @dataclass
@@ -28,7 +36,9 @@ class Tracked:
     """A request in flight: tokens as they arrive, and a future for the end."""
 
     done: asyncio.Future
+    arrival: float  # time.perf_counter() when the request was parsed: latencies count from here
     num_prompt_tokens: int = 0
+    last_token_at: float | None = None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[TopLogprobs] = field(default_factory=list)  # when the request asked for them

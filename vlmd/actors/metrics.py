@@ -1,28 +1,93 @@
-"""Prometheus text rendering of the scheduler's metrics snapshot."""
+"""/metrics: Prometheus text rendering of the scheduler's snapshot (which carries the vision
+actor's counters and histograms) and of the http actor's own latency histograms."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from itertools import accumulate
 
-# snapshot key -> (metric name without the _total suffix, kind, help)
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from vlmd.core.histogram import Histogram
+from vlmd.messages import HistogramSnapshot
+
+# snapshot key -> (metric name without the _total suffix, help)
 COUNTERS = {
     "vit_images_total": ("vlmd_vit_images", "images the ViT actually encoded"),
     "embed_cache_hits_total": ("vlmd_embed_cache_hits", "images whose embeddings came from the MD5 cache"),
     "embed_cache_misses_total": ("vlmd_embed_cache_misses", "images that had to be encoded"),
+    "embed_cache_evictions_total": ("vlmd_embed_cache_evictions", "embeddings evicted from the MD5 cache"),
 }
 GAUGES = {
     "kv_pages_used": ("vlmd_kv_pages_used", "KV cache pages in use"),
     "kv_pages_total": ("vlmd_kv_pages_total", "KV cache pages in the pool"),
     "requests_running": ("vlmd_requests_running", "requests in the running batch"),
     "requests_waiting": ("vlmd_requests_waiting", "requests waiting for images or KV pages"),
+    "requests_queued": (
+        "vlmd_requests_queued",
+        "requests accepted and not yet given their first token (bounded by --max_queued_requests)",
+    ),
+}
+HISTOGRAMS = {
+    "time_to_first_token_seconds": (
+        "vlmd_time_to_first_token_seconds",
+        "from the parsed request to its first token",
+    ),
+    "inter_token_latency_seconds": ("vlmd_inter_token_latency_seconds", "between consecutive tokens"),
+    "e2e_request_latency_seconds": (
+        "vlmd_e2e_request_latency_seconds",
+        "from the parsed request to its last token",
+    ),
+    "vit_batch_size": ("vlmd_vit_batch_size", "images per ViT batch"),
 }
 FINISHED_PREFIX = "requests_finished_"
 
+TTFT_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30, 60)
+ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2)
+E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+VIT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# A histogram nobody has reported yet (no image encoded so far) renders empty with these bounds.
+BUCKETS = {
+    "time_to_first_token_seconds": TTFT_BUCKETS_S,
+    "inter_token_latency_seconds": ITL_BUCKETS_S,
+    "e2e_request_latency_seconds": E2E_BUCKETS_S,
+    "vit_batch_size": VIT_BATCH_BUCKETS,
+}
+
+
+class LatencyMetrics:
+    """The http actor's latency histograms; it sees every token arrive, as the client would."""
+
+    def __init__(self) -> None:
+        self.ttft = Histogram(TTFT_BUCKETS_S)
+        self.itl = Histogram(ITL_BUCKETS_S)
+        self.e2e = Histogram(E2E_BUCKETS_S)
+
+    def on_tokens(self, arrival: float, last_token_at: float | None, num_tokens: int, now: float) -> None:
+        """`num_tokens` arrived at `now` for a request that arrived at `arrival` and last received a
+        token at `last_token_at` (None: these are its first). Tokens arriving together are 0 s apart."""
+        if last_token_at is None:
+            self.ttft.observe(now - arrival)
+        else:
+            self.itl.observe(now - last_token_at)
+        for _ in range(num_tokens - 1):
+            self.itl.observe(0.0)
+
+    def on_finished(self, arrival: float, now: float) -> None:
+        self.e2e.observe(now - arrival)
+
+    def snapshots(self) -> dict[str, HistogramSnapshot]:
+        return {
+            "time_to_first_token_seconds": self.ttft.snapshot(),
+            "inter_token_latency_seconds": self.itl.snapshot(),
+            "e2e_request_latency_seconds": self.e2e.snapshot(),
+        }
+
 
 class _Snapshot:
-    def __init__(self, values: dict[str, float]) -> None:
+    def __init__(self, values: dict[str, float], histograms: dict[str, HistogramSnapshot]) -> None:
         self.values = values
+        self.histograms = histograms
 
     def collect(self):
         for key, (name, help_text) in COUNTERS.items():
@@ -36,9 +101,21 @@ class _Snapshot:
             if key.startswith(FINISHED_PREFIX):
                 finished.add_metric([key.removeprefix(FINISHED_PREFIX)], value)
         yield finished
+        for key, (name, help_text) in HISTOGRAMS.items():
+            snapshot = self.histograms.get(key) or Histogram(BUCKETS[key]).snapshot()
+            yield _histogram_family(name, help_text, snapshot)
 
 
-def render_metrics(values: dict[str, float]) -> bytes:
+def _histogram_family(name: str, help_text: str, snapshot: HistogramSnapshot) -> HistogramMetricFamily:
+    assert len(snapshot.counts) == len(snapshot.bounds) + 1
+    edges = [f"{bound:g}" for bound in snapshot.bounds] + ["+Inf"]
+    cumulative = list(accumulate(snapshot.counts))
+    return HistogramMetricFamily(
+        name, help_text, buckets=list(zip(edges, cumulative, strict=True)), sum_value=snapshot.sum
+    )
+
+
+def render_metrics(values: dict[str, float], histograms: dict[str, HistogramSnapshot]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(values))
+    registry.register(_Snapshot(values, histograms))
     return generate_latest(registry)

@@ -200,6 +200,7 @@ class OpenAIApi:
             self.actor.check_length(len(prompt_ids), limit, max_name)
             limits.append(limit)
         job.num_prompt_tokens = sum(len(prompt_ids) for (prompt_ids, _), _ in prompts)
+        self.actor.reserve_queue(len(prompts) * n)
         for ((prompt_ids, spans), checked), limit in zip(prompts, limits, strict=True):
             for i in range(n):
                 params = msgspec.structs.replace(
@@ -397,7 +398,7 @@ def _error_body(exc: ClientError) -> dict:
 
 def error_response(exc: ClientError) -> JSONResponse:
     """An error in OpenAI's shape."""
-    return JSONResponse(_error_body(exc), status_code=exc.status)
+    return JSONResponse(_error_body(exc), status_code=exc.status, headers=exc.headers)
 
 
 def _sse(event: dict) -> bytes:

@@ -28,6 +28,7 @@ from vlmd.messages import (
     FlushStep,
     GetMetrics,
     Hello,
+    HistogramSnapshot,
     ImagesFailed,
     ImagesReady,
     MetricsSnapshot,
@@ -57,6 +58,7 @@ class SchedulerActor:
         self._results: asyncio.Queue[StepResult] = asyncio.Queue()
         self._workers_ready = asyncio.Event()
         self._vision_counters: dict[str, float] = {}
+        self._vision_histograms: dict[str, HistogramSnapshot] = {}
         self._finished = Counter()
         self._with_images: set[str] = set()  # requests whose images the vision actor has pinned
 
@@ -98,13 +100,14 @@ class SchedulerActor:
             self._abort(msg.request_id)
         elif isinstance(msg, ImagesReady):
             self._vision_counters = msg.counters
+            self._vision_histograms = msg.histograms
             self.core.images_ready(msg.request_id, msg.runs)
             self._work.set()
         elif isinstance(msg, ImagesFailed):
             self._abort(msg.request_id)
             self.http.send(RequestFailed(msg.request_id, msg.status, msg.message))
         elif isinstance(msg, GetMetrics):
-            self.http.send(MetricsSnapshot(msg.query_id, self._metrics()))
+            self.http.send(MetricsSnapshot(msg.query_id, self._metrics(), self._vision_histograms))
         else:
             log.warning("unexpected message %r", type(msg).__name__)
 

@@ -19,9 +19,11 @@ import torch
 
 from vlmd import ipc, shm
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
+from vlmd.actors.metrics import VIT_BATCH_BUCKETS
 from vlmd.actors.worker import TORCH_DTYPES, embed_store_view
 from vlmd.core.embed_index import EmbedIndex
-from vlmd.image import ImageError, TilingConfig, decode_image, preprocess
+from vlmd.core.histogram import Histogram
+from vlmd.image import ImageError, TilingConfig, decode_image, downscale, preprocess
 from vlmd.kernels.vision_graph import VisionGraphs
 from vlmd.messages import EmbedRun, EncodeImages, Hello, ImageRef, ImagesFailed, ImagesReady, ReleaseImages
 from vlmd.models.loader import load_vision
@@ -74,6 +76,7 @@ class VisionActor:
             "embed_cache_hits_total": 0.0,
             "embed_cache_misses_total": 0.0,
         }
+        self.batch_sizes = Histogram(VIT_BATCH_BUCKETS)
 
     def on_encode(self, msg: EncodeImages) -> None:
         pending = Pending([None] * len(msg.images), [image.md5 for image in msg.images])
@@ -108,7 +111,9 @@ class VisionActor:
         pending = self.pending.get(request_id)
         if pending is not None and all(run is not None for run in pending.runs):
             del self.pending[request_id]
-            self.channel.send(ImagesReady(request_id, pending.runs, dict(self.counters)))
+            counters = {**self.counters, "embed_cache_evictions_total": float(self.index.num_evictions)}
+            histograms = {"vit_batch_size": self.batch_sizes.snapshot()}
+            self.channel.send(ImagesReady(request_id, pending.runs, counters, histograms))
 
     def _fail(self, request_id: str, status: int, message: str) -> None:
         if self.pending.pop(request_id, None) is not None:
@@ -123,6 +128,7 @@ class VisionActor:
             results = await asyncio.to_thread(self._encode, [job.image for job in batch])
             log.debug("encoded %d image(s) in %.3f s", len(batch), time.perf_counter() - started)
             self.counters["vit_images_total"] += sum(1 for r in results if not isinstance(r, str))
+            self.batch_sizes.observe(len(batch))
             for job, result in zip(batch, results, strict=True):
                 self._store(job, result)
 
@@ -167,7 +173,10 @@ class VisionActor:
         for i, image in enumerate(images):
             try:
                 data = shm.read_bytes_segment(image.bytes_shm, image.num_bytes)
-                pixels = preprocess(decode_image(data), self.tiling)  # [num_tiles, 3, tile, tile]
+                decoded = decode_image(data)
+                if image.resize_width:  # the client asked to fit --max_image_pixels
+                    decoded = downscale(decoded, image.resize_width, image.resize_height)
+                pixels = preprocess(decoded, self.tiling)  # [num_tiles, 3, tile, tile]
                 assert pixels.shape[0] == image.num_tiles, "http and vision disagree on the tile count"
                 tiles.append(pixels)
                 counts.append(pixels.shape[0])

@@ -1,0 +1,99 @@
+"""/metrics through a real server: latency histograms from the http actor, ViT batch sizes from the
+vision actor, parsed with prometheus_client's own text parser."""
+
+from __future__ import annotations
+
+import base64
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import make_image
+from tests.test_http import chat_body, generate
+from tests.test_stream import stream
+from vlmd.actors.metrics import render_metrics
+from vlmd.core.histogram import Histogram
+
+LATENCY_HISTOGRAMS = (
+    "vlmd_time_to_first_token_seconds",
+    "vlmd_inter_token_latency_seconds",
+    "vlmd_e2e_request_latency_seconds",
+)
+
+
+def scrape(server) -> dict[str, dict[tuple, float]]:
+    """metric family name -> {(sample name, sorted labels): value}"""
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    return {
+        family.name: {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
+        for family in text_string_to_metric_families(text)
+    }
+
+
+def histogram(families, name: str) -> tuple[list[tuple[float, float]], float, float]:
+    """(cumulative (le, count) buckets, _count, _sum) of one histogram."""
+    samples = families[name]
+    buckets = sorted(
+        (float(dict(labels)["le"]), value)
+        for (sample, labels), value in samples.items()
+        if sample.endswith("_bucket")
+    )
+    return buckets, samples[(name + "_count", ())], samples[(name + "_sum", ())]
+
+
+def assert_well_formed(families, name: str) -> None:
+    buckets, count, total = histogram(families, name)
+    counts = [value for _, value in buckets]
+    assert counts == sorted(counts), f"{name}: buckets are not cumulative"
+    assert buckets[-1][0] == float("inf") and buckets[-1][1] == count
+    assert total >= 0
+
+
+def test_latency_histograms_count_requests_and_tokens(mm_server):
+    before = scrape(mm_server)
+    lengths = [1, 4, 7]
+    for n in lengths[:2]:
+        response = generate(mm_server, chat_body("hello there", max_new_tokens=n, ignore_eos=True))
+        assert response.json()["count_output_tokens"] == n
+    assert len(stream(mm_server, chat_body("and a stream", max_new_tokens=lengths[2], ignore_eos=True))) == 7
+    after = scrape(mm_server)
+    delta = {name: histogram(after, name)[1] - histogram(before, name)[1] for name in LATENCY_HISTOGRAMS}
+    assert delta["vlmd_time_to_first_token_seconds"] == len(lengths)
+    assert delta["vlmd_e2e_request_latency_seconds"] == len(lengths)
+    assert delta["vlmd_inter_token_latency_seconds"] == sum(n - 1 for n in lengths)
+    for name in (*LATENCY_HISTOGRAMS, "vlmd_vit_batch_size"):
+        assert_well_formed(after, name)
+    assert after["vlmd_requests_queued"][("vlmd_requests_queued", ())] == 0
+
+
+def test_vit_batch_sizes_add_up_to_the_images_encoded(mm_server):
+    images = [base64.b64encode(make_image(460, 460, seed=seed)).decode() for seed in (70, 71)]
+    before = scrape(mm_server)
+    body = chat_body("<img></img><img></img> compare", max_new_tokens=2)
+    body["multimodal_params"] = {"images": [{"type": "base64", "data": image} for image in images]}
+    assert generate(mm_server, body).status_code == 200
+    after = scrape(mm_server)
+    vit_before, vit_after = (f["vlmd_vit_images"][("vlmd_vit_images_total", ())] for f in (before, after))
+    buckets_before, count_before, sum_before = histogram(before, "vlmd_vit_batch_size")
+    buckets_after, count_after, sum_after = histogram(after, "vlmd_vit_batch_size")
+    assert vit_after - vit_before == 2 == sum_after - sum_before
+    # Both images of one request are queued together: one batch of two (--visual_infer_batch_size 4).
+    assert count_after - count_before == 1
+    grew = [le for (le, a), (_, b) in zip(buckets_before, buckets_after, strict=True) if b > a]
+    assert grew[0] == 2.0
+    assert_well_formed(after, "vlmd_vit_batch_size")
+
+
+def test_rendered_histogram_buckets_are_cumulative():
+    hist = Histogram([0.1, 1.0])
+    for value in (0.05, 0.1, 0.5, 3.0, 4.0):
+        hist.observe(value)
+    assert hist.counts == [2, 1, 2]  # a bucket holds the values <= its bound
+    text = render_metrics({}, {"time_to_first_token_seconds": hist.snapshot()}).decode()
+    assert 'vlmd_time_to_first_token_seconds_bucket{le="0.1"} 2.0' in text
+    assert 'vlmd_time_to_first_token_seconds_bucket{le="1"} 3.0' in text
+    assert 'vlmd_time_to_first_token_seconds_bucket{le="+Inf"} 5.0' in text
+    assert "vlmd_time_to_first_token_seconds_count 5.0" in text
+    assert "vlmd_time_to_first_token_seconds_sum 7.65" in text
+    # Histograms nobody has reported yet are there, empty.
+    assert 'vlmd_vit_batch_size_bucket{le="+Inf"} 0.0' in text

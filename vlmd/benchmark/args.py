@@ -1,0 +1,59 @@
+"""The `vlmd bench` flags, apart from the runner so that `vlmd serve` does not import it."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+BACKEND_NAMES = ("openai-chat", "vlmd")  # vlmd.benchmark.backends.BACKENDS
+
+
+class BenchError(Exception):
+    """The benchmark cannot run (bad flag, server down, no model name); the message says why."""
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--backend", default="vlmd", choices=BACKEND_NAMES, help="request format and stream parser")
+    add("--base_url", default="http://127.0.0.1:8000", help="the server under test")
+    add("--endpoint", default=None, help="path (default: /generate_stream, /v1/chat/completions)")
+    add("--model", default=None, help="model name for openai-chat (default: the first of /v1/models)")
+    add("--num_prompts", type=int, default=100, help="requests to send (warm-ups excluded)")
+    add("--input_len", type=int, default=128, help="prompt tokens of text per request (random words)")
+    add("--output_len", type=int, default=64, help="tokens to generate per request")
+    add("--range_ratio", type=float, default=0.0, help="draw lengths from [len*(1-r), len*(1+r)]")
+    add("--allow_eos", action="store_true", help="let requests stop at EOS (default: ignore_eos)")
+    add("--images_per_request", type=int, default=0)
+    add("--image_width", type=int, default=448)
+    add("--image_height", type=int, default=448)
+    add("--image_format", default="jpeg", choices=["jpeg", "png"])
+    add(
+        "--image_reuse_fraction",
+        type=float,
+        default=0.0,
+        help="share of requests that send images of earlier requests again (embed-cache hits)",
+    )
+    add("--tokenizer", default=None, help="model dir whose tokenizer makes prompts exactly --input_len")
+    add(
+        "--request_rate", type=float, default=math.inf, help="requests/s, Poisson arrivals (inf: all at once)"
+    )
+    add("--max_concurrency", type=int, default=None, help="most requests in flight at once")
+    add("--num_warmups", type=int, default=0, help="requests sent (and not measured) before the run")
+    add("--request_timeout", type=float, default=600.0, help="seconds one request may take")
+    add("--seed", type=int, default=0)
+    add("--output_json", default=None, help="also write the report here")
+
+
+def validate(ns: argparse.Namespace) -> None:
+    for name in ("num_prompts", "input_len", "output_len"):
+        if getattr(ns, name) < 1:
+            raise BenchError(f"--{name} must be at least 1")
+    for name in ("num_warmups", "images_per_request"):
+        if getattr(ns, name) < 0:
+            raise BenchError(f"--{name} must not be negative")
+    if not 0.0 <= ns.image_reuse_fraction <= 1.0:
+        raise BenchError("--image_reuse_fraction must be in [0, 1]")
+    if not 0.0 <= ns.range_ratio < 1.0:
+        raise BenchError("--range_ratio must be in [0, 1)")
+    if ns.request_rate <= 0 or (ns.max_concurrency is not None and ns.max_concurrency < 1):
+        raise BenchError("--request_rate and --max_concurrency must be positive")

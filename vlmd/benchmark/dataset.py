@@ -1,0 +1,119 @@
+"""Synthetic benchmark requests: random-word prompts, fixed output lengths, generated images of
+one resolution, a given fraction of requests reusing images sent by earlier ones (embed-cache hits).
+
+Everything is a pure function of the seed, so two runs send the same requests.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+WORDS = (
+    "the a an of to in on at for with from by about over under after before between into through "
+    "cat dog house street city river mountain tree flower car bus train boat plane bird horse "
+    "table chair window door book picture photo image chart map sign light shadow cloud rain snow "
+    "red green blue yellow black white small large old new bright dark quiet busy happy tall "
+    "walks runs sits stands looks shows holds carries opens reads writes paints builds grows "
+    "morning evening night summer winter market garden kitchen office school station bridge park "
+    "people child woman man friend family teacher driver farmer doctor artist worker player"
+).split()
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    prompt: str  # the user's text; the backend adds the chat format and one placeholder per image
+    prompt_len: int  # tokens of `prompt`: exact with a tokenizer, else its number of words
+    output_len: int  # tokens asked for (max_new_tokens / max_tokens)
+    images: tuple[bytes, ...]  # encoded image files
+    image_format: str  # "png" | "jpeg"
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    num_requests: int
+    input_len: int
+    output_len: int
+    range_ratio: float = 0.0  # lengths drawn uniformly from [len * (1 - r), len * (1 + r)]
+    images_per_request: int = 0
+    image_width: int = 448
+    image_height: int = 448
+    image_format: str = "jpeg"
+    image_reuse_fraction: float = 0.0  # of the requests, those whose images were all sent before
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        assert self.num_requests >= 0 and self.input_len >= 1 and self.output_len >= 1
+        assert 0.0 <= self.range_ratio < 1.0 and 0.0 <= self.image_reuse_fraction <= 1.0
+        assert self.image_format in ("png", "jpeg")
+
+
+def make_image(width: int, height: int, rng: np.random.Generator, image_format: str) -> bytes:
+    """Coarse random blocks plus fine noise: structure at several scales, like a photo, and
+    a distinct MD5 for every call."""
+    coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), dtype=np.int16)
+    noise = rng.integers(-24, 24, (height, width, 3))
+    pixels = np.clip(base + noise, 0, 255).astype(np.uint8)  # [height, width, 3]
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(
+        out, format=image_format.upper(), **({"quality": 90} if image_format == "jpeg" else {})
+    )
+    return out.getvalue()
+
+
+def build_requests(config: DatasetConfig, tokenizer=None) -> list[BenchRequest]:
+    """`config.num_requests` requests; exactly round(fraction * n) of them (never the first)
+    reuse images of earlier requests, chosen at random."""
+    rng = random.Random(config.seed)
+    pixels_rng = np.random.default_rng(config.seed)
+    n = config.num_requests
+    num_reusers = min(round(config.image_reuse_fraction * n), max(n - 1, 0))
+    reusers = set(rng.sample(range(1, n), num_reusers)) if num_reusers else set()
+    sent: list[bytes] = []
+    requests = []
+    for i in range(n):
+        if config.images_per_request and i in reusers:
+            images = [rng.choice(sent) for _ in range(config.images_per_request)]
+        else:
+            images = [
+                make_image(config.image_width, config.image_height, pixels_rng, config.image_format)
+                for _ in range(config.images_per_request)
+            ]
+            sent += images
+        prompt, prompt_len = random_prompt(_vary(config.input_len, config.range_ratio, rng), rng, tokenizer)
+        output_len = _vary(config.output_len, config.range_ratio, rng)
+        requests.append(BenchRequest(prompt, prompt_len, output_len, tuple(images), config.image_format))
+    return requests
+
+
+def random_prompt(num_tokens: int, rng: random.Random, tokenizer=None) -> tuple[str, int]:
+    """Random words; with a tokenizer, cut and re-encoded until they are `num_tokens` tokens
+    (a cut can merge differently when re-encoded: the closest length after a few tries wins)."""
+    words = [rng.choice(WORDS) for _ in range(num_tokens)]
+    if tokenizer is None:
+        return " ".join(words), num_tokens
+    ids = tokenizer.encode(" ".join(words), add_special_tokens=False)
+    while len(ids) < num_tokens:
+        ids += tokenizer.encode(" " + rng.choice(WORDS), add_special_tokens=False)
+    best = None
+    for _ in range(8):
+        text = tokenizer.decode(ids[:num_tokens])
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if best is None or abs(len(ids) - num_tokens) < abs(best[1] - num_tokens):
+            best = (text, len(ids))
+        if len(ids) == num_tokens:
+            break
+        while len(ids) < num_tokens:
+            ids += tokenizer.encode(" " + rng.choice(WORDS), add_special_tokens=False)
+    return best
+
+
+def _vary(length: int, ratio: float, rng: random.Random) -> int:
+    if ratio == 0.0:
+        return length
+    return max(1, rng.randint(int(length * (1 - ratio)), int(length * (1 + ratio))))
