@@ -15,6 +15,7 @@ from vlmd.demo import write_demo_model
 from vlmd.kernels.attention import BatchLayout
 from vlmd.models.config import InternVLArch
 from vlmd.models.loader import load_language_model
+from vlmd.models.tensor_parallel import SINGLE_RANK, TPGroup
 
 pytestmark = pytest.mark.gpu
 
@@ -43,10 +44,11 @@ def token_ids(vocab: int) -> list[int]:
 
 
 @torch.inference_mode()
-def vlmd_logits(model_dir, ids: list[int]) -> torch.Tensor:
-    """[NUM_STEPS + 1, vocab]: logits after the prompt, then after each forced token."""
+def vlmd_logits(model_dir, ids: list[int], tp: TPGroup = SINGLE_RANK) -> torch.Tensor:
+    """[NUM_STEPS + 1, vocab]: logits after the prompt, then after each forced token (with `tp`
+    of several ranks, this rank's run of the split model, on GPU `tp.rank`)."""
     arch = InternVLArch.from_model_dir(model_dir)
-    model = load_language_model(model_dir, torch.bfloat16, torch.device("cuda"))
+    model = load_language_model(model_dir, torch.bfloat16, torch.device("cuda", tp.rank), tp=tp)
     num_pages = -(-len(ids) // PAGE_SIZE)
     attn = make_runner(model, arch, num_pages=num_pages, page_size=PAGE_SIZE).attn
     pages = list(range(num_pages))[::-1]  # a non-trivial page order
@@ -55,8 +57,8 @@ def vlmd_logits(model_dir, ids: list[int]) -> torch.Tensor:
     for start, end in spans:
         layout = BatchLayout([0, end - start], [end], [pages[: -(-end // PAGE_SIZE)]])
         attn.plan(layout)
-        input_ids = torch.tensor(ids[start:end], device="cuda")
-        positions = torch.arange(start, end, device="cuda")
+        input_ids = torch.tensor(ids[start:end], device=model.lm_head.weight.device)
+        positions = torch.arange(start, end, device=input_ids.device)
         hidden = model.forward(model.embed(input_ids), positions, attn)
         rows.append(model.compute_logits(hidden[-1:]))
     return torch.cat(rows).float()

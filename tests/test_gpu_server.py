@@ -7,15 +7,27 @@ import re
 
 import pytest
 import requests
+import torch
 
 from tests.conftest import make_image, start_server
 
 pytestmark = pytest.mark.gpu
 
 
-def test_serves_text_and_images_on_cuda(model_dir, tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_serves_text_and_images_on_cuda(model_dir, tmp_path, tp):
+    if torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} CUDA devices")
     server = start_server(
-        model_dir, tmp_path, "--enable_multimodal", "--mem_fraction", "0.5", "--device", "cuda"
+        model_dir,
+        tmp_path,
+        "--enable_multimodal",
+        "--mem_fraction",
+        "0.5",
+        "--device",
+        "cuda",
+        "--tp",
+        str(tp),
     )
     try:
         prompt = "<|im_start|>user\n<img></img>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n"
@@ -34,7 +46,7 @@ def test_serves_text_and_images_on_cuda(model_dir, tmp_path):
         )
         assert text.status_code == 200
         log = server.log()
-        assert "attention backend: FlashInfer" in log and "captured" in log
+        assert log.count("attention backend: FlashInfer") == tp and "captured" in log
         kv_tokens = int(re.search(r"KV cache (\d+) tokens", log)[1])
         assert kv_tokens > 100_000  # half an H100 holds millions of the demo model's tokens
     finally:

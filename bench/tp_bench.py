@@ -1,0 +1,161 @@
+"""Tensor-parallel decode: ms per step of the InternVL3-8B-shaped language model with --tp 1 and
+--tp 2 (or more), every figure from one run on one host.
+
+    python bench/tp_bench.py [--tp 1 2] [--batch_sizes 1 64] [--new_tokens 64] [--json PATH]
+
+Each rank builds its share of the model with random bf16 weights (no checkpoint: the split is
+`shard_language_model`, as `vlmd serve --tp N` loads it) and runs its own copy of the scheduler
+on the same requests, so every rank executes the same step plans, as the server's ranks do;
+steps are overlapped (the next launched before the last is read back) and decode replays CUDA
+graphs with the NCCL all-reduces inside. Rank 0 times the interval between steps collected in a
+row, median over the full-batch decode steps. Roofline per GPU: (the rank's LM weight bytes +
+its KV bytes read per step) / copy bandwidth (measured on GPU 0 in the same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import socket
+import statistics
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_bench import (  # noqa: E402
+    PAGE_SIZE,
+    add_text_requests,
+    copy_bandwidth,
+    lm_weight_bytes,
+    model_shape,
+    randomize_,
+    run_steps,
+)
+
+from vlmd.actors.worker import make_runner  # noqa: E402
+from vlmd.core.page_allocator import pages_for  # noqa: E402
+from vlmd.core.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from vlmd.models.config import InternVLArch  # noqa: E402
+from vlmd.models.qwen2 import Qwen2ForCausalLM  # noqa: E402
+from vlmd.models.tensor_parallel import TPGroup, shard_language_model  # noqa: E402
+
+
+def random_language_model(arch: InternVLArch, tp: TPGroup, device: torch.device) -> Qwen2ForCausalLM:
+    """This rank's share of the language model, random bf16 weights drawn on the device."""
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(arch)
+        shard_language_model(model, tp)
+    inv_freq = model.model.rotary.inv_freq.clone()  # built on the CPU even under meta
+    model = model.to_empty(device=device).to(torch.bfloat16)
+    model.model.rotary.inv_freq = inv_freq.to(device)
+    randomize_(model, seed=tp.rank)
+    model.tie_weights()
+    model.fuse()
+    return model.eval().requires_grad_(False)
+
+
+def rank_main(rank: int, size: int, port: int, args: argparse.Namespace, out_path: str) -> None:
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    if size > 1:
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    tp = TPGroup(rank, size)
+    shape = model_shape(tiny=False)
+    arch = InternVLArch.from_config_dict(shape.config)
+    lm = random_language_model(arch, tp, device)
+    max_batch = max(args.batch_sizes)
+    num_pages = max_batch * pages_for(args.prompt_len + args.new_tokens, PAGE_SIZE)
+    runner = make_runner(lm, arch, num_pages=num_pages, page_size=PAGE_SIZE, graph_max_batch_size=max_batch)
+    scheduler = Scheduler(SchedulerConfig(num_pages, PAGE_SIZE, max_running_requests=max(256, max_batch)))
+    gen = torch.Generator().manual_seed(1)  # the same prompts on every rank
+    warmup = torch.randint(0, shape.num_text_ids, (max_batch, args.prompt_len), generator=gen)
+    add_text_requests(scheduler, warmup, 3, "warmup")
+    run_steps(runner, scheduler)
+    rows = []
+    for batch in args.batch_sizes:
+        prompts = torch.randint(0, shape.num_text_ids, (batch, args.prompt_len), generator=gen)
+        add_text_requests(scheduler, prompts, args.new_tokens, f"decode{batch}")
+        steps = run_steps(runner, scheduler)
+        decode = [
+            s
+            for s in steps
+            if len(s.plan.items) == batch and all(len(i.token_ids) == 1 for i in s.plan.items)
+        ][1:]  # the first full-batch decode step also waits for the prefill before it
+        heads = lm.model.layers[0].self_attn
+        avg_context = args.prompt_len + args.new_tokens / 2
+        kv_bytes = batch * avg_context * 2 * arch.num_hidden_layers * heads.num_kv_heads * arch.head_dim * 2
+        rows.append(
+            {
+                "tp": size,
+                "batch": batch,
+                "step_ms": statistics.median(s.interval_s for s in decode) * 1e3,
+                "num_decode_steps": len(decode),
+                "weight_bytes_per_gpu": lm_weight_bytes(lm),
+                "kv_bytes_per_gpu": kv_bytes,
+            }
+        )
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(rows, f)
+    if size > 1:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--prompt_len", type=int, default=512)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if torch.cuda.device_count() < max(args.tp):
+        raise SystemExit(
+            f"--tp {max(args.tp)} needs {max(args.tp)} GPUs; {torch.cuda.device_count()} visible"
+        )
+    bandwidth = copy_bandwidth(torch.device("cuda", 0), 2 * 2**30, 10)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.tp:
+            path = os.path.join(tmp, f"tp{size}.json")
+            mp.spawn(rank_main, args=(size, _free_port(), args, path), nprocs=size)
+            with open(path) as f:
+                rows += json.load(f)
+    by_key = {(r["tp"], r["batch"]): r for r in rows}
+    for r in rows:
+        r["roofline_ms"] = (r["weight_bytes_per_gpu"] + r["kv_bytes_per_gpu"]) / bandwidth * 1e3
+        base = by_key.get((1, r["batch"]))
+        r["over_tp1"] = r["step_ms"] / base["step_ms"] if base else None
+    print(f"# {torch.cuda.get_device_name(0)} x {max(args.tp)}; torch {torch.__version__}; "
+          f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")  # fmt: skip
+    print(f"# command: python bench/tp_bench.py {shlex.join(sys.argv[1:] if argv is None else argv)}")
+    print(
+        f"# copy bandwidth {bandwidth / 1e12:.3f} TB/s; {args.prompt_len}-token prompts, {args.new_tokens} new"
+    )
+    print("\n| tp | batch | ms/step | / tp 1 | roofline ms per GPU | / roofline |\n|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = "-" if r["over_tp1"] is None else f"{r['over_tp1']:.2f}x"
+        print(
+            f"| {r['tp']} | {r['batch']} | {r['step_ms']:.2f} | {ratio} | {r['roofline_ms']:.2f} "
+            f"| {r['step_ms'] / r['roofline_ms']:.2f}x |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Tensor parallelism on two GPUs (NCCL): the split model's bf16 logits stay within the bf16
+bound of the GPU numerics test, and CUDA graphs with collectives inside give the eager tokens."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.test_gpu_numerics import MID_SIZE, hf_logits, token_ids, vlmd_logits
+from vlmd.actors.worker import make_runner
+from vlmd.core.request import Request
+from vlmd.core.scheduler import Scheduler, SchedulerConfig
+from vlmd.demo import write_demo_model
+from vlmd.messages import SamplingParams
+from vlmd.models.config import InternVLArch
+from vlmd.models.loader import load_language_model
+from vlmd.models.tensor_parallel import TPGroup
+from vlmd.runner import run_in_process
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices"
+    ),
+]
+
+NUM_PAGES = 1024
+PAGE_SIZE = 16
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _spawn(fn, *args) -> None:
+    mp.spawn(_rank_main, args=(fn, _free_port(), *args), nprocs=2)
+
+
+def _rank_main(rank: int, fn, port: int, *args) -> None:
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        fn(TPGroup(rank, 2), *args)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def mid_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpu-tp") / "mid"
+    write_demo_model(path, seed=0, text_config=MID_SIZE)
+    return path
+
+
+def _logits_rank(tp: TPGroup, model_dir, ids, out_path) -> None:
+    logits = vlmd_logits(model_dir, ids, tp)
+    if tp.rank == 0:
+        torch.save(logits.cpu(), out_path)
+
+
+def test_tp2_bf16_logits_within_the_bf16_bound(mid_model, tmp_path):
+    arch = InternVLArch.from_model_dir(mid_model)
+    ids = token_ids(min(arch.vocab_size, 990))
+    path = str(tmp_path / "tp2.pt")
+    _spawn(_logits_rank, str(mid_model), ids, path)
+    tp2 = torch.load(path).cuda()
+    tp1 = vlmd_logits(mid_model, ids)
+    reference = hf_logits(mid_model, ids, torch.float32)
+    hf_bf16 = (hf_logits(mid_model, ids, torch.bfloat16) - reference).abs()
+    ours = (tp2 - reference).abs()
+    print(
+        f"mean abs error: tp2 {ours.mean():.4f}, tp1 {(tp1 - reference).abs().mean():.4f}, "
+        f"transformers bf16 {hf_bf16.mean():.4f}; tp2 vs tp1 {(tp2 - tp1).abs().mean():.4f}"
+    )
+    assert ours.mean() <= 1.5 * hf_bf16.mean()
+    assert ours.max() <= 1.5 * hf_bf16.max()
+    assert (tp2 - tp1).abs().mean() <= hf_bf16.mean()
+
+
+def _greedy_rank(tp: TPGroup, model_dir, prompts, out_path) -> None:
+    arch = InternVLArch.from_model_dir(model_dir)
+    model = load_language_model(model_dir, torch.bfloat16, torch.device("cuda", tp.rank), tp=tp)
+    results = {}
+    for graphs in (0, 16):
+        runner = make_runner(
+            model, arch, num_pages=NUM_PAGES, page_size=PAGE_SIZE, graph_max_batch_size=graphs
+        )
+        scheduler = Scheduler(SchedulerConfig(NUM_PAGES, PAGE_SIZE))
+        for i, prompt in enumerate(prompts):
+            scheduler.add(Request(f"r{i}", prompt, SamplingParams(max_new_tokens=24, ignore_eos=True)))
+        tokens: dict[str, list[int]] = {}
+        for _, outputs in run_in_process(scheduler, runner):
+            for out in outputs:
+                tokens.setdefault(out.request_id, []).extend(out.token_ids)
+        results[graphs] = tokens
+    if tp.rank == 0:
+        torch.save(results, out_path)
+
+
+def test_tp2_graphs_with_collectives_give_the_eager_tokens(mid_model, tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 990, (int(n),), generator=generator).tolist() for n in (9, 150, 41)]
+    path = str(tmp_path / "greedy.pt")
+    _spawn(_greedy_rank, str(mid_model), prompts, path)
+    results = torch.load(path)
+    assert results[16] == results[0]
+    assert all(len(tokens) == 24 for tokens in results[0].values())
