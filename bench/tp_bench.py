@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import shlex
 import socket
@@ -47,13 +48,15 @@ from vlmd.models.qwen2 import Qwen2ForCausalLM  # noqa: E402
 from vlmd.models.tensor_parallel import TPGroup, shard_language_model  # noqa: E402
 
 
-def random_language_model(arch: InternVLArch, tp: TPGroup, device: torch.device) -> Qwen2ForCausalLM:
-    """This rank's share of the language model, random bf16 weights drawn on the device."""
+def random_language_model(
+    arch: InternVLArch, tp: TPGroup, device: torch.device, dtype: torch.dtype
+) -> Qwen2ForCausalLM:
+    """This rank's share of the language model, random weights drawn on the device."""
     with torch.device("meta"):
         model = Qwen2ForCausalLM(arch)
         shard_language_model(model, tp)
     inv_freq = model.model.rotary.inv_freq.clone()  # built on the CPU even under meta
-    model = model.to_empty(device=device).to(torch.bfloat16)
+    model = model.to_empty(device=device).to(dtype)
     model.model.rotary.inv_freq = inv_freq.to(device)
     randomize_(model, seed=tp.rank)
     model.tie_weights()
@@ -61,25 +64,41 @@ def random_language_model(arch: InternVLArch, tp: TPGroup, device: torch.device)
     return model.eval().requires_grad_(False)
 
 
+def progress(rank: int, size: int, what: str) -> None:
+    """One line per phase on stderr, so a slow or stuck run shows where it is."""
+    if rank == 0:
+        print(f"{datetime.datetime.now():%H:%M:%S} tp {size}: {what}", file=sys.stderr, flush=True)
+
+
 def rank_main(rank: int, size: int, port: int, args: argparse.Namespace, out_path: str) -> None:
-    device = torch.device("cuda", rank)
-    torch.cuda.set_device(device)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr)
+    if args.tiny:
+        device, backend = torch.device("cpu"), "gloo"
+        torch.set_num_threads(1)
+    else:
+        device, backend = torch.device("cuda", rank), "nccl"
+        torch.cuda.set_device(device)
     if size > 1:
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     tp = TPGroup(rank, size)
-    shape = model_shape(tiny=False)
+    progress(rank, size, "building the model")
+    shape = model_shape(tiny=args.tiny)
     arch = InternVLArch.from_config_dict(shape.config)
-    lm = random_language_model(arch, tp, device)
+    lm = random_language_model(arch, tp, device, torch.float32 if args.tiny else torch.bfloat16)
     max_batch = max(args.batch_sizes)
     num_pages = max_batch * pages_for(args.prompt_len + args.new_tokens, PAGE_SIZE)
-    runner = make_runner(lm, arch, num_pages=num_pages, page_size=PAGE_SIZE, graph_max_batch_size=max_batch)
+    progress(rank, size, "capturing CUDA graphs")
+    graphs = 0 if args.tiny else max_batch
+    runner = make_runner(lm, arch, num_pages=num_pages, page_size=PAGE_SIZE, graph_max_batch_size=graphs)
     scheduler = Scheduler(SchedulerConfig(num_pages, PAGE_SIZE, max_running_requests=max(256, max_batch)))
     gen = torch.Generator().manual_seed(1)  # the same prompts on every rank
     warmup = torch.randint(0, shape.num_text_ids, (max_batch, args.prompt_len), generator=gen)
+    progress(rank, size, "warm-up")
     add_text_requests(scheduler, warmup, 3, "warmup")
     run_steps(runner, scheduler)
     rows = []
     for batch in args.batch_sizes:
+        progress(rank, size, f"decode at batch {batch}")
         prompts = torch.randint(0, shape.num_text_ids, (batch, args.prompt_len), generator=gen)
         add_text_requests(scheduler, prompts, args.new_tokens, f"decode{batch}")
         steps = run_steps(runner, scheduler)
@@ -90,7 +109,10 @@ def rank_main(rank: int, size: int, port: int, args: argparse.Namespace, out_pat
         ][1:]  # the first full-batch decode step also waits for the prefill before it
         heads = lm.model.layers[0].self_attn
         avg_context = args.prompt_len + args.new_tokens / 2
-        kv_bytes = batch * avg_context * 2 * arch.num_hidden_layers * heads.num_kv_heads * arch.head_dim * 2
+        elem = lm.lm_head.weight.element_size()
+        kv_bytes = (
+            batch * avg_context * 2 * arch.num_hidden_layers * heads.num_kv_heads * arch.head_dim * elem
+        )
         rows.append(
             {
                 "tp": size,
@@ -101,6 +123,7 @@ def rank_main(rank: int, size: int, port: int, args: argparse.Namespace, out_pat
                 "kv_bytes_per_gpu": kv_bytes,
             }
         )
+        progress(rank, size, f"batch {batch}: {rows[-1]['step_ms']:.2f} ms/step")
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(rows, f)
@@ -121,12 +144,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt_len", type=int, default=512)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--tiny", action="store_true", help="a tiny float32 model on the CPU (gloo)")
     args = parser.parse_args(argv)
-    if torch.cuda.device_count() < max(args.tp):
+    if not args.tiny and torch.cuda.device_count() < max(args.tp):
         raise SystemExit(
             f"--tp {max(args.tp)} needs {max(args.tp)} GPUs; {torch.cuda.device_count()} visible"
         )
-    bandwidth = copy_bandwidth(torch.device("cuda", 0), 2 * 2**30, 10)
+    if args.tiny:
+        bandwidth = copy_bandwidth(torch.device("cpu"), 64 * 2**20, 3)
+    else:
+        bandwidth = copy_bandwidth(torch.device("cuda", 0), 2 * 2**30, 10)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.tp:
@@ -139,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         r["roofline_ms"] = (r["weight_bytes_per_gpu"] + r["kv_bytes_per_gpu"]) / bandwidth * 1e3
         base = by_key.get((1, r["batch"]))
         r["over_tp1"] = r["step_ms"] / base["step_ms"] if base else None
-    print(f"# {torch.cuda.get_device_name(0)} x {max(args.tp)}; torch {torch.__version__}; "
+    gpu = "CPU (gloo)" if args.tiny else torch.cuda.get_device_name(0)
+    print(f"# {gpu} x {max(args.tp)}; torch {torch.__version__}; "
           f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")  # fmt: skip
     print(f"# command: python bench/tp_bench.py {shlex.join(sys.argv[1:] if argv is None else argv)}")
     print(
