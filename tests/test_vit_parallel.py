@@ -3,16 +3,30 @@
 
 from __future__ import annotations
 
+import io
+import os
+import signal
 import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 
+from tests.conftest import make_image, start_server
+from tests.test_http import metrics
+from tests.test_lifecycle import _cmdline, assert_one_line_error, serve
+from tests.test_parity import CASES, IMG_A, IMG_B, IMG_C, chat, hf_prompt, vlmd_generate
+from vlmd import shm
+from vlmd.actors.vit_replica import VisionLayout, ViTRank
 from vlmd.demo import write_demo_model
+from vlmd.image import TilingConfig, num_tiles
+from vlmd.messages import EmbedRun, ImageRef
 from vlmd.models.loader import load_vision
-from vlmd.models.tensor_parallel import TPGroup
+from vlmd.models.tensor_parallel import SINGLE_RANK, TPGroup
 
 # InternViT-6B's variant: RMSNorm blocks, qk-norm across all heads, no qkv bias, a final LayerNorm.
 VIT_6B_LIKE = {
@@ -69,3 +83,162 @@ def test_sharded_vit_holds_only_its_share(model_dir):
     torch.testing.assert_close(attn.qkv_proj.weight[: hidden // 2], q_rows, rtol=0, atol=0)
     assert mlp.fc1.weight.shape[0] == mlp.fc2.weight.shape[1] == model.arch.vision_intermediate_size // 2
     assert attn.projection_layer.bias.shape == (hidden,)  # added once, after the all-reduce
+
+
+# --- the ViT ranks in process: every layout writes one rank's rows into the one EmbedStore --------
+
+IMAGES = [IMG_A, IMG_C, IMG_B]  # 7, 1 and 3 tiles
+ROWS_PER_TILE = 256
+
+
+def _image_refs(model_dir, prefix: str) -> tuple[list[ImageRef], list[EmbedRun]]:
+    """Each image's bytes in a fresh segment (the encoder unlinks it), and its run in the store."""
+    tiling = TilingConfig.from_model_dir(model_dir)
+    refs, runs, offset = [], [], 0
+    for i, data in enumerate(IMAGES):
+        tiles = num_tiles(*Image.open(io.BytesIO(data)).size, tiling)
+        rows = tiles * ROWS_PER_TILE
+        segment = shm.write_bytes_segment(prefix, data)
+        refs.append(ImageRef(f"md5-{i}", segment, len(data), tiles, 0, rows))
+        runs.append(EmbedRun(f"md5-{i}", offset, rows))
+        offset += rows
+    return refs, runs
+
+
+def _store(segment: shm.SharedSegment, hidden: int) -> torch.Tensor:
+    return torch.frombuffer(segment.buf, dtype=torch.float32).view(-1, hidden)  # [rows, hidden]
+
+
+def _vision_rank_main(rank, visual_tp, visual_dp, ports, model_dir, store_name, refs, runs) -> None:
+    """Vision rank `rank`: the leader of group g encodes images g, g + dp, ... into their runs."""
+    torch.set_num_threads(1)
+    layout = VisionLayout(rank, visual_tp, visual_dp)
+    tp = SINGLE_RANK
+    if visual_tp > 1:
+        init = f"tcp://127.0.0.1:{ports[layout.group]}"
+        dist.init_process_group("gloo", init_method=init, rank=layout.rank_in_group, world_size=visual_tp)
+        tp = TPGroup(layout.rank_in_group, visual_tp)
+    model = load_vision(model_dir, torch.float32, "cpu", tp=tp)
+    segment = shm.SharedSegment.attach(store_name)
+    vit = ViTRank(model, TilingConfig.from_model_dir(model_dir), tp, _store(segment, model.arch.hidden_size))
+    mine = list(range(layout.group, len(refs), visual_dp))
+    if layout.is_leader:
+        pixels, counts, errors = vit.preprocess([refs[i] for i in mine])
+        assert not any(errors), errors
+        vit.forward_into_store(pixels, counts, [runs[i] for i in mine])
+    else:
+        vit.follow(sum(refs[i].num_tiles for i in mine))
+    if visual_tp > 1:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("visual_tp", "visual_dp"), [(2, 1), (1, 2), (2, 2)])
+def test_every_vit_layout_writes_the_single_rank_rows(model_dir, visual_tp, visual_dp):
+    """With dp 2, group 1 encodes IMG_C alone: a batch of one tile, whose pixels come out of the
+    decoder strided (they must reach a tensor-parallel group's broadcast contiguous)."""
+    prefix = f"vlmd-{os.getpid()}-test-"
+    refs, runs = _image_refs(model_dir, prefix)
+    hidden = load_vision(model_dir, torch.float32, "cpu").arch.hidden_size
+    num_rows = sum(run.num_rows for run in runs)
+    want = shm.SharedSegment.create(f"{prefix}want", num_rows * hidden * 4)
+    got = shm.SharedSegment.create(f"{prefix}got", num_rows * hidden * 4)
+    try:
+        single = ViTRank(load_vision(model_dir, torch.float32, "cpu"), TilingConfig.from_model_dir(model_dir))
+        single.store = _store(want, hidden)
+        pixels, counts, _ = single.preprocess(_image_refs(model_dir, prefix)[0])
+        single.forward_into_store(pixels, counts, runs)
+        ports = [_free_port() for _ in range(visual_dp)]
+        args = (visual_tp, visual_dp, ports, str(model_dir), got.name, refs, runs)
+        mp.spawn(_vision_rank_main, args=args, nprocs=visual_tp * visual_dp)
+        torch.testing.assert_close(_store(got, hidden), _store(want, hidden), rtol=1e-5, atol=1e-5)
+        assert _store(got, hidden).abs().sum(-1).min() > 0, "a row was never written"
+    finally:
+        del single
+        for segment in (want, got):
+            segment.close()
+        assert [name for name in shm.unlink_all(prefix) if "img-" in name] == []  # encoders took the bytes
+
+
+# --- through the real server ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vit_dp2_server(model_dir, tmp_path_factory):
+    server = start_server(
+        model_dir,
+        tmp_path_factory.mktemp("vit_dp2"),
+        "--tp",
+        "2",
+        "--visual_dp",
+        "2",
+        "--visual_tp",
+        "1",
+        "--enable_multimodal",
+    )
+    yield server
+    assert server.stop() == 0
+    assert server.actor_pids() == [] and server.shm_segments() == []
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    from tests.test_parity import Reference
+
+    return Reference(model_dir)
+
+
+@pytest.mark.parametrize("case", ["one_image", "two_images"])
+def test_vit_dp2_greedy_tokens_equal_transformers(vit_dp2_server, reference, case):
+    prompt, _, images = CASES[case]
+    assert vlmd_generate(vit_dp2_server, prompt, images) == reference.generate(hf_prompt(prompt), images)
+    assert len(vit_dp2_server.actor_pids()) == 6  # scheduler, two workers, two vision ranks, http
+
+
+def test_vit_dp2_both_replicas_encode(vit_dp2_server, reference):
+    before = metrics(vit_dp2_server)
+    images = [make_image(460, 460, seed=seed) for seed in (80, 81, 82, 83)]
+    prompt = chat("<img></img> Describe.")
+    expected = [reference.generate(hf_prompt(prompt), [image], 8) for image in images]
+    with ThreadPoolExecutor(len(images)) as pool:
+        got = list(pool.map(lambda image: vlmd_generate(vit_dp2_server, prompt, [image], 8), images))
+    assert got == expected
+    after = metrics(vit_dp2_server)
+    done = [
+        after[f'vlmd_vit_replica_images_total{{replica="{g}"}}']
+        - before.get(f'vlmd_vit_replica_images_total{{replica="{g}"}}', 0)
+        for g in (0, 1)
+    ]
+    assert sum(done) == len(images) and min(done) > 0, done
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--tp", "2", "--visual_tp", "2", "--visual_dp", "2"),  # 4 ViT shares on 2 GPUs
+        ("--tp", "2", "--visual_tp", "0"),
+        ("--tp", "4", "--visual_dp", "3"),
+    ],
+)
+def test_inconsistent_vit_layouts_are_refused(model_dir, flags):
+    assert_one_line_error(serve("--model_dir", str(model_dir), "--enable_multimodal", *flags), "--visual_")
+
+
+def test_visual_tp_that_does_not_divide_the_vit_heads_is_refused(tmp_path):
+    write_demo_model(tmp_path, seed=0, vision_config={"num_attention_heads": 2})
+    result = serve("--model_dir", str(tmp_path), "--enable_multimodal", "--tp", "4")  # visual_tp 4
+    assert_one_line_error(result, "--visual_tp")
+    assert "vision_num_attention_heads" in result.stderr
+
+
+@pytest.mark.parametrize("layout", [("--visual_tp", "2"), ("--visual_dp", "2")], ids=["tp_peer", "dp_leader"])
+def test_a_dead_vision_rank_stops_the_server_cleanly(model_dir, tmp_path, layout):
+    server = start_server(model_dir, tmp_path, "--tp", "2", "--enable_multimodal", *layout)
+    # python -m vlmd.actors ROLE RUN_DIR RANK
+    victim = next(pid for pid in server.actor_pids() if _cmdline(pid).split()[3::2] == ["vision", "1"])
+    os.kill(victim, signal.SIGKILL)
+    assert server.process.wait(timeout=60) != 0
+    assert "actor vision1" in server.log() and "killed by signal 9" in server.log()
+    deadline = time.monotonic() + 10
+    while server.actor_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.actor_pids() == [] and server.shm_segments() == []

@@ -42,6 +42,12 @@ class TPGroup:
         if self.size > 1:
             dist.all_reduce(x)
 
+    def broadcast(self, x: torch.Tensor) -> None:
+        """Give every rank rank 0's `x` (in place)."""
+        if self.size > 1:
+            assert x.is_contiguous(), "a broadcast sends and receives raw storage"
+            dist.broadcast(x, src=0)
+
     def all_gather_last_dim(self, x: torch.Tensor, full: int) -> torch.Tensor:
         """Concatenate every rank's [..., n] slice along the last dim, each padded to the same
         width; the result is cut to `full` columns."""
