@@ -109,16 +109,23 @@ def _store(segment: shm.SharedSegment, hidden: int) -> torch.Tensor:
     return torch.frombuffer(segment.buf, dtype=torch.float32).view(-1, hidden)  # [rows, hidden]
 
 
-def _vision_rank_main(rank, visual_tp, visual_dp, ports, model_dir, store_name, refs, runs) -> None:
+def _vision_rank_main(
+    rank, visual_tp, visual_dp, ports, model_dir, store_name, refs, runs, cuda=False
+) -> None:
     """Vision rank `rank`: the leader of group g encodes images g, g + dp, ... into their runs."""
     torch.set_num_threads(1)
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.allow_tf32 = False  # float32 convolutions, to compare with the CPU's rows
     layout = VisionLayout(rank, visual_tp, visual_dp)
     tp = SINGLE_RANK
     if visual_tp > 1:
         init = f"tcp://127.0.0.1:{ports[layout.group]}"
-        dist.init_process_group("gloo", init_method=init, rank=layout.rank_in_group, world_size=visual_tp)
+        backend = "nccl" if cuda else "gloo"
+        dist.init_process_group(backend, init_method=init, rank=layout.rank_in_group, world_size=visual_tp)
         tp = TPGroup(layout.rank_in_group, visual_tp)
-    model = load_vision(model_dir, torch.float32, "cpu", tp=tp)
+    model = load_vision(model_dir, torch.float32, device, tp=tp)
     segment = shm.SharedSegment.attach(store_name)
     vit = ViTRank(model, TilingConfig.from_model_dir(model_dir), tp, _store(segment, model.arch.hidden_size))
     mine = list(range(layout.group, len(refs), visual_dp))
@@ -132,10 +139,21 @@ def _vision_rank_main(rank, visual_tp, visual_dp, ports, model_dir, store_name, 
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(("visual_tp", "visual_dp"), [(2, 1), (1, 2), (2, 2)])
-def test_every_vit_layout_writes_the_single_rank_rows(model_dir, visual_tp, visual_dp):
+@pytest.mark.parametrize(
+    ("visual_tp", "visual_dp", "cuda"),
+    [
+        (2, 1, False),
+        (1, 2, False),
+        (2, 2, False),
+        pytest.param(2, 1, True, marks=pytest.mark.gpu),  # NCCL between two GPUs
+        pytest.param(1, 2, True, marks=pytest.mark.gpu),
+    ],
+)
+def test_every_vit_layout_writes_the_single_rank_rows(model_dir, visual_tp, visual_dp, cuda):
     """With dp 2, group 1 encodes IMG_C alone: a batch of one tile, whose pixels come out of the
     decoder strided (they must reach a tensor-parallel group's broadcast contiguous)."""
+    if cuda and torch.cuda.device_count() < visual_tp * visual_dp:
+        pytest.skip(f"needs {visual_tp * visual_dp} GPUs")
     prefix = f"vlmd-{os.getpid()}-test-"
     refs, runs = _image_refs(model_dir, prefix)
     hidden = load_vision(model_dir, torch.float32, "cpu").arch.hidden_size
@@ -148,9 +166,10 @@ def test_every_vit_layout_writes_the_single_rank_rows(model_dir, visual_tp, visu
         pixels, counts, _ = single.preprocess(_image_refs(model_dir, prefix)[0])
         single.forward_into_store(pixels, counts, runs)
         ports = [_free_port() for _ in range(visual_dp)]
-        args = (visual_tp, visual_dp, ports, str(model_dir), got.name, refs, runs)
+        args = (visual_tp, visual_dp, ports, str(model_dir), got.name, refs, runs, cuda)
         mp.spawn(_vision_rank_main, args=args, nprocs=visual_tp * visual_dp)
-        torch.testing.assert_close(_store(got, hidden), _store(want, hidden), rtol=1e-5, atol=1e-5)
+        tolerance = 1e-4 if cuda else 1e-5  # another device's float32 kernels round differently
+        torch.testing.assert_close(_store(got, hidden), _store(want, hidden), rtol=tolerance, atol=tolerance)
         assert _store(got, hidden).abs().sum(-1).min() > 0, "a row was never written"
     finally:
         del single
