@@ -1,5 +1,6 @@
-"""Tensor parallelism on the CPU (gloo): --tp 2 gives transformers' tokens through the real
-server, KV heads replicate when there are fewer than ranks, and a dead rank stops the server."""
+"""Tensor parallelism on the CPU (gloo): --tp 2 (with the ViT split too, --visual_tp 2) gives
+transformers' tokens through the real server, KV heads replicate when there are fewer than ranks,
+and a dead rank stops the server."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ from vlmd.runner import run_in_process
 
 @pytest.fixture(scope="module")
 def tp2_server(model_dir, tmp_path_factory):
-    server = start_server(model_dir, tmp_path_factory.mktemp("tp2"), "--tp", "2", "--enable_multimodal")
+    server = start_server(
+        model_dir, tmp_path_factory.mktemp("tp2"), "--tp", "2", "--visual_tp", "2", "--enable_multimodal"
+    )
     yield server
     assert server.stop() == 0
     assert server.actor_pids() == [] and server.shm_segments() == []
@@ -45,7 +48,7 @@ def reference(model_dir):
 def test_tp2_greedy_tokens_equal_transformers(tp2_server, reference, case):
     prompt, _, images = CASES[case]
     assert vlmd_generate(tp2_server, prompt, images) == reference.generate(hf_prompt(prompt), images)
-    assert len(tp2_server.actor_pids()) == 5  # scheduler, two workers, vision, http
+    assert len(tp2_server.actor_pids()) == 6  # scheduler, two workers, two vision ranks (one ViT), http
 
 
 def test_tp2_batched_requests_equal_transformers(tp2_server, reference):

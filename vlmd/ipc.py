@@ -56,6 +56,19 @@ async def connect(path: str, hello: Message | None = None) -> Channel:
     return channel
 
 
+async def connect_when_listening(path: str, hello: Message, timeout_s: float) -> Channel:
+    """`connect`, waiting for a peer process that starts at the same time to begin listening."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            return await connect(path, hello)
+        except (FileNotFoundError, ConnectionRefusedError):
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 async def serve(path: str, on_channel) -> asyncio.AbstractServer:
     """Listen on `path`; `on_channel(channel)` is awaited for every accepted connection."""
 

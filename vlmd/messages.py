@@ -171,6 +171,34 @@ class ReleaseImages(Message):
     request_id: str
 
 
+# --- vision front <-> ViT replicas ------------------------------------------------------------
+
+
+class EncodeBatch(Message):
+    """Vision front -> the leader of a ViT replica: encode these images and write each one's rows
+    into the EmbedStore run the front reserved for it."""
+
+    batch_id: int
+    images: list[ImageRef]
+    runs: list[EmbedRun]  # one per image, num_rows == image.num_tokens
+
+
+class BatchEncoded(Message):
+    """Leader -> vision front: the batch is done; the rows of every image without an error are in
+    the EmbedStore."""
+
+    batch_id: int
+    errors: list[str]  # one per image: "" when its rows are written, else why it failed
+
+
+class ForwardTiles(Message):
+    """Leader of a tensor-parallel ViT group -> its other ranks: join the broadcast of
+    `num_tiles` tiles and run your share of the forward. Ranks enter a collective only when told,
+    so none ever waits idle inside one."""
+
+    num_tiles: int
+
+
 # --- scheduler <-> TP rank workers ----------------------------------------------------------
 
 
@@ -250,6 +278,9 @@ ANY_MESSAGE = (
     | ImagesReady
     | ImagesFailed
     | ReleaseImages
+    | EncodeBatch
+    | BatchEncoded
+    | ForwardTiles
     | StepPlan
     | FlushStep
     | StepResult

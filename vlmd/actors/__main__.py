@@ -15,7 +15,7 @@ def main() -> None:
     role, run_dir = sys.argv[1], sys.argv[2]
     rank = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     die_with_parent()
-    setup_logging(role if role != "worker" else f"worker{rank}")
+    setup_logging(f"{role}{rank}" if role == "worker" or rank else role)
     launch = read_launch(run_dir)
     if role == "scheduler":
         from vlmd.actors.scheduler import run

@@ -41,6 +41,7 @@ HISTOGRAMS = {
     "vit_batch_size": ("vlmd_vit_batch_size", "images per ViT batch"),
 }
 FINISHED_PREFIX = "requests_finished_"
+VIT_REPLICA_PREFIX = "vit_replica_images_"  # + the replica's number: images that ViT replica encoded
 
 TTFT_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30, 60)
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2)
@@ -101,6 +102,13 @@ class _Snapshot:
             if key.startswith(FINISHED_PREFIX):
                 finished.add_metric([key.removeprefix(FINISHED_PREFIX)], value)
         yield finished
+        per_replica = CounterMetricFamily(
+            "vlmd_vit_replica_images", "images each ViT replica (--visual_dp) encoded", labels=["replica"]
+        )
+        for key, value in sorted(self.values.items()):
+            if key.startswith(VIT_REPLICA_PREFIX):
+                per_replica.add_metric([key.removeprefix(VIT_REPLICA_PREFIX)], value)
+        yield per_replica
         for key, (name, help_text) in HISTOGRAMS.items():
             snapshot = self.histograms.get(key) or Histogram(BUCKETS[key]).snapshot()
             yield _histogram_family(name, help_text, snapshot)

@@ -32,6 +32,8 @@ def resolve_runtime(args: ServerArgs, server_id: int, run_dir: str) -> RuntimeIn
         )
     if (reason := arch.tensor_parallel_error(args.tp)) is not None:
         raise ConfigError("--tp", reason)
+    if args.enable_multimodal and (reason := arch.vision_tensor_parallel_error(args.visual_tp)) is not None:
+        raise ConfigError("--visual_tp", reason)
     device = resolve_device(args.device)
     if device == "cuda" and args.tp > _cuda_device_count():
         raise ConfigError("--tp", f"{args.tp} ranks need {args.tp} GPUs; {_cuda_device_count()} visible")

@@ -29,13 +29,10 @@ DEATH_REPORT_GRACE_S = 0.3
 
 @dataclass
 class Actor:
+    name: str  # the role, with the rank for roles of one process per GPU (worker0, vision1)
     role: str
     rank: int
     process: asyncio.subprocess.Process
-
-    @property
-    def name(self) -> str:
-        return f"{self.role}{self.rank}" if self.role == "worker" else self.role
 
 
 class Supervisor:
@@ -83,7 +80,8 @@ class Supervisor:
     def _stages(self, launch: Launch) -> list[list[tuple[str, int]]]:
         """Actors to start, stage by stage; each stage waits for the previous one to be ready."""
         workers = [("worker", rank) for rank in range(self.args.tp)]
-        vision = [("vision", 0)] if self.args.enable_multimodal else []
+        # Vision rank r sits on GPU r: visual_dp replica groups of visual_tp ranks each.
+        vision = [("vision", rank) for rank in range(self.args.tp)] if self.args.enable_multimodal else []
         if launch.runtime.num_kv_pages == 0:
             # Workers size the KV cache from free device memory: the ViT must have taken its share.
             middle = [vision, workers] if vision else [workers]
@@ -120,10 +118,13 @@ class Supervisor:
         self._ready[(role, rank)] = ready
         cmd = [sys.executable, "-m", "vlmd.actors", role, launch.runtime.run_dir, str(rank)]
         process = await asyncio.create_subprocess_exec(*cmd)
-        actor = Actor(role, rank, process)
+        actor = Actor(self._name(role, rank), role, rank, process)
         self.actors.append(actor)
         asyncio.get_running_loop().create_task(self._watch(actor))
         return ready
+
+    def _name(self, role: str, rank: int) -> str:
+        return f"{role}{rank}" if role == "worker" or (role == "vision" and self.args.tp > 1) else role
 
     async def _watch(self, actor: Actor) -> None:
         code = await actor.process.wait()
@@ -137,7 +138,7 @@ class Supervisor:
             while True:
                 msg = await channel.recv()
                 if isinstance(msg, Ready):
-                    log.info("%s%s ready %s", msg.role, msg.rank if msg.role == "worker" else "", msg.detail)
+                    log.info("%s ready %s", self._name(msg.role, msg.rank), msg.detail)
                     future = self._ready.get((msg.role, msg.rank))
                     if future is not None and not future.done():
                         future.set_result(msg)

@@ -1,9 +1,11 @@
-"""The vision actor: MD5 embedding cache, image preprocessing and the ViT, batched across requests.
+"""The vision front: MD5 embedding cache, pins, and dispatch of image batches to the ViT replicas.
 
-A cache hit answers at once and pins the entry for the request; misses queue for the encoder,
-which takes up to --visual_infer_batch_size images at a time, runs InternViT + projector, and
-writes the rows into the shared EmbedStore. The same image requested again while it is being
-encoded waits for that one encode instead of running the ViT twice.
+A cache hit answers at once and pins the entry for the request; misses queue for the encoder.
+The front reserves each image's run in the EmbedStore (pinned while it is encoded), hands up to
+--visual_infer_batch_size images to the least loaded ViT replica (`vlmd.actors.vit_replica`),
+whose leader writes the rows straight into the shared store. The same image requested again
+while it is being encoded waits for that one encode instead of running the ViT twice. Vision
+rank 0 is the front and the leader of replica 0; the leaders of the other replicas are remote.
 """
 
 from __future__ import annotations
@@ -12,23 +14,32 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
-
-import numpy as np
-import torch
 
 from vlmd import ipc, shm
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
-from vlmd.actors.metrics import VIT_BATCH_BUCKETS
-from vlmd.actors.worker import TORCH_DTYPES, embed_store_view
-from vlmd.core.embed_index import EmbedIndex
+from vlmd.actors.metrics import VIT_BATCH_BUCKETS, VIT_REPLICA_PREFIX
+from vlmd.actors.vit_replica import VISION_FRONT_SOCKET, ReplicaGroup, VisionLayout, ViTRank
+from vlmd.core.embed_index import EmbedIndex, Entry
 from vlmd.core.histogram import Histogram
-from vlmd.image import ImageError, TilingConfig, decode_image, downscale, preprocess
-from vlmd.kernels.vision_graph import VisionGraphs
-from vlmd.messages import EmbedRun, EncodeImages, Hello, ImageRef, ImagesFailed, ImagesReady, ReleaseImages
-from vlmd.models.loader import load_vision
+from vlmd.messages import (
+    BatchEncoded,
+    EmbedRun,
+    EncodeBatch,
+    EncodeImages,
+    ForwardTiles,
+    Hello,
+    ImageRef,
+    ImagesFailed,
+    ImagesReady,
+    ReleaseImages,
+)
 
 log = logging.getLogger("vlmd.vision")
+
+ENCODING = "\0encoding"  # pins an entry whose rows a replica is still writing (never a request id)
+CONNECT_TIMEOUT_S = 600.0  # the supervisor's start-up timeout bounds it anyway
 
 
 @dataclass
@@ -47,30 +58,52 @@ class Job:
     waiters: list[tuple[str, int]] = field(default_factory=list)
 
 
+class Replica:
+    """One ViT replica as the front sees it: at most one batch in flight."""
+
+    def __init__(self, group: int, encode) -> None:
+        self.group = group
+        self.encode = encode  # async (images, runs) -> per image "" or the reason it failed
+        self.busy = False
+        self.num_images = 0  # images encoded so far
+
+
+class RemoteReplica:
+    """The leader of another replica group, over its socket."""
+
+    def __init__(self, channel: ipc.Channel) -> None:
+        self.channel = channel
+        self._answer: asyncio.Future | None = None
+        self._batch_id = 0
+
+    async def encode(self, images: list[ImageRef], runs: list[EmbedRun]) -> list[str]:
+        self._batch_id += 1
+        self._answer = asyncio.get_running_loop().create_future()
+        self.channel.send(EncodeBatch(self._batch_id, images, runs))
+        answer: BatchEncoded = await self._answer
+        assert answer.batch_id == self._batch_id, "a replica answers its one batch in flight"
+        return answer.errors
+
+    async def read_answers(self) -> None:
+        while True:
+            msg = await self.channel.recv()  # ChannelClosed: the replica died, and the server with it
+            assert isinstance(msg, BatchEncoded) and self._answer is not None
+            self._answer.set_result(msg)
+
+
 class VisionActor:
-    def __init__(self, launch: Launch, channel: ipc.Channel) -> None:
+    def __init__(self, launch: Launch, channel: ipc.Channel, replicas: list[Replica]) -> None:
         args, runtime = launch.args, launch.runtime
         self.channel = channel
         self.batch_size = args.visual_infer_batch_size
-        self.device = torch.device(runtime.device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(args.torch_threads)
-        self.model = load_vision(args.model_dir, TORCH_DTYPES[runtime.dtype], self.device, args.load_workers)
-        self.tiling = TilingConfig.from_model_dir(
-            args.model_dir, min_tiles=args.min_tiles, max_tiles=args.max_tiles
-        )
-        self.store = embed_store_view(launch)
         self.index = EmbedIndex(args.cache_capacity, runtime.embed_store_rows)
+        self.replicas = replicas
         self.pending: dict[str, Pending] = {}
         self.pinned: dict[str, list[str]] = {}  # request id -> md5s it pins
-        self.jobs: dict[str, Job] = {}  # md5 -> job queued, running or parked
-        self.parked: list[tuple[Job, torch.Tensor]] = []  # encoded, waiting for room in the cache
-        self.queue: asyncio.Queue[Job] = asyncio.Queue()
-        if self.device.type == "cuda":
-            self._reserve_peak_memory(args.visual_infer_batch_size * self.tiling.max_tiles_per_image)
-            if not args.disable_cudagraph:
-                self.model = VisionGraphs(self.model, self.tiling.max_tiles_per_image, self.tiling.tile_size)
-                self.model.capture()
+        self.jobs: dict[str, Job] = {}  # md5 -> job queued or being encoded
+        self.queue: deque[Job] = deque()  # misses waiting for a replica and for room in the cache
+        self._wake = asyncio.Event()  # a job was queued, a batch ended or pins were released
+        self._tasks: set[asyncio.Task] = set()
         self.counters = {
             "vit_images_total": 0.0,
             "embed_cache_hits_total": 0.0,
@@ -83,8 +116,9 @@ class VisionActor:
         self.pending[msg.request_id] = pending
         self.pinned.setdefault(msg.request_id, [])
         for i, image in enumerate(msg.images):
-            entry = self.index.lookup(image.md5, pin_for=msg.request_id)
-            if entry is not None or image.md5 in self.jobs:
+            job = self.jobs.get(image.md5)  # before the index: a run being written is not a hit yet
+            entry = None if job is not None else self.index.lookup(image.md5, pin_for=msg.request_id)
+            if job is not None or entry is not None:
                 self.counters["embed_cache_hits_total"] += 1
                 shm.unlink_segment(image.bytes_shm)  # the bytes are not needed
             else:
@@ -92,26 +126,27 @@ class VisionActor:
             if entry is not None:
                 pending.runs[i] = EmbedRun(image.md5, entry.row_offset, entry.num_rows)
                 self.pinned[msg.request_id].append(image.md5)
-            elif image.md5 in self.jobs:
-                self.jobs[image.md5].waiters.append((msg.request_id, i))
+            elif job is not None:
+                job.waiters.append((msg.request_id, i))
             else:
                 job = Job(image, [(msg.request_id, i)])
                 self.jobs[image.md5] = job
-                self.queue.put_nowait(job)
+                self.queue.append(job)
+                self._wake.set()
         self._reply_if_complete(msg.request_id)
 
     def on_release(self, request_id: str) -> None:
         self.pending.pop(request_id, None)
         self.index.unpin(request_id, self.pinned.pop(request_id, []))
-        parked, self.parked = self.parked, []
-        for job, result in parked:
-            self._store(job, result)
+        self._wake.set()  # room may have opened for a queued image
 
     def _reply_if_complete(self, request_id: str) -> None:
         pending = self.pending.get(request_id)
         if pending is not None and all(run is not None for run in pending.runs):
             del self.pending[request_id]
             counters = {**self.counters, "embed_cache_evictions_total": float(self.index.num_evictions)}
+            for replica in self.replicas:
+                counters[f"{VIT_REPLICA_PREFIX}{replica.group}"] = float(replica.num_images)
             histograms = {"vit_batch_size": self.batch_sizes.snapshot()}
             self.channel.send(ImagesReady(request_id, pending.runs, counters, histograms))
 
@@ -119,108 +154,132 @@ class VisionActor:
         if self.pending.pop(request_id, None) is not None:
             self.channel.send(ImagesFailed(request_id, status, message))
 
-    async def encode_loop(self) -> None:
+    async def dispatch_loop(self) -> None:
+        """Hand queued images to idle replicas, least loaded first. A replica takes one batch at a
+        time, so while all are busy the queue grows and the next batches are fuller."""
         while True:
-            batch = [await self.queue.get()]
-            while len(batch) < self.batch_size and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            started = time.perf_counter()
-            results = await asyncio.to_thread(self._encode, [job.image for job in batch])
-            log.debug("encoded %d image(s) in %.3f s", len(batch), time.perf_counter() - started)
-            self.counters["vit_images_total"] += sum(1 for r in results if not isinstance(r, str))
-            self.batch_sizes.observe(len(batch))
-            for job, result in zip(batch, results, strict=True):
-                self._store(job, result)
+            await self._wake.wait()
+            self._wake.clear()
+            while self.queue and (replica := self._least_loaded()) is not None:
+                batch = self._take_batch()
+                if not batch:
+                    break
+                replica.busy = True
+                task = asyncio.get_running_loop().create_task(self._encode_on(replica, batch))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(_exit_on_crash)
 
-    def _store(self, job: Job, result: torch.Tensor | str) -> None:
-        """Put an encoded image in the EmbedStore and answer its waiters. When the cache is full
-        of images that requests still use, park it until one of them is released."""
+    def _least_loaded(self) -> Replica | None:
+        idle = [replica for replica in self.replicas if not replica.busy]
+        return min(idle, key=lambda replica: (replica.num_images, replica.group), default=None)
+
+    def _take_batch(self) -> list[tuple[Job, Entry]]:
+        """Up to batch_size queued jobs, each with a run reserved in the EmbedStore. When the cache is
+        full of images in use, the queue waits for a release, or fails if none can come."""
+        batch: list[tuple[Job, Entry]] = []
+        while self.queue and len(batch) < self.batch_size:
+            job = self.queue[0]
+            md5 = job.image.md5
+            if not any(request_id in self.pending for request_id, _ in job.waiters):
+                self._drop(self.queue.popleft())  # every request that wanted it is gone
+                continue
+            entry = self.index.insert(md5, job.image.num_tokens, pin_for=ENCODING)
+            if entry is None:
+                if self._room_will_free():
+                    break  # retried when pins are released or a batch ends
+                self._drop(self.queue.popleft())
+                for request_id, _ in job.waiters:
+                    self._fail(
+                        request_id, 503, "the image embedding cache is full of images in use; retry later"
+                    )
+                continue
+            batch.append((self.queue.popleft(), entry))
+        return batch
+
+    def _drop(self, job: Job) -> None:
+        del self.jobs[job.image.md5]
+        shm.unlink_segment(job.image.bytes_shm)
+
+    def _room_will_free(self) -> bool:
+        """An encode in flight will end, or some pinned image belongs to a request that has all its
+        embeddings: it is scheduled and will unpin when it ends. If every pin is held by requests
+        still waiting here and no encode runs, none will."""
+        if any(replica.busy for replica in self.replicas):
+            return True
+        return any(md5s and request_id not in self.pending for request_id, md5s in self.pinned.items())
+
+    async def _encode_on(self, replica: Replica, batch: list[tuple[Job, Entry]]) -> None:
+        started = time.perf_counter()
+        images = [job.image for job, _ in batch]
+        runs = [EmbedRun(entry.md5, entry.row_offset, entry.num_rows) for _, entry in batch]
+        try:
+            errors = await replica.encode(images, runs)
+        finally:
+            replica.busy = False
+            self._wake.set()
+        num_encoded = sum(1 for error in errors if not error)
+        log.debug(
+            "replica %d encoded %d image(s) in %.3f s",
+            replica.group,
+            num_encoded,
+            time.perf_counter() - started,
+        )
+        replica.num_images += num_encoded
+        self.counters["vit_images_total"] += num_encoded
+        self.batch_sizes.observe(len(batch))
+        for (job, entry), error in zip(batch, errors, strict=True):
+            self._finish(job, entry, error)
+
+    def _finish(self, job: Job, entry: Entry, error: str) -> None:
+        """The job's rows are written (or it failed): answer its waiters still here."""
         md5 = job.image.md5
-        waiters = [(r, i) for r, i in job.waiters if r in self.pending]
-        if isinstance(result, str) or not waiters:
-            del self.jobs[md5]
-            for request_id, _ in waiters:
-                self._fail(request_id, 400, result)
-            return
-        entry = self.index.insert(md5, result.shape[0], pin_for=waiters[0][0])
-        if entry is None:
-            if self._pins_will_be_released():
-                self.parked.append((job, result))  # the job stays in self.jobs: new requests join it
-                return
-            del self.jobs[md5]
-            for request_id, _ in waiters:
-                self._fail(request_id, 503, "the image embedding cache is full of images in use; retry later")
-            return
         del self.jobs[md5]
-        self.store[entry.row_offset : entry.row_offset + entry.num_rows] = result
+        waiters = [(r, i) for r, i in job.waiters if r in self.pending]
+        if error:
+            self.index.remove(md5)
+            for request_id, _ in waiters:
+                self._fail(request_id, 400, error)
+            return
+        self.index.unpin(ENCODING, [md5])  # kept in the cache even if no waiter is left
         for request_id, i in waiters:
             entry.pinned_by.add(request_id)
             self.pinned[request_id].append(md5)
             self.pending[request_id].runs[i] = EmbedRun(md5, entry.row_offset, entry.num_rows)
             self._reply_if_complete(request_id)
 
-    def _pins_will_be_released(self) -> bool:
-        """Some pinned image belongs to a request that has all its embeddings: it is scheduled and
-        will unpin when it ends. If every pin is held by requests still waiting here, none will."""
-        return any(md5s and request_id not in self.pending for request_id, md5s in self.pinned.items())
-
-    @torch.inference_mode()
-    def _encode(self, images: list[ImageRef]) -> list[torch.Tensor | str]:
-        """Decode, tile and encode a batch; an image that fails gets its error message instead."""
-        tiles: list[np.ndarray] = []
-        counts: list[int] = []
-        errors: dict[int, str] = {}
-        for i, image in enumerate(images):
-            try:
-                data = shm.read_bytes_segment(image.bytes_shm, image.num_bytes)
-                decoded = decode_image(data)
-                if image.resize_width:  # the client asked to fit --max_image_pixels
-                    decoded = downscale(decoded, image.resize_width, image.resize_height)
-                pixels = preprocess(decoded, self.tiling)  # [num_tiles, 3, tile, tile]
-                assert pixels.shape[0] == image.num_tiles, "http and vision disagree on the tile count"
-                tiles.append(pixels)
-                counts.append(pixels.shape[0])
-            except (ImageError, OSError) as exc:
-                errors[i] = f"image {i}: {exc}"
-                counts.append(0)
-        rows: list[torch.Tensor] = []
-        if tiles:
-            pixel_values = torch.from_numpy(np.concatenate(tiles)).to(self.device, self.model_dtype)
-            embeds = self.model(pixel_values)  # [total_tiles * image_seq_length, hidden]
-            rows_per_tile = embeds.shape[0] // sum(counts)
-            rows = list(torch.split(embeds, [c * rows_per_tile for c in counts if c]))
-        out: list[torch.Tensor | str] = []
-        for i in range(len(images)):
-            out.append(errors[i] if i in errors else rows.pop(0))
-        return out
-
-    @torch.inference_mode()
-    def _reserve_peak_memory(self, num_tiles: int) -> None:
-        """Run the largest batch once so its activations stay in this process's allocator cache:
-        the LLM workers, which start after the vision actor, size their KV cache from what is left."""
-        size = self.tiling.tile_size
-        self.model(torch.zeros(num_tiles, 3, size, size, dtype=self.model_dtype, device=self.device))
-        torch.cuda.synchronize(self.device)
-
-    @property
-    def model_dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
 
 async def run(launch: Launch, rank: int) -> None:
-    channel = await ipc.connect(launch.socket(SCHEDULER_SOCKET), Hello("vision"))
+    """Every vision rank: the front (rank 0), another group's leader, or a leader's peer."""
     args = launch.args
-    if args.visual_tp > 1 or args.visual_dp > 1:
-        log.warning(
-            "visual_tp=%d, visual_dp=%d: split and replicated ViT layouts are not built yet; "
-            "one whole ViT serves every image (on the first GPU)",
-            args.visual_tp,
-            args.visual_dp,
-        )
-    actor = VisionActor(launch, channel)
-    await announce_ready(launch, "vision", detail=f"(EmbedStore {launch.runtime.embed_store_rows} rows)")
-    encoder = asyncio.get_running_loop().create_task(actor.encode_loop())
-    encoder.add_done_callback(_exit_on_crash)
+    layout = VisionLayout(rank, args.visual_tp, args.visual_dp)
+    if rank == 0:
+        await _run_front(launch, layout)
+    elif layout.is_leader:
+        await _run_leader(launch, layout)
+    else:
+        await _run_peer(launch, layout)
+
+
+async def _run_front(launch: Launch, layout: VisionLayout) -> None:
+    channel = await ipc.connect(launch.socket(SCHEDULER_SOCKET), Hello("vision"))
+    leaders = await _accept(launch.socket(VISION_FRONT_SOCKET), layout.leaders)
+    peers = await _accept(launch.socket(layout.group_socket()), layout.peers)
+    vit = ViTRank.from_launch(launch, layout)
+    group = ReplicaGroup(vit, [await channel_ for channel_ in peers])
+    replicas = [Replica(0, group.encode)]
+    for g, leader in enumerate(leaders, start=1):
+        remote = RemoteReplica(await leader)
+        replicas.append(Replica(g, remote.encode))
+        _watch(remote.read_answers())
+    for peer in group.peers:
+        _watch(_expect_silence(peer))
+    actor = VisionActor(launch, channel, replicas)
+    layout_text = f"{layout.visual_dp} replica(s) of {layout.visual_tp} rank(s)"
+    await announce_ready(
+        launch, "vision", 0, detail=f"(ViT {layout_text}, EmbedStore {launch.runtime.embed_store_rows} rows)"
+    )
+    _watch(actor.dispatch_loop())
     while True:
         msg = await channel.recv()
         if isinstance(msg, EncodeImages):
@@ -229,8 +288,69 @@ async def run(launch: Launch, rank: int) -> None:
             actor.on_release(msg.request_id)
 
 
+async def _run_leader(launch: Launch, layout: VisionLayout) -> None:
+    peers = await _accept(launch.socket(layout.group_socket()), layout.peers)
+    vit = ViTRank.from_launch(launch, layout)
+    group = ReplicaGroup(vit, [await peer for peer in peers])
+    for peer in group.peers:
+        _watch(_expect_silence(peer))
+    hello = Hello("vision", layout.rank)
+    front = await ipc.connect_when_listening(launch.socket(VISION_FRONT_SOCKET), hello, CONNECT_TIMEOUT_S)
+    await announce_ready(launch, "vision", layout.rank, detail=f"(ViT replica {layout.group} leader)")
+    while True:
+        msg = await front.recv()
+        assert isinstance(msg, EncodeBatch), f"a replica leader expects EncodeBatch, got {type(msg).__name__}"
+        front.send(BatchEncoded(msg.batch_id, await group.encode(msg.images, msg.runs)))
+
+
+async def _run_peer(launch: Launch, layout: VisionLayout) -> None:
+    vit = ViTRank.from_launch(launch, layout)
+    hello = Hello("vision", layout.rank)
+    leader = await ipc.connect_when_listening(launch.socket(layout.group_socket()), hello, CONNECT_TIMEOUT_S)
+    await announce_ready(
+        launch, "vision", layout.rank, detail=f"(ViT replica {layout.group} rank {layout.rank_in_group})"
+    )
+    while True:
+        msg = await leader.recv()  # ChannelClosed: the leader died, and the server with it
+        assert isinstance(msg, ForwardTiles), f"a ViT rank expects ForwardTiles, got {type(msg).__name__}"
+        await vit.run(vit.follow, msg.num_tiles)
+
+
+async def _accept(path: str, ranks: list[int]) -> list[asyncio.Future]:
+    """Listen on `path` for the vision ranks `ranks`; one future per rank resolves to its channel."""
+    if not ranks:
+        return []
+    loop = asyncio.get_running_loop()
+    futures = {rank: loop.create_future() for rank in ranks}
+
+    async def on_channel(channel: ipc.Channel) -> None:
+        hello = await channel.recv()
+        assert isinstance(hello, Hello) and hello.rank in futures, f"unexpected vision connection {hello!r}"
+        futures[hello.rank].set_result(channel)
+
+    _servers.append(await ipc.serve(path, on_channel))
+    return [futures[rank] for rank in ranks]
+
+
+async def _expect_silence(channel: ipc.Channel) -> None:
+    """A peer never writes to its leader: reading only notices it die."""
+    msg = await channel.recv()
+    raise AssertionError(f"a ViT peer sent {type(msg).__name__}")
+
+
+def _watch(coro) -> None:
+    """Run `coro` for the process's life; if it fails (a peer died), the process exits."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _background.add(task)
+    task.add_done_callback(_exit_on_crash)
+
+
+_servers: list = []
+_background: set[asyncio.Task] = set()  # the event loop keeps only weak references to tasks
+
+
 def _exit_on_crash(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.error("encoder crashed", exc_info=task.exception())
+        log.error("vision task failed", exc_info=task.exception())
         logging.shutdown()
         os._exit(1)

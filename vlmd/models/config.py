@@ -126,6 +126,13 @@ class InternVLArch:
             return f"{kv} KV heads can be neither split over nor replicated evenly on {tp} ranks"
         return None
 
+    def vision_tensor_parallel_error(self, tp: int) -> str | None:
+        """Why the ViT cannot be split over `tp` ranks, or None if it can."""
+        for name in ("vision_num_attention_heads", "vision_intermediate_size"):
+            if getattr(self, name) % tp:
+                return f"the model's {name} ({getattr(self, name)}) is not divisible by {tp}"
+        return None
+
     def check_integrity(self, declared_image_seq_length: int | None = None) -> None:
         """Raise ValueError when the numbers cannot describe a model vlmd can run."""
         if self.num_attention_heads % self.num_key_value_heads:

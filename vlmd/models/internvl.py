@@ -72,14 +72,15 @@ class VisionAttention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq_len, hidden = x.shape
+        batch, seq_len, _ = x.shape
+        width = self.num_heads * self.head_dim  # hidden, or this rank's heads under tensor parallelism
         heads_shape = (batch, seq_len, self.num_heads, self.head_dim)
-        q, k, v = self.qkv_proj(x).split(hidden, dim=-1)  # each [N, seq, hidden]
+        q, k, v = self.qkv_proj(x).split(width, dim=-1)  # each [N, seq, width]
         q = self.q_norm(q).reshape(heads_shape).transpose(1, 2)  # [N, heads, seq, head_dim]
         k = self.k_norm(k).reshape(heads_shape).transpose(1, 2)  # [N, heads, seq, head_dim]
         v = v.reshape(heads_shape).transpose(1, 2)  # [N, heads, seq, head_dim]
         out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
-        return self.projection_layer(out.transpose(1, 2).reshape(batch, seq_len, hidden))  # [N, seq, hidden]
+        return self.projection_layer(out.transpose(1, 2).reshape(batch, seq_len, width))  # [N, seq, hidden]
 
 
 class VisionMLP(nn.Module):

@@ -30,7 +30,7 @@ from torch import nn
 from vlmd.models.config import InternVLArch
 from vlmd.models.internvl import InternVLVision
 from vlmd.models.qwen2 import Qwen2ForCausalLM
-from vlmd.models.tensor_parallel import SINGLE_RANK, Shard, TPGroup, shard_language_model
+from vlmd.models.tensor_parallel import SINGLE_RANK, Shard, TPGroup, shard_language_model, shard_vision
 
 VISION, LANGUAGE = "vision", "language"
 
@@ -48,14 +48,20 @@ _KEY_PREFIXES = (
 
 
 def load_vision(
-    model_dir: str | Path, dtype: torch.dtype | str, device: torch.device | str, num_threads: int = 1
+    model_dir: str | Path,
+    dtype: torch.dtype | str,
+    device: torch.device | str,
+    num_threads: int = 1,
+    tp: TPGroup = SINGLE_RANK,
 ) -> InternVLVision:
-    """The vision tower and projector, in eval mode, on `device` in `dtype`."""
+    """The vision tower and projector, in eval mode, on `device` in `dtype`; with `tp` of several
+    ranks, this rank's share of the ViT (the projector whole), read from the files slice by slice."""
     arch = InternVLArch.from_model_dir(model_dir)
     keys = _component_keys(Path(model_dir), VISION)
     with torch.device("meta"):
         model = InternVLVision(arch)
-    _load_into(model, keys, _to_dtype(dtype), torch.device(device), num_threads)
+        shards = shard_vision(model, tp)
+    _load_into(model, keys, _to_dtype(dtype), torch.device(device), num_threads, shards)
     return _finish(model, torch.device(device))
 
 

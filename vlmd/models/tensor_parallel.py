@@ -1,4 +1,4 @@
-"""Tensor parallelism for the language model, applied from outside the model file.
+"""Tensor parallelism for the language model and the ViT, applied from outside the model files.
 
 `shard_language_model` takes a Qwen2 model built on the meta device and shrinks it, in place,
 to one rank's share (Megatron layout), so that the model file still reads as one-GPU code:
@@ -12,7 +12,12 @@ to one rank's share (Megatron layout), so that the model file still reads as one
   it owns (zeros elsewhere, then all-reduce), and computes the logits of its vocabulary slice
   (then all-gather, so that every rank samples the same token from the same logits).
 
-It returns, per parameter, which slice of the checkpoint tensor the rank must load, so that
+`shard_vision` does the same to InternViT: each rank holds whole attention heads (q/k/v
+column-parallel, the output projection row-parallel) and a slice of the MLP (fc1 column-parallel,
+fc2 row-parallel); a row-parallel layer adds its bias once, after the all-reduce. LayerNorms,
+layer scales, embeddings and the projector are small and stay whole on every rank.
+
+Both return, per parameter, which slice of the checkpoint tensor the rank must load, so that
 every rank reads only its own share from the safetensors files.
 """
 
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -35,6 +41,12 @@ class TPGroup:
     def all_reduce(self, x: torch.Tensor) -> None:
         if self.size > 1:
             dist.all_reduce(x)
+
+    def broadcast(self, x: torch.Tensor) -> None:
+        """Give every rank rank 0's `x` (in place)."""
+        if self.size > 1:
+            assert x.is_contiguous(), "a broadcast sends and receives raw storage"
+            dist.broadcast(x, src=0)
 
     def all_gather_last_dim(self, x: torch.Tensor, full: int) -> torch.Tensor:
         """Concatenate every rank's [..., n] slice along the last dim, each padded to the same
@@ -164,4 +176,88 @@ def _shard_mlp(mlp: nn.Module, prefix: str, arch, tp: TPGroup) -> dict[str, Shar
         f"{prefix}.gate_proj.weight": column,
         f"{prefix}.up_proj.weight": column,
         f"{prefix}.down_proj.weight": Shard(1, start, width),
+    }
+
+
+class RowParallelLinear(nn.Module):
+    """A Linear whose input features are split over the ranks: the partial products are summed
+    across ranks, then the (whole) bias is added once."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup) -> None:
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)  # [..., out_features], this rank's share of the sum
+        self.tp.all_reduce(out)
+        return out + self.bias
+
+
+class HeadParallelRMSNorm(nn.Module):
+    """InternViT-6B's qk-norm, an RMSNorm across all heads at once, when each rank holds some of
+    them: the sum of squares is all-reduced, so every rank divides by the whole row's RMS. Same
+    arithmetic as `TorchOps.rms_norm` (float32 variance, weight applied after casting back)."""
+
+    def __init__(self, width: int, full_width: int, eps: float, tp: TPGroup) -> None:
+        super().__init__()
+        self.full_width, self.eps, self.tp = full_width, eps, tp
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        sum_sq = x32.pow(2).sum(-1, keepdim=True)  # [..., 1]
+        self.tp.all_reduce(sum_sq)
+        variance = sum_sq / self.full_width
+        return self.weight * (x32 * torch.rsqrt(variance + self.eps)).to(x.dtype)
+
+
+def shard_vision(model: nn.Module, tp: TPGroup) -> dict[str, Shard]:
+    """Shrink a meta-device InternVLVision to rank `tp.rank`'s share of the ViT's heads and MLP
+    features; returns each sharded parameter's slice of the checkpoint (the rest load whole)."""
+    if tp.size == 1:
+        return {}
+    shards: dict[str, Shard] = {}
+    for i, layer in enumerate(model.vision_tower.encoder.layer):
+        prefix = f"vision_tower.encoder.layer.{i}"
+        shards |= _shard_vision_attention(layer.attention, f"{prefix}.attention", model.arch, tp)
+        shards |= _shard_vision_mlp(layer.mlp, f"{prefix}.mlp", model.arch, tp)
+    return shards
+
+
+def _shard_vision_attention(attn: nn.Module, prefix: str, arch, tp: TPGroup) -> dict[str, Shard]:
+    hidden, head_dim = arch.vision_hidden_size, attn.head_dim
+    start, num_heads = even_split(
+        arch.vision_num_attention_heads, tp.size, tp.rank, "vision num_attention_heads"
+    )
+    width = num_heads * head_dim
+    bias = arch.vision_attention_bias
+    attn.num_heads = num_heads
+    attn.q_proj = nn.Linear(hidden, width, bias=bias)
+    attn.k_proj = nn.Linear(hidden, width, bias=bias)
+    attn.v_proj = nn.Linear(hidden, width, bias=bias)
+    attn.projection_layer = RowParallelLinear(width, hidden, tp)
+    column = Shard(0, start * head_dim, width)
+    shards = {f"{prefix}.{name}.weight": column for name in ("q_proj", "k_proj", "v_proj")}
+    if bias:
+        shards |= {f"{prefix}.{name}.bias": column for name in ("q_proj", "k_proj", "v_proj")}
+    if arch.vision_use_qk_norm:
+        eps = arch.vision_layer_norm_eps
+        attn.q_norm = HeadParallelRMSNorm(width, hidden, eps, tp)
+        attn.k_norm = HeadParallelRMSNorm(width, hidden, eps, tp)
+        shards |= {f"{prefix}.q_norm.weight": column, f"{prefix}.k_norm.weight": column}
+    shards[f"{prefix}.projection_layer.weight"] = Shard(1, start * head_dim, width)
+    return shards
+
+
+def _shard_vision_mlp(mlp: nn.Module, prefix: str, arch, tp: TPGroup) -> dict[str, Shard]:
+    hidden = arch.vision_hidden_size
+    start, width = even_split(arch.vision_intermediate_size, tp.size, tp.rank, "vision intermediate_size")
+    mlp.fc1 = nn.Linear(hidden, width)
+    mlp.fc2 = RowParallelLinear(width, hidden, tp)
+    return {
+        f"{prefix}.fc1.weight": Shard(0, start, width),
+        f"{prefix}.fc1.bias": Shard(0, start, width),
+        f"{prefix}.fc2.weight": Shard(1, start, width),
     }

@@ -1,0 +1,263 @@
+"""The ViT layouts: --visual_tp splits InternViT's heads and MLP over ranks (gloo on the CPU),
+--visual_dp runs whole replicas; both give one rank's embeddings and transformers' tokens."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+from tests.conftest import make_image, start_server
+from tests.test_http import metrics
+from tests.test_lifecycle import _cmdline, assert_one_line_error, serve
+from tests.test_parity import CASES, IMG_A, IMG_B, IMG_C, chat, hf_prompt, vlmd_generate
+from vlmd import shm
+from vlmd.actors.vit_replica import VisionLayout, ViTRank
+from vlmd.demo import write_demo_model
+from vlmd.image import TilingConfig, num_tiles
+from vlmd.messages import EmbedRun, ImageRef
+from vlmd.models.loader import load_vision
+from vlmd.models.tensor_parallel import SINGLE_RANK, TPGroup
+
+# InternViT-6B's variant: RMSNorm blocks, qk-norm across all heads, no qkv bias, a final LayerNorm.
+VIT_6B_LIKE = {
+    "use_qk_norm": True,
+    "norm_type": "rms_norm",
+    "attention_bias": False,
+    "use_mean_pooling": False,
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _pixels() -> torch.Tensor:
+    return torch.randn(3, 3, 448, 448, generator=torch.Generator().manual_seed(0))  # [tiles, 3, H, W]
+
+
+def _sharded_vit_main(rank: int, size: int, port: int, model_dir: str, result_path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        with torch.inference_mode():
+            rows = load_vision(model_dir, torch.float32, "cpu", tp=TPGroup(rank, size))(_pixels())
+        if rank == 0:
+            torch.save(rows, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("variant", "size"), [("demo", 2), ("demo", 4), ("vit_6b_like", 2)])
+def test_sharded_vit_gives_the_single_rank_rows(model_dir, tmp_path, variant, size):
+    if variant == "vit_6b_like":
+        model_dir = tmp_path / "model"
+        write_demo_model(model_dir, seed=5, vision_config=VIT_6B_LIKE)
+    with torch.inference_mode():
+        want = load_vision(model_dir, torch.float32, "cpu")(_pixels())  # [tiles * 256, hidden]
+    path = str(tmp_path / "rows.pt")
+    mp.spawn(_sharded_vit_main, args=(size, _free_port(), str(model_dir), path), nprocs=size)
+    torch.testing.assert_close(torch.load(path), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_vit_holds_only_its_share(model_dir):
+    model = load_vision(model_dir, torch.float32, "cpu", tp=TPGroup(1, 2))  # no collective runs at load
+    whole = load_vision(model_dir, torch.float32, "cpu")
+    attn, mlp = model.vision_tower.encoder.layer[0].attention, model.vision_tower.encoder.layer[0].mlp
+    ref_attn = whole.vision_tower.encoder.layer[0].attention
+    hidden = model.arch.vision_hidden_size
+    assert attn.num_heads == model.arch.vision_num_attention_heads // 2
+    assert attn.qkv_proj.weight.shape == (3 * hidden // 2, hidden)
+    q_rows = ref_attn.qkv_proj.weight[hidden // 2 : hidden]  # rank 1 holds the second half of the heads
+    torch.testing.assert_close(attn.qkv_proj.weight[: hidden // 2], q_rows, rtol=0, atol=0)
+    assert mlp.fc1.weight.shape[0] == mlp.fc2.weight.shape[1] == model.arch.vision_intermediate_size // 2
+    assert attn.projection_layer.bias.shape == (hidden,)  # added once, after the all-reduce
+
+
+# --- the ViT ranks in process: every layout writes one rank's rows into the one EmbedStore --------
+
+IMAGES = [IMG_A, IMG_C, IMG_B]  # 7, 1 and 3 tiles
+ROWS_PER_TILE = 256
+
+
+def _image_refs(model_dir, prefix: str) -> tuple[list[ImageRef], list[EmbedRun]]:
+    """Each image's bytes in a fresh segment (the encoder unlinks it), and its run in the store."""
+    tiling = TilingConfig.from_model_dir(model_dir)
+    refs, runs, offset = [], [], 0
+    for i, data in enumerate(IMAGES):
+        tiles = num_tiles(*Image.open(io.BytesIO(data)).size, tiling)
+        rows = tiles * ROWS_PER_TILE
+        segment = shm.write_bytes_segment(prefix, data)
+        refs.append(ImageRef(f"md5-{i}", segment, len(data), tiles, 0, rows))
+        runs.append(EmbedRun(f"md5-{i}", offset, rows))
+        offset += rows
+    return refs, runs
+
+
+def _store(segment: shm.SharedSegment, hidden: int) -> torch.Tensor:
+    return torch.frombuffer(segment.buf, dtype=torch.float32).view(-1, hidden)  # [rows, hidden]
+
+
+def _vision_rank_main(
+    rank, visual_tp, visual_dp, ports, model_dir, store_name, refs, runs, cuda=False
+) -> None:
+    """Vision rank `rank`: the leader of group g encodes images g, g + dp, ... into their runs."""
+    torch.set_num_threads(1)
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.allow_tf32 = False  # float32 convolutions, to compare with the CPU's rows
+    layout = VisionLayout(rank, visual_tp, visual_dp)
+    tp = SINGLE_RANK
+    if visual_tp > 1:
+        init = f"tcp://127.0.0.1:{ports[layout.group]}"
+        backend = "nccl" if cuda else "gloo"
+        dist.init_process_group(backend, init_method=init, rank=layout.rank_in_group, world_size=visual_tp)
+        tp = TPGroup(layout.rank_in_group, visual_tp)
+    model = load_vision(model_dir, torch.float32, device, tp=tp)
+    segment = shm.SharedSegment.attach(store_name)
+    vit = ViTRank(model, TilingConfig.from_model_dir(model_dir), tp, _store(segment, model.arch.hidden_size))
+    mine = list(range(layout.group, len(refs), visual_dp))
+    if layout.is_leader:
+        pixels, counts, errors = vit.preprocess([refs[i] for i in mine])
+        assert not any(errors), errors
+        vit.forward_into_store(pixels, counts, [runs[i] for i in mine])
+    else:
+        vit.follow(sum(refs[i].num_tiles for i in mine))
+    if visual_tp > 1:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("visual_tp", "visual_dp", "cuda"),
+    [
+        (2, 1, False),
+        (1, 2, False),
+        (2, 2, False),
+        pytest.param(2, 1, True, marks=pytest.mark.gpu),  # NCCL between two GPUs
+        pytest.param(1, 2, True, marks=pytest.mark.gpu),
+    ],
+)
+def test_every_vit_layout_writes_the_single_rank_rows(model_dir, visual_tp, visual_dp, cuda):
+    """With dp 2, group 1 encodes IMG_C alone: a batch of one tile, whose pixels come out of the
+    decoder strided (they must reach a tensor-parallel group's broadcast contiguous)."""
+    if cuda and torch.cuda.device_count() < visual_tp * visual_dp:
+        pytest.skip(f"needs {visual_tp * visual_dp} GPUs")
+    prefix = f"vlmd-{os.getpid()}-test-"
+    refs, runs = _image_refs(model_dir, prefix)
+    hidden = load_vision(model_dir, torch.float32, "cpu").arch.hidden_size
+    num_rows = sum(run.num_rows for run in runs)
+    want = shm.SharedSegment.create(f"{prefix}want", num_rows * hidden * 4)
+    got = shm.SharedSegment.create(f"{prefix}got", num_rows * hidden * 4)
+    try:
+        single = ViTRank(load_vision(model_dir, torch.float32, "cpu"), TilingConfig.from_model_dir(model_dir))
+        single.store = _store(want, hidden)
+        pixels, counts, _ = single.preprocess(_image_refs(model_dir, prefix)[0])
+        single.forward_into_store(pixels, counts, runs)
+        ports = [_free_port() for _ in range(visual_dp)]
+        args = (visual_tp, visual_dp, ports, str(model_dir), got.name, refs, runs, cuda)
+        mp.spawn(_vision_rank_main, args=args, nprocs=visual_tp * visual_dp)
+        tolerance = 1e-4 if cuda else 1e-5  # another device's float32 kernels round differently
+        torch.testing.assert_close(_store(got, hidden), _store(want, hidden), rtol=tolerance, atol=tolerance)
+        assert _store(got, hidden).abs().sum(-1).min() > 0, "a row was never written"
+    finally:
+        del single
+        for segment in (want, got):
+            segment.close()
+        assert [name for name in shm.unlink_all(prefix) if "img-" in name] == []  # encoders took the bytes
+
+
+# --- through the real server ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vit_dp2_server(model_dir, tmp_path_factory):
+    server = start_server(
+        model_dir,
+        tmp_path_factory.mktemp("vit_dp2"),
+        "--tp",
+        "2",
+        "--visual_dp",
+        "2",
+        "--visual_tp",
+        "1",
+        "--enable_multimodal",
+    )
+    yield server
+    assert server.stop() == 0
+    assert server.actor_pids() == [] and server.shm_segments() == []
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    from tests.test_parity import Reference
+
+    return Reference(model_dir)
+
+
+@pytest.mark.parametrize("case", ["one_image", "two_images"])
+def test_vit_dp2_greedy_tokens_equal_transformers(vit_dp2_server, reference, case):
+    prompt, _, images = CASES[case]
+    assert vlmd_generate(vit_dp2_server, prompt, images) == reference.generate(hf_prompt(prompt), images)
+    assert len(vit_dp2_server.actor_pids()) == 6  # scheduler, two workers, two vision ranks, http
+
+
+def test_vit_dp2_both_replicas_encode(vit_dp2_server, reference):
+    before = metrics(vit_dp2_server)
+    images = [make_image(460, 460, seed=seed) for seed in (80, 81, 82, 83)]
+    prompt = chat("<img></img> Describe.")
+    expected = [reference.generate(hf_prompt(prompt), [image], 8) for image in images]
+    with ThreadPoolExecutor(len(images)) as pool:
+        got = list(pool.map(lambda image: vlmd_generate(vit_dp2_server, prompt, [image], 8), images))
+    assert got == expected
+    after = metrics(vit_dp2_server)
+    done = [
+        after[f'vlmd_vit_replica_images_total{{replica="{g}"}}']
+        - before.get(f'vlmd_vit_replica_images_total{{replica="{g}"}}', 0)
+        for g in (0, 1)
+    ]
+    assert sum(done) == len(images) and min(done) > 0, done
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--tp", "2", "--visual_tp", "2", "--visual_dp", "2"),  # 4 ViT shares on 2 GPUs
+        ("--tp", "2", "--visual_tp", "0"),
+        ("--tp", "4", "--visual_dp", "3"),
+    ],
+)
+def test_inconsistent_vit_layouts_are_refused(model_dir, flags):
+    assert_one_line_error(serve("--model_dir", str(model_dir), "--enable_multimodal", *flags), "--visual_")
+
+
+def test_visual_tp_that_does_not_divide_the_vit_heads_is_refused(tmp_path):
+    write_demo_model(tmp_path, seed=0, vision_config={"num_attention_heads": 2})
+    result = serve("--model_dir", str(tmp_path), "--enable_multimodal", "--tp", "4")  # visual_tp 4
+    assert_one_line_error(result, "--visual_tp")
+    assert "vision_num_attention_heads" in result.stderr
+
+
+@pytest.mark.parametrize("layout", [("--visual_tp", "2"), ("--visual_dp", "2")], ids=["tp_peer", "dp_leader"])
+def test_a_dead_vision_rank_stops_the_server_cleanly(model_dir, tmp_path, layout):
+    server = start_server(model_dir, tmp_path, "--tp", "2", "--enable_multimodal", *layout)
+    # python -m vlmd.actors ROLE RUN_DIR RANK
+    victim = next(pid for pid in server.actor_pids() if _cmdline(pid).split()[3::2] == ["vision", "1"])
+    os.kill(victim, signal.SIGKILL)
+    assert server.process.wait(timeout=60) != 0
+    assert "actor vision1" in server.log() and "killed by signal 9" in server.log()
+    deadline = time.monotonic() + 10
+    while server.actor_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.actor_pids() == [] and server.shm_segments() == []

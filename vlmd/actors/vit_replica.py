@@ -1,0 +1,217 @@
+"""The ViT ranks: `visual_dp` replicas of the ViT, each a group of `visual_tp` vision processes.
+
+Vision rank r (0 <= r < tp, on GPU r when CUDA, beside LM rank r) belongs to replica group
+g = r // visual_tp. The group's first rank is its leader: it decodes and tiles the images, tells
+the other ranks of its group how many tiles follow (ForwardTiles, over a Unix socket), broadcasts
+the pixels, and once every rank has run its share of the forward it writes the rows into the
+EmbedStore runs the vision front reserved. The ranks of a group form their own torch.distributed
+world (gloo on the CPU, NCCL on GPUs) through a rendezvous file of their own, apart from the LM
+workers' world. Rank 0 is also the vision front (see `vlmd.actors.vision`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vlmd import ipc, shm
+from vlmd.actors.launch import Launch
+from vlmd.actors.worker import TORCH_DTYPES, TP_TIMEOUT_S, embed_store_view
+from vlmd.image import ImageError, TilingConfig, decode_image, downscale, preprocess
+from vlmd.kernels.vision_graph import VisionGraphs
+from vlmd.messages import EmbedRun, ForwardTiles, ImageRef
+from vlmd.models.loader import load_vision
+from vlmd.models.tensor_parallel import SINGLE_RANK, TPGroup
+
+VISION_FRONT_SOCKET = "vision-front.sock"  # leaders of groups 1.. connect to the front
+
+
+@dataclass(frozen=True)
+class VisionLayout:
+    """Where vision rank `rank` sits among visual_dp groups of visual_tp ranks."""
+
+    rank: int
+    visual_tp: int
+    visual_dp: int
+
+    @property
+    def group(self) -> int:
+        return self.rank // self.visual_tp
+
+    @property
+    def rank_in_group(self) -> int:
+        return self.rank % self.visual_tp
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank_in_group == 0
+
+    @property
+    def peers(self) -> list[int]:
+        """The other ranks of a leader's group."""
+        return list(range(self.rank + 1, self.rank + self.visual_tp))
+
+    @property
+    def leaders(self) -> list[int]:
+        """The leaders of every group but the front's."""
+        return [g * self.visual_tp for g in range(1, self.visual_dp)]
+
+    def group_socket(self) -> str:
+        return f"vision-group{self.group}.sock"
+
+    def rendezvous_file(self) -> str:
+        return f"vision-rendezvous-{self.group}"
+
+
+class ViTRank:
+    """This process's share of one ViT replica: the whole ViT when visual_tp is 1."""
+
+    def __init__(
+        self,
+        model,
+        tiling: TilingConfig,
+        tp: TPGroup = SINGLE_RANK,
+        store: torch.Tensor | None = None,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.model = model
+        self.tiling = tiling
+        self.tp = tp
+        self.store = store  # the EmbedStore (leaders only)
+        weight = next(model.parameters())
+        self.device, self.dtype = weight.device, weight.dtype
+        # All device work runs on one thread, which knows this rank's GPU as its current device.
+        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="vit")
+
+    @classmethod
+    def from_launch(cls, launch: Launch, layout: VisionLayout) -> ViTRank:
+        args, runtime = launch.args, launch.runtime
+        cuda = runtime.device == "cuda"
+        device = torch.device("cuda", layout.rank) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        else:
+            torch.set_num_threads(args.torch_threads)
+        tp = join_vision_group(launch, layout, cuda)
+        model = load_vision(args.model_dir, TORCH_DTYPES[runtime.dtype], device, args.load_workers, tp=tp)
+        tiling = TilingConfig.from_model_dir(
+            args.model_dir, min_tiles=args.min_tiles, max_tiles=args.max_tiles
+        )
+        if cuda:
+            _reserve_peak_memory(model, args.visual_infer_batch_size * tiling.max_tiles_per_image, tiling)
+            # A tensor-parallel ViT runs op by op: capturing its all-reduces in CUDA graphs has not
+            # been checked on GPUs, and every rank of a group would have to replay in lockstep.
+            if not args.disable_cudagraph and tp.size == 1:
+                model = VisionGraphs(model, tiling.max_tiles_per_image, tiling.tile_size)
+                model.capture()
+        store = embed_store_view(launch) if layout.is_leader else None
+        executor = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="vit",
+            initializer=torch.cuda.set_device if cuda else None,
+            initargs=(device,) if cuda else (),
+        )
+        return cls(model, tiling, tp, store, executor)
+
+    async def run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def preprocess(self, images: list[ImageRef]) -> tuple[torch.Tensor | None, list[int], list[str]]:
+        """Decode and tile a batch: (pixels [total_tiles, 3, tile, tile] on the device, or None if no
+        image decoded; tiles per image; per image "" or the reason it failed)."""
+        tiles: list[np.ndarray] = []
+        counts: list[int] = []
+        errors: list[str] = []
+        for i, image in enumerate(images):
+            try:
+                data = shm.read_bytes_segment(image.bytes_shm, image.num_bytes)
+                decoded = decode_image(data)
+                if image.resize_width:  # the client asked to fit --max_image_pixels
+                    decoded = downscale(decoded, image.resize_width, image.resize_height)
+                pixels = preprocess(decoded, self.tiling)  # [num_tiles, 3, tile, tile]
+                assert pixels.shape[0] == image.num_tiles, "http and vision disagree on the tile count"
+                tiles.append(pixels)
+                counts.append(pixels.shape[0])
+                errors.append("")
+            except (ImageError, OSError) as exc:
+                counts.append(0)
+                errors.append(f"image {i}: {exc}")
+        if not tiles:
+            return None, counts, errors
+        # Contiguous: one tile's array may come out strided, and a broadcast sends raw storage.
+        pixels = torch.from_numpy(np.concatenate(tiles)).to(self.device, self.dtype).contiguous()
+        return pixels, counts, errors
+
+    @torch.inference_mode()
+    def forward_into_store(self, pixels: torch.Tensor, counts: list[int], runs: list[EmbedRun]) -> None:
+        """Leader: share the pixels with the group, run the ViT, write each image's rows into its run
+        (images with no tiles failed and are skipped)."""
+        self.tp.broadcast(pixels)
+        embeds = self.model(pixels)  # [total_tiles * image_seq_length, hidden]
+        rows_per_tile = embeds.shape[0] // pixels.shape[0]
+        offset = 0
+        for count, run in zip(counts, runs, strict=True):
+            if count:
+                assert run.num_rows == count * rows_per_tile, "the reserved run does not fit the image"
+                self.store[run.row_offset : run.row_offset + run.num_rows] = embeds[
+                    offset : offset + run.num_rows
+                ]
+                offset += run.num_rows
+
+    @torch.inference_mode()
+    def follow(self, num_tiles: int) -> None:
+        """Another rank of the group: receive the leader's tiles and run this rank's share."""
+        size = self.tiling.tile_size
+        pixels = torch.empty(num_tiles, 3, size, size, dtype=self.dtype, device=self.device)
+        self.tp.broadcast(pixels)
+        self.model(pixels)
+
+
+class ReplicaGroup:
+    """A ViT replica as its leader drives it: this process's ViTRank and the other ranks' sockets."""
+
+    def __init__(self, vit: ViTRank, peers: list[ipc.Channel]) -> None:
+        assert len(peers) == vit.tp.size - 1, "a leader drives every other rank of its group"
+        self.vit = vit
+        self.peers = peers
+
+    async def encode(self, images: list[ImageRef], runs: list[EmbedRun]) -> list[str]:
+        """Encode a batch into its reserved runs; per image "" or why it failed."""
+        pixels, counts, errors = await self.vit.run(self.vit.preprocess, images)
+        if pixels is not None:
+            for peer in self.peers:
+                peer.send(ForwardTiles(pixels.shape[0]))
+            await self.vit.run(self.vit.forward_into_store, pixels, counts, runs)
+        return errors
+
+
+def join_vision_group(launch: Launch, layout: VisionLayout, cuda: bool) -> TPGroup:
+    """The ranks of one replica group meet through their own rendezvous file in the run directory;
+    their world is theirs alone (the LM workers and the other groups have their own)."""
+    if layout.visual_tp == 1:
+        return SINGLE_RANK
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=f"file://{launch.socket(layout.rendezvous_file())}",
+        rank=layout.rank_in_group,
+        world_size=layout.visual_tp,
+        timeout=datetime.timedelta(seconds=TP_TIMEOUT_S),
+    )
+    return TPGroup(layout.rank_in_group, layout.visual_tp)
+
+
+@torch.inference_mode()
+def _reserve_peak_memory(model, num_tiles: int, tiling: TilingConfig) -> None:
+    """Run the largest batch once so its activations stay in this process's allocator cache: the
+    LLM workers, which start after the vision ranks, size their KV cache from what is left. Every
+    rank of a group runs it at the same point of its start, so their collectives pair up."""
+    weight = next(model.parameters())
+    size = tiling.tile_size
+    model(torch.zeros(num_tiles, 3, size, size, dtype=weight.dtype, device=weight.device))
+    torch.cuda.synchronize(weight.device)
