@@ -1,8 +1,8 @@
 """The http actor: Starlette on uvicorn (uvloop). Parses and validates requests, fetches and
 checks images, builds prompt ids (tokenizer actor), talks to the scheduler, answers clients.
 
-LightLLM's routes (/generate, /generate_stream) live here, OpenAI's in `openai_api`; both use
-the request machinery of `HttpActor` (read_body, check_images, tokenize, submit, forget).
+LightLLM's routes (/generate, /generate_stream) live in `lightllm_api`, OpenAI's in `openai_api`;
+both use the request machinery of `HttpActor` (read_body, check_images, tokenize, submit, forget).
 Every client error is a 4xx JSON `{"error": ...}`; the server keeps serving.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import re
 import socket
@@ -22,19 +21,19 @@ import msgspec
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vlmd import ipc, shm
 from vlmd.actors.images import BadImage, CheckedImage, ImageChecker
-from vlmd.actors.inflight import ClientError, ClientGone, Tracked
+from vlmd.actors.inflight import ClientError, Tracked
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
+from vlmd.actors.lightllm_api import LightLLMApi, error_response
 from vlmd.actors.limits import LimitExceeded, QueueGate, check_image_count
 from vlmd.actors.metrics import LatencyMetrics, render_metrics
 from vlmd.actors.openai_api import OpenAIApi
 from vlmd.actors.tokenizer import ImageSpan, PromptBuilder, PromptError
-from vlmd.api import GenerateBody, ImageInput
-from vlmd.detokenizer import IncrementalDetokenizer
+from vlmd.api import ImageInput
 from vlmd.image import TilingConfig
 from vlmd.messages import (
     Abort,
@@ -47,13 +46,8 @@ from vlmd.messages import (
     SubmitRequest,
     TokenOut,
 )
-from vlmd.sampling import InvalidParameter, make_sampling_params
 
 log = logging.getLogger("vlmd.http")
-
-
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class HttpActor:
@@ -125,15 +119,6 @@ class HttpActor:
         histograms = {**snapshot.histograms, **self.latency.snapshots()}
         text = render_metrics(values, histograms)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    async def generate(self, request: Request) -> Response:
-        try:
-            body = await self.read_body(request, GenerateBody)
-            return JSONResponse(await self._generate(body, request))
-        except ClientError as exc:
-            return error_response(exc.status, str(exc), exc.headers)
-        except ClientGone:
-            return Response(status_code=499)  # nobody reads it; the request was aborted
 
     # --- the request machinery every API uses ----------------------------------------------
 
@@ -267,109 +252,6 @@ class HttpActor:
             for name in tracked.segments:
                 shm.unlink_segment(name)
 
-    # --- LightLLM's API -----------------------------------------------------------------------
-
-    async def _submit(self, body: GenerateBody) -> tuple[str, Tracked]:
-        arrival = time.perf_counter()
-        params = body.parameters
-        sampling = self._sampling(body)
-        checked = await self.check_images(body.multimodal_params.images)
-        prompt_ids, spans = await self.tokenize(self.prompts.build, body.inputs, checked)
-        self.check_length(len(prompt_ids), sampling.max_new_tokens)
-        stops = [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
-        stop_token_seqs = self.prompts.stop_token_seqs(stops)
-        return self.submit(prompt_ids, spans, checked, sampling, stop_token_seqs, arrival=arrival)
-
-    async def _generate(self, body: GenerateBody, request: Request) -> dict:
-        request_id, tracked = await self._submit(body)
-        gone = asyncio.ensure_future(self.until_disconnect(request))
-        try:
-            await asyncio.wait([tracked.done, gone], return_when=asyncio.FIRST_COMPLETED)
-            if not tracked.done.done():
-                raise ClientGone()
-            finish_reason, num_stop = tracked.done.result()
-        finally:
-            gone.cancel()
-            self.forget(request_id, tracked)
-        shown = tracked.token_ids[: len(tracked.token_ids) - num_stop]
-        response = {
-            "generated_text": [self.prompts.decode(shown)],
-            "count_output_tokens": len(tracked.token_ids),
-            "finish_reason": finish_reason,
-            "prompt_tokens": tracked.num_prompt_tokens,
-        }
-        if body.parameters.return_details:
-            response["tokens"] = [
-                {"id": t, "text": self.prompts.token_text(t), "logprob": lp}
-                for t, lp in zip(tracked.token_ids, tracked.logprobs, strict=True)
-            ]
-        return response
-
-    async def generate_stream(self, request: Request) -> Response:
-        """Server-sent events, one per token, as LightLLM emits them; the last carries the text."""
-        try:
-            request_id, tracked = await self._submit(await self.read_body(request, GenerateBody))
-        except ClientError as exc:
-            return error_response(exc.status, str(exc), exc.headers)
-        return StreamingResponse(self._events(request_id, tracked), media_type="text/event-stream")
-
-    async def _events(self, request_id: str, tracked: Tracked):
-        detok = IncrementalDetokenizer(self.prompts.tokenizer)
-        special = set(self.prompts.tokenizer.all_special_ids)
-        count = 0
-        try:
-            while True:
-                update = await tracked.updates.get()
-                if isinstance(update, ClientError):
-                    yield _sse({"error": str(update), "finished": True, "finish_reason": None})
-                    return
-                for token_id, logprob in zip(update.token_ids, update.logprobs, strict=True):
-                    count += 1
-                    text = detok.push(token_id)
-                    final = update.finish_reason is not None and count == len(tracked.token_ids)
-                    if final:
-                        # The text of a matched stop sequence is not shown (its last token here).
-                        text = "" if update.num_stop_tokens else text + detok.flush()
-                    event = {
-                        "token": {
-                            "id": token_id,
-                            "text": text,
-                            "logprob": logprob,
-                            "special": token_id in special,
-                            "count_output_tokens": count,
-                            "prompt_tokens": tracked.num_prompt_tokens,
-                        },
-                        "generated_text": None,
-                        "finished": final,
-                        "finish_reason": update.finish_reason if final else None,
-                    }
-                    if final:
-                        shown = tracked.token_ids[: len(tracked.token_ids) - update.num_stop_tokens]
-                        event["generated_text"] = self.prompts.decode(shown)
-                    yield _sse(event)
-                if update.finish_reason is not None:
-                    return
-        finally:
-            self.forget(request_id, tracked)
-
-    def _sampling(self, body: GenerateBody) -> SamplingParams:
-        p = body.parameters
-        try:
-            return make_sampling_params(
-                max_new_tokens=p.max_new_tokens,
-                do_sample=p.do_sample,
-                temperature=p.temperature,
-                top_p=p.top_p,
-                top_k=p.top_k,
-                repetition_penalty=p.repetition_penalty,
-                presence_penalty=p.presence_penalty,
-                frequency_penalty=p.frequency_penalty,
-                ignore_eos=p.ignore_eos,
-                seed=p.seed,
-            )
-        except InvalidParameter as exc:
-            raise ClientError(400, str(exc), exc.name) from None
-
     def _image_refs(
         self, checked: list[CheckedImage], spans: list[ImageSpan], tracked: Tracked
     ) -> list[ImageRef]:
@@ -384,8 +266,7 @@ class HttpActor:
         routes = [
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
-            Route("/generate", self.generate, methods=["POST"]),
-            Route("/generate_stream", self.generate_stream, methods=["POST"]),
+            *LightLLMApi(self).routes(),
             *OpenAIApi(self).routes(),
         ]
         return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
@@ -397,10 +278,6 @@ def _field_at_fault(validation_message: str) -> str | None:
     path = re.search(r"at `\$\.?(.*?)`", validation_message)
     missing = re.search(r"required field `(.+?)`", validation_message)
     return ".".join(m[1] for m in (path, missing) if m and m[1]) or None
-
-
-def _sse(event: dict) -> bytes:
-    return b"data:" + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

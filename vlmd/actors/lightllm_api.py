@@ -1,0 +1,152 @@
+"""LightLLM's API: POST /generate (JSON) and POST /generate_stream (server-sent events, one per
+token), with LightLLM's request and response formats and its `{"error": ...}` errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from vlmd.actors.inflight import ClientError, ClientGone, Tracked
+from vlmd.api import GenerateBody
+from vlmd.detokenizer import IncrementalDetokenizer
+from vlmd.messages import SamplingParams
+from vlmd.sampling import InvalidParameter, make_sampling_params
+
+if TYPE_CHECKING:
+    from vlmd.actors.http import HttpActor
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class LightLLMApi:
+    def __init__(self, actor: HttpActor) -> None:
+        self.actor = actor
+        self.prompts = actor.prompts
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/generate", self.generate, methods=["POST"]),
+            Route("/generate_stream", self.generate_stream, methods=["POST"]),
+        ]
+
+    async def generate(self, request: Request) -> Response:
+        try:
+            body = await self.actor.read_body(request, GenerateBody)
+            return JSONResponse(await self._generate(body, request))
+        except ClientError as exc:
+            return error_response(exc.status, str(exc), exc.headers)
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it; the request was aborted
+
+    async def _submit(self, body: GenerateBody) -> tuple[str, Tracked]:
+        arrival = time.perf_counter()
+        params = body.parameters
+        sampling = self._sampling(body)
+        checked = await self.actor.check_images(body.multimodal_params.images)
+        prompt_ids, spans = await self.actor.tokenize(self.prompts.build, body.inputs, checked)
+        self.actor.check_length(len(prompt_ids), sampling.max_new_tokens)
+        stops = [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
+        stop_token_seqs = self.prompts.stop_token_seqs(stops)
+        return self.actor.submit(prompt_ids, spans, checked, sampling, stop_token_seqs, arrival=arrival)
+
+    async def _generate(self, body: GenerateBody, request: Request) -> dict:
+        request_id, tracked = await self._submit(body)
+        gone = asyncio.ensure_future(self.actor.until_disconnect(request))
+        try:
+            await asyncio.wait([tracked.done, gone], return_when=asyncio.FIRST_COMPLETED)
+            if not tracked.done.done():
+                raise ClientGone()
+            finish_reason, num_stop = tracked.done.result()
+        finally:
+            gone.cancel()
+            self.actor.forget(request_id, tracked)
+        shown = tracked.token_ids[: len(tracked.token_ids) - num_stop]
+        response = {
+            "generated_text": [self.prompts.decode(shown)],
+            "count_output_tokens": len(tracked.token_ids),
+            "finish_reason": finish_reason,
+            "prompt_tokens": tracked.num_prompt_tokens,
+        }
+        if body.parameters.return_details:
+            response["tokens"] = [
+                {"id": t, "text": self.prompts.token_text(t), "logprob": lp}
+                for t, lp in zip(tracked.token_ids, tracked.logprobs, strict=True)
+            ]
+        return response
+
+    async def generate_stream(self, request: Request) -> Response:
+        """Server-sent events, one per token, as LightLLM emits them; the last carries the text."""
+        try:
+            request_id, tracked = await self._submit(await self.actor.read_body(request, GenerateBody))
+        except ClientError as exc:
+            return error_response(exc.status, str(exc), exc.headers)
+        return StreamingResponse(self._events(request_id, tracked), media_type="text/event-stream")
+
+    async def _events(self, request_id: str, tracked: Tracked):
+        detok = IncrementalDetokenizer(self.prompts.tokenizer)
+        special = set(self.prompts.tokenizer.all_special_ids)
+        count = 0
+        try:
+            while True:
+                update = await tracked.updates.get()
+                if isinstance(update, ClientError):
+                    yield _sse({"error": str(update), "finished": True, "finish_reason": None})
+                    return
+                for token_id, logprob in zip(update.token_ids, update.logprobs, strict=True):
+                    count += 1
+                    text = detok.push(token_id)
+                    final = update.finish_reason is not None and count == len(tracked.token_ids)
+                    if final:
+                        # The text of a matched stop sequence is not shown (its last token here).
+                        text = "" if update.num_stop_tokens else text + detok.flush()
+                    event = {
+                        "token": {
+                            "id": token_id,
+                            "text": text,
+                            "logprob": logprob,
+                            "special": token_id in special,
+                            "count_output_tokens": count,
+                            "prompt_tokens": tracked.num_prompt_tokens,
+                        },
+                        "generated_text": None,
+                        "finished": final,
+                        "finish_reason": update.finish_reason if final else None,
+                    }
+                    if final:
+                        shown = tracked.token_ids[: len(tracked.token_ids) - update.num_stop_tokens]
+                        event["generated_text"] = self.prompts.decode(shown)
+                    yield _sse(event)
+                if update.finish_reason is not None:
+                    return
+        finally:
+            self.actor.forget(request_id, tracked)
+
+    def _sampling(self, body: GenerateBody) -> SamplingParams:
+        p = body.parameters
+        try:
+            return make_sampling_params(
+                max_new_tokens=p.max_new_tokens,
+                do_sample=p.do_sample,
+                temperature=p.temperature,
+                top_p=p.top_p,
+                top_k=p.top_k,
+                repetition_penalty=p.repetition_penalty,
+                presence_penalty=p.presence_penalty,
+                frequency_penalty=p.frequency_penalty,
+                ignore_eos=p.ignore_eos,
+                seed=p.seed,
+            )
+        except InvalidParameter as exc:
+            raise ClientError(400, str(exc), exc.name) from None
+
+
+def _sse(event: dict) -> bytes:
+    return b"data:" + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
