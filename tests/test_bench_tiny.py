@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -33,10 +32,41 @@ IDS = list(range(100, 140))
 # --- the benchmark script ----------------------------------------------------------------------
 
 
+def _run_script(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_tiny_tp_bench_times_each_rank_count(tmp_path: Path) -> None:
+    out = tmp_path / "tp.json"
+    flags = ("--tiny", "--tp", "1", "2", "--batch_sizes", "1", "3", "--prompt_len", "20", "--new_tokens", "5")
+    proc = _run_script("bench/tp_bench.py", *flags, "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["tp"], r["batch"]) for r in rows] == [(1, 1), (1, 3), (2, 1), (2, 3)]
+    for r in rows:
+        assert r["step_ms"] > 0 and r["num_decode_steps"] == 5 - 2  # prefill and first decode excluded
+        assert r["over_tp1"] == pytest.approx(r["step_ms"] / rows[[1, 3].index(r["batch"])]["step_ms"])
+    assert rows[2]["weight_bytes_per_gpu"] < rows[0]["weight_bytes_per_gpu"]  # each rank holds a share
+    assert "| tp | batch | ms/step | / tp 1 |" in proc.stdout
+
+
+def test_tiny_vit_layout_bench_reports_every_layout(tmp_path: Path) -> None:
+    out = tmp_path / "vit.json"
+    flags = ("--tiny", "--batch_sizes", "1", "2", "--tiles", "2", "--repeats", "1")
+    proc = _run_script("bench/vit_layout_bench.py", *flags, "--json", str(out))
+    rates = json.loads(out.read_text())["images_per_s"]
+    assert list(rates) == ["one replica, one device", "visual_tp=2", "visual_dp=2"]
+    assert all(rate > 0 for layout in rates.values() for rate in layout.values())
+    assert "# batch 2: visual_" in proc.stdout and "| visual_dp=2 |" in proc.stdout
+
+
 def test_tiny_bench_prints_every_metric_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "bench/gpu_bench.py", "--tiny", "--json", str(out)],
         cwd=ROOT,
@@ -45,9 +75,7 @@ def test_tiny_bench_prints_every_metric_and_writes_json(tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    elapsed = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr
-    assert elapsed < 60, f"--tiny took {elapsed:.0f} s"
 
     stdout = proc.stdout
     for line in (
