@@ -130,7 +130,12 @@ def _stop_every_server():
     yield
     for server in _started:
         if server.process.poll() is None:
-            server.stop(signal.SIGKILL)
+            try:
+                server.stop(signal.SIGTERM, timeout=30)  # an orderly stop unlinks its shared memory
+            except subprocess.TimeoutExpired:
+                server.stop(signal.SIGKILL)
+        for name in server.shm_segments():  # a server killed by a test leaves its segments
+            os.unlink(f"/dev/shm/{name}")
 
 
 @pytest.fixture(scope="session")
