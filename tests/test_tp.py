@@ -150,3 +150,67 @@ def test_a_dead_rank_stops_the_server_cleanly(model_dir, tmp_path):
     while server.actor_pids() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.actor_pids() == [] and server.shm_segments() == []
+
+
+# --- sharded loading ------------------------------------------------------------------------------
+
+
+class _CountingFile:
+    """A safetensors file handle that counts the bytes of every tensor it materializes."""
+
+    def __init__(self, handle, counts: dict[str, int]) -> None:
+        self.handle, self.counts = handle, counts
+
+    def __enter__(self):
+        self.handle.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.handle.__exit__(*exc)
+
+    def keys(self):
+        return self.handle.keys()
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        tensor = self.handle.get_tensor(key)
+        self.counts[key] = self.counts.get(key, 0) + tensor.numel() * tensor.element_size()
+        return tensor
+
+    def get_slice(self, key: str):
+        counts, inner = self.counts, self.handle.get_slice(key)
+
+        class Slice:
+            def __getitem__(self, index):
+                tensor = inner[index]
+                counts[key] = counts.get(key, 0) + tensor.numel() * tensor.element_size()
+                return tensor
+
+        return Slice()
+
+
+def test_each_rank_reads_only_its_slices(model_dir, monkeypatch):
+    import safetensors
+
+    from vlmd.models import loader
+
+    counts: dict[str, int] = {}
+    monkeypatch.setattr(
+        loader, "safe_open", lambda *a, **kw: _CountingFile(safetensors.safe_open(*a, **kw), counts)
+    )
+    load_language_model(model_dir, torch.float32, "cpu")
+    whole, counts = dict(counts), {}
+    for rank in range(2):
+        counts.clear()
+        model = load_language_model(model_dir, torch.float32, "cpu", tp=TPGroup(rank, 2))
+        for key, num_bytes in counts.items():
+            if key.endswith(("proj.weight", "proj.bias", "embed_tokens.weight", "lm_head.weight")):
+                assert num_bytes * 2 == whole[key], (
+                    f"rank {rank} read {num_bytes} of {whole[key]} bytes of {key}"
+                )
+            else:  # norms are replicated
+                assert num_bytes == whole[key], key
+        assert sum(counts.values()) < 0.6 * sum(whole.values())
+        assert (
+            model.model.layers[0].self_attn.num_heads
+            == InternVLArch.from_model_dir(model_dir).num_attention_heads // 2
+        )
