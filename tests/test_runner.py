@@ -3,13 +3,15 @@ pending tokens fed back on the device) gives exactly the tokens of one step at a
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
-from vlmd.actors.worker import make_runner
+from vlmd.actors.worker import make_runner, serve_steps
 from vlmd.core.request import Request
 from vlmd.core.scheduler import Scheduler, SchedulerConfig
-from vlmd.messages import PENDING_TOKEN, SamplingParams
+from vlmd.messages import PENDING_TOKEN, FlushStep, SamplingParams, StepResult
 from vlmd.models.config import InternVLArch
 from vlmd.models.loader import load_language_model
 from vlmd.runner import run_in_process
@@ -22,6 +24,16 @@ NUM_PAGES = 256
 def lm(model_dir):
     arch = InternVLArch.from_model_dir(model_dir)
     return load_language_model(model_dir, torch.float32, torch.device("cpu")), arch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Runs compared token for token must round alike: a BLAS that splits its sums over however
+    many threads the machine's load leaves it may not (a seeded draw then flips near a boundary)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def generate(lm, requests: list[Request], max_in_flight: int, budget: int = 64):
@@ -76,3 +88,52 @@ def test_a_stop_token_seen_late_ends_the_request_the_same(lm):
     assert got == want
     assert len(got["r3"]) == r3_tokens.index(eos) + 1 < len(r3_tokens)
     assert len(got["r0"]) == 12  # r0 ignores EOS
+
+
+# --- the worker's loop: a step is held until the next plan or a FlushStep --------------------------
+
+
+class _FakeChannel:
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.sent: list = []
+
+    async def recv(self):
+        return await self.inbox.get()
+
+    def send(self, msg) -> None:
+        self.sent.append(msg)
+
+
+def test_worker_holds_each_step_until_the_next_plan_or_a_flush(lm):
+    model, arch = lm
+
+    def request() -> Request:
+        return Request("a", list(range(5, 17)), SamplingParams(max_new_tokens=3, ignore_eos=True))
+
+    scheduler = Scheduler(SchedulerConfig(NUM_PAGES, PAGE_SIZE))
+    scheduler.add(request())
+    first, second = scheduler.schedule(), scheduler.schedule()  # the second feeds back a pending token
+
+    async def scenario() -> list[list[StepResult]]:
+        channel = _FakeChannel()
+        runner = make_runner(model, arch, num_pages=NUM_PAGES, page_size=PAGE_SIZE)
+        loop = asyncio.create_task(serve_steps(runner, channel, send_results=True, overlap=True))
+        seen = []
+        for msg in (first, second, FlushStep()):
+            await channel.inbox.put(msg)
+            for _ in range(20):  # let the loop take the message
+                await asyncio.sleep(0)
+            seen.append(list(channel.sent))
+        loop.cancel()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen[0] == []  # the first step is held: its plan came alone
+    assert [r.step_id for r in seen[1]] == [first.step_id]  # reported once the next one launched
+    assert [r.step_id for r in seen[2]] == [first.step_id, second.step_id]  # the flush gives the last
+    reference = Scheduler(SchedulerConfig(NUM_PAGES, PAGE_SIZE))
+    reference.add(request())
+    serial = make_runner(model, arch, num_pages=NUM_PAGES, page_size=PAGE_SIZE)
+    want = [out.token_ids[0] for _, outputs in run_in_process(reference, serial, 1) for out in outputs]
+    assert [r.token_ids[0] for r in seen[2]] == want[:2]

@@ -191,12 +191,16 @@ async def run(launch: Launch, rank: int) -> None:
     await serve_steps(runner, channel, send_results=rank == 0)
 
 
-async def serve_steps(runner: ModelRunner, channel: ipc.Channel, send_results: bool) -> None:
+async def serve_steps(
+    runner: ModelRunner, channel: ipc.Channel, send_results: bool, overlap: bool | None = None
+) -> None:
     """Execute the scheduler's plans in order. On a GPU a step is launched before the previous
     one is collected, so the device runs the next step while the host reads back and reports
     the last one; the scheduler sends FlushStep when no plan follows. On the CPU, where launching
-    is computing, each step is collected at once (holding it would only delay its tokens)."""
-    overlap = runner.device.type == "cuda"
+    is computing, each step is collected at once (holding it would only delay its tokens);
+    `overlap` overrides that choice (tests)."""
+    if overlap is None:
+        overlap = runner.device.type == "cuda"
     held = None  # the launched step not yet collected
 
     def report() -> None:
