@@ -128,6 +128,7 @@ def rank_main(rank: int, size: int, port: int, args: argparse.Namespace, out_pat
         with open(out_path, "w") as f:
             json.dump(rows, f)
     if size > 1:
+        dist.barrier()  # no rank tears down its connections while a peer still uses them
         dist.destroy_process_group()
 
 

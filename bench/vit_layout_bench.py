@@ -86,6 +86,7 @@ def rank_main(
         with open(os.path.join(out_dir, f"replica{rank // visual_tp}.json"), "w") as f:
             json.dump(rates, f)
     if visual_tp > 1:
+        dist.barrier()  # no rank tears down its connections while a peer still uses them
         dist.destroy_process_group()
 
 

@@ -48,6 +48,7 @@ def _rank_main(rank: int, fn, port: int, *args) -> None:
     try:
         fn(TPGroup(rank, 2), *args)
     finally:
+        dist.barrier()  # no rank tears down its connections while a peer still uses them
         dist.destroy_process_group()
 
 

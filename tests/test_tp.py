@@ -89,6 +89,7 @@ def _rank_main(rank: int, size: int, port: int, model_dir: str, prompts, result_
         if rank == 0:
             torch.save(tokens, result_path)
     finally:
+        dist.barrier()  # no rank tears down its connections while a peer still uses them
         dist.destroy_process_group()
 
 

@@ -56,6 +56,7 @@ def _sharded_vit_main(rank: int, size: int, port: int, model_dir: str, result_pa
         if rank == 0:
             torch.save(rows, result_path)
     finally:
+        dist.barrier()  # no rank tears down its connections while a peer still uses them
         dist.destroy_process_group()
 
 
@@ -136,6 +137,7 @@ def _vision_rank_main(
     else:
         vit.follow(sum(refs[i].num_tiles for i in mine))
     if visual_tp > 1:
+        dist.barrier()  # no rank tears down its connections while a peer still uses them
         dist.destroy_process_group()
 
 
