@@ -153,6 +153,32 @@ def test_a_dead_rank_stops_the_server_cleanly(model_dir, tmp_path):
     assert server.actor_pids() == [] and server.shm_segments() == []
 
 
+def test_a_rank_dying_mid_step_does_not_hang_shutdown(model_dir, tmp_path):
+    """Rank 0 is mid-step, in or about to enter an all-reduce with a rank that is gone: the
+    server still stops (within the wait below) and leaves nothing behind."""
+    import threading
+
+    import requests
+
+    server = start_server(model_dir, tmp_path, "--tp", "2")
+    body = {"inputs": "a long answer", "parameters": {"max_new_tokens": 3000, "ignore_eos": True}}
+    threading.Thread(
+        target=lambda: requests.post(server.url + "/generate", json=body, timeout=120), daemon=True
+    ).start()
+    deadline = time.monotonic() + 30
+    while "vlmd_requests_running 1" not in requests.get(server.url + "/metrics").text:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.1)
+    victim = next(pid for pid in server.actor_pids() if _cmdline(pid).split()[3::2] == ["worker", "1"])
+    os.kill(victim, signal.SIGKILL)
+    assert server.process.wait(timeout=60) != 0
+    assert "actor worker1" in server.log() and "killed by signal 9" in server.log()
+    deadline = time.monotonic() + 10
+    while server.actor_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.actor_pids() == [] and server.shm_segments() == []
+
+
 # --- sharded loading ------------------------------------------------------------------------------
 
 
