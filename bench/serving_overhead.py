@@ -54,10 +54,7 @@ def forward_alone(
             started = time.perf_counter()
             result = runner.execute(plan)
             spent += time.perf_counter() - started
-            sampled = dict(
-                zip(result.request_ids, zip(result.token_ids, result.logprobs, strict=True), strict=True)
-            )
-            scheduler.update(plan, sampled)
+            scheduler.update(plan, result)
         best = min(best, spent)
     return best
 

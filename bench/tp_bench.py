@@ -20,13 +20,11 @@ import json
 import logging
 import os
 import shlex
-import socket
 import statistics
 import sys
 import tempfile
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -36,9 +34,9 @@ from gpu_bench import (  # noqa: E402
     copy_bandwidth,
     lm_weight_bytes,
     model_shape,
-    randomize_,
     run_steps,
 )
+from ranks import free_port, join, leave, materialize_random  # noqa: E402
 
 from vlmd.actors.worker import make_runner  # noqa: E402
 from vlmd.core.page_allocator import pages_for  # noqa: E402
@@ -55,13 +53,7 @@ def random_language_model(
     with torch.device("meta"):
         model = Qwen2ForCausalLM(arch)
         shard_language_model(model, tp)
-    inv_freq = model.model.rotary.inv_freq.clone()  # built on the CPU even under meta
-    model = model.to_empty(device=device).to(dtype)
-    model.model.rotary.inv_freq = inv_freq.to(device)
-    randomize_(model, seed=tp.rank)
-    model.tie_weights()
-    model.fuse()
-    return model.eval().requires_grad_(False)
+    return materialize_random(model, device, dtype, seed=tp.rank)
 
 
 def progress(rank: int, size: int, what: str) -> None:
@@ -72,14 +64,7 @@ def progress(rank: int, size: int, what: str) -> None:
 
 def rank_main(rank: int, size: int, port: int, args: argparse.Namespace, out_path: str) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr)
-    if args.tiny:
-        device, backend = torch.device("cpu"), "gloo"
-        torch.set_num_threads(1)
-    else:
-        device, backend = torch.device("cuda", rank), "nccl"
-        torch.cuda.set_device(device)
-    if size > 1:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    device = join(rank, size, port, args.tiny)
     tp = TPGroup(rank, size)
     progress(rank, size, "building the model")
     shape = model_shape(tiny=args.tiny)
@@ -127,15 +112,7 @@ def rank_main(rank: int, size: int, port: int, args: argparse.Namespace, out_pat
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(rows, f)
-    if size > 1:
-        dist.barrier()  # no rank tears down its connections while a peer still uses them
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    leave(size)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -159,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.tp:
             path = os.path.join(tmp, f"tp{size}.json")
-            mp.spawn(rank_main, args=(size, _free_port(), args, path), nprocs=size)
+            mp.spawn(rank_main, args=(size, free_port(), args, path), nprocs=size)
             with open(path) as f:
                 rows += json.load(f)
     by_key = {(r["tp"], r["batch"]): r for r in rows}

@@ -21,17 +21,16 @@ import datetime
 import json
 import os
 import shlex
-import socket
 import sys
 import tempfile
 import time
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_bench import model_shape, randomize_  # noqa: E402
+from gpu_bench import model_shape, sync  # noqa: E402
+from ranks import free_port, join, leave, materialize_random  # noqa: E402
 
 from vlmd.models.config import InternVLArch  # noqa: E402
 from vlmd.models.internvl import InternVLVision  # noqa: E402
@@ -45,24 +44,16 @@ def random_vision(
     with torch.device("meta"):
         model = InternVLVision(arch)
         shard_vision(model, tp)
-    model = model.to_empty(device=device).to(dtype)
-    randomize_(model, seed=tp.rank)
-    model.fuse()
-    return model.eval().requires_grad_(False)
+    return materialize_random(model, device, dtype, seed=tp.rank)
 
 
 def rank_main(
     rank: int, size: int, visual_tp: int, port: int, args: argparse.Namespace, out_dir: str
 ) -> None:
     """One process of a layout: rank // visual_tp is its replica, rank % visual_tp its share."""
-    if args.tiny:
-        device, backend = torch.device("cpu"), "gloo"
-        torch.set_num_threads(1)
-    else:
-        device, backend = torch.device("cuda", rank), "nccl"
-        torch.cuda.set_device(device)
-    if visual_tp > 1:  # each replica is its own world (as in the server); here there is one
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    # Each replica is its own world, as in the server; the layouts here split at most one.
+    assert visual_tp == 1 or visual_tp == size, "one split replica, or replicas that are not split"
+    device = join(rank, visual_tp, port, args.tiny)
     tp = TPGroup(rank % visual_tp, visual_tp)
     shape = model_shape(tiny=args.tiny)
     arch = InternVLArch.from_config_dict(shape.config)
@@ -76,36 +67,23 @@ def rank_main(
             tiles = torch.randn(batch * args.tiles, 3, side, side, generator=gen).to(device, dtype)
             for _ in range(2):  # warm-up: kernels chosen, memory cached
                 model(tiles)
-            _sync(device)
+            sync(device)
             started = time.perf_counter()
             for _ in range(args.repeats):
                 model(tiles)
-            _sync(device)
+            sync(device)
             rates[batch] = batch * args.repeats / (time.perf_counter() - started)
     if tp.rank == 0:  # one report per replica
         with open(os.path.join(out_dir, f"replica{rank // visual_tp}.json"), "w") as f:
             json.dump(rates, f)
-    if visual_tp > 1:
-        dist.barrier()  # no rank tears down its connections while a peer still uses them
-        dist.destroy_process_group()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    leave(visual_tp)
 
 
 def run_layout(visual_tp: int, visual_dp: int, args: argparse.Namespace) -> dict[int, float]:
     """Images per second at each batch size, summed over the layout's replicas."""
     size = visual_tp * visual_dp
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(rank_main, args=(size, visual_tp, _free_port(), args, out_dir), nprocs=size)
+        mp.spawn(rank_main, args=(size, visual_tp, free_port(), args, out_dir), nprocs=size)
         replicas = []
         for name in sorted(os.listdir(out_dir)):
             with open(os.path.join(out_dir, name)) as f:

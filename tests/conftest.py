@@ -43,6 +43,15 @@ def model_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def reference(model_dir):
+    """transformers' InternVL on the demo model in float32: the token-for-token oracle (one per
+    session: the parity, tensor-parallel and ViT-layout tests share it)."""
+    from tests.test_parity import Reference
+
+    return Reference(model_dir)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

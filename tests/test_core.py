@@ -8,7 +8,7 @@ from vlmd.core.embed_index import EmbedIndex, RowArena
 from vlmd.core.page_allocator import PageAllocator, pages_for
 from vlmd.core.request import Request
 from vlmd.core.scheduler import Scheduler, SchedulerConfig
-from vlmd.messages import PENDING_TOKEN, EmbedRun, ImageRef, SamplingParams
+from vlmd.messages import PENDING_TOKEN, EmbedRun, ImageRef, SamplingParams, StepPlan, StepResult
 
 
 def make_request(rid: str, prompt_len: int = 5, max_new: int = 4, **kw) -> Request:
@@ -19,11 +19,17 @@ def make_scheduler(num_pages: int = 16, page_size: int = 4, budget: int = 64, **
     return Scheduler(SchedulerConfig(num_pages, page_size, budget, **kw))
 
 
+def result(plan: StepPlan, sampled: dict[str, tuple[int, float]]) -> StepResult:
+    """The workers' answer to `plan`: (token, logprob) for each request that samples."""
+    ids = [item.request_id for item in plan.items if item.sample]
+    return StepResult(plan.step_id, ids, [sampled[r][0] for r in ids], [sampled[r][1] for r in ids])
+
+
 def run_step(sched: Scheduler, token: int = 7):
     plan = sched.schedule()
     assert plan is not None
     sampled = {item.request_id: (token, -0.5) for item in plan.items if item.sample}
-    outputs, finished = sched.update(plan, sampled)
+    outputs, finished = sched.update(plan, result(plan, sampled))
     sched.check_integrity()
     return plan, outputs, finished
 
@@ -156,7 +162,7 @@ def test_abort_while_step_in_flight_ignores_its_result():
     sched.add(make_request("a"))
     plan = sched.schedule()
     sched.abort("a")
-    outputs, finished = sched.update(plan, {"a": (5, 0.0)})
+    outputs, finished = sched.update(plan, result(plan, {"a": (5, 0.0)}))
     assert outputs == [] and finished == []
     sched.check_integrity()
 
@@ -197,12 +203,12 @@ def test_next_step_feeds_back_the_pending_token():
     assert second.items[0].start == 5 and second.items[0].token_ids == [PENDING_TOKEN]
     assert second.items[0].sample
     assert sched.schedule() is None  # a pending token comes only from the step just before
-    sched.update(first, {"a": (11, -0.1)})
+    sched.update(first, result(first, {"a": (11, -0.1)}))
     sched.check_integrity()
     third = sched.schedule()  # token 11 is known now; token 2 is pending
     assert third.items[0].start == 6 and third.items[0].token_ids == [PENDING_TOKEN]
-    sched.update(second, {"a": (12, -0.2)})
-    sched.update(third, {"a": (13, -0.3)})
+    sched.update(second, result(second, {"a": (12, -0.2)}))
+    sched.update(third, result(third, {"a": (13, -0.3)}))
     assert sched.requests["a"].output_ids == [11, 12, 13]
     fourth = sched.schedule()
     assert fourth.items[0].token_ids == [13]
@@ -215,8 +221,8 @@ def test_no_step_is_planned_past_max_new_tokens():
     first, second = sched.schedule(), sched.schedule()
     assert second is not None and sched.schedule() is None  # token 2 is the last: nothing after it
     assert not sched.has_work()
-    sched.update(first, {"a": (11, 0.0)})
-    _, finished = sched.update(second, {"a": (12, 0.0)})
+    sched.update(first, result(first, {"a": (11, 0.0)}))
+    _, finished = sched.update(second, result(second, {"a": (12, 0.0)}))
     assert [f.reason for f in finished] == ["length"]
     assert sched.allocator.num_used == 0
     sched.check_integrity()
@@ -228,11 +234,11 @@ def test_a_stop_seen_late_wastes_one_step_and_frees_pages():
     request.eos_token_ids = [2]
     sched.add(request)
     first, second = sched.schedule(), sched.schedule()
-    outputs, finished = sched.update(first, {"a": (2, 0.0)})  # EOS
+    outputs, finished = sched.update(first, result(first, {"a": (2, 0.0)}))  # EOS
     assert [f.reason for f in finished] == ["stop"] and outputs[0].finish_reason == "stop"
     assert sched.allocator.num_used == 0  # freed before the speculative step returns
     sched.check_integrity()
-    assert sched.update(second, {"a": (9, 0.0)}) == ([], [])  # its token is dropped
+    assert sched.update(second, result(second, {"a": (9, 0.0)})) == ([], [])  # its token is dropped
     sched.add(make_request("b"))
     assert sched.schedule().finished_ids == ["a"]  # the worker drops a's state after both steps
 

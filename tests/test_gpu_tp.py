@@ -3,13 +3,12 @@ bound of the GPU numerics test, and CUDA graphs with collectives inside give the
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.conftest import free_port
 from tests.test_gpu_numerics import MID_SIZE, hf_logits, token_ids, vlmd_logits
 from vlmd.actors.worker import make_runner
 from vlmd.core.request import Request
@@ -32,14 +31,8 @@ NUM_PAGES = 1024
 PAGE_SIZE = 16
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _spawn(fn, *args) -> None:
-    mp.spawn(_rank_main, args=(fn, _free_port(), *args), nprocs=2)
+    mp.spawn(_rank_main, args=(fn, free_port(), *args), nprocs=2)
 
 
 def _rank_main(rank: int, fn, port: int, *args) -> None:

@@ -95,18 +95,26 @@ def test_sigterm_stops_everything_and_leaks_nothing(model_dir, tmp_path):
     assert not any(name.startswith(f"vlmd-{server.server_id}-") for name in os.listdir("/tmp"))
 
 
-@pytest.mark.parametrize("role", ["worker", "vision", "scheduler", "http"])
-def test_a_killed_actor_takes_the_server_down_cleanly(model_dir, tmp_path, role):
-    server = start_server(model_dir, tmp_path, "--enable_multimodal")
-    victim = next(pid for pid in server.actor_pids() if _cmdline(pid).split()[3:4] == [role])
+def kill_actor_and_expect_clean_stop(server, role: str, rank: int | None = None) -> None:
+    """SIGKILL one actor (`rank` None: the only one of its role); the server must exit non-zero,
+    name the dead actor and leave no process or shared memory behind."""
+    # python -m vlmd.actors ROLE RUN_DIR RANK
+    wanted = [role] if rank is None else [role, str(rank)]
+    victim = next(pid for pid in server.actor_pids() if _cmdline(pid).split()[3::2][: len(wanted)] == wanted)
     os.kill(victim, signal.SIGKILL)
-    code = server.process.wait(timeout=30)
-    assert code != 0
-    assert f"actor {role}" in server.log() and "died" in server.log()
+    assert server.process.wait(timeout=60) != 0
+    name = role if rank is None else f"{role}{rank}"
+    assert f"actor {name}" in server.log() and "died" in server.log() and "killed by signal 9" in server.log()
     deadline = time.monotonic() + 10
     while server.actor_pids() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.actor_pids() == [] and server.shm_segments() == []
+
+
+@pytest.mark.parametrize("role", ["worker", "vision", "scheduler", "http"])
+def test_a_killed_actor_takes_the_server_down_cleanly(model_dir, tmp_path, role):
+    server = start_server(model_dir, tmp_path, "--enable_multimodal")
+    kill_actor_and_expect_clean_stop(server, role)
 
 
 def test_supervisor_killed_takes_actors_with_it(model_dir, tmp_path):

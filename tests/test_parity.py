@@ -65,11 +65,6 @@ class Reference:
         return tokens
 
 
-@pytest.fixture(scope="module")
-def reference(model_dir) -> Reference:
-    return Reference(model_dir)
-
-
 def vlmd_generate(server, prompt: str, images: list[bytes], num_tokens: int = NUM_TOKENS) -> list[int]:
     body = {
         "inputs": prompt,

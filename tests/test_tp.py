@@ -4,9 +4,6 @@ and a dead rank stops the server."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import time
 
 import pytest
@@ -14,9 +11,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.conftest import start_server
-from tests.test_lifecycle import _cmdline, assert_one_line_error, serve
-from tests.test_parity import CASES, IMG_B, IMG_C, chat, hf_prompt, vlmd_generate
+from tests.conftest import free_port, start_server
+from tests.test_lifecycle import assert_one_line_error, kill_actor_and_expect_clean_stop, serve
+from tests.test_parity import (
+    CASES,
+    IMG_B,
+    IMG_C,
+    chat,
+    hf_prompt,
+    vlmd_generate,
+)
 from vlmd.actors.worker import make_runner
 from vlmd.core.request import Request
 from vlmd.core.scheduler import Scheduler, SchedulerConfig
@@ -35,13 +39,6 @@ def tp2_server(model_dir, tmp_path_factory):
     yield server
     assert server.stop() == 0
     assert server.actor_pids() == [] and server.shm_segments() == []
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    from tests.test_parity import Reference
-
-    return Reference(model_dir)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -93,18 +90,12 @@ def _rank_main(rank: int, size: int, port: int, model_dir: str, prompts, result_
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("size", [2, 4])  # the demo model has 2 KV heads: 4 ranks replicate them
 def test_every_rank_count_gives_the_single_rank_tokens(model_dir, tmp_path, size):
     prompts = [list(range(5, 40)), list(range(100, 107)), list(range(300, 390))]
     want = _greedy(str(model_dir), TPGroup(), prompts, 20)
     path = str(tmp_path / "tokens.pt")
-    mp.spawn(_rank_main, args=(size, _free_port(), str(model_dir), prompts, path), nprocs=size)
+    mp.spawn(_rank_main, args=(size, free_port(), str(model_dir), prompts, path), nprocs=size)
     assert torch.load(path) == want
 
 
@@ -142,15 +133,7 @@ def test_tp_alone_puts_the_vit_in_tensor_parallel_and_inconsistent_layouts_are_r
 
 def test_a_dead_rank_stops_the_server_cleanly(model_dir, tmp_path):
     server = start_server(model_dir, tmp_path, "--tp", "2", "--enable_multimodal")
-    # python -m vlmd.actors ROLE RUN_DIR RANK
-    victim = next(pid for pid in server.actor_pids() if _cmdline(pid).split()[3::2] == ["worker", "1"])
-    os.kill(victim, signal.SIGKILL)
-    assert server.process.wait(timeout=60) != 0
-    assert "actor worker1" in server.log() and "killed by signal 9" in server.log()
-    deadline = time.monotonic() + 10
-    while server.actor_pids() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert server.actor_pids() == [] and server.shm_segments() == []
+    kill_actor_and_expect_clean_stop(server, "worker", 1)
 
 
 def test_a_rank_dying_mid_step_does_not_hang_shutdown(model_dir, tmp_path):
@@ -169,14 +152,7 @@ def test_a_rank_dying_mid_step_does_not_hang_shutdown(model_dir, tmp_path):
     while "vlmd_requests_running 1" not in requests.get(server.url + "/metrics").text:
         assert time.monotonic() < deadline, "the request never started"
         time.sleep(0.1)
-    victim = next(pid for pid in server.actor_pids() if _cmdline(pid).split()[3::2] == ["worker", "1"])
-    os.kill(victim, signal.SIGKILL)
-    assert server.process.wait(timeout=60) != 0
-    assert "actor worker1" in server.log() and "killed by signal 9" in server.log()
-    deadline = time.monotonic() + 10
-    while server.actor_pids() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert server.actor_pids() == [] and server.shm_segments() == []
+    kill_actor_and_expect_clean_stop(server, "worker", 1)
 
 
 # --- sharded loading ------------------------------------------------------------------------------

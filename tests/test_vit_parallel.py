@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -16,10 +13,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from tests.conftest import make_image, start_server
+from tests.conftest import free_port, make_image, start_server
 from tests.test_http import metrics
-from tests.test_lifecycle import _cmdline, assert_one_line_error, serve
-from tests.test_parity import CASES, IMG_A, IMG_B, IMG_C, chat, hf_prompt, vlmd_generate
+from tests.test_lifecycle import assert_one_line_error, kill_actor_and_expect_clean_stop, serve
+from tests.test_parity import (
+    CASES,
+    IMG_A,
+    IMG_B,
+    IMG_C,
+    chat,
+    hf_prompt,
+    vlmd_generate,
+)
 from vlmd import shm
 from vlmd.actors.vit_replica import VisionLayout, ViTRank
 from vlmd.demo import write_demo_model
@@ -35,12 +40,6 @@ VIT_6B_LIKE = {
     "attention_bias": False,
     "use_mean_pooling": False,
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _pixels() -> torch.Tensor:
@@ -68,7 +67,7 @@ def test_sharded_vit_gives_the_single_rank_rows(model_dir, tmp_path, variant, si
     with torch.inference_mode():
         want = load_vision(model_dir, torch.float32, "cpu")(_pixels())  # [tiles * 256, hidden]
     path = str(tmp_path / "rows.pt")
-    mp.spawn(_sharded_vit_main, args=(size, _free_port(), str(model_dir), path), nprocs=size)
+    mp.spawn(_sharded_vit_main, args=(size, free_port(), str(model_dir), path), nprocs=size)
     torch.testing.assert_close(torch.load(path), want, rtol=1e-5, atol=1e-5)
 
 
@@ -167,7 +166,7 @@ def test_every_vit_layout_writes_the_single_rank_rows(model_dir, visual_tp, visu
         single.store = _store(want, hidden)
         pixels, counts, _ = single.preprocess(_image_refs(model_dir, prefix)[0])
         single.forward_into_store(pixels, counts, runs)
-        ports = [_free_port() for _ in range(visual_dp)]
+        ports = [free_port() for _ in range(visual_dp)]
         args = (visual_tp, visual_dp, ports, str(model_dir), got.name, refs, runs, cuda)
         mp.spawn(_vision_rank_main, args=args, nprocs=visual_tp * visual_dp)
         tolerance = 1e-4 if cuda else 1e-5  # another device's float32 kernels round differently
@@ -199,13 +198,6 @@ def vit_dp2_server(model_dir, tmp_path_factory):
     yield server
     assert server.stop() == 0
     assert server.actor_pids() == [] and server.shm_segments() == []
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    from tests.test_parity import Reference
-
-    return Reference(model_dir)
 
 
 @pytest.mark.parametrize("case", ["one_image", "two_images"])
@@ -254,12 +246,4 @@ def test_visual_tp_that_does_not_divide_the_vit_heads_is_refused(tmp_path):
 @pytest.mark.parametrize("layout", [("--visual_tp", "2"), ("--visual_dp", "2")], ids=["tp_peer", "dp_leader"])
 def test_a_dead_vision_rank_stops_the_server_cleanly(model_dir, tmp_path, layout):
     server = start_server(model_dir, tmp_path, "--tp", "2", "--enable_multimodal", *layout)
-    # python -m vlmd.actors ROLE RUN_DIR RANK
-    victim = next(pid for pid in server.actor_pids() if _cmdline(pid).split()[3::2] == ["vision", "1"])
-    os.kill(victim, signal.SIGKILL)
-    assert server.process.wait(timeout=60) != 0
-    assert "actor vision1" in server.log() and "killed by signal 9" in server.log()
-    deadline = time.monotonic() + 10
-    while server.actor_pids() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert server.actor_pids() == [] and server.shm_segments() == []
+    kill_actor_and_expect_clean_stop(server, "vision", 1)

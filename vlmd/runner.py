@@ -19,8 +19,8 @@ import torch
 
 from vlmd.core.scheduler import Scheduler
 from vlmd.kernels.attention import AttentionBackend, BatchLayout
-from vlmd.kernels.sampler import SamplerState, sample_on_device
-from vlmd.messages import PENDING_TOKEN, StepItem, StepPlan, StepResult, TokenOut, TopLogprobs
+from vlmd.kernels.sampler import SamplerState, sample_on_device, top_lists
+from vlmd.messages import PENDING_TOKEN, StepItem, StepPlan, StepResult, TokenOut
 
 
 @dataclass
@@ -110,8 +110,7 @@ class ModelRunner:
             step.copied.synchronize()
         top = []
         if step.top_ids is not None:
-            ids, values = step.top_ids.tolist(), step.top_logprobs.tolist()
-            top = [TopLogprobs(i[:k], v[:k]) for i, v, k in zip(ids, values, step.num_top, strict=True)]
+            top = top_lists(step.top_ids.tolist(), step.top_logprobs.tolist(), step.num_top)
         return StepResult(step.step_id, step.request_ids, step.tokens.tolist(), step.logprobs.tolist(), top)
 
     def _copy_to_host(self, step: LaunchedStep) -> LaunchedStep:
@@ -207,10 +206,7 @@ def run_in_process(
 
     def finish() -> tuple[StepPlan, list[TokenOut]]:
         plan, step = launched.popleft()
-        result = runner.collect(step)
-        sampled = zip(result.request_ids, zip(result.token_ids, result.logprobs, strict=True), strict=True)
-        top = dict(zip(result.request_ids, result.top_logprobs, strict=True)) if result.top_logprobs else {}
-        outputs, _ = scheduler.update(plan, dict(sampled), top)
+        outputs, _ = scheduler.update(plan, runner.collect(step))
         return plan, outputs
 
     while True:

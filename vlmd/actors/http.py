@@ -29,7 +29,7 @@ from vlmd.actors.images import BadImage, CheckedImage, ImageChecker
 from vlmd.actors.inflight import ClientError, Tracked
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
 from vlmd.actors.lightllm_api import LightLLMApi, error_response
-from vlmd.actors.limits import LimitExceeded, QueueGate, check_image_count
+from vlmd.actors.limits import QueueGate, check_image_count
 from vlmd.actors.metrics import LatencyMetrics, render_metrics
 from vlmd.actors.openai_api import OpenAIApi
 from vlmd.actors.tokenizer import ImageSpan, PromptBuilder, PromptError
@@ -151,10 +151,7 @@ class HttpActor:
             raise ClientError(400, "this server runs without --enable_multimodal: images are not accepted")
         if not images:
             return []
-        try:
-            check_image_count(len(images), self.args.max_images_per_request)
-        except LimitExceeded as exc:
-            raise ClientError(exc.status, str(exc)) from None
+        check_image_count(len(images), self.args.max_images_per_request)
         try:
             checked = await self.images.check_all(images)
         except BadImage as exc:
@@ -207,8 +204,7 @@ class HttpActor:
         place in the queue (--max_queued_requests) until its first token or its end; `arrival`
         (time.perf_counter() when the request was parsed) is where its latencies count from."""
         request_id = uuid.uuid4().hex
-        self.reserve_queue(1)
-        self.queue.enter(request_id)
+        self.queue.enter(request_id)  # or a 503 with Retry-After
         tracked = Tracked(
             asyncio.get_running_loop().create_future(),
             arrival=time.perf_counter() if arrival is None else arrival,
@@ -229,14 +225,6 @@ class HttpActor:
             )
         )
         return request_id, tracked
-
-    def reserve_queue(self, num_requests: int) -> None:
-        """A 503 with Retry-After unless the queue has room for `num_requests` more (checked
-        before the first of several submits, so that none goes out if they cannot all)."""
-        try:
-            self.queue.check_room(num_requests)
-        except LimitExceeded as exc:
-            raise ClientError(exc.status, str(exc), headers=exc.headers) from None
 
     def forget(self, request_id: str, tracked: Tracked) -> None:
         """The request is over for the client: if it did not finish, abort it and free its images.

@@ -6,16 +6,17 @@
 
 from __future__ import annotations
 
+from vlmd.actors.inflight import ClientError
+
 RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
 
 
-class LimitExceeded(Exception):
-    """The request is refused by one of the server's limits; the message names the flag."""
+class LimitExceeded(ClientError):
+    """The request is refused by one of the server's limits; the message names the flag. Every
+    API answers it as any other client error (with its headers, e.g. Retry-After)."""
 
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = headers or {}
+        super().__init__(status, message, headers=headers)
 
 
 class QueueGate:

@@ -200,7 +200,7 @@ class OpenAIApi:
             self.actor.check_length(len(prompt_ids), limit, max_name)
             limits.append(limit)
         job.num_prompt_tokens = sum(len(prompt_ids) for (prompt_ids, _), _ in prompts)
-        self.actor.reserve_queue(len(prompts) * n)
+        self.actor.queue.check_room(len(prompts) * n)  # none goes out unless all can
         for ((prompt_ids, spans), checked), limit in zip(prompts, limits, strict=True):
             for i in range(n):
                 params = msgspec.structs.replace(

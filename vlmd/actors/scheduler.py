@@ -171,12 +171,7 @@ class SchedulerActor:
             worker.send(msg)
 
     def _apply(self, plan: StepPlan, result: StepResult) -> None:
-        assert result.step_id == plan.step_id, "workers answer steps in order"
-        sampled = dict(
-            zip(result.request_ids, zip(result.token_ids, result.logprobs, strict=True), strict=True)
-        )
-        top = dict(zip(result.request_ids, result.top_logprobs, strict=True)) if result.top_logprobs else {}
-        outputs, finished = self.core.update(plan, sampled, top)
+        outputs, finished = self.core.update(plan, result)
         for out in outputs:
             self.http.send(out)
         for done in finished:

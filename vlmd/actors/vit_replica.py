@@ -12,13 +12,11 @@ workers' world. Rank 0 is also the vision front (see `vlmd.actors.vision`).
 from __future__ import annotations
 
 import asyncio
-import datetime
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from vlmd import ipc, shm
 from vlmd.actors.launch import Launch
@@ -194,16 +192,8 @@ class ReplicaGroup:
 def join_vision_group(launch: Launch, layout: VisionLayout, cuda: bool) -> TPGroup:
     """The ranks of one replica group meet through their own rendezvous file in the run directory;
     their world is theirs alone (the LM workers and the other groups have their own)."""
-    if layout.visual_tp == 1:
-        return SINGLE_RANK
-    dist.init_process_group(
-        "nccl" if cuda else "gloo",
-        init_method=f"file://{launch.socket(layout.rendezvous_file())}",
-        rank=layout.rank_in_group,
-        world_size=layout.visual_tp,
-        timeout=datetime.timedelta(seconds=TP_TIMEOUT_S),
-    )
-    return TPGroup(layout.rank_in_group, layout.visual_tp)
+    init_method = f"file://{launch.socket(layout.rendezvous_file())}"
+    return TPGroup.join(init_method, layout.rank_in_group, layout.visual_tp, cuda, TP_TIMEOUT_S)
 
 
 @torch.inference_mode()

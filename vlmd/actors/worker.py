@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 import time
 
 import torch
-import torch.distributed as dist
 
 from vlmd import ipc, shm
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
@@ -21,7 +19,7 @@ from vlmd.kernels.registry import make_attention_backend
 from vlmd.messages import FlushStep, Hello, NewRequest, SamplingParams, StepItem, StepPlan
 from vlmd.models.config import InternVLArch
 from vlmd.models.loader import load_language_model
-from vlmd.models.tensor_parallel import SINGLE_RANK, TPGroup
+from vlmd.models.tensor_parallel import TPGroup
 from vlmd.runner import ModelRunner
 
 log = logging.getLogger("vlmd.worker")
@@ -134,22 +132,13 @@ def gpu_kv_pages(model, arch: InternVLArch, launch: Launch) -> int:
 
 
 def join_tp_group(launch: Launch, rank: int) -> TPGroup:
-    """Rank `rank` of the language model's tensor-parallel group: NCCL between GPUs (one per
-    rank), gloo on the CPU; the ranks meet through a file in the run directory."""
-    args = launch.args
-    if args.tp == 1:
-        return SINGLE_RANK
+    """Rank `rank` of the language model's tensor-parallel group (one GPU per rank); the ranks
+    meet through a file in the run directory."""
     cuda = launch.runtime.device == "cuda"
-    if cuda:
+    if cuda and launch.args.tp > 1:
         torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "nccl" if cuda else "gloo",
-        init_method=f"file://{launch.socket(TP_RENDEZVOUS_FILE)}",
-        rank=rank,
-        world_size=args.tp,
-        timeout=datetime.timedelta(seconds=TP_TIMEOUT_S),
-    )
-    return TPGroup(rank, args.tp)
+    init_method = f"file://{launch.socket(TP_RENDEZVOUS_FILE)}"
+    return TPGroup.join(init_method, rank, launch.args.tp, cuda, TP_TIMEOUT_S)
 
 
 def build_runner(launch: Launch, rank: int = 0) -> ModelRunner:

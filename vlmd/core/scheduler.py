@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from vlmd.core.page_allocator import PageAllocator, pages_for
 from vlmd.core.request import Request, Status
-from vlmd.messages import EmbedRun, EmbedSlice, NewRequest, StepItem, StepPlan, TokenOut, TopLogprobs
+from vlmd.messages import EmbedRun, EmbedSlice, NewRequest, StepItem, StepPlan, StepResult, TokenOut
 
 
 @dataclass(frozen=True)
@@ -104,29 +104,30 @@ class Scheduler:
         finished, self._finished_since_last_step = self._finished_since_last_step, []
         return StepPlan(self._step_id, items, new_requests, finished)
 
-    def update(
-        self,
-        plan: StepPlan,
-        sampled: dict[str, tuple[int, float]],
-        top_logprobs: dict[str, TopLogprobs] | None = None,
-    ) -> tuple[list[TokenOut], list[Finished]]:
+    def update(self, plan: StepPlan, result: StepResult) -> tuple[list[TokenOut], list[Finished]]:
         """Apply a step's results: advance computed tokens, append sampled ones, finish requests.
-        `sampled`: (token, logprob) per request; `top_logprobs`: for requests that asked."""
+        `result` has one row per item that samples, in item order (the workers' contract)."""
+        assert result.step_id == plan.step_id, "workers answer steps in order"
         outputs: list[TokenOut] = []
         finished: list[Finished] = []
+        row = -1
         for item in plan.items:
+            row += item.sample
             request = self.requests.get(item.request_id)
             if request is None:
                 continue  # aborted while the step ran
             request.num_computed = item.start + len(item.token_ids)
             if not item.sample:
                 continue
+            assert result.request_ids[row] == item.request_id, "result rows follow the sampling items"
             request.num_pending -= 1
-            token_id, logprob = sampled[item.request_id]
+            token_id = result.token_ids[row]
             request.output_ids.append(token_id)
             reason, num_stop = request.finish_reason_after(token_id)
-            top = [top_logprobs[item.request_id]] if request.sampling.top_logprobs and top_logprobs else []
-            outputs.append(TokenOut(request.request_id, [token_id], [logprob], reason, num_stop, top))
+            top = [result.top_logprobs[row]] if request.sampling.top_logprobs and result.top_logprobs else []
+            outputs.append(
+                TokenOut(request.request_id, [token_id], [result.logprobs[row]], reason, num_stop, top)
+            )
             if reason is not None:
                 self._finish(request)
                 finished.append(Finished(request, reason))

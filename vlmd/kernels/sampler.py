@@ -44,7 +44,8 @@ class SamplerState:
         return self.seen, self.output_counts
 
     def observe(self, token: torch.Tensor) -> None:
-        """token: [1] long on the device, the token just sampled."""
+        """token: [1] long on the device, the token just sampled (by `apply_penalties`, which
+        allocated the history)."""
         if self.seen is not None:
             self.seen.index_fill_(0, token, True)
             self.output_counts.index_add_(0, token, torch.ones_like(token, dtype=torch.int32))
@@ -60,7 +61,12 @@ def sample(logits: torch.Tensor, states: list[SamplerState]) -> Sampled:
     """logits: [num_reqs, vocab] float32, one row per request."""
     tokens, logprobs, top = sample_on_device(logits, states)
     token_list = tokens.tolist()  # the step's one wait for the device
-    return Sampled(token_list, logprobs.tolist(), _top_lists(top, states))
+    if top is None:
+        return Sampled(token_list, logprobs.tolist(), [])
+    num_top = [state.params.top_logprobs for state in states]
+    return Sampled(
+        token_list, logprobs.tolist(), top_lists(top.indices.tolist(), top.values.tolist(), num_top)
+    )
 
 
 def sample_on_device(logits: torch.Tensor, states: list[SamplerState]):
@@ -72,7 +78,8 @@ def sample_on_device(logits: torch.Tensor, states: list[SamplerState]):
         if not state.params.greedy:
             tokens[i] = _draw(processed[i], state)
     for i, state in enumerate(states):
-        state.observe(tokens[i : i + 1])
+        if state.penalized:  # only penalties read the history: the rest need no per-row work
+            state.observe(tokens[i : i + 1])
     raw_logprobs = torch.log_softmax(logits, dim=-1)  # [num_reqs, vocab]
     chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]
     num_top = max(state.params.top_logprobs for state in states)
@@ -145,14 +152,10 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(0, order, sorted_probs)
 
 
-def _top_lists(top, states: list[SamplerState]) -> list[TopLogprobs]:
-    if top is None:
-        return []
-    ids, values = top.indices.tolist(), top.values.tolist()
-    return [
-        TopLogprobs(ids[i][: s.params.top_logprobs], values[i][: s.params.top_logprobs])
-        for i, s in enumerate(states)
-    ]
+def top_lists(ids: list[list[int]], values: list[list[float]], num_top: list[int]) -> list[TopLogprobs]:
+    """Each row's alternatives, cut to what its request asked for (the step computed the most any
+    request asked for)."""
+    return [TopLogprobs(i[:k], v[:k]) for i, v, k in zip(ids, values, num_top, strict=True)]
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -23,6 +23,7 @@ every rank reads only its own share from the safetensors files.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,21 @@ class TPGroup:
 
     rank: int = 0
     size: int = 1
+
+    @classmethod
+    def join(cls, init_method: str, rank: int, size: int, cuda: bool, timeout_s: float) -> TPGroup:
+        """Become `rank` of a world of `size` processes (NCCL between GPUs, gloo on the CPU);
+        a collective waiting longer than `timeout_s` raises instead of hanging."""
+        if size == 1:
+            return SINGLE_RANK
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            init_method=init_method,
+            rank=rank,
+            world_size=size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        return cls(rank, size)
 
     def all_reduce(self, x: torch.Tensor) -> None:
         if self.size > 1:

@@ -1,0 +1,53 @@
+"""What the multi-process benchmarks share: one process per device, joined over TCP, and models
+built directly in their rank's share with random weights (no checkpoint)."""
+
+from __future__ import annotations
+
+import socket
+
+import torch
+import torch.distributed as dist
+from gpu_bench import randomize_
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def join(rank: int, world_size: int, port: int, tiny: bool) -> torch.device:
+    """This process's device (GPU `rank`, or the CPU with one thread for --tiny), in a process
+    group of `world_size` (NCCL, gloo for --tiny) when that is more than one."""
+    if tiny:
+        device, backend = torch.device("cpu"), "gloo"
+        torch.set_num_threads(1)
+    else:
+        device, backend = torch.device("cuda", rank), "nccl"
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+        )
+    return device
+
+
+def leave(world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()  # no rank tears down its connections while a peer still uses them
+        dist.destroy_process_group()
+
+
+def materialize_random(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int):
+    """A model built (and sharded) on the meta device, given random weights on `device`:
+    buffers that were built for real (rotary frequencies) keep their values and dtype."""
+    buffers = {name: b.clone() for name, b in model.named_buffers() if not b.is_meta}
+    model = model.to_empty(device=device).to(dtype)
+    for name, value in buffers.items():
+        module_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, value.to(device))
+    randomize_(model, seed=seed)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.fuse()
+    return model.eval().requires_grad_(False)
