@@ -229,6 +229,44 @@ def run_steps(runner, scheduler: Scheduler, max_steps: int | None = None, overla
     return steps
 
 
+@dataclass
+class DecodeProfile:
+    kernel_ms: float  # GPU time per decode step: kernels and copies, no host gaps
+    top: list[tuple[str, float]]  # the costliest kernels, ms per step
+
+
+def profile_decode(
+    runner, scheduler: Scheduler, prompts: torch.Tensor, num_steps: int, tag: str, profiled: bool = True
+) -> DecodeProfile | None:
+    """Profile `num_steps` decode steps at the full batch of fresh requests for `prompts`, then
+    finish them. With `profiled` off the same steps run unprofiled (the other ranks of a group)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    # Prompts prefill in waves (the step token budget): early requests decode meanwhile, so
+    # every request gets tokens to spare, and the profiled steps run at the full batch.
+    add_text_requests(scheduler, prompts, num_steps + 32, tag)
+    try:
+        while scheduler.waiting or any(r.num_computed < len(r.prompt_ids) for r in scheduler.running):
+            run_steps(runner, scheduler, max_steps=1)
+        run_steps(runner, scheduler, max_steps=1)  # the first decode waits for the prefill
+        if not profiled:
+            run_steps(runner, scheduler, max_steps=num_steps)
+            return None
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            steps = run_steps(runner, scheduler, max_steps=num_steps)
+        assert all(len(s.plan.items) == prompts.shape[0] for s in steps), "a profiled step was not full"
+        per_name: dict[str, float] = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                per_name[e.name] = per_name.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3 / len(steps)
+        if not per_name:
+            raise RuntimeError("the profiler saw no GPU activity (is CUPTI missing?)")
+        top = sorted(per_name.items(), key=lambda kv: -kv[1])[:15]
+        return DecodeProfile(sum(per_name.values()), [(name[:90], ms) for name, ms in top])
+    finally:
+        run_steps(runner, scheduler)  # finish the requests
+
+
 def add_text_requests(scheduler: Scheduler, prompts: torch.Tensor, new_tokens: int, tag: str) -> None:
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     for i, ids in enumerate(prompts.tolist()):
@@ -330,37 +368,17 @@ class Bench:
     def vlmd_kernel_ms(self, prompts: torch.Tensor) -> float | None:
         """GPU time per decode step summed over the profiler's kernels and copies: the step
         with no host overhead. None on the CPU, when off, or if the profiler fails."""
-        num_steps = self.args.profile_steps
-        if self.device.type != "cuda" or num_steps < 1:
+        if self.device.type != "cuda" or self.args.profile_steps < 1:
             return None
-        from torch.profiler import ProfilerActivity, profile
-
-        # Prompts prefill in waves (the step token budget): early requests decode meanwhile, so
-        # every request gets tokens to spare, and the profiled steps run at the full batch.
-        add_text_requests(self.scheduler, prompts, num_steps + 32, f"profile{prompts.shape[0]}")
         try:
-            # The prefill may take several steps (the step token budget): profile decodes only.
-            while self.scheduler.waiting or any(
-                r.num_computed < len(r.prompt_ids) for r in self.scheduler.running
-            ):
-                run_steps(self.runner, self.scheduler, max_steps=1)
-            run_steps(self.runner, self.scheduler, max_steps=1)  # the first decode waits for the prefill
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                profiled = run_steps(self.runner, self.scheduler, max_steps=num_steps)
-            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-            if not kernels:
-                raise RuntimeError("the profiler saw no GPU activity (is CUPTI missing?)")
-            per_name: dict[str, float] = {}
-            for e in kernels:
-                per_name[e.name] = per_name.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3 / len(profiled)
-            top = sorted(per_name.items(), key=lambda kv: -kv[1])[:15]
-            self.kernel_breakdown[prompts.shape[0]] = [(name[:90], ms) for name, ms in top]
-            return sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / len(profiled)
+            prof = profile_decode(
+                self.runner, self.scheduler, prompts, self.args.profile_steps, f"profile{prompts.shape[0]}"
+            )
         except Exception as exc:  # an optional figure: never lose the run over it
             log.warning("kernel time not measured: %s: %s", type(exc).__name__, exc)
             return None
-        finally:
-            run_steps(self.runner, self.scheduler)  # finish the requests
+        self.kernel_breakdown[prompts.shape[0]] = prof.top
+        return prof.kernel_ms
 
     def hf_decode_ms(self, prompts: torch.Tensor) -> float:
         """(t(new_tokens) - t(1)) / (new_tokens - 1): the prefill and first sample cancel out."""

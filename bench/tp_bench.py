@@ -8,7 +8,8 @@ Each rank builds its share of the model with random bf16 weights (no checkpoint:
 on the same requests, so every rank executes the same step plans, as the server's ranks do;
 steps are overlapped (the next launched before the last is read back) and decode replays CUDA
 graphs with the NCCL all-reduces inside. Rank 0 times the interval between steps collected in a
-row, median over the full-batch decode steps. Roofline per GPU: (the rank's LM weight bytes +
+row, median over the full-batch decode steps; then rank 0 profiles `--profile_steps` more
+full-batch steps (GPU kernels per step, the costliest listed). Roofline per GPU: (the rank's LM weight bytes +
 its KV bytes read per step) / copy bandwidth (measured on GPU 0 in the same run).
 """
 
@@ -34,6 +35,7 @@ from gpu_bench import (  # noqa: E402
     copy_bandwidth,
     lm_weight_bytes,
     model_shape,
+    profile_decode,
     run_steps,
 )
 from ranks import free_port, join, leave, materialize_random  # noqa: E402
@@ -109,6 +111,12 @@ def rank_main(rank: int, size: int, port: int, args: argparse.Namespace, out_pat
             }
         )
         progress(rank, size, f"batch {batch}: {rows[-1]['step_ms']:.2f} ms/step")
+        if args.profile_steps > 0:  # every rank runs the steps; rank 0 profiles its GPU
+            profiled = rank == 0 and not args.tiny  # (--tiny runs the steps: the CPU has no GPU kernels)
+            prof = profile_decode(runner, scheduler, prompts, args.profile_steps, f"profile{batch}", profiled)
+            if prof is not None:
+                rows[-1] |= {"kernel_ms": prof.kernel_ms, "top_kernels": prof.top}
+                progress(rank, size, f"batch {batch}: {prof.kernel_ms:.2f} ms of GPU kernels per step")
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(rows, f)
@@ -123,7 +131,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--json", default=None)
     parser.add_argument("--tiny", action="store_true", help="a tiny float32 model on the CPU (gloo)")
+    parser.add_argument(
+        "--profile_steps",
+        type=int,
+        default=8,
+        help="decode steps profiled on rank 0's GPU (0: off; CPU: off)",
+    )
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.profile_steps = 0
     if not args.tiny and torch.cuda.device_count() < max(args.tp):
         raise SystemExit(
             f"--tp {max(args.tp)} needs {max(args.tp)} GPUs; {torch.cuda.device_count()} visible"
@@ -158,6 +174,12 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['tp']} | {r['batch']} | {r['step_ms']:.2f} | {ratio} | {r['roofline_ms']:.2f} "
             f"| {r['step_ms'] / r['roofline_ms']:.2f}x |"
         )
+    for r in rows:
+        if "top_kernels" in r:
+            print(
+                f"\nrank 0 at tp {r['tp']}, batch {r['batch']}: {r['kernel_ms']:.2f} ms of GPU kernels per step"
+            )
+            print("\n".join(f"- {ms:.3f} {name}" for name, ms in r["top_kernels"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}, f, indent=1)
