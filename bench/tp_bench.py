@@ -40,12 +40,12 @@ from gpu_bench import (  # noqa: E402
 )
 from ranks import free_port, join, leave, materialize_random  # noqa: E402
 
-from vlmd.actors.worker import make_runner  # noqa: E402
+from vlmd.actors.worker import SYMM_MEM_ALL_REDUCE_BYTES, make_runner  # noqa: E402
 from vlmd.core.page_allocator import pages_for  # noqa: E402
 from vlmd.core.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from vlmd.models.config import InternVLArch  # noqa: E402
 from vlmd.models.qwen2 import Qwen2ForCausalLM  # noqa: E402
-from vlmd.models.tensor_parallel import TPGroup, shard_language_model  # noqa: E402
+from vlmd.models.tensor_parallel import SymmMemAllReduce, TPGroup, shard_language_model  # noqa: E402
 
 
 def random_language_model(
@@ -64,10 +64,13 @@ def progress(rank: int, size: int, what: str) -> None:
         print(f"{datetime.datetime.now():%H:%M:%S} tp {size}: {what}", file=sys.stderr, flush=True)
 
 
-def rank_main(rank: int, size: int, port: int, args: argparse.Namespace, out_path: str) -> None:
+def rank_main(
+    rank: int, size: int, all_reduce: str, port: int, args: argparse.Namespace, out_path: str
+) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr)
     device = join(rank, size, port, args.tiny)
-    tp = TPGroup(rank, size)
+    small = SymmMemAllReduce(device, SYMM_MEM_ALL_REDUCE_BYTES) if all_reduce == "symm_mem" else None
+    tp = TPGroup(rank, size, small)
     progress(rank, size, "building the model")
     shape = model_shape(tiny=args.tiny)
     arch = InternVLArch.from_config_dict(shape.config)
@@ -103,6 +106,7 @@ def rank_main(rank: int, size: int, port: int, args: argparse.Namespace, out_pat
         rows.append(
             {
                 "tp": size,
+                "all_reduce": all_reduce,
                 "batch": batch,
                 "step_ms": statistics.median(s.interval_s for s in decode) * 1e3,
                 "num_decode_steps": len(decode),
@@ -129,17 +133,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--prompt_len", type=int, default=512)
     parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument(
+        "--all_reduce",
+        nargs="+",
+        default=["nccl"],
+        choices=["nccl", "symm_mem"],
+        help="how tp > 1 sums (as --tp_all_reduce); several: each is run",
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--tiny", action="store_true", help="a tiny float32 model on the CPU (gloo)")
     parser.add_argument(
         "--profile_steps",
         type=int,
         default=8,
-        help="decode steps profiled on rank 0's GPU (0: off; CPU: off)",
+        help="decode steps profiled on rank 0's GPU (0: off; --tiny runs them unprofiled)",
     )
     args = parser.parse_args(argv)
-    if args.tiny:
-        args.profile_steps = 0
+    if args.tiny and "symm_mem" in args.all_reduce:
+        raise SystemExit("--all_reduce symm_mem needs GPUs")
     if not args.tiny and torch.cuda.device_count() < max(args.tp):
         raise SystemExit(
             f"--tp {max(args.tp)} needs {max(args.tp)} GPUs; {torch.cuda.device_count()} visible"
@@ -151,10 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.tp:
-            path = os.path.join(tmp, f"tp{size}.json")
-            mp.spawn(rank_main, args=(size, free_port(), args, path), nprocs=size)
-            with open(path) as f:
-                rows += json.load(f)
+            for all_reduce in args.all_reduce if size > 1 else ["nccl"]:
+                path = os.path.join(tmp, f"tp{size}-{all_reduce}.json")
+                mp.spawn(rank_main, args=(size, all_reduce, free_port(), args, path), nprocs=size)
+                with open(path) as f:
+                    rows += json.load(f)
     by_key = {(r["tp"], r["batch"]): r for r in rows}
     for r in rows:
         r["roofline_ms"] = (r["weight_bytes_per_gpu"] + r["kv_bytes_per_gpu"]) / bandwidth * 1e3
@@ -167,18 +179,21 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"# copy bandwidth {bandwidth / 1e12:.3f} TB/s; {args.prompt_len}-token prompts, {args.new_tokens} new"
     )
-    print("\n| tp | batch | ms/step | / tp 1 | roofline ms per GPU | / roofline |\n|---|---|---|---|---|---|")
+    print(
+        "\n| tp | all-reduce | batch | ms/step | / tp 1 | roofline ms per GPU | / roofline |"
+        "\n|---|---|---|---|---|---|---|"
+    )
     for r in rows:
         ratio = "-" if r["over_tp1"] is None else f"{r['over_tp1']:.2f}x"
         print(
-            f"| {r['tp']} | {r['batch']} | {r['step_ms']:.2f} | {ratio} | {r['roofline_ms']:.2f} "
+            f"| {r['tp']} | {r['all_reduce'] if r['tp'] > 1 else '-'} | {r['batch']} | {r['step_ms']:.2f} "
+            f"| {ratio} | {r['roofline_ms']:.2f} "
             f"| {r['step_ms'] / r['roofline_ms']:.2f}x |"
         )
     for r in rows:
         if "top_kernels" in r:
-            print(
-                f"\nrank 0 at tp {r['tp']}, batch {r['batch']}: {r['kernel_ms']:.2f} ms of GPU kernels per step"
-            )
+            where = f"tp {r['tp']} ({r['all_reduce']}), batch {r['batch']}"
+            print(f"\nrank 0 at {where}: {r['kernel_ms']:.2f} ms of GPU kernels per step")
             print("\n".join(f"- {ms:.3f} {name}" for name, ms in r["top_kernels"]))
     if args.json:
         with open(args.json, "w") as f:

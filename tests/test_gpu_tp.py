@@ -17,7 +17,7 @@ from vlmd.demo import write_demo_model
 from vlmd.messages import SamplingParams
 from vlmd.models.config import InternVLArch
 from vlmd.models.loader import load_language_model
-from vlmd.models.tensor_parallel import TPGroup
+from vlmd.models.tensor_parallel import SymmMemAllReduce, TPGroup
 from vlmd.runner import run_in_process
 
 pytestmark = [
@@ -77,22 +77,22 @@ def test_tp2_bf16_logits_within_the_bf16_bound(mid_model, tmp_path):
     assert (tp2 - tp1).abs().mean() <= hf_bf16.mean()
 
 
+def _greedy_tokens(model, arch, prompts, graphs: int) -> dict[str, list[int]]:
+    runner = make_runner(model, arch, num_pages=NUM_PAGES, page_size=PAGE_SIZE, graph_max_batch_size=graphs)
+    scheduler = Scheduler(SchedulerConfig(NUM_PAGES, PAGE_SIZE))
+    for i, prompt in enumerate(prompts):
+        scheduler.add(Request(f"r{i}", prompt, SamplingParams(max_new_tokens=24, ignore_eos=True)))
+    tokens: dict[str, list[int]] = {}
+    for _, outputs in run_in_process(scheduler, runner):
+        for out in outputs:
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+    return tokens
+
+
 def _greedy_rank(tp: TPGroup, model_dir, prompts, out_path) -> None:
     arch = InternVLArch.from_model_dir(model_dir)
     model = load_language_model(model_dir, torch.bfloat16, torch.device("cuda", tp.rank), tp=tp)
-    results = {}
-    for graphs in (0, 16):
-        runner = make_runner(
-            model, arch, num_pages=NUM_PAGES, page_size=PAGE_SIZE, graph_max_batch_size=graphs
-        )
-        scheduler = Scheduler(SchedulerConfig(NUM_PAGES, PAGE_SIZE))
-        for i, prompt in enumerate(prompts):
-            scheduler.add(Request(f"r{i}", prompt, SamplingParams(max_new_tokens=24, ignore_eos=True)))
-        tokens: dict[str, list[int]] = {}
-        for _, outputs in run_in_process(scheduler, runner):
-            for out in outputs:
-                tokens.setdefault(out.request_id, []).extend(out.token_ids)
-        results[graphs] = tokens
+    results = {graphs: _greedy_tokens(model, arch, prompts, graphs) for graphs in (0, 16)}
     if tp.rank == 0:
         torch.save(results, out_path)
 
@@ -105,3 +105,38 @@ def test_tp2_graphs_with_collectives_give_the_eager_tokens(mid_model, tmp_path):
     results = torch.load(path)
     assert results[16] == results[0]
     assert all(len(tokens) == 24 for tokens in results[0].values())
+
+
+class CountingSymmMemAllReduce(SymmMemAllReduce):
+    calls = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        type(self).calls += 1
+        return super().__call__(x)
+
+
+def _symm_mem_rank(tp: TPGroup, model_dir, ids, prompts, out_path) -> None:
+    symm = TPGroup(tp.rank, tp.size, CountingSymmMemAllReduce(torch.device("cuda", tp.rank), 1 << 20))
+    out = {"nccl_logits": vlmd_logits(model_dir, ids, tp), "symm_logits": vlmd_logits(model_dir, ids, symm)}
+    arch = InternVLArch.from_model_dir(model_dir)
+    for name, group, graphs in (("nccl_tokens", tp, 0), ("symm_graph_tokens", symm, 16)):
+        # The row-parallel layers sum through the group the model was split with.
+        model = load_language_model(model_dir, torch.bfloat16, torch.device("cuda", tp.rank), tp=group)
+        out[name] = _greedy_tokens(model, arch, prompts, graphs)
+    out["symm_calls"] = CountingSymmMemAllReduce.calls
+    if tp.rank == 0:
+        torch.save({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()}, out_path)
+
+
+def test_tp2_symm_mem_all_reduce_gives_the_nccl_results(mid_model, tmp_path):
+    """--tp_all_reduce symm_mem: two addends are rounded once either way, so the logits and the
+    tokens (CUDA graphs with the symmetric-memory kernel inside) equal NCCL's exactly."""
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 990, (int(n),), generator=generator).tolist() for n in (9, 150, 41)]
+    arch = InternVLArch.from_model_dir(mid_model)
+    path = str(tmp_path / "symm.pt")
+    _spawn(_symm_mem_rank, str(mid_model), token_ids(min(arch.vocab_size, 990)), prompts, path)
+    out = torch.load(path)
+    assert out["symm_calls"] > 0
+    assert torch.equal(out["symm_logits"], out["nccl_logits"])
+    assert out["symm_graph_tokens"] == out["nccl_tokens"]
