@@ -75,3 +75,32 @@ def test_vision_graphs_match_eager(model_dir):
         tiles = torch.randn(num_tiles, 3, 448, 448, generator=generator).to("cuda", torch.bfloat16)
         with torch.inference_mode():
             assert torch.equal(graphs(tiles).clone(), vision(tiles))
+
+
+@pytest.mark.parametrize("graphs", [0, 64])
+def test_launch_never_waits_for_work_already_queued(model_and_arch, graphs):
+    """The host launches step N+1 while step N runs, so nothing in `launch` may wait for the
+    device: not a sync, and not a copy out of pageable host memory (CUDA syncs the stream first).
+    Each step is launched behind ~0.5 s of queued device time that must still be running after."""
+    model, arch = model_and_arch
+    runner = make_runner(model, arch, num_pages=NUM_PAGES, page_size=PAGE_SIZE, graph_max_batch_size=graphs)
+    prompts = [[5 + i] * n for i, n in enumerate((7, 40, 130))]
+    generate(runner, prompts, 4, max_in_flight=1)  # warm-up at these sizes: kernels, cached memory
+    scheduler = Scheduler(SchedulerConfig(NUM_PAGES, PAGE_SIZE))
+    for i, prompt in enumerate(prompts):
+        scheduler.add(Request(f"q{i}", prompt, SamplingParams(max_new_tokens=4, ignore_eos=True)))
+    replayed = []
+    while scheduler.has_work():
+        plan = scheduler.schedule()
+        torch.cuda._sleep(1 << 30)  # about half a second of device time ahead of the step
+        busy = torch.cuda.Event()
+        busy.record()
+        step = runner.launch(plan)
+        graph_step = runner._graph_step(plan.items)
+        assert not busy.query(), (
+            f"launching a step ({'graph' if graph_step else 'eager'}) waited for the device"
+        )
+        scheduler.update(plan, runner.collect(step))
+        replayed.append(graph_step)
+    assert len(replayed) == 4 and not replayed[0]  # the prefill step, then three decode steps
+    assert all(replayed[1:]) if graphs else not any(replayed)

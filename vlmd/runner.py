@@ -20,6 +20,7 @@ import torch
 from vlmd.core.scheduler import Scheduler
 from vlmd.kernels.attention import AttentionBackend, BatchLayout
 from vlmd.kernels.sampler import SamplerState, sample_on_device, top_lists
+from vlmd.kernels.transfer import to_device
 from vlmd.messages import PENDING_TOKEN, StepItem, StepPlan, StepResult, TokenOut
 
 
@@ -147,9 +148,8 @@ class ModelRunner:
         return self.model.compute_logits(hidden[last_rows])  # float32
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
-        """An int64 tensor on the device, without waiting for the device (torch.tensor(...,
-        device=cuda) would synchronize the stream)."""
-        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+        """An int64 tensor on the device, without waiting for the device."""
+        return to_device(values, torch.long, self.device)
 
     def _input_ids(self, items: list[StepItem]) -> torch.Tensor:
         """The step's input ids [num_tokens] on the device, pending tokens filled in from the

@@ -17,6 +17,7 @@ import torch
 
 from vlmd.kernels.attention import BatchLayout
 from vlmd.kernels.flashinfer_backend import FlashInferBackend, PagedKVMetadata
+from vlmd.kernels.transfer import stage
 
 log = logging.getLogger("vlmd.kernels")
 
@@ -54,7 +55,7 @@ class GraphDecodeAttention:
         """Outside the graph: fill the static buffers for this step (layout padded to the size)."""
         spec = self.backend.spec
         meta = PagedKVMetadata.from_layout(layout, spec.page_size)
-        host_flat = meta.to_tensor()
+        host_flat = stage(meta.to_tensor(), spec.device)  # pinned: no copy out of it waits
         host = meta.views(host_flat)
         device = meta.views(host_flat.to(spec.device, non_blocking=True))
         self.batch_indices.copy_(device.batch_indices)
@@ -147,7 +148,7 @@ class DecodeGraphs:
         self.input_ids[:n].copy_(input_ids)
         self.input_ids[n:size].zero_()
         positions = torch.tensor(layout.positions() + [0] * padding, dtype=torch.long)
-        self.input_positions[:size].copy_(positions, non_blocking=True)
+        self.input_positions[:size].copy_(stage(positions, self.input_positions.device), non_blocking=True)
         self._attn[size].plan(self._padded(layout, size))
         return size
 

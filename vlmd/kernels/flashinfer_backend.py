@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from vlmd.kernels.attention import AttentionBackend, BatchLayout, KVCacheSpec
+from vlmd.kernels.transfer import stage
 
 # FlashInfer's docs recommend 128 MiB for the float workspace (split-KV partial outputs); the
 # prefill and decode wrappers share it, since only one of them runs in a step.
@@ -193,7 +194,8 @@ class FlashInferBackend(AttentionBackend):
         if meta.num_reqs == 0:
             self._wrapper = None
             return
-        host_flat = meta.to_tensor()
+        # Pinned, so that our copy and the wrappers' copies out of it wait for nothing.
+        host_flat = stage(meta.to_tensor(), spec.device)
         host = meta.views(host_flat)
         self._meta = meta.views(host_flat.to(spec.device, non_blocking=True))
         # The wrappers read indptr / last_page_len on the host to schedule work: handing them the

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from vlmd.kernels.transfer import to_device
 from vlmd.messages import SamplingParams, TopLogprobs
 
 
@@ -40,7 +41,7 @@ class SamplerState:
             self.output_counts = torch.zeros(vocab_size, dtype=torch.int32, device=self.device)
             if self._prompt_ids:
                 # index_fill_, not `seen[ids] = True`: the assignment waits for the device.
-                self.seen.index_fill_(0, _to_device(self._prompt_ids, torch.long, self.device), True)
+                self.seen.index_fill_(0, to_device(self._prompt_ids, torch.long, self.device), True)
         return self.seen, self.output_counts
 
     def observe(self, token: torch.Tensor) -> None:
@@ -97,9 +98,9 @@ def apply_penalties(logits: torch.Tensor, states: list[SamplerState]) -> torch.T
     params = [states[i].params for i in rows]
 
     def column(values: list[float]) -> torch.Tensor:
-        return _to_device(values, torch.float32, device)[:, None]  # [num_penalized, 1]
+        return to_device(values, torch.float32, device)[:, None]  # [num_penalized, 1]
 
-    index = _to_device(rows, torch.long, device)
+    index = to_device(rows, torch.long, device)
     penalized = penalize(
         logits[index],
         torch.stack([seen for seen, _ in histories]),  # [num_penalized, vocab]
@@ -156,11 +157,3 @@ def top_lists(ids: list[list[int]], values: list[list[float]], num_top: list[int
     """Each row's alternatives, cut to what its request asked for (the step computed the most any
     request asked for)."""
     return [TopLogprobs(i[:k], v[:k]) for i, v, k in zip(ids, values, num_top, strict=True)]
-
-
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list on `device` without waiting for the device: a pinned, non-blocking copy."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
