@@ -3,9 +3,7 @@ built directly in their rank's share with random weights (no checkpoint)."""
 
 from __future__ import annotations
 
-import os
 import socket
-import sys
 
 import torch
 import torch.distributed as dist
@@ -34,22 +32,13 @@ def join(rank: int, world_size: int, port: int, tiny: bool) -> torch.device:
     return device
 
 
-def leave(world_size: int) -> None:
-    """End this rank's process; call it last, after the results are written."""
-    if world_size == 1:
-        return
-    dist.barrier()  # no rank tears down its connections while a peer still uses them
-    if dist.get_backend() != "nccl":
-        dist.destroy_process_group()
-        return
-    # destroy_process_group() never returns once an NCCL collective was captured in a CUDA graph
-    # (torch 2.11 + CUDA 13 on 2x H100: a 2-rank all_reduce in a graph, then barrier + destroy, hung
-    # past 50 s; the same ranks ending with os._exit after the barrier were done in 5 s). The
-    # server's ranks end with os._exit too.
-    torch.cuda.synchronize()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+def random_share(model_cls, shard, arch, tp, device: torch.device, dtype: torch.dtype):
+    """This rank's share of `model_cls(arch)`, split by `shard` (`shard_language_model` or
+    `shard_vision`, as the server's loader splits a checkpoint), random weights drawn on `device`."""
+    with torch.device("meta"):
+        model = model_cls(arch)
+        shard(model, tp)
+    return materialize_random(model, device, dtype, seed=tp.rank)
 
 
 def materialize_random(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int):

@@ -38,24 +38,19 @@ from gpu_bench import (  # noqa: E402
     profile_decode,
     run_steps,
 )
-from ranks import free_port, join, leave, materialize_random  # noqa: E402
+from ranks import free_port, join, random_share  # noqa: E402
 
 from vlmd.actors.worker import SYMM_MEM_ALL_REDUCE_BYTES, make_runner  # noqa: E402
 from vlmd.core.page_allocator import pages_for  # noqa: E402
 from vlmd.core.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from vlmd.models.config import InternVLArch  # noqa: E402
 from vlmd.models.qwen2 import Qwen2ForCausalLM  # noqa: E402
-from vlmd.models.tensor_parallel import SymmMemAllReduce, TPGroup, shard_language_model  # noqa: E402
-
-
-def random_language_model(
-    arch: InternVLArch, tp: TPGroup, device: torch.device, dtype: torch.dtype
-) -> Qwen2ForCausalLM:
-    """This rank's share of the language model, random weights drawn on the device."""
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(arch)
-        shard_language_model(model, tp)
-    return materialize_random(model, device, dtype, seed=tp.rank)
+from vlmd.models.tensor_parallel import (  # noqa: E402
+    SymmMemAllReduce,
+    TPGroup,
+    end_rank_process,
+    shard_language_model,
+)
 
 
 def progress(rank: int, size: int, what: str) -> None:
@@ -74,7 +69,8 @@ def rank_main(
     progress(rank, size, "building the model")
     shape = model_shape(tiny=args.tiny)
     arch = InternVLArch.from_config_dict(shape.config)
-    lm = random_language_model(arch, tp, device, torch.float32 if args.tiny else torch.bfloat16)
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    lm = random_share(Qwen2ForCausalLM, shard_language_model, arch, tp, device, dtype)
     max_batch = max(args.batch_sizes)
     num_pages = max_batch * pages_for(args.prompt_len + args.new_tokens, PAGE_SIZE)
     progress(rank, size, "capturing CUDA graphs")
@@ -124,7 +120,7 @@ def rank_main(
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(rows, f)
-    leave(size)
+    end_rank_process(size)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,21 +30,11 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_bench import model_shape, sync  # noqa: E402
-from ranks import free_port, join, leave, materialize_random  # noqa: E402
+from ranks import free_port, join, random_share  # noqa: E402
 
 from vlmd.models.config import InternVLArch  # noqa: E402
 from vlmd.models.internvl import InternVLVision  # noqa: E402
-from vlmd.models.tensor_parallel import TPGroup, shard_vision  # noqa: E402
-
-
-def random_vision(
-    arch: InternVLArch, tp: TPGroup, device: torch.device, dtype: torch.dtype
-) -> InternVLVision:
-    """This rank's share of the ViT + projector, random weights drawn on the device."""
-    with torch.device("meta"):
-        model = InternVLVision(arch)
-        shard_vision(model, tp)
-    return materialize_random(model, device, dtype, seed=tp.rank)
+from vlmd.models.tensor_parallel import TPGroup, end_rank_process, shard_vision  # noqa: E402
 
 
 def rank_main(
@@ -58,7 +48,7 @@ def rank_main(
     shape = model_shape(tiny=args.tiny)
     arch = InternVLArch.from_config_dict(shape.config)
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    model = random_vision(arch, tp, device, dtype)
+    model = random_share(InternVLVision, shard_vision, arch, tp, device, dtype)
     side = arch.image_size
     gen = torch.Generator().manual_seed(0)
     rates = {}
@@ -76,7 +66,7 @@ def rank_main(
     if tp.rank == 0:  # one report per replica
         with open(os.path.join(out_dir, f"replica{rank // visual_tp}.json"), "w") as f:
             json.dump(rates, f)
-    leave(visual_tp)
+    end_rank_process(visual_tp)
 
 
 def run_layout(visual_tp: int, visual_dp: int, args: argparse.Namespace) -> dict[int, float]:

@@ -3,8 +3,6 @@ bound of the GPU numerics test, and CUDA graphs with collectives inside give the
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -19,7 +17,7 @@ from vlmd.demo import write_demo_model
 from vlmd.messages import SamplingParams
 from vlmd.models.config import InternVLArch
 from vlmd.models.loader import load_language_model
-from vlmd.models.tensor_parallel import SymmMemAllReduce, TPGroup
+from vlmd.models.tensor_parallel import SymmMemAllReduce, TPGroup, end_rank_process
 from vlmd.runner import run_in_process
 
 pytestmark = [
@@ -41,10 +39,7 @@ def _rank_main(rank: int, fn, port: int, *args) -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     fn(TPGroup(rank, 2), *args)  # an exception ends this rank, and mp.spawn ends the other
-    dist.barrier()  # no rank leaves while a peer still uses the connections
-    torch.cuda.synchronize()
-    # Not destroy_process_group(): it can hang once collectives ran in CUDA graphs (see bench/ranks.py).
-    os._exit(0)
+    end_rank_process(2)
 
 
 @pytest.fixture(scope="module")

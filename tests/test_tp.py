@@ -27,7 +27,7 @@ from vlmd.core.scheduler import Scheduler, SchedulerConfig
 from vlmd.messages import SamplingParams
 from vlmd.models.config import InternVLArch
 from vlmd.models.loader import load_language_model
-from vlmd.models.tensor_parallel import TPGroup
+from vlmd.models.tensor_parallel import TPGroup, end_rank_process
 from vlmd.runner import run_in_process
 
 
@@ -81,13 +81,10 @@ def _greedy(model_dir: str, tp: TPGroup, prompts: list[list[int]], num_tokens: i
 def _rank_main(rank: int, size: int, port: int, model_dir: str, prompts, result_path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
-    try:
-        tokens = _greedy(model_dir, TPGroup(rank, size), prompts, 20)
-        if rank == 0:
-            torch.save(tokens, result_path)
-    finally:
-        dist.barrier()  # no rank tears down its connections while a peer still uses them
-        dist.destroy_process_group()
+    tokens = _greedy(model_dir, TPGroup(rank, size), prompts, 20)
+    if rank == 0:
+        torch.save(tokens, result_path)
+    end_rank_process(size)
 
 
 @pytest.mark.parametrize("size", [2, 4])  # the demo model has 2 KV heads: 4 ranks replicate them

@@ -31,7 +31,7 @@ from vlmd.demo import write_demo_model
 from vlmd.image import TilingConfig, num_tiles
 from vlmd.messages import EmbedRun, ImageRef
 from vlmd.models.loader import load_vision
-from vlmd.models.tensor_parallel import SINGLE_RANK, TPGroup
+from vlmd.models.tensor_parallel import SINGLE_RANK, TPGroup, end_rank_process
 
 # InternViT-6B's variant: RMSNorm blocks, qk-norm across all heads, no qkv bias, a final LayerNorm.
 VIT_6B_LIKE = {
@@ -135,9 +135,7 @@ def _vision_rank_main(
         vit.forward_into_store(pixels, counts, [runs[i] for i in mine])
     else:
         vit.follow(sum(refs[i].num_tiles for i in mine))
-    if visual_tp > 1:
-        dist.barrier()  # no rank tears down its connections while a peer still uses them
-        dist.destroy_process_group()
+    end_rank_process(visual_tp)
 
 
 @pytest.mark.parametrize(

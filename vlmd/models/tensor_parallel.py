@@ -24,7 +24,10 @@ every rank reads only its own share from the safetensors files.
 from __future__ import annotations
 
 import datetime
+import os
+import sys
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -120,6 +123,21 @@ class TPGroup:
 
 
 SINGLE_RANK = TPGroup()
+
+
+def end_rank_process(size: int) -> NoReturn:
+    """End a rank's process (spawned for a benchmark or a test) once its results are written:
+    a barrier, so that no rank leaves while a peer still uses the connections, then os._exit,
+    as the server's ranks end. Not destroy_process_group(): once an NCCL collective was captured
+    in a CUDA graph it never returned (torch 2.11 + CUDA 13, 2x H100: hung past 50 s, where
+    os._exit after the barrier was done in 5 s), and a gloo rank once aborted in teardown."""
+    if size > 1:
+        dist.barrier()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @dataclass(frozen=True)
