@@ -20,6 +20,10 @@ from PIL import Image
 from vlmd.demo import write_demo_model
 
 SERVER_START_TIMEOUT_S = 180
+# A server on CUDA may JIT-compile FlashInfer's norm, rope, activation, prefill and decode modules
+# on first use: several minutes on a machine whose kernel cache is cold (seen on the device: a
+# demo-model start still compiling rope 150 s in).
+GPU_SERVER_START_TIMEOUT_S = 900
 
 
 def pytest_collection_modifyitems(config, items):
@@ -116,7 +120,8 @@ def start_server(model_dir: Path, log_dir: Path, *flags: str, env: dict | None =
         )
     server = Server(f"http://127.0.0.1:{port}", process, log_path)
     _started.append(server)
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    on_gpu = "cuda" in flags
+    deadline = time.monotonic() + (GPU_SERVER_START_TIMEOUT_S if on_gpu else SERVER_START_TIMEOUT_S)
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
