@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from vlmd.kernels.attention import AttentionBackend, BatchLayout, KVCacheSpec
+from vlmd.kernels.ops import last_dim_contiguous
 from vlmd.kernels.transfer import stage
 
 # FlashInfer's docs recommend 128 MiB for the float workspace (split-KV partial outputs); the
@@ -235,8 +236,8 @@ class FlashInferBackend(AttentionBackend):
             return torch.empty_like(q)
         meta, cache = self._meta, self.kv_cache[layer_idx]  # cache: [pages, 2, page_size, kv_heads, dim]
         self._append_paged_kv_cache(
-            _last_dim_contiguous(k),
-            _last_dim_contiguous(v),
+            last_dim_contiguous(k),
+            last_dim_contiguous(v),
             meta.batch_indices,
             meta.positions,
             cache,
@@ -245,9 +246,4 @@ class FlashInferBackend(AttentionBackend):
             meta.kv_last_page_len,
             kv_layout="NHD",
         )
-        return self._wrapper.run(_last_dim_contiguous(q), cache)  # [num_tokens, q_heads, head_dim]
-
-
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """FlashInfer takes row/head strides but needs unit stride along head_dim."""
-    return x if x.stride(-1) == 1 else x.contiguous()
+        return self._wrapper.run(last_dim_contiguous(q), cache)  # [num_tokens, q_heads, head_dim]

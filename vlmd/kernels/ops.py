@@ -35,10 +35,15 @@ class TorchOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    def rope_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """A step's positions in the form `rope` takes, converted once for all layers."""
+        return positions
+
     def rope(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, theta: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Neox-style rotary; q: [T, q_heads, head_dim], k: [T, kv_heads, head_dim]."""
+        """Neox-style rotary; q: [T, q_heads, head_dim], k: [T, kv_heads, head_dim], either may be
+        a strided view (of a fused q/k/v output)."""
         freqs = positions[:, None].float() * inv_freq[None, :]  # [T, head_dim / 2]
         angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, head_dim]
         cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
@@ -75,12 +80,23 @@ class FlashInferOps(TorchOps):
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._fi.activation.silu_and_mul(gate_up.contiguous())
 
+    def rope_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions.to(torch.int32)
+
     def rope(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, theta: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The kernel reads q/k through their row and head strides and writes new contiguous
+        # tensors: the views of the q/k/v GEMM output need no copy first (at batch 64 the two
+        # copies per layer cost 0.2 ms a step). `.to` is free once `rope_positions` converted.
         return self._fi.rope.apply_rope_pos_ids(
-            q.contiguous(), k.contiguous(), positions.to(torch.int32), rope_theta=theta
+            last_dim_contiguous(q), last_dim_contiguous(k), positions.to(torch.int32), rope_theta=theta
         )
+
+
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """FlashInfer takes row/head strides but needs unit stride along head_dim."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def make_ops(device: torch.device, dtype: torch.dtype, logger: logging.Logger | None = None) -> TorchOps:

@@ -49,6 +49,10 @@ class RotaryEmbedding(nn.Module):
         exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
         self.register_buffer("inv_freq", 1.0 / (theta**exponents), persistent=False)
 
+    def prepare(self, positions: torch.Tensor) -> torch.Tensor:
+        """A step's positions as every layer's `forward` takes them (converted once per step)."""
+        return self.ops.rope_positions(positions)
+
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

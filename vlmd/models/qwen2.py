@@ -97,6 +97,7 @@ class Qwen2Model(nn.Module):
         self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
         x, residual = inputs_embeds, None
+        positions = self.rotary.prepare(positions)
         for layer in self.layers:
             x, residual = layer(x, residual, positions, self.rotary, attn)
         return self.norm.add(x, residual)[0]
