@@ -191,6 +191,20 @@ def test_vision_embeddings_match_transformers(vision, hf_model) -> None:
     torch.testing.assert_close(got, expected.reshape(got.shape), atol=1e-5, rtol=1e-5)
 
 
+def test_folded_layer_scales_give_the_same_rows(demo_dir, hf_model) -> None:
+    """On CUDA in half precision each layer's scales are folded into its output projections (the
+    CPU keeps transformers' addcmul); the fold itself, in float32 here, changes nothing but
+    rounding. The demo's layer scales are drawn from [0.5, 1], so a missed fold would not pass."""
+    vision = load_vision(demo_dir, torch.float32, "cpu")
+    pixel_values = torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf_model.get_image_features(pixel_values=pixel_values).pooler_output
+        for layer in vision.vision_tower.encoder.layer:
+            layer.fold_layer_scale()
+        got = vision(pixel_values)
+    torch.testing.assert_close(got, expected.reshape(got.shape), atol=1e-5, rtol=1e-5)
+
+
 def test_vision_variants_match_transformers(tmp_path: Path) -> None:
     """InternViT-6B style: RMSNorm, qk-norm, no attention bias and a final LayerNorm."""
     variant = {
