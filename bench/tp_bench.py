@@ -40,12 +40,13 @@ from gpu_bench import (  # noqa: E402
 )
 from ranks import free_port, join, random_share  # noqa: E402
 
-from vlmd.actors.worker import SYMM_MEM_ALL_REDUCE_BYTES, make_runner  # noqa: E402
+from vlmd.actors.worker import FUSED_ALL_REDUCE_MAX_TOKENS, SYMM_MEM_ALL_REDUCE_BYTES, make_runner  # noqa: E402
 from vlmd.core.page_allocator import pages_for  # noqa: E402
 from vlmd.core.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from vlmd.models.config import InternVLArch  # noqa: E402
 from vlmd.models.qwen2 import Qwen2ForCausalLM  # noqa: E402
 from vlmd.models.tensor_parallel import (  # noqa: E402
+    FusedAllReduceNorm,
     SymmMemAllReduce,
     TPGroup,
     end_rank_process,
@@ -64,12 +65,15 @@ def rank_main(
 ) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr)
     device = join(rank, size, port, args.tiny)
-    small = SymmMemAllReduce(device, SYMM_MEM_ALL_REDUCE_BYTES) if all_reduce == "symm_mem" else None
-    tp = TPGroup(rank, size, small)
-    progress(rank, size, "building the model")
     shape = model_shape(tiny=args.tiny)
     arch = InternVLArch.from_config_dict(shape.config)
     dtype = torch.float32 if args.tiny else torch.bfloat16
+    small = SymmMemAllReduce(device, SYMM_MEM_ALL_REDUCE_BYTES) if all_reduce == "symm_mem" else None
+    fused = None
+    if all_reduce == "fused" and size > 1:
+        fused = FusedAllReduceNorm(rank, size, FUSED_ALL_REDUCE_MAX_TOKENS, arch.hidden_size, dtype)
+    tp = TPGroup(rank, size, small, fused)
+    progress(rank, size, "building the model")
     lm = random_share(Qwen2ForCausalLM, shard_language_model, arch, tp, device, dtype)
     max_batch = max(args.batch_sizes)
     num_pages = max_batch * pages_for(args.prompt_len + args.new_tokens, PAGE_SIZE)
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         "--all_reduce",
         nargs="+",
         default=["nccl"],
-        choices=["nccl", "symm_mem"],
+        choices=["nccl", "symm_mem", "fused"],
         help="how tp > 1 sums (as --tp_all_reduce); several: each is run",
     )
     parser.add_argument("--json", default=None)
@@ -145,8 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         help="decode steps profiled on rank 0's GPU (0: off; --tiny runs them unprofiled)",
     )
     args = parser.parse_args(argv)
-    if args.tiny and "symm_mem" in args.all_reduce:
-        raise SystemExit("--all_reduce symm_mem needs GPUs")
+    if args.tiny and set(args.all_reduce) - {"nccl"}:
+        raise SystemExit("--all_reduce symm_mem and fused need GPUs")
     if not args.tiny and torch.cuda.device_count() < max(args.tp):
         raise SystemExit(
             f"--tp {max(args.tp)} needs {max(args.tp)} GPUs; {torch.cuda.device_count()} visible"

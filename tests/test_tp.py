@@ -24,6 +24,7 @@ from tests.test_parity import (
 from vlmd.actors.worker import make_runner
 from vlmd.core.request import Request
 from vlmd.core.scheduler import Scheduler, SchedulerConfig
+from vlmd.kernels.ops import TorchOps
 from vlmd.messages import SamplingParams
 from vlmd.models.config import InternVLArch
 from vlmd.models.loader import load_language_model
@@ -94,6 +95,49 @@ def test_every_rank_count_gives_the_single_rank_tokens(model_dir, tmp_path, size
     path = str(tmp_path / "tokens.pt")
     mp.spawn(_rank_main, args=(size, free_port(), str(model_dir), prompts, path), nprocs=size)
     assert torch.load(path) == want
+
+
+class GlooFusedNorm:
+    """The contract of `TPGroup.fused_norm` on gloo: sum the unsummed rows, then transformers'
+    add-RMSNorm, so the fused path must give the unfused path's tokens exactly. Steps of up to
+    `max_tokens` rows take it (decodes), longer ones (prefills) the hooks' all-reduce."""
+
+    calls = 0
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return x.shape[0] <= self.max_tokens
+
+    def __call__(self, x, residual, weight, eps):
+        type(self).calls += 1
+        dist.all_reduce(x)
+        return TorchOps().add_rms_norm(x, residual, weight, eps)
+
+
+def _fused_rank_main(rank: int, size: int, port: int, model_dir: str, prompts, result_path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    tokens = _greedy(model_dir, TPGroup(rank, size, fused_norm=GlooFusedNorm(8)), prompts, 20)
+    if rank == 0:
+        torch.save({"tokens": tokens, "calls": GlooFusedNorm.calls}, result_path)
+    end_rank_process(size)
+
+
+def test_all_reduce_deferred_to_the_norm_gives_the_single_rank_tokens(model_dir, tmp_path):
+    """With a fused all-reduce, o_proj and down_proj hand small outputs to the add-RMSNorm after
+    them unsummed (every layer's two norms and the final one take them); longer steps still sum
+    in the hooks."""
+    prompts = [list(range(5, 40)), list(range(100, 107)), list(range(300, 390))]
+    want = _greedy(str(model_dir), TPGroup(), prompts, 20)
+    path = str(tmp_path / "tokens.pt")
+    mp.spawn(_fused_rank_main, args=(2, free_port(), str(model_dir), prompts, path), nprocs=2)
+    result = torch.load(path)
+    assert result["tokens"] == want
+    num_layers = InternVLArch.from_model_dir(model_dir).num_hidden_layers
+    # Every one of the 19 decode steps (3 rows) takes the fused path in each of its norms.
+    assert result["calls"] >= 19 * 2 * num_layers
 
 
 # --- start-up checks and failure ----------------------------------------------------------------

@@ -55,7 +55,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     torch_threads: int = 1  # intra-op threads of each torch actor (worker, vision) on the CPU
     graph_max_batch_size: int = 64
     disable_cudagraph: bool = False
-    tp_all_reduce: str = "nccl"  # "nccl" | "symm_mem": how the LM ranks sum small tensors on GPUs
+    tp_all_reduce: str = "nccl"  # "nccl" | "symm_mem" | "fused": how the LM ranks sum small tensors on GPUs
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,9 +132,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--tp_all_reduce",
         default="nccl",
-        choices=["nccl", "symm_mem"],
-        help="with --tp on GPUs: sum decode-sized tensors with NCCL, or with one kernel that reads "
-        "every peer's copy through PyTorch symmetric memory (larger ones always use NCCL)",
+        choices=["nccl", "symm_mem", "fused"],
+        help="with --tp on GPUs: sum decode-sized tensors with NCCL; with one kernel that reads "
+        "every peer's copy through PyTorch symmetric memory (symm_mem); or in the same kernel as "
+        "the residual add and RMSNorm that follow them (fused, FlashInfer). Larger ones always use NCCL",
     )
     add(
         "--torch_threads",

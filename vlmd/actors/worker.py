@@ -30,6 +30,9 @@ TP_TIMEOUT_S = 600
 # --tp_all_reduce symm_mem: tensors up to this size (a 64-row decode step of a 3584-wide model
 # is 458 KB in bf16) are summed by one symmetric-memory kernel, larger ones by NCCL.
 SYMM_MEM_ALL_REDUCE_BYTES = 1 << 20
+# --tp_all_reduce fused: steps of up to this many tokens (decode batches of up to 256) sum their
+# row-parallel outputs inside the add-RMSNorm after them; longer ones use NCCL.
+FUSED_ALL_REDUCE_MAX_TOKENS = 256
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Device memory kept out of the KV pool for what the profiling step does not see (attention
@@ -142,7 +145,11 @@ def join_tp_group(launch: Launch, rank: int) -> TPGroup:
         torch.cuda.set_device(rank)
     init_method = f"file://{launch.socket(TP_RENDEZVOUS_FILE)}"
     symm_mem_bytes = SYMM_MEM_ALL_REDUCE_BYTES if launch.args.tp_all_reduce == "symm_mem" else 0
-    return TPGroup.join(init_method, rank, launch.args.tp, cuda, TP_TIMEOUT_S, symm_mem_bytes)
+    fused_norm = None
+    if launch.args.tp_all_reduce == "fused":
+        hidden = InternVLArch.from_model_dir(launch.args.model_dir).hidden_size
+        fused_norm = (FUSED_ALL_REDUCE_MAX_TOKENS, hidden, TORCH_DTYPES[launch.runtime.dtype])
+    return TPGroup.join(init_method, rank, launch.args.tp, cuda, TP_TIMEOUT_S, symm_mem_bytes, fused_norm)
 
 
 def build_runner(launch: Launch, rank: int = 0) -> ModelRunner:

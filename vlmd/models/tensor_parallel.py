@@ -7,7 +7,9 @@ to one rank's share (Megatron layout), so that the model file still reads as one
   intermediate features. With fewer KV heads than ranks, each KV head is replicated on
   tp / num_kv_heads ranks (rank r keeps head r * num_kv_heads // tp).
 - o_proj and down_proj are row-parallel: each rank multiplies its slice of the input features
-  and a forward hook sums the partial outputs across ranks (all-reduce).
+  and a forward hook sums the partial outputs across ranks (all-reduce). With a fused all-reduce
+  (`TPGroup.fused_norm`), small outputs leave the hook unsummed and the add-RMSNorm that follows
+  every row-parallel layer sums them in the same kernel as the residual add and the norm.
 - The token embedding and the LM head are split along the vocabulary: a rank embeds the ids
   it owns (zeros elsewhere, then all-reduce), and computes the logits of its vocabulary slice
   (then all-gather, so that every rank samples the same token from the same logits).
@@ -26,6 +28,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -33,6 +36,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from vlmd.models.layers import RMSNorm
 
 
 class SymmMemAllReduce:
@@ -65,6 +70,75 @@ class SymmMemAllReduce:
         return out
 
 
+class FusedAllReduceNorm:
+    """All-reduce, residual add and RMSNorm in one kernel, for up to `max_tokens` rows:
+    FlashInfer's port of TensorRT-LLM's all-reduce fusion (one-shot Lamport protocol for small
+    inputs), its buffers shared with the peers through PyTorch symmetric memory (NVLink, no
+    multicast). It replaces, after every row-parallel layer, NCCL's all-reduce and the fused
+    add-RMSNorm kernel with one kernel; the sum is accumulated in float32."""
+
+    def __init__(self, rank: int, size: int, max_tokens: int, hidden: int, dtype: torch.dtype) -> None:
+        from flashinfer.comm import trtllm_ar
+
+        self._ar = trtllm_ar
+        self.rank, self.size, self.max_tokens, self.hidden, self.dtype = rank, size, max_tokens, hidden, dtype
+        self._handles, self.workspace, self.metadata = (
+            trtllm_ar.trtllm_create_ipc_workspace_for_all_reduce_fusion(
+                tp_rank=rank,
+                tp_size=size,
+                max_token_num=max_tokens,
+                hidden_dim=hidden,
+                use_fp32_lamport=dtype == torch.float32,
+                group=dist.group.WORLD,
+                create_metadata=True,
+                use_symm_dev_mem=False,  # PyTorch's symmetric memory: multicast stays off
+            )
+        )
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return (
+            x.is_cuda
+            and x.dtype == self.dtype
+            and x.dim() == 2
+            and 0 < x.shape[0] <= self.max_tokens
+            and x.shape[1] == self.hidden
+            and x.is_contiguous()
+        )
+
+    def __call__(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(sum of every rank's x + residual), sum + residual), written over x and residual."""
+        residual = residual.contiguous()
+        with warnings.catch_warnings():  # FlashInfer marks this entry point deprecated for a newer one
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._ar.trtllm_allreduce_fusion(
+                allreduce_in=x,
+                world_size=self.size,
+                world_rank=self.rank,
+                token_num=x.shape[0],
+                hidden_dim=self.hidden,
+                workspace_ptrs=self.workspace,
+                launch_with_pdl=False,
+                trigger_completion_at_end=True,
+                fp32_acc=True,
+                pattern_code=self._ar.AllReduceFusionPattern.kARResidualRMSNorm,
+                use_oneshot=None,  # FlashInfer's choice by size
+                allreduce_out=None,
+                residual_in=residual,
+                residual_out=residual,
+                norm_out=x,
+                quant_out=None,
+                scale_out=None,
+                rms_gamma=weight,
+                rms_eps=eps,
+                scale_factor=None,
+                layout_code=None,
+                metadata=self.metadata,
+            )
+        return x, residual
+
+
 @dataclass(frozen=True)
 class TPGroup:
     """This process's place in the tensor-parallel group (size 1: no communication)."""
@@ -72,14 +146,26 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     small: SymmMemAllReduce | None = field(default=None, compare=False, repr=False)
+    # Takes over the all-reduce of the row-parallel outputs it `fits`, fused into the add-RMSNorm
+    # after them: called as fused_norm(x, residual, weight, eps) -> (normed, new residual).
+    fused_norm: FusedAllReduceNorm | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def join(
-        cls, init_method: str, rank: int, size: int, cuda: bool, timeout_s: float, symm_mem_bytes: int = 0
+        cls,
+        init_method: str,
+        rank: int,
+        size: int,
+        cuda: bool,
+        timeout_s: float,
+        symm_mem_bytes: int = 0,
+        fused_norm: tuple[int, int, torch.dtype] | None = None,
     ) -> TPGroup:
         """Become `rank` of a world of `size` processes (NCCL between GPUs, gloo on the CPU);
         a collective waiting longer than `timeout_s` raises instead of hanging. With
-        `symm_mem_bytes` (CUDA only), all-reduces up to that size go through symmetric memory."""
+        `symm_mem_bytes` (CUDA only), all-reduces up to that size go through symmetric memory;
+        with `fused_norm` = (max tokens, hidden size, dtype) (CUDA only), those of up to that many
+        rows are fused into the add-RMSNorm that follows them."""
         if size == 1:
             return SINGLE_RANK
         dist.init_process_group(
@@ -89,10 +175,17 @@ class TPGroup:
             world_size=size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-        small = None
+        small = fused = None
         if cuda and symm_mem_bytes > 0:
             small = SymmMemAllReduce(torch.device("cuda", torch.cuda.current_device()), symm_mem_bytes)
-        return cls(rank, size, small)
+        if cuda and fused_norm is not None:
+            fused = FusedAllReduceNorm(rank, size, *fused_norm)
+        return cls(rank, size, small, fused)
+
+    def defers(self, x: torch.Tensor) -> bool:
+        """Whether a row-parallel layer leaves its output `x` unsummed, for the add-RMSNorm after
+        it to sum (`fused_norm`)."""
+        return self.fused_norm is not None and self.fused_norm.fits(x)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of every rank's `x`: `x` itself, summed in place, or a new tensor (small
@@ -196,6 +289,11 @@ def shard_language_model(model: nn.Module, tp: TPGroup) -> dict[str, Shard]:
     for i, layer in enumerate(model.model.layers):
         shards |= _shard_attention(layer.self_attn, f"model.layers.{i}.self_attn", arch, tp)
         shards |= _shard_mlp(layer.mlp, f"model.layers.{i}.mlp", arch, tp)
+        if tp.fused_norm is not None:
+            layer.input_layernorm = AllReduceRMSNorm(arch.hidden_size, arch.rms_norm_eps, tp)
+            layer.post_attention_layernorm = AllReduceRMSNorm(arch.hidden_size, arch.rms_norm_eps, tp)
+    if tp.fused_norm is not None:
+        model.model.norm = AllReduceRMSNorm(arch.hidden_size, arch.rms_norm_eps, tp)
     start, num_ids = vocab_split(arch.vocab_size, tp.size, tp.rank)
     model.model.embed_tokens = VocabParallelEmbedding(start, num_ids, arch.hidden_size, tp)
     shards["model.embed_tokens.weight"] = Shard(0, start, num_ids)
@@ -206,6 +304,27 @@ def shard_language_model(model: nn.Module, tp: TPGroup) -> dict[str, Shard]:
     else:
         shards["lm_head.weight"] = Shard(0, start, num_ids)
     return shards
+
+
+def _row_parallel_hook(tp: TPGroup):
+    """A row-parallel layer's forward hook: its output summed across ranks, unless the
+    add-RMSNorm after it will sum it (`TPGroup.defers`)."""
+    return lambda module, args, out: out if tp.defers(out) else tp.all_reduce(out)
+
+
+class AllReduceRMSNorm(RMSNorm):
+    """The RMSNorm after a row-parallel layer, when the group can fuse: `add` receives that
+    layer's output unsummed whenever `TPGroup.defers` it, and sums it across ranks in the same
+    kernel as the residual add and the norm."""
+
+    def __init__(self, hidden_size: int, eps: float, tp: TPGroup) -> None:
+        super().__init__(hidden_size, eps)
+        self.tp = tp
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tp.defers(x):
+            return self.tp.fused_norm(x, residual, self.weight, self.eps)
+        return super().add(x, residual)
 
 
 def _shard_attention(attn: nn.Module, prefix: str, arch, tp: TPGroup) -> dict[str, Shard]:
@@ -226,7 +345,7 @@ def _shard_attention(attn: nn.Module, prefix: str, arch, tp: TPGroup) -> dict[st
     attn.k_proj = nn.Linear(hidden, num_kv * head_dim, bias=True)
     attn.v_proj = nn.Linear(hidden, num_kv * head_dim, bias=True)
     attn.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
-    attn.o_proj.register_forward_hook(lambda m, args, out: tp.all_reduce(out))
+    attn.o_proj.register_forward_hook(_row_parallel_hook(tp))
     q = Shard(0, q_start * head_dim, num_heads * head_dim)
     kv = Shard(0, kv_start * head_dim, num_kv * head_dim)
     return {
@@ -246,7 +365,7 @@ def _shard_mlp(mlp: nn.Module, prefix: str, arch, tp: TPGroup) -> dict[str, Shar
     mlp.gate_proj = nn.Linear(hidden, width, bias=False)
     mlp.up_proj = nn.Linear(hidden, width, bias=False)
     mlp.down_proj = nn.Linear(width, hidden, bias=False)
-    mlp.down_proj.register_forward_hook(lambda m, args, out: tp.all_reduce(out))
+    mlp.down_proj.register_forward_hook(_row_parallel_hook(tp))
     column = Shard(0, start, width)
     return {
         f"{prefix}.gate_proj.weight": column,
