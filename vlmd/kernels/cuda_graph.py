@@ -17,6 +17,7 @@ import torch
 
 from vlmd.kernels.attention import BatchLayout
 from vlmd.kernels.flashinfer_backend import FlashInferBackend, PagedKVMetadata
+from vlmd.kernels.ops import last_dim_contiguous
 from vlmd.kernels.transfer import stage
 
 log = logging.getLogger("vlmd.kernels")
@@ -78,9 +79,11 @@ class GraphDecodeAttention:
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cache = self.kv_cache[layer_idx]  # [pages, 2, page_size, kv_heads, head_dim]
+        # FlashInfer reads q/k/v through their row and head strides: v (a view of the fused q/k/v
+        # output) needs no copy first.
         self._append(
-            k.contiguous(),
-            v.contiguous(),
+            last_dim_contiguous(k),
+            last_dim_contiguous(v),
             self.batch_indices,
             self.positions,
             cache,
@@ -89,7 +92,7 @@ class GraphDecodeAttention:
             self.kv_last_page_len,
             kv_layout="NHD",
         )
-        return self.wrapper.run(q.contiguous(), cache)  # [batch, q_heads, head_dim]
+        return self.wrapper.run(last_dim_contiguous(q), cache)  # [batch, q_heads, head_dim]
 
 
 class DecodeGraphs:
