@@ -42,6 +42,7 @@ from vlmd.core.page_allocator import pages_for
 from vlmd.core.request import Request
 from vlmd.core.scheduler import Scheduler, SchedulerConfig
 from vlmd.image import TilingConfig
+from vlmd.kernels.vision_attention import SDPA_TILE_ATTENTION, make_tile_attention
 from vlmd.kernels.vision_graph import VisionGraphs
 from vlmd.messages import EmbedRun, ImageRef, SamplingParams, StepPlan
 from vlmd.models.config import InternVLArch
@@ -432,10 +433,38 @@ class Bench:
         got = self.vision(tiles).float()
         want = hf_features(pixel_values=tiles)
         want = getattr(want, "pooler_output", want).reshape(got.shape).float()
-        return {
+        out = {
             "tiles_per_s": {"vlmd": batch / vlmd, "transformers": batch / hf},
             "vision_rel_err": ((got - want).norm() / want.norm()).item(),
         }
+        if self.device.type == "cuda":  # the same ViT with FlashInfer's attention, beside it
+            flashinfer = self.vit_with_flashinfer_attention(tiles)
+            if flashinfer is not None:
+                out["tiles_per_s"]["vlmd_flashinfer_attention"] = batch / flashinfer["seconds"]
+                out["vision_rel_err_flashinfer_attention"] = (
+                    (flashinfer["rows"] - want).norm() / want.norm()
+                ).item()
+        return out
+
+    def vit_with_flashinfer_attention(self, tiles: torch.Tensor) -> dict | None:
+        """Seconds per ViT forward (graphs captured as for the default) and its rows, with
+        `--vit_attention flashinfer`; None where FlashInfer cannot serve the ViT."""
+        model = getattr(self.vision, "vision", self.vision)  # under VisionGraphs
+        head_dim = self.arch.vision_hidden_size // self.arch.vision_num_attention_heads
+        attention = make_tile_attention("flashinfer", self.device, self.dtype, head_dim, log)
+        if attention is SDPA_TILE_ATTENTION:
+            return None
+        model.set_tile_attention(attention)
+        try:
+            vision = model
+            if isinstance(self.vision, VisionGraphs):
+                vision = VisionGraphs(model, tiles.shape[0], self.arch.image_size)
+                vision.capture()
+            seconds = median_s(lambda: vision(tiles), self.device, self.args.repeats, warmup=2)
+            self.profiles["vit_flashinfer_attention"] = kernel_profile(lambda: vision(tiles), self.device)
+            return {"seconds": seconds, "rows": vision(tiles).float().clone()}
+        finally:
+            model.set_tile_attention(SDPA_TILE_ATTENTION)
 
 
 def kernel_profile(fn, device: torch.device, top: int = 10) -> dict | None:
@@ -480,6 +509,8 @@ def measure(args: argparse.Namespace) -> dict:
     log.info("ViT at batch %d", args.vit_batch)
     vit = bench.vit()
     out["vit_tiles_per_s"], out["vision_rel_err"] = vit["tiles_per_s"], vit["vision_rel_err"]
+    if "vision_rel_err_flashinfer_attention" in vit:
+        out["vision_rel_err_flashinfer_attention"] = vit["vision_rel_err_flashinfer_attention"]
     out["kernel_breakdown"] = {str(b): rows for b, rows in bench.kernel_breakdown.items()}
     out["profiles"] = bench.profiles
     bench.scheduler.check_integrity()
@@ -542,6 +573,14 @@ def report(meta: dict, out: dict) -> str:
         f"| {ttft['transformers']:.2f} | {ttft['vlmd'] / ttft['transformers']:.2f}x |",
         f"| ViT tiles/s at batch {meta['vit_batch']} | {vit['vlmd']:.0f} | {vit['transformers']:.0f} "
         f"| {vit['vlmd'] / vit['transformers']:.2f}x |",
+    ]
+    if "vlmd_flashinfer_attention" in vit:
+        lines.append(
+            f"| ViT tiles/s at batch {meta['vit_batch']}, `--vit_attention flashinfer` "
+            f"| {vit['vlmd_flashinfer_attention']:.0f} | {vit['transformers']:.0f} "
+            f"| {vit['vlmd_flashinfer_attention'] / vit['transformers']:.2f}x |"
+        )
+    lines += [
         "",
         "| target | measured | goal | result |",
         "|---|---|---|---|",
@@ -551,8 +590,13 @@ def report(meta: dict, out: dict) -> str:
         lines.append(f"| {t['name']} | {_f(t['value'], 'x')} | {t['goal']} | {result} |")
     lines += [
         "",
-        f"# vision rows, vlmd vs transformers: relative error {out['vision_rel_err']:.1e}; "
-        f"total wall time {out['wall_s']:.0f} s",
+        f"# vision rows, vlmd vs transformers: relative error {out['vision_rel_err']:.1e}"
+        + (
+            f" (with FlashInfer attention {out['vision_rel_err_flashinfer_attention']:.1e})"
+            if "vision_rel_err_flashinfer_attention" in out
+            else ""
+        )
+        + f"; total wall time {out['wall_s']:.0f} s",
     ]
     for batch, rows in out.get("kernel_breakdown", {}).items():
         lines += ["", f"Top GPU kernels per decode step at batch {batch} (ms):", ""]

@@ -118,3 +118,57 @@ def test_vit_mlp_gelu_in_the_gemm_epilogue_matches_torch():
     # The half-precision branch ran (its tanh GELU differs from the exact one somewhere); that
     # the GELU kernel is gone from the forward is for gpu_bench's ViT profile to show.
     assert not torch.equal(ours, transformers_bf16)
+
+
+def tile_qkv(num_tiles: int, seed: int, heads: int = 16, head_dim: int = 64, seq: int = 1025):
+    """q, k, v [tiles, seq, heads, head_dim] as InternViT-300M slices them out of its fused
+    projection (strided views), bf16; q scaled so that each query's softmax is peaked (logits of
+    standard deviation 3), not a near-uniform average that a wrong key or scale would hardly move."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    width = heads * head_dim
+    qkv = torch.randn(num_tiles, seq, 3 * width, device="cuda", generator=gen)
+    qkv[..., :width] *= 3
+    qkv = qkv.bfloat16()
+    return [t.view(num_tiles, seq, heads, head_dim) for t in qkv.split(width, dim=-1)]
+
+
+@pytest.mark.parametrize("num_tiles", [1, 3, 13, 40])  # 40: past the per-count planned wrappers
+def test_flashinfer_tile_attention_matches_sdpa(num_tiles: int):
+    from vlmd.kernels.vision_attention import SDPA_TILE_ATTENTION, FlashInferTileAttention
+
+    q, k, v = tile_qkv(num_tiles, seed=num_tiles)
+    scale = 64**-0.5
+    ours = FlashInferTileAttention(torch.device("cuda"))(q, k, v, scale)
+    assert ours.shape == q.shape
+    ref = SDPA_TILE_ATTENTION(q.float(), k.float(), v.float(), scale)
+    sdpa_bf16 = SDPA_TILE_ATTENTION(q, k, v, scale)
+    # Both round the softmax probabilities to bf16 before P @ V; a few outliers may land a unit
+    # apart, so the maximum gets twice torch's, the mean the usual ratio.
+    assert max_error(ours, ref) <= 2 * max_error(sdpa_bf16, ref)
+    assert (ours.float() - ref).abs().mean() <= ERROR_RATIO * (sdpa_bf16.float() - ref).abs().mean()
+    # Tiles never mix: changing one tile's keys leaves the other tiles' outputs as they were.
+    if num_tiles > 1:
+        k2 = k.clone()
+        k2[0] = -k2[0]
+        again = FlashInferTileAttention(torch.device("cuda"))(q, k2, v, scale)
+        assert torch.equal(again[1:], ours[1:]) and not torch.equal(again[0], ours[0])
+
+
+def test_flashinfer_tile_attention_replays_in_a_cuda_graph():
+    """The wrapper planned for a tile count before capture serves every replay of the graph."""
+    from vlmd.kernels.vision_attention import FlashInferTileAttention
+
+    attention = FlashInferTileAttention(torch.device("cuda"))
+    q, k, v = tile_qkv(4, seed=0)
+    static = [t.clone() for t in (q, k, v)]
+    attention(*static, 0.125)  # warm-up, plans the wrapper
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attention(*static, 0.125)
+    for seed in (1, 2):
+        fresh = tile_qkv(4, seed=seed)
+        for dst, src in zip(static, fresh, strict=True):
+            dst.copy_(src)
+        graph.replay()
+        assert torch.equal(out, attention(*fresh, 0.125))

@@ -205,6 +205,15 @@ def test_folded_layer_scales_give_the_same_rows(demo_dir, hf_model) -> None:
     torch.testing.assert_close(got, expected.reshape(got.shape), atol=1e-5, rtol=1e-5)
 
 
+def test_flashinfer_vit_attention_falls_back_to_sdpa_where_it_cannot_serve(caplog) -> None:
+    from vlmd.kernels.vision_attention import SDPA_TILE_ATTENTION, make_tile_attention
+
+    caplog.set_level("INFO")
+    assert make_tile_attention("sdpa", torch.device("cpu"), torch.float32, 64) is SDPA_TILE_ATTENTION
+    assert make_tile_attention("flashinfer", torch.device("cpu"), torch.float32, 64) is SDPA_TILE_ATTENTION
+    assert "ViT attention: torch SDPA (FlashInfer asked for, but not on CUDA)" in caplog.text
+
+
 def test_vision_variants_match_transformers(tmp_path: Path) -> None:
     """InternViT-6B style: RMSNorm, qk-norm, no attention bias and a final LayerNorm."""
     variant = {

@@ -56,6 +56,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     graph_max_batch_size: int = 64
     disable_cudagraph: bool = False
     tp_all_reduce: str = "nccl"  # "nccl" | "symm_mem" | "fused": how the LM ranks sum small tensors on GPUs
+    vit_attention: str = "sdpa"  # "sdpa" | "flashinfer": the ViT's attention kernel on GPUs
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,6 +137,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --tp on GPUs: sum decode-sized tensors with NCCL; with one kernel that reads "
         "every peer's copy through PyTorch symmetric memory (symm_mem); or in the same kernel as "
         "the residual add and RMSNorm that follow them (fused, FlashInfer). Larger ones always use NCCL",
+    )
+    add(
+        "--vit_attention",
+        default="sdpa",
+        choices=["sdpa", "flashinfer"],
+        help="the ViT's attention on GPUs: torch SDPA (cuDNN's flash kernel) or FlashInfer's ragged "
+        "prefill (FA3 on Hopper); elsewhere always SDPA",
     )
     add(
         "--torch_threads",

@@ -22,6 +22,7 @@ from vlmd import ipc, shm
 from vlmd.actors.launch import Launch
 from vlmd.actors.worker import TORCH_DTYPES, TP_TIMEOUT_S, embed_store_view
 from vlmd.image import ImageError, TilingConfig, decode_image, downscale, preprocess
+from vlmd.kernels.vision_attention import make_tile_attention
 from vlmd.kernels.vision_graph import VisionGraphs
 from vlmd.messages import EmbedRun, ForwardTiles, ImageRef
 from vlmd.models.loader import load_vision
@@ -98,6 +99,9 @@ class ViTRank:
             torch.set_num_threads(args.torch_threads)
         tp = join_vision_group(launch, layout, cuda)
         model = load_vision(args.model_dir, TORCH_DTYPES[runtime.dtype], device, args.load_workers, tp=tp)
+        head_dim = model.arch.vision_hidden_size // model.arch.vision_num_attention_heads
+        dtype = TORCH_DTYPES[runtime.dtype]
+        model.set_tile_attention(make_tile_attention(args.vit_attention, device, dtype, head_dim))
         tiling = TilingConfig.from_model_dir(
             args.model_dir, min_tiles=args.min_tiles, max_tiles=args.max_tiles
         )

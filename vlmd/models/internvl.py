@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmd.kernels.vision_attention import SDPA_TILE_ATTENTION
 from vlmd.models.config import InternVLArch
 from vlmd.models.layers import RMSNorm, fuse_linears, make_norm
 
@@ -76,6 +77,7 @@ class VisionAttention(nn.Module):
         eps = arch.vision_layer_norm_eps
         self.q_norm = RMSNorm(hidden, eps) if arch.vision_use_qk_norm else nn.Identity()
         self.k_norm = RMSNorm(hidden, eps) if arch.vision_use_qk_norm else nn.Identity()
+        self.tile_attention = SDPA_TILE_ATTENTION  # `InternVLVision.set_tile_attention` may replace it
 
     def fuse(self) -> None:
         """One q/k/v GEMM instead of three (the loader calls this once the weights are in)."""
@@ -87,11 +89,10 @@ class VisionAttention(nn.Module):
         width = self.num_heads * self.head_dim  # hidden, or this rank's heads under tensor parallelism
         heads_shape = (batch, seq_len, self.num_heads, self.head_dim)
         q, k, v = self.qkv_proj(x).split(width, dim=-1)  # each [N, seq, width]
-        q = self.q_norm(q).reshape(heads_shape).transpose(1, 2)  # [N, heads, seq, head_dim]
-        k = self.k_norm(k).reshape(heads_shape).transpose(1, 2)  # [N, heads, seq, head_dim]
-        v = v.reshape(heads_shape).transpose(1, 2)  # [N, heads, seq, head_dim]
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
-        return self.projection_layer(out.transpose(1, 2).reshape(batch, seq_len, width))  # [N, seq, hidden]
+        q = self.q_norm(q).view(heads_shape)  # [N, seq, heads, head_dim]
+        k = self.k_norm(k).view(heads_shape)
+        out = self.tile_attention(q, k, v.view(heads_shape), self.head_dim**-0.5)  # [N, seq, heads, head_dim]
+        return self.projection_layer(out.reshape(batch, seq_len, width))  # [N, seq, hidden]
 
 
 class VisionMLP(nn.Module):
@@ -231,6 +232,11 @@ class InternVLVision(nn.Module):
             weight = layer.mlp.fc1.weight
             if weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16):
                 layer.fold_layer_scale()
+
+    def set_tile_attention(self, attention) -> None:
+        """Run every layer's attention with `attention` (`vlmd.kernels.vision_attention`)."""
+        for layer in self.vision_tower.encoder.layer:
+            layer.attention.tile_attention = attention
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values: [num_tiles, 3, image_size, image_size] -> [num_tiles * image_seq_length, hidden]."""
