@@ -234,6 +234,22 @@ def run_steps(runner, scheduler: Scheduler, max_steps: int | None = None, overla
 class DecodeProfile:
     kernel_ms: float  # GPU time per decode step: kernels and copies, no host gaps
     top: list[tuple[str, float]]  # the costliest kernels, ms per step
+    kernels_per_step: float = 0.0  # GPU activities (kernels, copies) per step
+    gap_ms: float = 0.0  # per step, the GPU idle between one activity's end and the next's start
+    long_gap_ms: float = 0.0  # the part of gap_ms in gaps over LONG_GAP_US (the device waiting
+    # for the host), as opposed to the microsecond between back-to-back kernels of a graph
+
+    def summary(self) -> str:
+        return (
+            f"{self.kernel_ms:.2f} ms of GPU kernels per step ({self.kernels_per_step:.0f} of them); "
+            f"idle between them {self.gap_ms:.3f} ms, of which {self.long_gap_ms:.3f} ms in gaps over "
+            f"{LONG_GAP_US} us"
+        )
+
+
+# A gap between GPU activities longer than this is the device waiting for the host; shorter ones
+# are the launch latency between kernels queued back to back (inside a CUDA graph: ~1 us).
+LONG_GAP_US = 20
 
 
 def profile_decode(
@@ -257,13 +273,23 @@ def profile_decode(
             steps = run_steps(runner, scheduler, max_steps=num_steps)
         assert all(len(s.plan.items) == prompts.shape[0] for s in steps), "a profiled step was not full"
         per_name: dict[str, float] = {}
+        spans = []
         for e in prof.events():
             if e.device_type == torch.autograd.DeviceType.CUDA:
                 per_name[e.name] = per_name.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3 / len(steps)
+                spans.append((e.time_range.start, e.time_range.end))
         if not per_name:
             raise RuntimeError("the profiler saw no GPU activity (is CUPTI missing?)")
         top = sorted(per_name.items(), key=lambda kv: -kv[1])[:15]
-        return DecodeProfile(sum(per_name.values()), [(name[:90], ms) for name, ms in top])
+        spans.sort()
+        gaps = [max(0, start - end) for (_, end), (start, _) in zip(spans, spans[1:], strict=False)]
+        return DecodeProfile(
+            sum(per_name.values()),
+            [(name[:90], ms) for name, ms in top],
+            kernels_per_step=len(spans) / len(steps),
+            gap_ms=sum(gaps) / 1e3 / len(steps),
+            long_gap_ms=sum(g for g in gaps if g > LONG_GAP_US) / 1e3 / len(steps),
+        )
     finally:
         run_steps(runner, scheduler)  # finish the requests
 
@@ -296,6 +322,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.kernel_breakdown: dict[int, list[tuple[str, float]]] = {}  # batch -> top kernels, ms/step
+        self.gaps: dict[int, str] = {}  # batch -> the profile's summary line (kernels, idle gaps)
         self.profiles: dict[str, dict | None] = {}  # one profiled call of the TTFT and ViT paths
         self.device, self.dtype = torch.device(args.device), getattr(torch, args.dtype)
         self.shape = model_shape(args.tiny)
@@ -379,6 +406,7 @@ class Bench:
             log.warning("kernel time not measured: %s: %s", type(exc).__name__, exc)
             return None
         self.kernel_breakdown[prompts.shape[0]] = prof.top
+        self.gaps[prompts.shape[0]] = prof.summary()
         return prof.kernel_ms
 
     def hf_decode_ms(self, prompts: torch.Tensor) -> float:
@@ -512,6 +540,7 @@ def measure(args: argparse.Namespace) -> dict:
     if "vision_rel_err_flashinfer_attention" in vit:
         out["vision_rel_err_flashinfer_attention"] = vit["vision_rel_err_flashinfer_attention"]
     out["kernel_breakdown"] = {str(b): rows for b, rows in bench.kernel_breakdown.items()}
+    out["gaps"] = {str(b): line for b, line in bench.gaps.items()}
     out["profiles"] = bench.profiles
     bench.scheduler.check_integrity()
     return out
@@ -599,6 +628,8 @@ def report(meta: dict, out: dict) -> str:
         + f"; total wall time {out['wall_s']:.0f} s",
     ]
     for batch, rows in out.get("kernel_breakdown", {}).items():
+        if batch in out.get("gaps", {}):
+            lines += ["", f"Batch {batch}: {out['gaps'][batch]}"]
         lines += ["", f"Top GPU kernels per decode step at batch {batch} (ms):", ""]
         lines += [f"- {ms:.3f} {name}" for name, ms in rows]
     for what, prof in out.get("profiles", {}).items():

@@ -119,8 +119,8 @@ def rank_main(
             profiled = rank == 0 and not args.tiny  # (--tiny runs the steps: the CPU has no GPU kernels)
             prof = profile_decode(runner, scheduler, prompts, args.profile_steps, f"profile{batch}", profiled)
             if prof is not None:
-                rows[-1] |= {"kernel_ms": prof.kernel_ms, "top_kernels": prof.top}
-                progress(rank, size, f"batch {batch}: {prof.kernel_ms:.2f} ms of GPU kernels per step")
+                rows[-1] |= {"kernel_ms": prof.kernel_ms, "top_kernels": prof.top, "gaps": prof.summary()}
+                progress(rank, size, f"batch {batch}: {prof.summary()}")
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(rows, f)
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         if "top_kernels" in r:
             where = f"tp {r['tp']} ({r['all_reduce']}), batch {r['batch']}"
-            print(f"\nrank 0 at {where}: {r['kernel_ms']:.2f} ms of GPU kernels per step")
+            print(f"\nrank 0 at {where}: {r['gaps']}")
             print("\n".join(f"- {ms:.3f} {name}" for name, ms in r["top_kernels"]))
     if args.json:
         with open(args.json, "w") as f:
