@@ -54,6 +54,17 @@ def test_tiny_tp_bench_times_each_rank_count(tmp_path: Path) -> None:
     assert "| tp | all-reduce | batch | ms/step | / tp 1 |" in proc.stdout
 
 
+def test_tiny_decode_attention_bench_times_every_batch(tmp_path: Path) -> None:
+    out = tmp_path / "attention.json"
+    flags = ("--tiny", "--batch_sizes", "1", "3", "--context", "40", "--repeats", "2")
+    proc = _run_script("bench/decode_attention_bench.py", *flags, "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    assert all(r["ms"]["torch reference"] > 0 and r["roofline_ms"] > 0 for r in rows)
+    assert rows[1]["roofline_ms"] == pytest.approx(3 * rows[0]["roofline_ms"])  # three caches read
+    assert "| batch | torch reference ms | KV read at copy speed, ms |" in proc.stdout
+
+
 def test_tiny_vit_layout_bench_reports_every_layout(tmp_path: Path) -> None:
     out = tmp_path / "vit.json"
     flags = ("--tiny", "--batch_sizes", "1", "2", "--tiles", "2", "--repeats", "1")

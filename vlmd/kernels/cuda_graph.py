@@ -27,9 +27,14 @@ CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 
 
 class GraphDecodeAttention:
     """The decode attention of one captured batch size: FlashInfer in CUDA-graph mode, with the
-    page table in fixed device buffers that `plan` refills before every replay."""
+    page table in fixed device buffers that `plan` refills before every replay.
 
-    def __init__(self, backend: FlashInferBackend, batch_size: int) -> None:
+    In CUDA-graph mode FlashInfer always splits each request's KV over several CTAs and merges
+    the parts in a second kernel (its grid must not depend on the lengths); `split_kv=False`
+    gives each (request, KV head) one CTA and no merge, for batches large enough to fill the GPU
+    that way (bench/decode_attention_bench.py compares the two)."""
+
+    def __init__(self, backend: FlashInferBackend, batch_size: int, split_kv: bool = True) -> None:
         import flashinfer
 
         spec, device = backend.spec, backend.spec.device
@@ -51,6 +56,7 @@ class GraphDecodeAttention:
             paged_kv_last_page_len_buffer=self.kv_last_page_len,
         )
         self._append = flashinfer.append_paged_kv_cache
+        self.split_kv = split_kv
 
     def plan(self, layout: BatchLayout) -> None:
         """Outside the graph: fill the static buffers for this step (layout padded to the size)."""
@@ -75,6 +81,7 @@ class GraphDecodeAttention:
             sm_scale=self.backend.scale,
             q_data_type=spec.dtype,
             kv_data_type=spec.dtype,
+            disable_split_kv=not self.split_kv,
         )
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
