@@ -292,6 +292,13 @@ def test_key_layouts_and_tying_load_the_same_model(tmp_path: Path, demo_dir: Pat
         tied[layout] = _logits(tmp_path / f"tied_{layout}", ids)
         lm = load_language_model(tmp_path / f"tied_{layout}", torch.float32, "cpu")
         assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    # Padded as on CUDA, the head stays tied, and embeddings and logits are unchanged.
+    hidden, ids_t = torch.randn(2, lm.arch.hidden_size), torch.tensor(ids)
+    before = lm.compute_logits(hidden), lm.embed(ids_t)
+    lm.pad_lm_head(64)
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight and lm.lm_head.weight.shape[0] % 64 == 0
+    torch.testing.assert_close(lm.compute_logits(hidden), before[0], atol=1e-6, rtol=1e-6)
+    assert torch.equal(lm.embed(ids_t), before[1])
     torch.testing.assert_close(tied["legacy"], tied["hub"], atol=0, rtol=0)
     with torch.no_grad():
         expected = _hf_model(tmp_path / "tied_hub")(input_ids=torch.tensor([ids])).logits[0]

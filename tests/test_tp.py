@@ -65,9 +65,14 @@ def test_tp2_batched_requests_equal_transformers(tp2_server, reference):
 # --- ranks in process: every layout of heads ----------------------------------------------------
 
 
-def _greedy(model_dir: str, tp: TPGroup, prompts: list[list[int]], num_tokens: int) -> dict[str, list[int]]:
+def _greedy(
+    model_dir: str, tp: TPGroup, prompts: list[list[int]], num_tokens: int, pad_lm_head: bool = False
+) -> dict[str, list[int]]:
     arch = InternVLArch.from_model_dir(model_dir)
     model = load_language_model(model_dir, torch.float32, "cpu", tp=tp)
+    if pad_lm_head:  # as on CUDA: zero rows under each rank's share of the vocabulary
+        model.pad_lm_head()
+        assert model.lm_head.weight.shape[0] % 64 == 0
     runner = make_runner(model, arch, num_pages=64, page_size=16)
     scheduler = Scheduler(SchedulerConfig(64, 16))
     for i, prompt in enumerate(prompts):
@@ -79,10 +84,12 @@ def _greedy(model_dir: str, tp: TPGroup, prompts: list[list[int]], num_tokens: i
     return out
 
 
-def _rank_main(rank: int, size: int, port: int, model_dir: str, prompts, result_path: str) -> None:
+def _rank_main(
+    rank: int, size: int, port: int, model_dir: str, prompts, result_path: str, pad_lm_head: bool = False
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
-    tokens = _greedy(model_dir, TPGroup(rank, size), prompts, 20)
+    tokens = _greedy(model_dir, TPGroup(rank, size), prompts, 20, pad_lm_head)
     if rank == 0:
         torch.save(tokens, result_path)
     end_rank_process(size)
@@ -94,6 +101,23 @@ def test_every_rank_count_gives_the_single_rank_tokens(model_dir, tmp_path, size
     want = _greedy(str(model_dir), TPGroup(), prompts, 20)
     path = str(tmp_path / "tokens.pt")
     mp.spawn(_rank_main, args=(size, free_port(), str(model_dir), prompts, path), nprocs=size)
+    assert torch.load(path) == want
+
+
+def test_padded_lm_head_gives_the_unpadded_tokens(model_dir, tmp_path):
+    """The CUDA layout of the LM head (zero rows up to a multiple of 64: the demo's 1000-token
+    vocabulary becomes 1024 rows, each rank's 500 become 512) on one rank and on two."""
+    model = load_language_model(model_dir, torch.float32, "cpu")
+    hidden = torch.randn(3, model.arch.hidden_size)
+    logits = model.compute_logits(hidden)
+    model.pad_lm_head()
+    assert model.lm_head.weight.shape[0] == 1024 and model.compute_logits(hidden).shape == (3, 1000)
+    torch.testing.assert_close(model.compute_logits(hidden), logits, rtol=1e-6, atol=1e-6)
+    prompts = [list(range(5, 40)), list(range(300, 390))]
+    want = _greedy(str(model_dir), TPGroup(), prompts, 20)
+    assert _greedy(str(model_dir), TPGroup(), prompts, 20, pad_lm_head=True) == want
+    path = str(tmp_path / "tokens.pt")
+    mp.spawn(_rank_main, args=(2, free_port(), str(model_dir), prompts, path, True), nprocs=2)
     assert torch.load(path) == want
 
 

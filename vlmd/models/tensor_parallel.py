@@ -298,7 +298,10 @@ def shard_language_model(model: nn.Module, tp: TPGroup) -> dict[str, Shard]:
     model.model.embed_tokens = VocabParallelEmbedding(start, num_ids, arch.hidden_size, tp)
     shards["model.embed_tokens.weight"] = Shard(0, start, num_ids)
     model.lm_head = nn.Linear(arch.hidden_size, num_ids, bias=False)
-    model.lm_head.register_forward_hook(lambda m, args, out: tp.all_gather_last_dim(out, arch.vocab_size))
+    # Only this rank's num_ids columns: on CUDA the head may carry zero rows of padding.
+    model.lm_head.register_forward_hook(
+        lambda m, args, out: tp.all_gather_last_dim(out[..., :num_ids], arch.vocab_size)
+    )
     if arch.tie_word_embeddings:
         model.tie_weights()
     else:
