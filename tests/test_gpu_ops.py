@@ -172,3 +172,23 @@ def test_flashinfer_tile_attention_replays_in_a_cuda_graph():
             dst.copy_(src)
         graph.replay()
         assert torch.equal(out, attention(*fresh, 0.125))
+
+
+def test_flashinfer_layer_norm_matches_torch():
+    """InternViT's LayerNorm on CUDA in bf16 (FlashInfer) against torch's, both scored against
+    float32, on a 3-tile activation with a non-trivial weight and bias."""
+    from vlmd.models.internvl import FlashInferLayerNorm
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(1024, eps=1e-6).cuda()
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+        norm.bias.normal_(0.0, 0.2)
+    x = (3 * torch.randn(3, 1025, 1024, device="cuda") + 1).bfloat16()
+    ref = norm(x.float())
+    torch_bf16 = torch.nn.LayerNorm(1024, eps=1e-6).cuda().bfloat16()
+    torch_bf16.load_state_dict(norm.state_dict())
+    ours = FlashInferLayerNorm(torch_bf16)(x)
+    expected = torch_bf16(x)
+    assert ours.shape == x.shape and ours.dtype == torch.bfloat16
+    assert max_error(ours, ref) <= ERROR_RATIO * max_error(expected, ref) + 1e-6
