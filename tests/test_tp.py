@@ -35,7 +35,10 @@ from vlmd.runner import run_in_process
 @pytest.fixture(scope="module")
 def tp2_server(model_dir, tmp_path_factory):
     server = start_server(
-        model_dir, tmp_path_factory.mktemp("tp2"), "--tp", "2", "--visual_tp", "2", "--enable_multimodal"
+        model_dir,
+        tmp_path_factory.mktemp("tp2"),
+        *("--tp", "2", "--visual_tp", "2", "--enable_multimodal"),
+        *("--tp_all_reduce", "fused"),  # a GPU option: on the CPU the ranks say so and use gloo
     )
     yield server
     assert server.stop() == 0
@@ -47,6 +50,10 @@ def test_tp2_greedy_tokens_equal_transformers(tp2_server, reference, case):
     prompt, _, images = CASES[case]
     assert vlmd_generate(tp2_server, prompt, images) == reference.generate(hf_prompt(prompt), images)
     assert len(tp2_server.actor_pids()) == 6  # scheduler, two workers, two vision ranks (one ViT), http
+
+
+def test_gpu_all_reduce_options_fall_back_to_gloo_on_the_cpu(tp2_server):
+    assert "--tp_all_reduce fused needs GPUs: the ranks sum with gloo" in tp2_server.log()
 
 
 def test_tp2_batched_requests_equal_transformers(tp2_server, reference):

@@ -144,6 +144,8 @@ def join_tp_group(launch: Launch, rank: int) -> TPGroup:
     if cuda and launch.args.tp > 1:
         torch.cuda.set_device(rank)
     init_method = f"file://{launch.socket(TP_RENDEZVOUS_FILE)}"
+    if launch.args.tp_all_reduce != "nccl" and not cuda and launch.args.tp > 1 and rank == 0:
+        log.warning("--tp_all_reduce %s needs GPUs: the ranks sum with gloo", launch.args.tp_all_reduce)
     symm_mem_bytes = SYMM_MEM_ALL_REDUCE_BYTES if launch.args.tp_all_reduce == "symm_mem" else 0
     fused_norm = None
     if launch.args.tp_all_reduce == "fused":

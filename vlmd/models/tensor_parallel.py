@@ -179,7 +179,13 @@ class TPGroup:
         if cuda and symm_mem_bytes > 0:
             small = SymmMemAllReduce(torch.device("cuda", torch.cuda.current_device()), symm_mem_bytes)
         if cuda and fused_norm is not None:
-            fused = FusedAllReduceNorm(rank, size, *fused_norm)
+            try:
+                fused = FusedAllReduceNorm(rank, size, *fused_norm)
+            except Exception as exc:  # the flag asked for it: stop with the reason, not a trace
+                raise RuntimeError(
+                    f"--tp_all_reduce fused: FlashInfer's all-reduce fusion did not start "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
         return cls(rank, size, small, fused)
 
     def defers(self, x: torch.Tensor) -> bool:
