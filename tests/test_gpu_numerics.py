@@ -96,3 +96,36 @@ def test_bf16_logits_deviate_no_more_than_transformers_bf16(model_dir):
     top2 = reference.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 4 * hf_bf16.max()
     assert torch.equal(vlmd.argmax(-1)[clear], reference.argmax(-1)[clear])
+
+
+# InternViT-300M's layer shape (head_dim 64, so FlashInfer's tile attention can serve it), 4 layers.
+VIT_MID = {"hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 4096, "num_hidden_layers": 4}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flashinfer"])
+@torch.inference_mode()
+def test_bf16_vision_rows_deviate_no_more_than_transformers_bf16(tmp_path, attention):
+    """The ViT in bf16 on CUDA (patch GEMM, folded layer scales, FlashInfer LayerNorm, GELU in the
+    GEMM epilogue, either attention kernel) against the float32 reference, next to transformers'
+    own bf16 rows, on three tiles."""
+    from vlmd.kernels.vision_attention import SDPA_TILE_ATTENTION, make_tile_attention
+    from vlmd.models.loader import load_vision
+
+    write_demo_model(tmp_path, seed=0, vision_config=VIT_MID)
+    pixels = torch.randn(3, 3, 448, 448, generator=torch.Generator().manual_seed(0)).cuda()
+
+    def hf_rows(dtype: torch.dtype) -> torch.Tensor:
+        hf = InternVLForConditionalGeneration.from_pretrained(tmp_path, dtype=dtype).cuda().eval()
+        rows = hf.model.get_image_features(pixel_values=pixels.to(dtype))
+        return getattr(rows, "pooler_output", rows).reshape(-1, hf.config.text_config.hidden_size).float()
+
+    reference = hf_rows(torch.float32)
+    hf_bf16 = (hf_rows(torch.bfloat16) - reference).abs()
+    vision = load_vision(tmp_path, torch.bfloat16, torch.device("cuda"))
+    tile_attention = make_tile_attention(attention, torch.device("cuda"), torch.bfloat16, 64)
+    assert (tile_attention is SDPA_TILE_ATTENTION) == (attention == "sdpa")
+    vision.set_tile_attention(tile_attention)
+    ours = (vision(pixels.bfloat16()).float() - reference).abs()
+    print(f"vision rows, mean abs error: vlmd {ours.mean():.5f}, transformers bf16 {hf_bf16.mean():.5f}")
+    assert ours.mean() <= 1.5 * hf_bf16.mean()
+    assert ours.max() <= 1.5 * hf_bf16.max()
