@@ -43,15 +43,10 @@ from ranks import free_port, join, random_share  # noqa: E402
 from vlmd.actors.worker import FUSED_ALL_REDUCE_MAX_TOKENS, SYMM_MEM_ALL_REDUCE_BYTES, make_runner  # noqa: E402
 from vlmd.core.page_allocator import pages_for  # noqa: E402
 from vlmd.core.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from vlmd.kernels.collectives import FusedAllReduceNorm, SymmMemAllReduce  # noqa: E402
 from vlmd.models.config import InternVLArch  # noqa: E402
 from vlmd.models.qwen2 import Qwen2ForCausalLM  # noqa: E402
-from vlmd.models.tensor_parallel import (  # noqa: E402
-    FusedAllReduceNorm,
-    SymmMemAllReduce,
-    TPGroup,
-    end_rank_process,
-    shard_language_model,
-)
+from vlmd.models.tensor_parallel import TPGroup, end_rank_process, shard_language_model  # noqa: E402
 
 
 def progress(rank: int, size: int, what: str) -> None:

@@ -14,10 +14,11 @@ from vlmd.actors.worker import make_runner
 from vlmd.core.request import Request
 from vlmd.core.scheduler import Scheduler, SchedulerConfig
 from vlmd.demo import write_demo_model
+from vlmd.kernels.collectives import FusedAllReduceNorm, SymmMemAllReduce
 from vlmd.messages import SamplingParams
 from vlmd.models.config import InternVLArch
 from vlmd.models.loader import load_language_model
-from vlmd.models.tensor_parallel import FusedAllReduceNorm, SymmMemAllReduce, TPGroup, end_rank_process
+from vlmd.models.tensor_parallel import TPGroup, end_rank_process
 from vlmd.runner import run_in_process
 
 pytestmark = [
