@@ -15,7 +15,8 @@ import torch.distributed as dist
 class SymmMemAllReduce:
     """All-reduce of small tensors through PyTorch symmetric memory: each rank copies its
     tensor into a buffer every peer can read over NVLink, and one kernel sums all the copies
-    (one-shot). For decode-sized rows this should beat NCCL's latency; larger tensors go to NCCL."""
+    (one-shot); larger tensors go to NCCL. On two H200s its kernel was no faster than NCCL's
+    low-latency all-reduce and decode steps 1-2% shorter (bench/RESULTS.md)."""
 
     DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
