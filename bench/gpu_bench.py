@@ -478,8 +478,7 @@ class Bench:
         """Seconds per ViT forward (graphs captured as for the default) and its rows, with
         `--vit_attention flashinfer`; None where FlashInfer cannot serve the ViT."""
         model = getattr(self.vision, "vision", self.vision)  # under VisionGraphs
-        head_dim = self.arch.vision_hidden_size // self.arch.vision_num_attention_heads
-        attention = make_tile_attention("flashinfer", self.device, self.dtype, head_dim, log)
+        attention = make_tile_attention("flashinfer", self.device, self.dtype, self.arch.vision_head_dim, log)
         if attention is SDPA_TILE_ATTENTION:
             return None
         model.set_tile_attention(attention)

@@ -99,9 +99,10 @@ class ViTRank:
             torch.set_num_threads(args.torch_threads)
         tp = join_vision_group(launch, layout, cuda)
         model = load_vision(args.model_dir, TORCH_DTYPES[runtime.dtype], device, args.load_workers, tp=tp)
-        head_dim = model.arch.vision_hidden_size // model.arch.vision_num_attention_heads
         dtype = TORCH_DTYPES[runtime.dtype]
-        model.set_tile_attention(make_tile_attention(args.vit_attention, device, dtype, head_dim))
+        model.set_tile_attention(
+            make_tile_attention(args.vit_attention, device, dtype, model.arch.vision_head_dim)
+        )
         tiling = TilingConfig.from_model_dir(
             args.model_dir, min_tiles=args.min_tiles, max_tiles=args.max_tiles
         )

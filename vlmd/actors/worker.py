@@ -137,7 +137,7 @@ def gpu_kv_pages(model, arch: InternVLArch, launch: Launch) -> int:
     return max(0, int(budget // bytes_per_page))
 
 
-def join_tp_group(launch: Launch, rank: int) -> TPGroup:
+def join_tp_group(launch: Launch, rank: int, arch: InternVLArch) -> TPGroup:
     """Rank `rank` of the language model's tensor-parallel group (one GPU per rank); the ranks
     meet through a file in the run directory."""
     cuda = launch.runtime.device == "cuda"
@@ -149,8 +149,7 @@ def join_tp_group(launch: Launch, rank: int) -> TPGroup:
     symm_mem_bytes = SYMM_MEM_ALL_REDUCE_BYTES if launch.args.tp_all_reduce == "symm_mem" else 0
     fused_norm = None
     if launch.args.tp_all_reduce == "fused":
-        hidden = InternVLArch.from_model_dir(launch.args.model_dir).hidden_size
-        fused_norm = (FUSED_ALL_REDUCE_MAX_TOKENS, hidden, TORCH_DTYPES[launch.runtime.dtype])
+        fused_norm = (FUSED_ALL_REDUCE_MAX_TOKENS, arch.hidden_size, TORCH_DTYPES[launch.runtime.dtype])
     return TPGroup.join(init_method, rank, launch.args.tp, cuda, TP_TIMEOUT_S, symm_mem_bytes, fused_norm)
 
 
@@ -159,8 +158,8 @@ def build_runner(launch: Launch, rank: int = 0) -> ModelRunner:
     device = torch.device(runtime.device, rank) if runtime.device == "cuda" else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.torch_threads)
-    tp = join_tp_group(launch, rank)
     arch = InternVLArch.from_model_dir(args.model_dir)
+    tp = join_tp_group(launch, rank, arch)
     model = load_language_model(
         args.model_dir, TORCH_DTYPES[runtime.dtype], device, num_threads=args.load_workers, tp=tp
     )

@@ -26,8 +26,6 @@ PLANNED_TILE_COUNTS = 32
 
 
 class SdpaTileAttention:
-    name = "sdpa"
-
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """q, k, v: [tiles, seq, heads, head_dim] -> [tiles, seq, heads, head_dim]."""
         out = F.scaled_dot_product_attention(
@@ -42,25 +40,24 @@ SDPA_TILE_ATTENTION = SdpaTileAttention()
 class FlashInferTileAttention:
     """FlashInfer's batch ragged prefill, non-causal, one sequence per tile (CUDA, fp16/bf16)."""
 
-    name = "flashinfer"
-
     def __init__(self, device: torch.device) -> None:
         import flashinfer
 
         self._flashinfer = flashinfer
-        self.device = device
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self._planned: dict[tuple, object] = {}  # (tiles, seq, heads, head_dim, dtype) -> wrapper
-        self._shared = None  # (key, wrapper) for larger batches
+        # (tiles, seq, heads, head_dim, dtype, scale) -> planned wrapper: one per small tile count,
+        # and at most one for all larger batches.
+        self._planned: dict[tuple, object] = {}
+        self._shared: dict[tuple, object] = {}
 
     def _wrapper(
         self, num_tiles: int, seq_len: int, heads: int, head_dim: int, dtype: torch.dtype, scale: float
     ):
         key = (num_tiles, seq_len, heads, head_dim, dtype, scale)
-        if num_tiles <= PLANNED_TILE_COUNTS and key in self._planned:
-            return self._planned[key]
-        if num_tiles > PLANNED_TILE_COUNTS and self._shared is not None and self._shared[0] == key:
-            return self._shared[1]
+        kept = self._planned if num_tiles <= PLANNED_TILE_COUNTS else self._shared
+        wrapper = kept.get(key)
+        if wrapper is not None:
+            return wrapper
         wrapper = self._flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
         indptr = torch.arange(0, (num_tiles + 1) * seq_len, seq_len, dtype=torch.int32)
         wrapper.plan(
@@ -74,10 +71,9 @@ class FlashInferTileAttention:
             q_data_type=dtype,
             kv_data_type=dtype,
         )
-        if num_tiles <= PLANNED_TILE_COUNTS:
-            self._planned[key] = wrapper
-        else:
-            self._shared = (key, wrapper)
+        if kept is self._shared:
+            kept.clear()  # larger batches: one wrapper, planned again for each new tile count
+        kept[key] = wrapper
         return wrapper
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -56,6 +56,10 @@ class InternVLArch:
     dtype: str  # the checkpoint's torch dtype name, e.g. "bfloat16"
 
     @property
+    def vision_head_dim(self) -> int:
+        return self.vision_hidden_size // self.vision_num_attention_heads
+
+    @property
     def num_patches_per_side(self) -> int:
         return self.image_size // self.patch_size
 

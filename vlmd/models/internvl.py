@@ -96,7 +96,7 @@ class VisionAttention(nn.Module):
         super().__init__()
         hidden, bias = arch.vision_hidden_size, arch.vision_attention_bias
         self.num_heads = arch.vision_num_attention_heads
-        self.head_dim = hidden // self.num_heads
+        self.head_dim = arch.vision_head_dim
         self.q_proj = nn.Linear(hidden, hidden, bias=bias)
         self.k_proj = nn.Linear(hidden, hidden, bias=bias)
         self.v_proj = nn.Linear(hidden, hidden, bias=bias)
@@ -256,12 +256,16 @@ class InternVLVision(nn.Module):
         """Fused q/k/v projections; on CUDA in half precision, layer scales folded into the
         branches' output projections too, and in bfloat16 FlashInfer's LayerNorm (the CPU keeps
         transformers' arithmetic op for op)."""
+        weight = next(self.parameters())
+        half_on_cuda = weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16)
+        flashinfer_norms = (
+            weight.is_cuda and weight.dtype == torch.bfloat16 and FlashInferLayerNorm.available()
+        )
         for layer in self.vision_tower.encoder.layer:
             layer.attention.fuse()
-            weight = layer.mlp.fc1.weight
-            if weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16):
+            if half_on_cuda:
                 layer.fold_layer_scale()
-            if weight.is_cuda and weight.dtype == torch.bfloat16 and FlashInferLayerNorm.available():
+            if flashinfer_norms:
                 for name in ("layernorm_before", "layernorm_after"):
                     norm = getattr(layer, name)
                     if isinstance(norm, nn.LayerNorm):
