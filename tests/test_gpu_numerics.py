@@ -105,9 +105,10 @@ VIT_MID = {"hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 
 @pytest.mark.parametrize("attention", ["sdpa", "flashinfer"])
 @torch.inference_mode()
 def test_bf16_vision_rows_deviate_no_more_than_transformers_bf16(tmp_path, attention):
-    """The ViT in bf16 on CUDA (patch GEMM, folded layer scales, FlashInfer LayerNorm, GELU in the
-    GEMM epilogue, either attention kernel) against the float32 reference, next to transformers'
-    own bf16 rows, on three tiles."""
+    """The ViT in bf16 on CUDA (patch GEMM, folded layer scales, residual adds fused into the
+    LayerNorms after them by Triton, GELU in the GEMM epilogue, either attention kernel) against
+    the float32 reference, next to transformers' own bf16 rows, on three tiles."""
+    from vlmd.kernels.add_norm import TritonAddLayerNorm
     from vlmd.kernels.vision_attention import SDPA_TILE_ATTENTION, make_tile_attention
     from vlmd.models.loader import load_vision
 
@@ -122,6 +123,7 @@ def test_bf16_vision_rows_deviate_no_more_than_transformers_bf16(tmp_path, atten
     reference = hf_rows(torch.float32)
     hf_bf16 = (hf_rows(torch.bfloat16) - reference).abs()
     vision = load_vision(tmp_path, torch.bfloat16, torch.device("cuda"))
+    assert isinstance(vision.vision_tower.encoder.add_norm, TritonAddLayerNorm)
     tile_attention = make_tile_attention(attention, torch.device("cuda"), torch.bfloat16, 64)
     assert (tile_attention is SDPA_TILE_ATTENTION) == (attention == "sdpa")
     vision.set_tile_attention(tile_attention)

@@ -174,21 +174,36 @@ def test_flashinfer_tile_attention_replays_in_a_cuda_graph():
         assert torch.equal(out, attention(*fresh, 0.125))
 
 
-def test_flashinfer_layer_norm_matches_torch():
-    """InternViT's LayerNorm on CUDA in bf16 (FlashInfer) against torch's, both scored against
-    float32, on a 3-tile activation with a non-trivial weight and bias."""
-    from vlmd.models.internvl import FlashInferLayerNorm
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [((3, 1025, 1024), torch.bfloat16), ((2, 7, 1000), torch.bfloat16), ((5, 1024), torch.float16)],
+)
+def test_triton_add_layer_norm_matches_torch(shape, dtype):
+    """InternViT's residual add + LayerNorm in one Triton kernel against torch's two ops: the sum
+    bit for bit, the normalised rows scored against float32 (non-trivial weight and bias; a width
+    that is no power of two exercises the masked tail). Graph replay gives eager's rows."""
+    from vlmd.kernels.add_norm import TORCH_ADD_LAYER_NORM, TritonAddLayerNorm, make_add_layer_norm
 
-    torch.manual_seed(0)
-    norm = torch.nn.LayerNorm(1024, eps=1e-6).cuda()
-    with torch.no_grad():
-        norm.weight.normal_(1.0, 0.2)
-        norm.bias.normal_(0.0, 0.2)
-    x = (3 * torch.randn(3, 1025, 1024, device="cuda") + 1).bfloat16()
-    ref = norm(x.float())
-    torch_bf16 = torch.nn.LayerNorm(1024, eps=1e-6).cuda().bfloat16()
-    torch_bf16.load_state_dict(norm.state_dict())
-    ours = FlashInferLayerNorm(torch_bf16)(x)
-    expected = torch_bf16(x)
-    assert ours.shape == x.shape and ours.dtype == torch.bfloat16
-    assert max_error(ours, ref) <= ERROR_RATIO * max_error(expected, ref) + 1e-6
+    assert isinstance(make_add_layer_norm(torch.device("cuda")), TritonAddLayerNorm)
+    fused = TritonAddLayerNorm()
+    gen = torch.Generator(device="cuda").manual_seed(shape[-1])
+    width = shape[-1]
+    x = (3 * torch.randn(shape, device="cuda", generator=gen) + 1).to(dtype)
+    branch = torch.randn(shape, device="cuda", generator=gen).to(dtype)
+    weight = (1 + 0.2 * torch.randn(width, device="cuda", generator=gen)).to(dtype)
+    bias = (0.2 * torch.randn(width, device="cuda", generator=gen)).to(dtype)
+
+    total, out = fused(x, branch, weight, bias, 1e-6)
+    expected_total, expected = TORCH_ADD_LAYER_NORM(x, branch, weight, bias, 1e-6)
+    assert torch.equal(total, expected_total)
+    ref = torch.nn.functional.layer_norm(total.float(), (width,), weight.float(), bias.float(), 1e-6)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert max_error(out, ref) <= ERROR_RATIO * max_error(expected, ref) + 1e-6
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_total, graph_out = fused(x, branch, weight, bias, 1e-6)
+    x.copy_(torch.randn(shape, device="cuda", generator=gen).to(dtype))
+    graph.replay()
+    eager_total, eager_out = fused(x, branch, weight, bias, 1e-6)
+    assert torch.equal(graph_total, eager_total) and torch.equal(graph_out, eager_out)

@@ -22,6 +22,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, GenerationConfig, In
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 from vlmd.demo import IMAGENET_MEAN, IMAGENET_STD, write_demo_model
+from vlmd.kernels.add_norm import TORCH_ADD_LAYER_NORM
 from vlmd.kernels.attention import BatchLayout, KVCacheSpec, TorchReferenceBackend
 from vlmd.models.config import InternVLArch
 from vlmd.models.loader import load_language_model, load_vision
@@ -203,6 +204,33 @@ def test_folded_layer_scales_give_the_same_rows(demo_dir, hf_model) -> None:
             layer.fold_layer_scale()
         got = vision(pixel_values)
     torch.testing.assert_close(got, expected.reshape(got.shape), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("final_norm", [False, True])
+def test_residual_adds_fused_into_layer_norms_give_the_same_rows(tmp_path: Path, final_norm: bool) -> None:
+    """On CUDA in half precision the encoder hands each residual add to the LayerNorm that reads
+    it (`forward_add_norm`; Triton's kernel there, torch's ops here): the same rows as
+    transformers, with a final LayerNorm and without (mean pooling). Every add goes through the
+    fused op, and a wrong norm in a seam (the demo's norms have random weights) fails by far
+    more than rounding."""
+    write_demo_model(tmp_path, seed=4, vision_config={"use_mean_pooling": not final_norm})
+    vision = load_vision(tmp_path, torch.float32, "cpu")
+    encoder = vision.vision_tower.encoder
+    calls = []
+
+    def add_norm(*args):
+        calls.append(args[2])
+        return TORCH_ADD_LAYER_NORM(*args)
+
+    for layer in encoder.layer:
+        layer.fold_layer_scale()
+    encoder.add_norm = add_norm
+    pixel_values = torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = _hf_model(tmp_path).get_image_features(pixel_values=pixel_values).pooler_output
+        got = vision(pixel_values)
+    torch.testing.assert_close(got, expected.reshape(got.shape), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 2 * len(encoder.layer) - 1 + final_norm
 
 
 def test_flashinfer_vit_attention_falls_back_to_sdpa_where_it_cannot_serve(caplog) -> None:

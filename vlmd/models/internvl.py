@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmd.kernels.add_norm import make_add_layer_norm
 from vlmd.kernels.vision_attention import SDPA_TILE_ATTENTION
 from vlmd.models.config import InternVLArch
 from vlmd.models.layers import RMSNorm, fuse_linears, make_norm
@@ -38,34 +39,6 @@ class PatchEmbeddings(nn.Module):
         # [N, rows, cols, C, p, p]: row-major patches, each flattened in the filters' (C, i, j) order
         x = x.permute(0, 2, 4, 1, 3, 5).reshape(n, (height // p) * (width // p), channels * p * p)
         return F.linear(x, weight.reshape(weight.shape[0], -1), bias)  # [N, side * side, hidden]
-
-
-class FlashInferLayerNorm(nn.Module):
-    """An nn.LayerNorm run by FlashInfer's kernel (CUDA, bfloat16 rows; it takes the weight and
-    bias in float32, kept here as buffers). torch's LayerNorm ran at 35% of the copy bandwidth:
-    1.65 ms of a 12-tile InternViT-300M forward on an H200. Same arithmetic: float32 statistics,
-    the affine step in float32, one rounding."""
-
-    def __init__(self, norm: nn.LayerNorm) -> None:
-        super().__init__()
-        import flashinfer
-
-        self._layernorm = flashinfer.norm.layernorm
-        self.eps = norm.eps
-        self.register_buffer("weight", norm.weight.detach().float(), persistent=False)
-        self.register_buffer("bias", norm.bias.detach().float(), persistent=False)
-
-    @staticmethod
-    def available() -> bool:
-        try:
-            import flashinfer.norm  # noqa: F401
-        except Exception:  # an incomplete install fails with OSError/RuntimeError too
-            return False
-        return True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        return self._layernorm(rows.contiguous(), self.weight, self.bias, self.eps).view(x.shape)
 
 
 class VisionEmbeddings(nn.Module):
@@ -190,11 +163,32 @@ class VisionEncoder(nn.Module):
     def __init__(self, arch: InternVLArch) -> None:
         super().__init__()
         self.layer = nn.ModuleList(VisionLayer(arch) for _ in range(arch.vision_num_hidden_layers))
+        # `InternVLVision.fuse` sets a `vlmd.kernels.add_norm` op where every residual add meets
+        # a LayerNorm after it and the layer scales are folded: then `forward_add_norm` runs.
+        self.add_norm = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layer:
             x = layer(x)
         return x
+
+    def forward_add_norm(self, x: torch.Tensor, final_norm: nn.LayerNorm | None) -> torch.Tensor:
+        """The layers' arithmetic with each residual add fused into the LayerNorm that reads it
+        (the next branch's, at the end `final_norm`'s); returns final_norm's rows, or the
+        residual stream where there is no final norm."""
+        layers = self.layer
+        normed = layers[0].layernorm_before(x)
+        for i, layer in enumerate(layers):
+            x, normed = self._add_norm(x, layer.attention(normed), layer.layernorm_after)
+            branch = layer.mlp(normed)
+            following = layers[i + 1].layernorm_before if i + 1 < len(layers) else final_norm
+            if following is None:
+                return x + branch
+            x, normed = self._add_norm(x, branch, following)
+        return normed
+
+    def _add_norm(self, x: torch.Tensor, branch: torch.Tensor, norm: nn.LayerNorm):
+        return self.add_norm(x, branch, norm.weight, norm.bias, norm.eps)
 
 
 class InternViT(nn.Module):
@@ -210,7 +204,10 @@ class InternViT(nn.Module):
             self.layernorm = nn.LayerNorm(arch.vision_hidden_size, eps=arch.vision_layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.encoder(self.embeddings(pixel_values))  # [N, 1 + num_patches, hidden]
+        x = self.embeddings(pixel_values)  # [N, 1 + num_patches, hidden]
+        if self.encoder.add_norm is not None:
+            return self.encoder.forward_add_norm(x, self.layernorm)
+        x = self.encoder(x)
         return x if self.layernorm is None else self.layernorm(x)
 
 
@@ -254,22 +251,17 @@ class InternVLVision(nn.Module):
 
     def fuse(self) -> None:
         """Fused q/k/v projections; on CUDA in half precision, layer scales folded into the
-        branches' output projections too, and in bfloat16 FlashInfer's LayerNorm (the CPU keeps
-        transformers' arithmetic op for op)."""
+        branches' output projections too, and each residual add run with the LayerNorm after it
+        in one kernel (the CPU keeps transformers' arithmetic op for op)."""
         weight = next(self.parameters())
-        half_on_cuda = weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16)
-        flashinfer_norms = (
-            weight.is_cuda and weight.dtype == torch.bfloat16 and FlashInferLayerNorm.available()
-        )
-        for layer in self.vision_tower.encoder.layer:
+        encoder = self.vision_tower.encoder
+        for layer in encoder.layer:
             layer.attention.fuse()
-            if half_on_cuda:
+        if weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16):
+            for layer in encoder.layer:
                 layer.fold_layer_scale()
-            if flashinfer_norms:
-                for name in ("layernorm_before", "layernorm_after"):
-                    norm = getattr(layer, name)
-                    if isinstance(norm, nn.LayerNorm):
-                        setattr(layer, name, FlashInferLayerNorm(norm))
+            if self.arch.vision_norm_type == "layer_norm":
+                encoder.add_norm = make_add_layer_norm(weight.device)
 
     def set_tile_attention(self, attention) -> None:
         """Run every layer's attention with `attention` (`vlmd.kernels.vision_attention`)."""
