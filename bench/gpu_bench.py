@@ -18,7 +18,9 @@ built from the same tensors (shared, not copied), so both sides run identical we
   the weights are every LM parameter except the input embedding table (the LM head is read);
 - time to first token of one tile + text: vlmd = ViT + prefill with the image rows + first
   token; transformers = `generate(max_new_tokens=1)` with `pixel_values`;
-- ViT tiles per second at one batch: vlmd's vision forward against `get_image_features`.
+- ViT tiles per second at one batch: vlmd's vision forward against `get_image_features`;
+- decode beside the ViT: the decode steps at batch 16 while another process on the same device
+  runs ViT forwards back to back (the vision actor beside the LM worker), and the ViT's tiles/s.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.multiprocessing as mp
 
 from vlmd.actors.worker import make_runner
 from vlmd.core.page_allocator import pages_for
@@ -46,6 +49,7 @@ from vlmd.kernels.vision_attention import SDPA_TILE_ATTENTION, make_tile_attenti
 from vlmd.kernels.vision_graph import VisionGraphs
 from vlmd.messages import EmbedRun, ImageRef, SamplingParams, StepPlan
 from vlmd.models.config import InternVLArch
+from vlmd.models.internvl import InternVLVision
 from vlmd.models.loader import language_model_from_state_dict, vision_from_state_dict
 from vlmd.runner import run_in_process
 
@@ -230,6 +234,16 @@ def run_steps(runner, scheduler: Scheduler, max_steps: int | None = None, overla
     return steps
 
 
+def full_batch_decode(steps: list[Step], batch: int) -> list[Step]:
+    """The steps in which all `batch` requests decode one token each (no prefill chunk rides
+    along), less the first: it also waits for the prefill step before it."""
+    decode = [
+        s for s in steps if len(s.plan.items) == batch and all(len(i.token_ids) == 1 for i in s.plan.items)
+    ][1:]
+    assert decode, "no decode step ran at the full batch"
+    return decode
+
+
 @dataclass
 class DecodeProfile:
     kernel_ms: float  # GPU time per decode step: kernels and copies, no host gaps
@@ -381,17 +395,43 @@ class Bench:
         out = {}
         for overlap, key in ((True, "vlmd_step_ms"), (False, "vlmd_serial_step_ms")):
             add_text_requests(self.scheduler, prompts, self.args.new_tokens, f"decode{batch}{key}")
-            steps = run_steps(self.runner, self.scheduler, overlap=overlap)
-            # The first decode step at the full batch also waits for the prefill step before it.
-            decode = [
-                s
-                for s in steps
-                if len(s.plan.items) == batch and all(len(i.token_ids) == 1 for i in s.plan.items)
-            ][1:]
-            assert decode, "no decode step ran at the full batch"
+            decode = full_batch_decode(run_steps(self.runner, self.scheduler, overlap=overlap), batch)
             out[key] = statistics.median(s.interval_s for s in decode) * 1e3
             out["num_decode_steps"] = len(decode)
         return out
+
+    def decode_beside_vit(self, batch: int) -> dict:
+        """Decode steps at `batch` while another process on the same device runs ViT forwards of
+        --vit_batch tiles back to back, as the vision actor does beside the LM worker: the
+        median and the longest step, and the tiles per second the ViT kept up meanwhile."""
+        ctx = mp.get_context("spawn")
+        ready, go, stop, rates = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Queue()
+        config = (self.shape.config, self.args.dtype, str(self.device), self.args.vit_batch)
+        vit = ctx.Process(target=vit_beside, args=(*config, ready, go, stop, rates), daemon=True)
+        vit.start()
+        try:
+            if not ready.wait(timeout=900):
+                raise RuntimeError("the ViT process did not get ready")
+            prompts = torch.randint(
+                0, self.shape.num_text_ids, (batch, self.args.prompt_len), generator=self.gen
+            )
+            add_text_requests(self.scheduler, prompts, self.args.new_tokens, f"beside_vit{batch}")
+            go.set()
+            steps = run_steps(self.runner, self.scheduler)
+            stop.set()
+            tiles_per_s = rates.get(timeout=300)
+        finally:
+            go.set(), stop.set()
+            vit.join(timeout=60)
+            if vit.is_alive():
+                vit.kill()
+        intervals = [s.interval_s * 1e3 for s in full_batch_decode(steps, batch)]
+        return {
+            "batch": batch,
+            "step_ms": statistics.median(intervals),
+            "longest_step_ms": max(intervals),
+            "vit_tiles_per_s": tiles_per_s,
+        }
 
     def vlmd_kernel_ms(self, prompts: torch.Tensor) -> float | None:
         """GPU time per decode step summed over the profiler's kernels and copies: the step
@@ -494,6 +534,31 @@ class Bench:
             model.set_tile_attention(SDPA_TILE_ATTENTION)
 
 
+def vit_beside(config: dict, dtype: str, device: str, tiles: int, ready, go, stop, rates) -> None:
+    """The other process of `Bench.decode_beside_vit`: its own ViT (random weights, fused as the
+    vision actor loads it) on the same device, forwards of `tiles` tiles back to back from `go`
+    to `stop`; puts the tiles per second it ran."""
+    arch, device = InternVLArch.from_config_dict(config), torch.device(device)
+    with torch.device(device):
+        vision = InternVLVision(arch).to(getattr(torch, dtype))
+    randomize_(vision, seed=2)
+    vision.fuse()
+    vision.eval().requires_grad_(False)
+    side = arch.image_size
+    pixels = torch.randn(tiles, 3, side, side, device=device, dtype=getattr(torch, dtype))
+    with torch.inference_mode():
+        vision(pixels)  # kernels compiled and loaded before the decode starts
+        sync(device)
+        ready.set()
+        go.wait()
+        started, done = time.perf_counter(), 0
+        while not done or not stop.is_set():  # at least one forward, however short the decode
+            vision(pixels)
+            sync(device)
+            done += tiles
+        rates.put(done / (time.perf_counter() - started))
+
+
 def kernel_profile(fn, device: torch.device, top: int = 10) -> dict | None:
     """One call of `fn` under the profiler: its wall time, its GPU kernel time and top kernels."""
     if device.type != "cuda":
@@ -531,6 +596,10 @@ def measure(args: argparse.Namespace) -> dict:
     for batch in args.batch_sizes:
         log.info("decode at batch %d", batch)
         out["decode"].append(bench.decode_row(batch, out["copy_bandwidth_bytes_per_s"]))
+    beside = 16 if 16 in args.batch_sizes else min(args.batch_sizes)
+    log.info("decode at batch %d beside a ViT process on the same device", beside)
+    alone = next(row for row in out["decode"] if row["batch"] == beside)
+    out["beside_vit"] = bench.decode_beside_vit(beside) | {"alone_step_ms": alone["vlmd_step_ms"]}
     log.info("time to first token")
     out["ttft_ms"] = bench.ttft()
     log.info("ViT at batch %d", args.vit_batch)
@@ -608,6 +677,15 @@ def report(meta: dict, out: dict) -> str:
             f"| {vit['vlmd_flashinfer_attention']:.0f} | {vit['transformers']:.0f} "
             f"| {vit['vlmd_flashinfer_attention'] / vit['transformers']:.2f}x |"
         )
+    beside = out["beside_vit"]
+    lines += [
+        "",
+        f"Decode at batch {beside['batch']} beside a ViT process on the same device (forwards of "
+        f"{meta['vit_batch']} tiles back to back, as the vision actor beside the LM worker): "
+        f"{beside['step_ms']:.2f} ms per step (alone {beside['alone_step_ms']:.2f}: "
+        f"{beside['step_ms'] / beside['alone_step_ms']:.2f}x), longest step {beside['longest_step_ms']:.2f} ms; "
+        f"the ViT meanwhile {beside['vit_tiles_per_s']:.0f} tiles/s (alone {vit['vlmd']:.0f})",
+    ]
     lines += [
         "",
         "| target | measured | goal | result |",

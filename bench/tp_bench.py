@@ -33,6 +33,7 @@ from gpu_bench import (  # noqa: E402
     PAGE_SIZE,
     add_text_requests,
     copy_bandwidth,
+    full_batch_decode,
     lm_weight_bytes,
     model_shape,
     profile_decode,
@@ -86,12 +87,7 @@ def rank_main(
         progress(rank, size, f"decode at batch {batch}")
         prompts = torch.randint(0, shape.num_text_ids, (batch, args.prompt_len), generator=gen)
         add_text_requests(scheduler, prompts, args.new_tokens, f"decode{batch}")
-        steps = run_steps(runner, scheduler)
-        decode = [
-            s
-            for s in steps
-            if len(s.plan.items) == batch and all(len(i.token_ids) == 1 for i in s.plan.items)
-        ][1:]  # the first full-batch decode step also waits for the prefill before it
+        decode = full_batch_decode(run_steps(runner, scheduler), batch)
         heads = lm.model.layers[0].self_attn
         avg_context = args.prompt_len + args.new_tokens / 2
         elem = lm.lm_head.weight.element_size()

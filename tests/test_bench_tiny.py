@@ -97,7 +97,14 @@ def test_tiny_bench_prints_every_metric_and_writes_json(tmp_path: Path) -> None:
         "# command: python bench/gpu_bench.py --tiny --json",
     ):
         assert line in stdout, stdout
-    for label in ("TTFT ms, 1 tile", "ViT tiles/s at batch 2", "copy bandwidth", "torch ", "flashinfer "):
+    for label in (
+        "TTFT ms, 1 tile",
+        "ViT tiles/s at batch 2",
+        "copy bandwidth",
+        "torch ",
+        "flashinfer ",
+        "Decode at batch 1 beside a ViT process on the same device",
+    ):
         assert label in stdout, stdout
     for name in (
         "batch-1 step / roofline",
@@ -129,6 +136,9 @@ def test_tiny_bench_prints_every_metric_and_writes_json(tmp_path: Path) -> None:
         data["ttft_ms"][side] > 0 and data["vit_tiles_per_s"][side] > 0 for side in ("vlmd", "transformers")
     )
     assert data["vision_rel_err"] < 1e-5, "vlmd's vision tower does not run transformers' weights"
+    beside = data["beside_vit"]  # the other process ran ViT forwards all through the decode
+    assert beside["batch"] == 1 and beside["vit_tiles_per_s"] > 0
+    assert 0 < beside["step_ms"] <= beside["longest_step_ms"] and beside["alone_step_ms"] > 0
     targets = {t["name"]: t for t in data["targets"]}
     assert len(targets) == 4
     assert targets["batch-64 step / roofline"]["pass"] is None  # batch 64 was not run
