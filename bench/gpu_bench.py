@@ -34,7 +34,7 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -252,12 +252,19 @@ class DecodeProfile:
     gap_ms: float = 0.0  # per step, the GPU idle between one activity's end and the next's start
     long_gap_ms: float = 0.0  # the part of gap_ms in gaps over LONG_GAP_US (the device waiting
     # for the host), as opposed to the microsecond between back-to-back kernels of a graph
+    # Where the long gaps fall: (activity before, activity after, ms per step, gaps per step),
+    # the costliest pairs first.
+    long_gaps: list[tuple[str, str, float, float]] = field(default_factory=list)
 
     def summary(self) -> str:
+        where = "; ".join(
+            f"{ms:.3f} ms in {count:g} gap(s) between {before[:40]} and {after[:40]}"
+            for before, after, ms, count in self.long_gaps
+        )
         return (
             f"{self.kernel_ms:.2f} ms of GPU kernels per step ({self.kernels_per_step:.0f} of them); "
             f"idle between them {self.gap_ms:.3f} ms, of which {self.long_gap_ms:.3f} ms in gaps over "
-            f"{LONG_GAP_US} us"
+            f"{LONG_GAP_US} us" + (f" ({where})" if where else "")
         )
 
 
@@ -291,21 +298,35 @@ def profile_decode(
         for e in prof.events():
             if e.device_type == torch.autograd.DeviceType.CUDA:
                 per_name[e.name] = per_name.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3 / len(steps)
-                spans.append((e.time_range.start, e.time_range.end))
+                spans.append((e.time_range.start, e.time_range.end, e.name))
         if not per_name:
             raise RuntimeError("the profiler saw no GPU activity (is CUPTI missing?)")
         top = sorted(per_name.items(), key=lambda kv: -kv[1])[:15]
-        spans.sort()
-        gaps = [max(0, start - end) for (_, end), (start, _) in zip(spans, spans[1:], strict=False)]
-        return DecodeProfile(
-            sum(per_name.values()),
-            [(name[:90], ms) for name, ms in top],
-            kernels_per_step=len(spans) / len(steps),
-            gap_ms=sum(gaps) / 1e3 / len(steps),
-            long_gap_ms=sum(g for g in gaps if g > LONG_GAP_US) / 1e3 / len(steps),
-        )
+        profile = gap_profile(spans, len(steps))
+        profile.kernel_ms, profile.top = sum(per_name.values()), [(name[:90], ms) for name, ms in top]
+        return profile
     finally:
         run_steps(runner, scheduler)  # finish the requests
+
+
+def gap_profile(spans: list[tuple[float, float, str]], num_steps: int) -> DecodeProfile:
+    """The idle time between GPU activities (start us, end us, name) over `num_steps` steps, per
+    step, and which activities the long gaps fall between."""
+    spans = sorted(spans)
+    gaps = [(max(0.0, b[0] - a[1]), a[2], b[2]) for a, b in zip(spans, spans[1:], strict=False)]
+    long_gaps: dict[tuple[str, str], list[float]] = {}
+    for gap, before, after in gaps:
+        if gap > LONG_GAP_US:
+            long_gaps.setdefault((before, after), []).append(gap)
+    where = sorted(long_gaps.items(), key=lambda kv: -sum(kv[1]))[:4]
+    return DecodeProfile(
+        0.0,
+        [],
+        kernels_per_step=len(spans) / num_steps,
+        gap_ms=sum(g for g, _, _ in gaps) / 1e3 / num_steps,
+        long_gap_ms=sum(g for g, _, _ in gaps if g > LONG_GAP_US) / 1e3 / num_steps,
+        long_gaps=[(b, a, sum(g) / 1e3 / num_steps, len(g) / num_steps) for (b, a), g in where],
+    )
 
 
 def add_text_requests(scheduler: Scheduler, prompts: torch.Tensor, new_tokens: int, tag: str) -> None:

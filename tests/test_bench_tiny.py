@@ -41,6 +41,25 @@ def _run_script(*argv: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def test_gap_profile_says_where_the_device_waited(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The profile's idle accounting on made-up GPU activities (start us, end us, name) over two
+    steps: back-to-back kernels leave short gaps; the long ones are named by their neighbours."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from gpu_bench import gap_profile
+
+    spans = [
+        (0, 10, "gemm"), (11, 20, "norm"), (120, 130, "sample"),  # a 100 us wait after the norm
+        (131, 140, "gemm"), (141, 150, "norm"), (200, 210, "sample"),  # and a 50 us one
+        (240, 250, "copy"),  # 30 us before a copy
+    ]  # fmt: skip
+    profile = gap_profile(list(reversed(spans)), num_steps=2)
+    assert profile.kernels_per_step == 3.5
+    assert profile.gap_ms == pytest.approx((1 + 100 + 1 + 1 + 50 + 30) / 1e3 / 2)
+    assert profile.long_gap_ms == pytest.approx(180 / 1e3 / 2)
+    assert profile.long_gaps == [("norm", "sample", 0.075, 1.0), ("sample", "copy", 0.015, 0.5)]
+    assert "between norm and sample" in profile.summary()
+
+
 def test_tiny_tp_bench_times_each_rank_count(tmp_path: Path) -> None:
     out = tmp_path / "tp.json"
     flags = ("--tiny", "--tp", "1", "2", "--batch_sizes", "1", "3", "--prompt_len", "20", "--new_tokens", "5")
