@@ -184,7 +184,7 @@ def test_triton_add_layer_norm_matches_torch(shape, dtype):
     that is no power of two exercises the masked tail). Graph replay gives eager's rows."""
     from vlmd.kernels.add_norm import TORCH_ADD_LAYER_NORM, TritonAddLayerNorm, make_add_layer_norm
 
-    assert isinstance(make_add_layer_norm(torch.device("cuda")), TritonAddLayerNorm)
+    assert isinstance(make_add_layer_norm(torch.device("cuda"), dtype, shape[-1]), TritonAddLayerNorm)
     fused = TritonAddLayerNorm()
     gen = torch.Generator(device="cuda").manual_seed(shape[-1])
     width = shape[-1]

@@ -22,7 +22,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, GenerationConfig, In
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 from vlmd.demo import IMAGENET_MEAN, IMAGENET_STD, write_demo_model
-from vlmd.kernels.add_norm import TORCH_ADD_LAYER_NORM
+from vlmd.kernels.add_norm import TORCH_ADD_LAYER_NORM, make_add_layer_norm
 from vlmd.kernels.attention import BatchLayout, KVCacheSpec, TorchReferenceBackend
 from vlmd.models.config import InternVLArch
 from vlmd.models.loader import load_language_model, load_vision
@@ -231,6 +231,16 @@ def test_residual_adds_fused_into_layer_norms_give_the_same_rows(tmp_path: Path,
         got = vision(pixel_values)
     torch.testing.assert_close(got, expected.reshape(got.shape), atol=1e-5, rtol=1e-5)
     assert len(calls) == 2 * len(encoder.layer) - 1 + final_norm
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback of a machine without a usable GPU kernel")
+def test_add_layer_norm_falls_back_to_torch_where_the_kernel_cannot_run(caplog) -> None:
+    caplog.set_level("WARNING")
+    assert make_add_layer_norm(torch.device("cpu"), torch.bfloat16, 64) is TORCH_ADD_LAYER_NORM
+    assert caplog.text == ""
+    # CUDA asked for where there is none (or no Triton): the kernel cannot build or run, torch's ops serve.
+    assert make_add_layer_norm(torch.device("cuda"), torch.bfloat16, 64) is TORCH_ADD_LAYER_NORM
+    assert "residual add + LayerNorm runs op by op (Triton's kernel: " in caplog.text
 
 
 def test_flashinfer_vit_attention_falls_back_to_sdpa_where_it_cannot_serve(caplog) -> None:

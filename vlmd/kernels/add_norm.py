@@ -90,12 +90,21 @@ class TritonAddLayerNorm:
         return total, out
 
 
-def make_add_layer_norm(device: torch.device):
-    """Triton's fused kernel on CUDA when Triton imports, else torch op by op (with the reason)."""
+def make_add_layer_norm(device: torch.device, dtype: torch.dtype, width: int):
+    """Triton's fused kernel on CUDA, built and run once here for rows of `width` in `dtype` (so a
+    GPU or an install it cannot build for falls back at load, not mid-request); else torch op by
+    op, with the reason logged."""
     if device.type != "cuda":
         return TORCH_ADD_LAYER_NORM
     try:
-        return TritonAddLayerNorm()
-    except RuntimeError as exc:
-        log.warning("residual add + LayerNorm runs op by op (%s)", exc)
+        fused = TritonAddLayerNorm()
+        rows = torch.ones(2, width, device=device, dtype=dtype)
+        total, _ = fused(rows, rows, rows[0], rows[0], 1e-6)
+        if not bool((total == 2).all()):
+            raise RuntimeError("its sums are wrong")
+    except Exception as exc:  # noqa: BLE001 - any failure to build or run means the torch ops
+        log.warning(
+            "residual add + LayerNorm runs op by op (Triton's kernel: %s: %s)", type(exc).__name__, exc
+        )
         return TORCH_ADD_LAYER_NORM
+    return fused

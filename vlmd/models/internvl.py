@@ -261,7 +261,9 @@ class InternVLVision(nn.Module):
             for layer in encoder.layer:
                 layer.fold_layer_scale()
             if self.arch.vision_norm_type == "layer_norm":
-                encoder.add_norm = make_add_layer_norm(weight.device)
+                encoder.add_norm = make_add_layer_norm(
+                    weight.device, weight.dtype, self.arch.vision_hidden_size
+                )
 
     def set_tile_attention(self, attention) -> None:
         """Run every layer's attention with `attention` (`vlmd.kernels.vision_attention`)."""
