@@ -163,6 +163,21 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
             p.fill_(1.0)
 
 
+def materialize_random(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int):
+    """A model built (and sharded) on the meta device, given random weights on `device`:
+    buffers that were built for real (rotary frequencies) keep their values and dtype."""
+    buffers = {name: b.clone() for name, b in model.named_buffers() if not b.is_meta}
+    model = model.to_empty(device=device).to(dtype)
+    for name, value in buffers.items():
+        module_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, value.to(device))
+    randomize_(model, seed=seed)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.fuse()
+    return model.eval().requires_grad_(False)
+
+
 def lm_weight_bytes(lm) -> int:
     """Bytes of LM weights a decode step reads: all but the input embedding table (which only
     gathers a few rows) unless it doubles as the LM head."""
@@ -302,16 +317,20 @@ def profile_decode(
         if not per_name:
             raise RuntimeError("the profiler saw no GPU activity (is CUPTI missing?)")
         top = sorted(per_name.items(), key=lambda kv: -kv[1])[:15]
-        profile = gap_profile(spans, len(steps))
-        profile.kernel_ms, profile.top = sum(per_name.values()), [(name[:90], ms) for name, ms in top]
-        return profile
+        return gap_profile(spans, len(steps), sum(per_name.values()), [(name[:90], ms) for name, ms in top])
     finally:
         run_steps(runner, scheduler)  # finish the requests
 
 
-def gap_profile(spans: list[tuple[float, float, str]], num_steps: int) -> DecodeProfile:
-    """The idle time between GPU activities (start us, end us, name) over `num_steps` steps, per
-    step, and which activities the long gaps fall between."""
+def gap_profile(
+    spans: list[tuple[float, float, str]],
+    num_steps: int,
+    kernel_ms: float = 0.0,
+    top: list[tuple[str, float]] | None = None,
+) -> DecodeProfile:
+    """The profile of `num_steps` steps from their GPU activities (start us, end us, name): the
+    idle time between activities per step, and which activities the long gaps fall between;
+    `kernel_ms` and `top` are passed through."""
     spans = sorted(spans)
     gaps = [(max(0.0, b[0] - a[1]), a[2], b[2]) for a, b in zip(spans, spans[1:], strict=False)]
     long_gaps: dict[tuple[str, str], list[float]] = {}
@@ -320,8 +339,8 @@ def gap_profile(spans: list[tuple[float, float, str]], num_steps: int) -> Decode
             long_gaps.setdefault((before, after), []).append(gap)
     where = sorted(long_gaps.items(), key=lambda kv: -sum(kv[1]))[:4]
     return DecodeProfile(
-        0.0,
-        [],
+        kernel_ms,
+        top or [],
         kernels_per_step=len(spans) / num_steps,
         gap_ms=sum(g for g, _, _ in gaps) / 1e3 / num_steps,
         long_gap_ms=sum(g for g, _, _ in gaps if g > LONG_GAP_US) / 1e3 / num_steps,
@@ -441,8 +460,9 @@ class Bench:
             steps = run_steps(self.runner, self.scheduler)
             stop.set()
             tiles_per_s = rates.get(timeout=300)
-        finally:
-            go.set(), stop.set()
+        finally:  # however the decode ended, the other process stops
+            go.set()
+            stop.set()
             vit.join(timeout=60)
             if vit.is_alive():
                 vit.kill()
@@ -560,11 +580,9 @@ def vit_beside(config: dict, dtype: str, device: str, tiles: int, ready, go, sto
     vision actor loads it) on the same device, forwards of `tiles` tiles back to back from `go`
     to `stop`; puts the tiles per second it ran."""
     arch, device = InternVLArch.from_config_dict(config), torch.device(device)
-    with torch.device(device):
-        vision = InternVLVision(arch).to(getattr(torch, dtype))
-    randomize_(vision, seed=2)
-    vision.fuse()
-    vision.eval().requires_grad_(False)
+    with torch.device("meta"):
+        vision = InternVLVision(arch)
+    vision = materialize_random(vision, device, getattr(torch, dtype), seed=2)
     side = arch.image_size
     pixels = torch.randn(tiles, 3, side, side, device=device, dtype=getattr(torch, dtype))
     with torch.inference_mode():

@@ -7,7 +7,7 @@ import socket
 
 import torch
 import torch.distributed as dist
-from gpu_bench import randomize_
+from gpu_bench import materialize_random
 
 
 def free_port() -> int:
@@ -39,18 +39,3 @@ def random_share(model_cls, shard, arch, tp, device: torch.device, dtype: torch.
         model = model_cls(arch)
         shard(model, tp)
     return materialize_random(model, device, dtype, seed=tp.rank)
-
-
-def materialize_random(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int):
-    """A model built (and sharded) on the meta device, given random weights on `device`:
-    buffers that were built for real (rotary frequencies) keep their values and dtype."""
-    buffers = {name: b.clone() for name, b in model.named_buffers() if not b.is_meta}
-    model = model.to_empty(device=device).to(dtype)
-    for name, value in buffers.items():
-        module_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(module_name), attr, value.to(device))
-    randomize_(model, seed=seed)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    model.fuse()
-    return model.eval().requires_grad_(False)

@@ -98,8 +98,8 @@ class ViTRank:
         else:
             torch.set_num_threads(args.torch_threads)
         tp = join_vision_group(launch, layout, cuda)
-        model = load_vision(args.model_dir, TORCH_DTYPES[runtime.dtype], device, args.load_workers, tp=tp)
         dtype = TORCH_DTYPES[runtime.dtype]
+        model = load_vision(args.model_dir, dtype, device, args.load_workers, tp=tp)
         model.set_tile_attention(
             make_tile_attention(args.vit_attention, device, dtype, model.arch.vision_head_dim)
         )
