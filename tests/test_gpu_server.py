@@ -48,6 +48,10 @@ def test_serves_text_and_images_on_cuda(model_dir, tmp_path, tp):
         log = server.log()
         assert "attention backend: FlashInfer" in log and "captured" in log
         assert all(f"worker{rank} ready" in log for rank in range(tp))
+        # The default on GPUs; the demo ViT's head dim (16) is one FlashInfer does not serve.
+        assert "ViT attention: torch SDPA (FlashInfer by default, but head_dim 16" in log
+        if tp > 1:  # the default: FlashInfer's fused all-reduce + add-RMSNorm
+            assert "tp 2: decode-sized all-reduces: fused into the add-RMSNorm" in log
         kv_tokens = int(re.search(r"KV cache (\d+) tokens", log)[1])
         assert kv_tokens > 100_000  # half an H100 holds millions of the demo model's tokens
     finally:

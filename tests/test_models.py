@@ -240,7 +240,7 @@ def test_add_layer_norm_falls_back_to_torch_where_the_kernel_cannot_run(caplog) 
     assert caplog.text == ""
     # CUDA asked for where there is none (or no Triton): the kernel cannot build or run, torch's ops serve.
     assert make_add_layer_norm(torch.device("cuda"), torch.bfloat16, 64) is TORCH_ADD_LAYER_NORM
-    assert "residual add + LayerNorm runs op by op (Triton's kernel: " in caplog.text
+    assert "residual add + LayerNorm runs (Triton's kernel failed) op by op (" in caplog.text
 
 
 def test_flashinfer_vit_attention_falls_back_to_sdpa_where_it_cannot_serve(caplog) -> None:
@@ -250,6 +250,13 @@ def test_flashinfer_vit_attention_falls_back_to_sdpa_where_it_cannot_serve(caplo
     assert make_tile_attention("sdpa", torch.device("cpu"), torch.float32, 64) is SDPA_TILE_ATTENTION
     assert make_tile_attention("flashinfer", torch.device("cpu"), torch.float32, 64) is SDPA_TILE_ATTENTION
     assert "ViT attention: torch SDPA (FlashInfer asked for, but not on CUDA)" in caplog.text
+    caplog.clear()
+    # The default: FlashInfer where it can serve; on the CPU SDPA without a word.
+    assert make_tile_attention("auto", torch.device("cpu"), torch.float32, 64) is SDPA_TILE_ATTENTION
+    assert caplog.text == ""
+    # On CUDA in float32 FlashInfer cannot serve: SDPA, and the log says why.
+    assert make_tile_attention("auto", torch.device("cuda"), torch.float32, 64) is SDPA_TILE_ATTENTION
+    assert "ViT attention: torch SDPA (FlashInfer by default, but dtype torch.float32 is not" in caplog.text
 
 
 def test_vision_variants_match_transformers(tmp_path: Path) -> None:

@@ -55,8 +55,8 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     torch_threads: int = 1  # intra-op threads of each torch actor (worker, vision) on the CPU
     graph_max_batch_size: int = 64
     disable_cudagraph: bool = False
-    tp_all_reduce: str = "nccl"  # "nccl" | "symm_mem" | "fused": how the LM ranks sum small tensors on GPUs
-    vit_attention: str = "sdpa"  # "sdpa" | "flashinfer": the ViT's attention kernel on GPUs
+    tp_all_reduce: str = "auto"  # "auto" | "nccl" | "symm_mem" | "fused": how the LM ranks sum on GPUs
+    vit_attention: str = "auto"  # "auto" | "sdpa" | "flashinfer": the ViT's attention kernel on GPUs
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,18 +132,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--disable_cudagraph", action="store_true", help="run decode steps op by op")
     add(
         "--tp_all_reduce",
-        default="nccl",
-        choices=["nccl", "symm_mem", "fused"],
+        default="auto",
+        choices=["auto", "nccl", "symm_mem", "fused"],
         help="with --tp on GPUs: sum decode-sized tensors with NCCL; with one kernel that reads "
         "every peer's copy through PyTorch symmetric memory (symm_mem); or in the same kernel as "
-        "the residual add and RMSNorm that follow them (fused, FlashInfer). Larger ones always use NCCL",
+        "the residual add and RMSNorm that follow them (fused, FlashInfer). Larger ones always use "
+        "NCCL. auto: fused where FlashInfer's fusion starts on every rank, else NCCL",
     )
     add(
         "--vit_attention",
-        default="sdpa",
-        choices=["sdpa", "flashinfer"],
+        default="auto",
+        choices=["auto", "sdpa", "flashinfer"],
         help="the ViT's attention on GPUs: torch SDPA (cuDNN's flash kernel) or FlashInfer's ragged "
-        "prefill (FA3 on Hopper); elsewhere always SDPA",
+        "prefill (FA3 on Hopper); auto: FlashInfer where it can serve the ViT, else SDPA; "
+        "off GPUs always SDPA",
     )
     add(
         "--torch_threads",

@@ -144,13 +144,31 @@ def join_tp_group(launch: Launch, rank: int, arch: InternVLArch) -> TPGroup:
     if cuda and launch.args.tp > 1:
         torch.cuda.set_device(rank)
     init_method = f"file://{launch.socket(TP_RENDEZVOUS_FILE)}"
-    if launch.args.tp_all_reduce != "nccl" and not cuda and launch.args.tp > 1 and rank == 0:
-        log.warning("--tp_all_reduce %s needs GPUs: the ranks sum with gloo", launch.args.tp_all_reduce)
-    symm_mem_bytes = SYMM_MEM_ALL_REDUCE_BYTES if launch.args.tp_all_reduce == "symm_mem" else 0
+    mode = launch.args.tp_all_reduce
+    if mode not in ("nccl", "auto") and not cuda and launch.args.tp > 1 and rank == 0:
+        log.warning("--tp_all_reduce %s needs GPUs: the ranks sum with gloo", mode)
+    symm_mem_bytes = SYMM_MEM_ALL_REDUCE_BYTES if mode == "symm_mem" else 0
     fused_norm = None
-    if launch.args.tp_all_reduce == "fused":
+    if mode in ("fused", "auto"):
         fused_norm = (FUSED_ALL_REDUCE_MAX_TOKENS, arch.hidden_size, TORCH_DTYPES[launch.runtime.dtype])
-    return TPGroup.join(init_method, rank, launch.args.tp, cuda, TP_TIMEOUT_S, symm_mem_bytes, fused_norm)
+    tp = TPGroup.join(
+        init_method,
+        rank,
+        launch.args.tp,
+        cuda,
+        TP_TIMEOUT_S,
+        symm_mem_bytes,
+        fused_norm,
+        fused_required=mode == "fused",
+    )
+    if cuda and tp.size > 1 and rank == 0:
+        how = "NCCL"
+        if tp.fused_norm is not None:
+            how = "fused into the add-RMSNorm after them (FlashInfer)"
+        elif tp.small is not None:
+            how = "one symmetric-memory kernel"
+        log.info("tp %d: decode-sized all-reduces: %s", tp.size, how)
+    return tp
 
 
 def build_runner(launch: Launch, rank: int = 0) -> ModelRunner:

@@ -13,12 +13,10 @@ take); `make_add_layer_norm` picks one.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger("vlmd.kernels")
+from vlmd.kernels.probe import built_or_fallback
 
 
 class TorchAddLayerNorm:
@@ -96,15 +94,15 @@ def make_add_layer_norm(device: torch.device, dtype: torch.dtype, width: int):
     op, with the reason logged."""
     if device.type != "cuda":
         return TORCH_ADD_LAYER_NORM
-    try:
+
+    def build() -> TritonAddLayerNorm:
         fused = TritonAddLayerNorm()
         rows = torch.ones(2, width, device=device, dtype=dtype)
         total, _ = fused(rows, rows, rows[0], rows[0], 1e-6)
         if not bool((total == 2).all()):
             raise RuntimeError("its sums are wrong")
-    except Exception as exc:  # noqa: BLE001 - any failure to build or run means the torch ops
-        log.warning(
-            "residual add + LayerNorm runs op by op (Triton's kernel: %s: %s)", type(exc).__name__, exc
-        )
-        return TORCH_ADD_LAYER_NORM
-    return fused
+        return fused
+
+    return built_or_fallback(
+        build, TORCH_ADD_LAYER_NORM, "residual add + LayerNorm runs (Triton's kernel failed)"
+    )

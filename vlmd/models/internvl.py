@@ -270,6 +270,10 @@ class InternVLVision(nn.Module):
         for layer in self.vision_tower.encoder.layer:
             layer.attention.tile_attention = attention
 
+    @property
+    def tile_attention(self):
+        return self.vision_tower.encoder.layer[0].attention.tile_attention
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values: [num_tiles, 3, image_size, image_size] -> [num_tiles * image_seq_length, hidden]."""
         num_tiles, _, height, width = pixel_values.shape

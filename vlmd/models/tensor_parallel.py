@@ -26,6 +26,7 @@ every rank reads only its own share from the safetensors files.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -38,6 +39,15 @@ from torch import nn
 
 from vlmd.kernels.collectives import FusedAllReduceNorm, SymmMemAllReduce
 from vlmd.models.layers import RMSNorm
+
+log = logging.getLogger("vlmd.worker")
+
+
+def _all_ranks(ok: bool) -> bool:
+    """Whether `ok` holds on every rank of the default group (a collective: all ranks call it)."""
+    flag = torch.tensor([int(ok)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 @dataclass(frozen=True)
@@ -61,12 +71,15 @@ class TPGroup:
         timeout_s: float,
         symm_mem_bytes: int = 0,
         fused_norm: tuple[int, int, torch.dtype] | None = None,
+        fused_required: bool = True,
     ) -> TPGroup:
         """Become `rank` of a world of `size` processes (NCCL between GPUs, gloo on the CPU);
         a collective waiting longer than `timeout_s` raises instead of hanging. With
         `symm_mem_bytes` (CUDA only), all-reduces up to that size go through symmetric memory;
         with `fused_norm` = (max tokens, hidden size, dtype) (CUDA only), those of up to that many
-        rows are fused into the add-RMSNorm that follows them."""
+        rows are fused into the add-RMSNorm that follows them. Where the fusion cannot start,
+        `fused_required` stops the rank with the reason; otherwise every rank falls back to NCCL
+        when any rank could not start it (the ranks must sum the same way)."""
         if size == 1:
             return SINGLE_RANK
         dist.init_process_group(
@@ -82,11 +95,17 @@ class TPGroup:
         if cuda and fused_norm is not None:
             try:
                 fused = FusedAllReduceNorm(rank, size, *fused_norm)
-            except Exception as exc:  # the flag asked for it: stop with the reason, not a trace
-                raise RuntimeError(
-                    f"--tp_all_reduce fused: FlashInfer's all-reduce fusion did not start "
-                    f"({type(exc).__name__}: {exc})"
-                ) from exc
+            except Exception as exc:
+                reason = f"FlashInfer's all-reduce fusion did not start ({type(exc).__name__}: {exc})"
+                if fused_required:  # the flag asked for it: stop with the reason, not a trace
+                    raise RuntimeError(f"--tp_all_reduce fused: {reason}") from exc
+                log.warning("rank %d: %s", rank, reason)
+            if not fused_required and not _all_ranks(fused is not None):
+                if rank == 0:
+                    log.warning(
+                        "--tp_all_reduce auto: a rank could not fuse its all-reduces; all sum with NCCL"
+                    )
+                fused = None  # its buffers stay allocated until the process ends
         return cls(rank, size, small, fused)
 
     def defers(self, x: torch.Tensor) -> bool:
