@@ -78,10 +78,11 @@ def test_top_logprobs_are_the_raw_distributions_best_per_row():
     assert [len(top.token_ids) for top in out.top_logprobs] == [5, 0, 2]
     for row, top in zip([0, 2], [out.top_logprobs[0], out.top_logprobs[2]], strict=True):
         k = len(top.token_ids)
-        assert (
-            top.token_ids == best.indices[row, :k].tolist() and top.logprobs == best.values[row, :k].tolist()
-        )
-    assert out.logprobs == raw[torch.arange(3), torch.tensor(out.token_ids)].tolist()
+        assert top.token_ids == best.indices[row, :k].tolist()
+        assert torch.allclose(torch.tensor(top.logprobs), best.values[row, :k])
+    assert torch.allclose(torch.tensor(out.logprobs), raw[torch.arange(3), torch.tensor(out.token_ids)])
+    # The sampled token's logprob and the same token among the alternatives: one number.
+    assert out.top_logprobs[0].logprobs[0] == out.logprobs[0]
     assert sample(logits, [SamplerState(SamplingParams(), [], CPU)]).top_logprobs == []
 
 
@@ -157,3 +158,77 @@ def test_temperature_zero_with_do_sample_is_greedy():
     logits = torch.randn(1, 100)
     state = SamplerState(SamplingParams(do_sample=True, temperature=0.0), [], CPU)
     assert sample(logits, [state])[0] == [int(logits.argmax())]
+
+
+def test_row_stats_give_the_first_argmax_and_log_softmax():
+    from vlmd.kernels.row_stats import torch_row_stats
+
+    logits = torch.randn(4, 300)
+    logits[0, 10] = logits[0, 200] = 9.0  # a tie: the first index, as torch.argmax
+    logits[1, :150] = float("-inf")  # masked logits count for nothing
+    stats = torch_row_stats(logits)
+    assert stats.argmax.tolist() == logits.argmax(-1).tolist() and stats.argmax[0] == 10
+    log_softmax = torch.log_softmax(logits, -1)
+    assert torch.allclose(stats.best_logprob, log_softmax.gather(1, stats.argmax[:, None])[:, 0])
+    assert torch.allclose(logits[:, :1] - stats.logsumexp[:, None], log_softmax[:, :1])
+
+
+def test_sampled_rows_report_the_drawn_tokens_log_softmax():
+    """Without penalties or top logprobs the logprobs come from the row statistics: a drawn
+    token's logprob is still its log_softmax under the raw logits."""
+    logits = torch.randn(3, 80)
+    params = [SamplingParams(), SamplingParams(temperature=0.7, seed=3), SamplingParams(top_k=5, seed=4)]
+    states = [SamplerState(p, [], CPU) for p in params]
+    tokens, logprobs, top = sample_on_device(logits, states)
+    assert top is None and tokens[0] == logits[0].argmax()
+    expected = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
+    assert torch.allclose(logprobs, expected)
+
+
+def test_row_stats_kernels_fall_back_to_torch_off_cuda(caplog):
+    from vlmd.kernels.row_stats import make_row_stats, torch_row_stats
+
+    caplog.set_level("WARNING")
+    assert make_row_stats(CPU) is torch_row_stats and caplog.text == ""
+    if not torch.cuda.is_available():  # no CUDA (or no Triton): the kernels cannot build or run
+        assert make_row_stats(torch.device("cuda")) is torch_row_stats
+        assert "sampling's argmax + logsumexp run (Triton's kernels failed) op by op (" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,vocab", [(1, 151674), (7, 151674), (64, 151674), (3, 4096), (5, 1000)])
+def test_triton_row_stats_match_torch(rows, vocab):
+    from vlmd.kernels.row_stats import TritonRowStats, make_row_stats, torch_row_stats
+
+    cuda = torch.device("cuda")
+    assert isinstance(make_row_stats(cuda), TritonRowStats)
+    generator = torch.Generator(device=cuda).manual_seed(rows)
+    wide = torch.randn(rows, vocab + 64, device=cuda, generator=generator) * 4
+    logits = wide[:, :vocab]  # rows strided, as a slice of a captured graph's padded output
+    logits[0, vocab // 2] = logits[0, vocab - 1] = 60.0  # a tie across chunks: the first wins
+    if rows > 1:
+        logits[1, : min(4096, vocab // 2)] = float("-inf")  # a masked chunk adds nothing
+    got, want = TritonRowStats()(logits), torch_row_stats(logits)
+    assert torch.equal(got.argmax, want.argmax) and got.argmax[0] == vocab // 2
+    assert torch.allclose(got.logsumexp, want.logsumexp, rtol=1e-6, atol=1e-5)
+    log_softmax = torch.log_softmax(logits, -1).gather(1, want.argmax[:, None])[:, 0]
+    assert torch.allclose(got.best_logprob, log_softmax, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_row_stats_sampling_never_waits_for_the_device():
+    from vlmd.kernels.row_stats import make_row_stats
+
+    cuda = torch.device("cuda")
+    row_stats = make_row_stats(cuda)
+    states = [SamplerState(p, [], cuda) for p in (SamplingParams(), SamplingParams(temperature=0.8, seed=1))]
+    logits = torch.randn(2, 151674, device=cuda)
+    sample(logits, states, row_stats)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            sample_on_device(logits, states, row_stats)
+            sample_on_device(logits[:1], states[:1], row_stats)  # all greedy
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

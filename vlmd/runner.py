@@ -19,6 +19,7 @@ import torch
 
 from vlmd.core.scheduler import Scheduler
 from vlmd.kernels.attention import AttentionBackend, BatchLayout
+from vlmd.kernels.row_stats import make_row_stats
 from vlmd.kernels.sampler import SamplerState, sample_on_device, top_lists
 from vlmd.kernels.transfer import to_device
 from vlmd.messages import PENDING_TOKEN, StepItem, StepPlan, StepResult, TokenOut
@@ -49,6 +50,7 @@ class ModelRunner:
         self.graphs = graphs
         self.device = attn.spec.device
         self._cuda = self.device.type == "cuda"
+        self.row_stats = make_row_stats(self.device)
         self._page_tables: dict[str, list[int]] = {}
         self._samplers: dict[str, SamplerState] = {}
         # The last launched step that sampled: its tokens on the device, and each request's row.
@@ -78,9 +80,9 @@ class ModelRunner:
         sampled = [i for i, item in enumerate(plan.items) if item.sample]
         input_ids = self._input_ids(plan.items)
         if self._graph_step(plan.items):
-            size = self.graphs.prepare(layout, input_ids)
+            graph = self.graphs.prepare(layout, input_ids)
             self._mark_inputs_copied()
-            logits = self.graphs.replay(size, len(plan.items))
+            logits = self.graphs.replay(graph, len(plan.items))
         else:
             self.attn.plan(layout)
             self._mark_inputs_copied()
@@ -89,7 +91,7 @@ class ModelRunner:
             return LaunchedStep(plan.step_id, [], None, None)
         request_ids = [plan.items[i].request_id for i in sampled]
         states = [self._samplers[r] for r in request_ids]
-        tokens, logprobs, top = sample_on_device(logits, states)
+        tokens, logprobs, top = sample_on_device(logits, states, self.row_stats)
         self._last_tokens = tokens
         self._last_rows = {r: row for row, r in enumerate(request_ids)}
         step = LaunchedStep(plan.step_id, request_ids, tokens, logprobs)

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from vlmd.kernels.row_stats import torch_row_stats
 from vlmd.kernels.transfer import to_device
 from vlmd.messages import SamplingParams, TopLogprobs
 
@@ -58,9 +59,9 @@ class Sampled(NamedTuple):
     top_logprobs: list[TopLogprobs]  # one per row when any row asked (empty for the others), else []
 
 
-def sample(logits: torch.Tensor, states: list[SamplerState]) -> Sampled:
+def sample(logits: torch.Tensor, states: list[SamplerState], row_stats=torch_row_stats) -> Sampled:
     """logits: [num_reqs, vocab] float32, one row per request."""
-    tokens, logprobs, top = sample_on_device(logits, states)
+    tokens, logprobs, top = sample_on_device(logits, states, row_stats)
     token_list = tokens.tolist()  # the step's one wait for the device
     if top is None:
         return Sampled(token_list, logprobs.tolist(), [])
@@ -70,21 +71,37 @@ def sample(logits: torch.Tensor, states: list[SamplerState]) -> Sampled:
     )
 
 
-def sample_on_device(logits: torch.Tensor, states: list[SamplerState]):
-    """Tokens [num_reqs], their raw logprobs [num_reqs] and the top (values, indices) [num_reqs, k]
-    (None when no row asked), all left on the device; the states observe the tokens."""
+class Top(NamedTuple):
+    values: torch.Tensor  # [num_reqs, k] logprobs, largest first
+    indices: torch.Tensor  # [num_reqs, k] their token ids
+
+
+def sample_on_device(logits: torch.Tensor, states: list[SamplerState], row_stats=torch_row_stats):
+    """Tokens [num_reqs], their raw logprobs [num_reqs] and the `Top` logprobs [num_reqs, k]
+    (None when no row asked), all left on the device; the states observe the tokens.
+
+    Every logprob is a raw logit minus its row's log-sum-exp from `row_stats`
+    (`vlmd.kernels.row_stats`: one pass over the logits, no log_softmax matrix), so a row's
+    numbers do not depend on what else is in the batch."""
+    stats = row_stats(logits)
     processed = apply_penalties(logits, states)
-    tokens = torch.argmax(processed, dim=-1)  # [num_reqs]; greedy rows are done
-    for i, state in enumerate(states):
-        if not state.params.greedy:
-            tokens[i] = _draw(processed[i], state)
-    for i, state in enumerate(states):
-        if state.penalized:  # only penalties read the history: the rest need no per-row work
-            state.observe(tokens[i : i + 1])
-    raw_logprobs = torch.log_softmax(logits, dim=-1)  # [num_reqs, vocab]
-    chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]
+    plain = processed is logits  # no penalties: the row statistics' argmax is the greedy token
+    if plain and all(state.params.greedy for state in states):
+        tokens, chosen = stats.argmax, stats.best_logprob
+    else:
+        tokens = stats.argmax.clone() if plain else torch.argmax(processed, dim=-1)
+        for i, state in enumerate(states):
+            if not state.params.greedy:
+                tokens[i] = _draw(processed[i], state)
+        for i, state in enumerate(states):
+            if state.penalized:  # only penalties read the history: the rest need no per-row work
+                state.observe(tokens[i : i + 1])
+        chosen = logits.gather(1, tokens[:, None])[:, 0] - stats.logsumexp
     num_top = max(state.params.top_logprobs for state in states)
-    top = torch.topk(raw_logprobs, num_top, dim=-1) if num_top else None
+    top = None
+    if num_top:
+        values, indices = torch.topk(logits, num_top, dim=-1)
+        top = Top(values - stats.logsumexp[:, None], indices)
     return tokens, chosen, top
 
 
