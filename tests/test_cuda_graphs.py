@@ -42,14 +42,22 @@ def model_and_arch(model_dir):
     return load_language_model(model_dir, torch.bfloat16, torch.device("cuda")), arch
 
 
-@pytest.mark.parametrize("batch", [1, 3, 16, 70])
-def test_graphs_on_and_off_give_identical_tokens(model_and_arch, batch):
+@pytest.mark.parametrize(
+    "batch,lengths",
+    [(1, (5, 300)), (3, (5, 300)), (16, (5, 300)), (64, (100, 120)), (64, (5, 150)), (70, (5, 300))],
+)
+def test_graphs_on_and_off_give_identical_tokens(model_and_arch, batch, lengths):
+    """Batch 64 of the demo model (2 KV heads: 128 CTAs) has a graph without split KV: prompts
+    of even lengths replay it, a batch with a few long prompts the split one. Every batch's
+    prompts fit one prefill step, so every later step replays a graph."""
     model, arch = model_and_arch
-    generator = torch.Generator().manual_seed(batch)
+    generator = torch.Generator().manual_seed(batch + lengths[0])
     prompts = [
         torch.randint(0, 990, (int(n),), generator=generator).tolist()
-        for n in torch.randint(5, 300, (batch,), generator=generator)
+        for n in torch.randint(*lengths, (batch,), generator=generator)
     ]
+    if lengths == (5, 150):
+        prompts[:3] = [prompt * 4 for prompt in prompts[:3]]  # three prompts far longer than the rest
     eager = make_runner(model, arch, num_pages=NUM_PAGES, page_size=PAGE_SIZE)
     graphed = make_runner(model, arch, num_pages=NUM_PAGES, page_size=PAGE_SIZE, graph_max_batch_size=64)
     assert eager.graphs is None and graphed.graphs is not None
@@ -61,6 +69,11 @@ def test_graphs_on_and_off_give_identical_tokens(model_and_arch, batch):
         assert replays == 31  # every decode step after the prefill step
     else:
         assert replays < 31  # steps of more than 64 requests run op by op
+    unsplit = sum(n for (_, split), n in graphed.graphs.replays.items() if not split)
+    if batch == 64:
+        assert unsplit == (31 if lengths == (100, 120) else 0)
+    else:
+        assert unsplit == 0
 
 
 def test_vision_graphs_match_eager(model_dir):

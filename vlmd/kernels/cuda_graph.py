@@ -6,12 +6,21 @@ so they write and read nothing that matters. Before each replay the FlashInfer d
 that size is re-planned (its page-table buffers are the graph's static inputs), and the step's
 token ids and positions are copied into the static input buffers; nothing waits for the device,
 so the next step can be prepared while the previous one runs.
+
+Batch sizes whose requests fill the GPU without splitting their KV (`NO_SPLIT_MIN_CTAS` CTAs of
+one (request, KV head) each) get a second graph whose attention does not split: it skips the
+merge kernel (on an H100, 28 layers at batch 64: 1.05 ms against 1.15, bench/RESULTS.md run 9).
+One CTA per request is only as fast as the longest request, so a step replays it only when no
+request's KV is more than `NO_SPLIT_MAX_IMBALANCE` times the batch's mean. All graphs write
+their logits into one static buffer (the sampler reads them before the next replay, in stream
+order).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
 import torch
 
@@ -23,6 +32,10 @@ from vlmd.kernels.transfer import stage
 log = logging.getLogger("vlmd.kernels")
 
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+# One CTA per (request, KV head) wins from this many CTAs on (bench/decode_attention_bench.py on
+# an H100, 4 KV heads: batch 16 even, batch 32 0.72 ms against 0.80 split).
+NO_SPLIT_MIN_CTAS = 128
+NO_SPLIT_MAX_IMBALANCE = 2.0  # longest KV / mean KV of the step
 
 
 class GraphDecodeAttention:
@@ -110,12 +123,18 @@ class DecodeGraphs:
         self.backend = backend
         self.dummy_page = dummy_page
         self.sizes = sorted({b for b in CAPTURE_SIZES if b < max_batch_size} | {max_batch_size})
+        kv_heads = backend.spec.num_kv_heads
+        # (size, split_kv) of every graph: all sizes split; the large ones also not.
+        self.keys = [(s, True) for s in self.sizes]
+        self.keys += [(s, False) for s in self.sizes if s * kv_heads >= NO_SPLIT_MIN_CTAS]
         device = backend.spec.device
         self.input_ids = torch.zeros(max_batch_size, dtype=torch.long, device=device)
         self.input_positions = torch.zeros(max_batch_size, dtype=torch.long, device=device)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}  # static outputs: [size, vocab] float32
-        self._attn: dict[int, GraphDecodeAttention] = {}
+        vocab = model.arch.vocab_size
+        self.logits = torch.empty(max_batch_size, vocab, dtype=torch.float32, device=device)
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._attn: dict[tuple[int, bool], GraphDecodeAttention] = {}
+        self.replays: Counter[tuple[int, bool]] = Counter()
 
     @property
     def max_batch_size(self) -> int:
@@ -125,47 +144,54 @@ class DecodeGraphs:
     def capture(self) -> None:
         started = time.perf_counter()
         pool = None
-        for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
-            attn = GraphDecodeAttention(self.backend, size)
+        for key in sorted(self.keys, reverse=True):  # largest first, so smaller graphs reuse its memory
+            size, split_kv = key
+            attn = GraphDecodeAttention(self.backend, size, split_kv=split_kv)
             attn.plan(self._padded(BatchLayout([0], [], []), size))
             self._forward(attn, size)  # warm-up: kernels loaded, workspaces sized
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._logits[size] = self._forward(attn, size)
+                self._forward(attn, size)
             pool = graph.pool()
-            self._graphs[size], self._attn[size] = graph, attn
+            self._graphs[key], self._attn[key] = graph, attn
         torch.cuda.synchronize()
         log.info(
-            "captured %d CUDA graphs (batch sizes %s) in %.1f s",
-            len(self.sizes),
+            "captured %d CUDA graphs (batch sizes %s; from %d on also without split KV) in %.1f s",
+            len(self.keys),
             self.sizes,
+            min((s for s, split in self.keys if not split), default=0),
             time.perf_counter() - started,
         )
 
-    def _forward(self, attn: GraphDecodeAttention, size: int) -> torch.Tensor:
+    def _forward(self, attn: GraphDecodeAttention, size: int) -> None:
         hidden = self.model.forward(
             self.model.embed(self.input_ids[:size]), self.input_positions[:size], attn
         )
-        return self.model.compute_logits(hidden)
+        self.model.compute_logits(hidden, out=self.logits[:size])
 
-    def prepare(self, layout: BatchLayout, input_ids: torch.Tensor) -> int:
+    def prepare(self, layout: BatchLayout, input_ids: torch.Tensor) -> tuple[int, bool]:
         """Fill the static inputs for a decode step of n requests (input_ids [n] on the device)
-        and plan its attention; returns the captured size to replay. Waits for nothing."""
+        and plan its attention; returns the graph to replay. Waits for nothing."""
         n = input_ids.shape[0]
         size = next(s for s in self.sizes if s >= n)
+        key = (size, True)
+        if (size, False) in self._graphs:
+            balanced = max(layout.kv_lens) * n <= NO_SPLIT_MAX_IMBALANCE * sum(layout.kv_lens)
+            key = (size, not balanced)
         padding = size - n
         self.input_ids[:n].copy_(input_ids)
         self.input_ids[n:size].zero_()
         positions = torch.tensor(layout.positions() + [0] * padding, dtype=torch.long)
         self.input_positions[:size].copy_(stage(positions, self.input_positions.device), non_blocking=True)
-        self._attn[size].plan(self._padded(layout, size))
-        return size
+        self._attn[key].plan(self._padded(layout, size))
+        return key
 
-    def replay(self, size: int, n: int) -> torch.Tensor:
+    def replay(self, key: tuple[int, bool], n: int) -> torch.Tensor:
         """Replay the graph `prepare` chose; returns the logits of the n real rows [n, vocab]."""
-        self._graphs[size].replay()
-        return self._logits[size][:n]
+        self._graphs[key].replay()
+        self.replays[key] += 1
+        return self.logits[:n]
 
     def _padded(self, layout: BatchLayout, size: int) -> BatchLayout:
         """The layout plus one-token requests on the dummy page, up to `size` requests."""

@@ -168,6 +168,10 @@ class Qwen2ForCausalLM(nn.Module):
         assert positions.shape == inputs_embeds.shape[:1], "expected a flattened [T, hidden] batch"
         return self.model(inputs_embeds, positions, attn)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, hidden] (usually only each request's last row) -> float32 logits [N, vocab]."""
-        return self.lm_head(hidden)[:, : self.arch.vocab_size].float().contiguous()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden: [N, hidden] (usually only each request's last row) -> float32 logits [N, vocab],
+        written into `out` where given (a CUDA graph's static output)."""
+        logits = self.lm_head(hidden)[:, : self.arch.vocab_size]
+        if out is None:
+            return logits.float().contiguous()
+        return out.copy_(logits)
