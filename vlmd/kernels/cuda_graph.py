@@ -156,11 +156,13 @@ class DecodeGraphs:
             pool = graph.pool()
             self._graphs[key], self._attn[key] = graph, attn
         torch.cuda.synchronize()
+        unsplit = [s for s, split in self.keys if not split]
+        also = f"; from {unsplit[0]} on also without split KV" if unsplit else ""
         log.info(
-            "captured %d CUDA graphs (batch sizes %s; from %d on also without split KV) in %.1f s",
+            "captured %d CUDA graphs (batch sizes %s%s) in %.1f s",
             len(self.keys),
             self.sizes,
-            min((s for s, split in self.keys if not split), default=0),
+            also,
             time.perf_counter() - started,
         )
 

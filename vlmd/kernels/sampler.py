@@ -84,12 +84,13 @@ def sample_on_device(logits: torch.Tensor, states: list[SamplerState], row_stats
     (`vlmd.kernels.row_stats`: one pass over the logits, no log_softmax matrix), so a row's
     numbers do not depend on what else is in the batch."""
     stats = row_stats(logits)
-    processed = apply_penalties(logits, states)
-    plain = processed is logits  # no penalties: the row statistics' argmax is the greedy token
-    if plain and all(state.params.greedy for state in states):
+    penalized = any(state.penalized for state in states)
+    if not penalized and all(state.params.greedy for state in states):
         tokens, chosen = stats.argmax, stats.best_logprob
     else:
-        tokens = stats.argmax.clone() if plain else torch.argmax(processed, dim=-1)
+        processed = apply_penalties(logits, states)
+        # Without penalties the row statistics' argmax is each greedy row's token.
+        tokens = torch.argmax(processed, dim=-1) if penalized else stats.argmax.clone()
         for i, state in enumerate(states):
             if not state.params.greedy:
                 tokens[i] = _draw(processed[i], state)
