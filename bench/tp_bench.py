@@ -57,7 +57,7 @@ def progress(rank: int, size: int, what: str) -> None:
 
 
 def rank_main(
-    rank: int, size: int, all_reduce: str, port: int, args: argparse.Namespace, out_path: str
+    rank: int, size: int, all_reduce: str, linear: str, port: int, args: argparse.Namespace, out_path: str
 ) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr)
     device = join(rank, size, port, args.tiny)
@@ -75,7 +75,14 @@ def rank_main(
     num_pages = max_batch * pages_for(args.prompt_len + args.new_tokens, PAGE_SIZE)
     progress(rank, size, "capturing CUDA graphs")
     graphs = 0 if args.tiny else max_batch
-    runner = make_runner(lm, arch, num_pages=num_pages, page_size=PAGE_SIZE, graph_max_batch_size=graphs)
+    runner = make_runner(
+        lm,
+        arch,
+        num_pages=num_pages,
+        page_size=PAGE_SIZE,
+        graph_max_batch_size=graphs,
+        gemv=linear == "triton",
+    )
     scheduler = Scheduler(SchedulerConfig(num_pages, PAGE_SIZE, max_running_requests=max(256, max_batch)))
     gen = torch.Generator().manual_seed(1)  # the same prompts on every rank
     warmup = torch.randint(0, shape.num_text_ids, (max_batch, args.prompt_len), generator=gen)
@@ -98,6 +105,7 @@ def rank_main(
             {
                 "tp": size,
                 "all_reduce": all_reduce,
+                "linear": linear,
                 "batch": batch,
                 "step_ms": statistics.median(s.interval_s for s in decode) * 1e3,
                 "num_decode_steps": len(decode),
@@ -131,6 +139,14 @@ def main(argv: list[str] | None = None) -> None:
         choices=["nccl", "symm_mem", "fused"],
         help="how tp > 1 sums (as --tp_all_reduce); several: each is run",
     )
+    parser.add_argument(
+        "--linear",
+        nargs="+",
+        default=None,
+        choices=["triton", "torch"],
+        help="one-row linear layers: Triton's GEMV (the server's default on CUDA; the default here but "
+        "with --tiny) or torch's F.linear (cuBLAS); several: each is run",
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--tiny", action="store_true", help="a tiny float32 model on the CPU (gloo)")
     parser.add_argument(
@@ -142,6 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.tiny and set(args.all_reduce) - {"nccl"}:
         raise SystemExit("--all_reduce symm_mem and fused need GPUs")
+    if args.linear is None:
+        args.linear = ["torch"] if args.tiny else ["triton"]
+    if args.tiny and "triton" in args.linear:
+        raise SystemExit("--linear triton needs a GPU")
     if not args.tiny and torch.cuda.device_count() < max(args.tp):
         raise SystemExit(
             f"--tp {max(args.tp)} needs {max(args.tp)} GPUs; {torch.cuda.device_count()} visible"
@@ -154,14 +174,16 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.tp:
             for all_reduce in args.all_reduce if size > 1 else ["nccl"]:
-                path = os.path.join(tmp, f"tp{size}-{all_reduce}.json")
-                mp.spawn(rank_main, args=(size, all_reduce, free_port(), args, path), nprocs=size)
-                with open(path) as f:
-                    rows += json.load(f)
-    by_key = {(r["tp"], r["batch"]): r for r in rows}
+                for linear in args.linear:
+                    path = os.path.join(tmp, f"tp{size}-{all_reduce}-{linear}.json")
+                    spawn_args = (size, all_reduce, linear, free_port(), args, path)
+                    mp.spawn(rank_main, args=spawn_args, nprocs=size)
+                    with open(path) as f:
+                        rows += json.load(f)
+    by_key = {(r["tp"], r["linear"], r["batch"]): r for r in rows}
     for r in rows:
         r["roofline_ms"] = (r["weight_bytes_per_gpu"] + r["kv_bytes_per_gpu"]) / bandwidth * 1e3
-        base = by_key.get((1, r["batch"]))
+        base = by_key.get((1, r["linear"], r["batch"]))
         r["over_tp1"] = r["step_ms"] / base["step_ms"] if base else None
     gpu = "CPU (gloo)" if args.tiny else torch.cuda.get_device_name(0)
     print(f"# {gpu} x {max(args.tp)}; torch {torch.__version__}; "
@@ -171,19 +193,20 @@ def main(argv: list[str] | None = None) -> None:
         f"# copy bandwidth {bandwidth / 1e12:.3f} TB/s; {args.prompt_len}-token prompts, {args.new_tokens} new"
     )
     print(
-        "\n| tp | all-reduce | batch | ms/step | / tp 1 | roofline ms per GPU | / roofline |"
-        "\n|---|---|---|---|---|---|---|"
+        "\n| tp | all-reduce | one-row linears | batch | ms/step | / tp 1 | roofline ms per GPU | / roofline |"
+        "\n|---|---|---|---|---|---|---|---|"
     )
     for r in rows:
         ratio = "-" if r["over_tp1"] is None else f"{r['over_tp1']:.2f}x"
         print(
-            f"| {r['tp']} | {r['all_reduce'] if r['tp'] > 1 else '-'} | {r['batch']} | {r['step_ms']:.2f} "
+            f"| {r['tp']} | {r['all_reduce'] if r['tp'] > 1 else '-'} | {r['linear']} | {r['batch']} "
+            f"| {r['step_ms']:.2f} "
             f"| {ratio} | {r['roofline_ms']:.2f} "
             f"| {r['step_ms'] / r['roofline_ms']:.2f}x |"
         )
     for r in rows:
         if "top_kernels" in r:
-            where = f"tp {r['tp']} ({r['all_reduce']}), batch {r['batch']}"
+            where = f"tp {r['tp']} ({r['all_reduce']}, {r['linear']} linears), batch {r['batch']}"
             print(f"\nrank 0 at {where}: {r['gaps']}")
             print("\n".join(f"- {ms:.3f} {name}" for name, ms in r["top_kernels"]))
     if args.json:

@@ -504,3 +504,32 @@ def test_legacy_config_fields(demo_dir: Path) -> None:
         True,
         448,
     )
+
+
+def test_set_ops_routes_linear_layers_through_the_ops_gemv():
+    """Ops with a `gemv` (Triton's on CUDA) take over every linear layer's forward; the forward
+    hooks the tensor-parallel split hangs on row-parallel layers still run on its output; ops
+    without one leave F.linear in place."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from vlmd.kernels.ops import TorchOps
+    from vlmd.models.layers import set_ops
+
+    calls = []
+
+    class RecordingOps(TorchOps):
+        def gemv(self, x, weight, bias=None):
+            calls.append(weight)
+            return F.linear(x, weight, bias)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4, bias=False))
+    model[1].register_forward_hook(lambda module, args, out: out * 2)  # as an all-reduce would sum
+    x = torch.randn(1, 8)
+    want = model(x)
+    set_ops(model, TorchOps())  # no gemv: nothing changes
+    assert "forward" not in vars(model[0]) and torch.equal(model(x), want)
+    set_ops(model, RecordingOps())
+    assert torch.equal(model(x), want)
+    assert [w is m.weight for w, m in zip(calls, model, strict=True)] == [True, True]

@@ -59,11 +59,13 @@ def make_runner(
     page_size: int,
     embed_store: torch.Tensor | None = None,
     graph_max_batch_size: int = 0,
+    gemv: bool = True,
 ) -> ModelRunner:
     """Give a loaded language model a KV cache of `num_pages` pages and an attention backend;
-    with graph_max_batch_size > 0 and FlashInfer, capture decode steps in CUDA graphs."""
+    with graph_max_batch_size > 0 and FlashInfer, capture decode steps in CUDA graphs; with
+    `gemv`, one-row linear layers on CUDA run Triton's GEMV."""
     weight = next(model.parameters())
-    model.set_ops(make_ops(weight.device, weight.dtype, log))
+    model.set_ops(make_ops(weight.device, weight.dtype, log, gemv=gemv))
     heads = model.model.layers[0].self_attn  # this rank's heads (all of them without TP)
     spec = KVCacheSpec(
         num_layers=arch.num_hidden_layers,

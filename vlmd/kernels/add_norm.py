@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlmd.kernels.probe import built_or_fallback
+from vlmd.kernels.probe import built_or_fallback, require_triton, tl, triton
 
 
 class TorchAddLayerNorm:
@@ -31,12 +31,7 @@ class TorchAddLayerNorm:
 TORCH_ADD_LAYER_NORM = TorchAddLayerNorm()
 
 
-try:  # the CUDA path only; a CPU install has no Triton
-    import triton
-    import triton.language as tl
-except Exception as exc:  # noqa: BLE001 - a broken install fails with more than ImportError
-    triton, _TRITON_MISSING = None, exc
-else:
+if triton is not None:  # the CUDA path only; a CPU install has no Triton
 
     @triton.jit
     def _add_layer_norm_kernel(
@@ -64,8 +59,7 @@ class TritonAddLayerNorm:
     MAX_WIDTH = 8192
 
     def __init__(self) -> None:
-        if triton is None:
-            raise RuntimeError(f"Triton does not import: {_TRITON_MISSING}")
+        require_triton()
 
     def __call__(
         self, x: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float

@@ -12,11 +12,15 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from vlmd.kernels.gemv import make_gemv
+
 
 class TorchOps:
     """transformers' arithmetic: variance in float32, weight applied after casting back."""
 
     name = "torch"
+    # One-row linear layers: `gemv(x, weight, bias)` in place of nn.Linear's F.linear (None: keep it).
+    gemv = None
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x32 = x.float()
@@ -99,8 +103,11 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def make_ops(device: torch.device, dtype: torch.dtype, logger: logging.Logger | None = None) -> TorchOps:
-    """FlashInfer's fused kernels on CUDA in half precision when importable, else torch."""
+def make_ops(
+    device: torch.device, dtype: torch.dtype, logger: logging.Logger | None = None, gemv: bool = True
+) -> TorchOps:
+    """FlashInfer's fused kernels on CUDA in half precision when importable, else torch; with
+    `gemv`, one-row linear layers on CUDA run Triton's GEMV (vlmd.kernels.gemv)."""
     log = logger or logging.getLogger("vlmd.kernels")
     if torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         try:
@@ -108,6 +115,11 @@ def make_ops(device: torch.device, dtype: torch.dtype, logger: logging.Logger | 
         except ImportError as exc:
             log.warning("decoder ops: torch (flashinfer not importable: %s)", exc)
             return TorchOps()
-        log.info("decoder ops: FlashInfer (rmsnorm, fused add-rmsnorm, rope, silu_and_mul)")
+        if gemv:
+            ops.gemv = make_gemv(torch.device(device))
+        log.info(
+            "decoder ops: FlashInfer (rmsnorm, fused add-rmsnorm, rope, silu_and_mul); one-row linears: %s",
+            "cuBLAS" if ops.gemv is None else "Triton GEMV",
+        )
         return ops
     return TorchOps()

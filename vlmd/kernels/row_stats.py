@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from vlmd.kernels.probe import built_or_fallback
+from vlmd.kernels.probe import built_or_fallback, require_triton, tl, triton
 
 
 class RowStats(NamedTuple):
@@ -35,12 +35,7 @@ def torch_row_stats(logits: torch.Tensor) -> RowStats:
     return RowStats(argmax, logsumexp, best - logsumexp)
 
 
-try:  # the CUDA path only; a CPU install has no Triton
-    import triton
-    import triton.language as tl
-except Exception as exc:  # noqa: BLE001 - a broken install fails with more than ImportError
-    triton, _TRITON_MISSING = None, exc
-else:
+if triton is not None:  # the CUDA path only; a CPU install has no Triton
 
     @triton.jit
     def _chunk_stats_kernel(logits_ptr, row_stride, vocab, max_ptr, arg_ptr, sum_ptr, BLOCK: tl.constexpr):
@@ -78,8 +73,7 @@ class TritonRowStats:
     BLOCK = 4096  # logits per program: 16 KB of float32
 
     def __init__(self) -> None:
-        if triton is None:
-            raise RuntimeError(f"Triton does not import: {_TRITON_MISSING}")
+        require_triton()
 
     def __call__(self, logits: torch.Tensor) -> RowStats:
         if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(1) != 1:

@@ -92,10 +92,14 @@ def fuse_linears(*linears: nn.Linear) -> nn.Linear:
 
 
 def set_ops(model: nn.Module, ops: TorchOps) -> None:
-    """Point every layer of `model` that has row-wise ops at `ops`."""
+    """Point every layer of `model` that has row-wise ops at `ops`, and its linear layers at
+    `ops.gemv` where the ops have one."""
     for module in model.modules():
         if hasattr(module, "ops"):
             module.ops = ops
+        elif isinstance(module, nn.Linear) and ops.gemv is not None:
+            # An instance attribute: nn.Module's __call__ runs it, and the tensor-parallel hooks after it.
+            module.forward = lambda x, m=module, gemv=ops.gemv: gemv(x, m.weight, m.bias)
 
 
 def make_norm(norm_type: str, hidden_size: int, eps: float) -> nn.Module:
