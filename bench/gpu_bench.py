@@ -585,6 +585,10 @@ def vit_beside(config: dict, dtype: str, device: str, tiles: int, ready, go, sto
     with torch.device("meta"):
         vision = InternVLVision(arch)
     vision = materialize_random(vision, device, getattr(torch, dtype), seed=2)
+    # The vision actor's default attention, as the main process's ViT has it.
+    vision.set_tile_attention(
+        make_tile_attention("auto", device, getattr(torch, dtype), arch.vision_head_dim, log)
+    )
     side = arch.image_size
     pixels = torch.randn(tiles, 3, side, side, device=device, dtype=getattr(torch, dtype))
     with torch.inference_mode():

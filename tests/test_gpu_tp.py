@@ -156,6 +156,10 @@ def _fused_rank(tp: TPGroup, model_dir, ids, prompts, out_path) -> None:
     model = load_language_model(model_dir, torch.bfloat16, torch.device("cuda", tp.rank), tp=group)
     out["eager_tokens"] = _greedy_tokens(model, arch, prompts, 0)
     out["graph_tokens"] = _greedy_tokens(model, arch, prompts, 16)
+    # One request: its decode steps run the one-row GEMVs, launched (as the fused kernel is) as
+    # programmatic dependents, back to back inside the graph.
+    out["eager_tokens_b1"] = _greedy_tokens(model, arch, prompts[:1], 0)
+    out["graph_tokens_b1"] = _greedy_tokens(model, arch, prompts[:1], 16)
     out["calls"] = CountingFusedAllReduceNorm.calls
     if tp.rank == 0:
         torch.save(out, out_path)
@@ -164,7 +168,8 @@ def _fused_rank(tp: TPGroup, model_dir, ids, prompts, out_path) -> None:
 def test_tp2_fused_all_reduce_norm_within_the_bf16_bound(mid_model, tmp_path):
     """--tp_all_reduce fused: the sum accumulates in float32 inside the norm's kernel, so the
     logits differ from NCCL's by rounding: they must stay within the bf16 bound against float32
-    transformers, and CUDA graphs with the fused kernel inside must give the eager tokens."""
+    transformers, and CUDA graphs with the fused kernel inside must give the eager tokens (at
+    batch 3, and at batch 1 with the GEMVs)."""
     generator = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 990, (int(n),), generator=generator).tolist() for n in (9, 150, 41)]
     arch = InternVLArch.from_model_dir(mid_model)
@@ -180,3 +185,4 @@ def test_tp2_fused_all_reduce_norm_within_the_bf16_bound(mid_model, tmp_path):
     assert ours.max() <= 1.5 * hf_bf16.max()
     assert out["graph_tokens"] == out["eager_tokens"]
     assert all(len(tokens) == 24 for tokens in out["eager_tokens"].values())
+    assert out["graph_tokens_b1"] == out["eager_tokens_b1"] and len(out["eager_tokens_b1"]["r0"]) == 24
