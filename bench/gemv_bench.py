@@ -1,5 +1,5 @@
 """Decode-step linear layers at a few rows: cuBLAS (F.linear) against vlmd's Triton GEMV, on the
-weight shapes of the InternVL3-8B-shaped language model at --tp 1 and --tp 2, side by side in
+weight shapes of gpu_bench's InternVL3-8B-shaped language model at --tp 1 and --tp 2, side by side in
 one run.
 
     python bench/gemv_bench.py [--tp 1 2] [--sweep] [--json PATH]
@@ -23,22 +23,25 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_bench import copy_bandwidth  # noqa: E402
+from gpu_bench import copy_bandwidth, model_shape  # noqa: E402
 
 from vlmd.kernels.gemv import _gemv_kernel, make_gemv  # noqa: E402
+from vlmd.models.config import InternVLArch  # noqa: E402
+from vlmd.models.qwen2 import LM_HEAD_ROW_MULTIPLE  # noqa: E402
 
-HIDDEN, Q, KV, HEAD_DIM, INTER, VOCAB = 3584, 28, 4, 128, 18944, 151680  # InternVL3-8B's Qwen2.5-7B
 
-
-def shapes(tp: int) -> list[tuple[str, int, int, bool, int]]:
-    """(name, N, K, bias, matrices per step) of one rank's decode linears at tensor-parallel `tp`."""
-    qkv = (Q + 2 * KV) // tp * HEAD_DIM
+def shapes(arch: InternVLArch, tp: int) -> list[tuple[str, int, int, bool, int]]:
+    """(name, N, K, bias, matrices per step) of one rank's decode linears at tensor-parallel `tp`
+    (the LM head padded as on CUDA, then split by vocabulary)."""
+    hidden, head_dim, layers = arch.hidden_size, arch.head_dim, arch.num_hidden_layers
+    heads, kv_heads = arch.num_attention_heads // tp, max(1, arch.num_key_value_heads // tp)
+    vocab = -(-arch.vocab_size // LM_HEAD_ROW_MULTIPLE) * LM_HEAD_ROW_MULTIPLE
     return [
-        (f"tp{tp} qkv", qkv, HIDDEN, True, 28),
-        (f"tp{tp} o_proj", HIDDEN, Q // tp * HEAD_DIM, False, 28),
-        (f"tp{tp} gate_up", 2 * INTER // tp, HIDDEN, False, 28),
-        (f"tp{tp} down", HIDDEN, INTER // tp, False, 28),
-        (f"tp{tp} lm_head", VOCAB // tp, HIDDEN, False, 1),
+        (f"tp{tp} qkv", (heads + 2 * kv_heads) * head_dim, hidden, True, layers),
+        (f"tp{tp} o_proj", hidden, heads * head_dim, False, layers),
+        (f"tp{tp} gate_up", 2 * arch.intermediate_size // tp, hidden, False, layers),
+        (f"tp{tp} down", hidden, arch.intermediate_size // tp, False, layers),
+        (f"tp{tp} lm_head", vocab // tp, hidden, False, 1),
     ]
 
 
@@ -89,8 +92,9 @@ def main() -> None:
     )
     rows_out, sweep_out = [], []
     gen = torch.Generator(device=device).manual_seed(0)
+    arch = InternVLArch.from_config_dict(model_shape(tiny=False).config)
     for tp in args.tp:
-        for name, n, k, has_bias, count in shapes(tp):
+        for name, n, k, has_bias, count in shapes(arch, tp):
             copies = max(count, -(-200 * 2**20 // (n * k * 2)))  # >= 200 MB: out of L2
             ws = [
                 (torch.randn(n, k, device=device, generator=gen) / k**0.5).bfloat16() for _ in range(copies)

@@ -581,16 +581,14 @@ def vit_beside(config: dict, dtype: str, device: str, tiles: int, ready, go, sto
     """The other process of `Bench.decode_beside_vit`: its own ViT (random weights, fused as the
     vision actor loads it) on the same device, forwards of `tiles` tiles back to back from `go`
     to `stop`; puts the tiles per second it ran."""
-    arch, device = InternVLArch.from_config_dict(config), torch.device(device)
+    arch, device, dtype = InternVLArch.from_config_dict(config), torch.device(device), getattr(torch, dtype)
     with torch.device("meta"):
         vision = InternVLVision(arch)
-    vision = materialize_random(vision, device, getattr(torch, dtype), seed=2)
+    vision = materialize_random(vision, device, dtype, seed=2)
     # The vision actor's default attention, as the main process's ViT has it.
-    vision.set_tile_attention(
-        make_tile_attention("auto", device, getattr(torch, dtype), arch.vision_head_dim, log)
-    )
+    vision.set_tile_attention(make_tile_attention("auto", device, dtype, arch.vision_head_dim, log))
     side = arch.image_size
-    pixels = torch.randn(tiles, 3, side, side, device=device, dtype=getattr(torch, dtype))
+    pixels = torch.randn(tiles, 3, side, side, device=device, dtype=dtype)
     with torch.inference_mode():
         vision(pixels)  # kernels compiled and loaded before the decode starts
         sync(device)

@@ -533,3 +533,5 @@ def test_set_ops_routes_linear_layers_through_the_ops_gemv():
     set_ops(model, RecordingOps())
     assert torch.equal(model(x), want)
     assert [w is m.weight for w, m in zip(calls, model, strict=True)] == [True, True]
+    set_ops(model, TorchOps())  # ops without one again: F.linear is back
+    assert torch.equal(model(x), want) and len(calls) == 2

@@ -97,9 +97,12 @@ def set_ops(model: nn.Module, ops: TorchOps) -> None:
     for module in model.modules():
         if hasattr(module, "ops"):
             module.ops = ops
-        elif isinstance(module, nn.Linear) and ops.gemv is not None:
-            # An instance attribute: nn.Module's __call__ runs it, and the tensor-parallel hooks after it.
-            module.forward = lambda x, m=module, gemv=ops.gemv: gemv(x, m.weight, m.bias)
+        elif isinstance(module, nn.Linear):
+            # An instance attribute: nn.Module's __call__ runs it, and the tensor-parallel hooks
+            # after it; without a gemv the class's F.linear forward is back.
+            vars(module).pop("forward", None)
+            if ops.gemv is not None:
+                module.forward = lambda x, m=module, gemv=ops.gemv: gemv(x, m.weight, m.bias)
 
 
 def make_norm(norm_type: str, hidden_size: int, eps: float) -> nn.Module:
