@@ -27,7 +27,7 @@ from gpu_bench import copy_bandwidth, model_shape  # noqa: E402
 
 from vlmd.kernels.gemv import _gemv_kernel, make_gemv  # noqa: E402
 from vlmd.models.config import InternVLArch  # noqa: E402
-from vlmd.models.qwen2 import LM_HEAD_ROW_MULTIPLE  # noqa: E402
+from vlmd.models.decoder import LM_HEAD_ROW_MULTIPLE  # noqa: E402
 
 
 def shapes(arch: InternVLArch, tp: int) -> list[tuple[str, int, int, bool, int]]:

@@ -470,14 +470,15 @@ def _config(demo_dir: Path) -> dict:
     ("edit", "message"),
     [
         (lambda c: c.update(model_type="llava"), "unsupported model_type 'llava'"),
-        (lambda c: c.update(model_type="internvl_chat"), "remote-code InternVL"),
+        (lambda c: c.update(model_type="internvl_chat"), "config.json has no llm_config"),
         (lambda c: c.update(architectures=["InternVLModel"]), "unsupported architectures"),
-        (lambda c: c["text_config"].update(model_type="llama"), "unsupported language model 'llama'"),
+        (lambda c: c["text_config"].update(model_type="qwen3_moe"), "unsupported language model 'qwen3_moe'"),
         (
             lambda c: c["text_config"].update(rope_parameters={"rope_type": "yarn", "factor": 4.0}),
             "RoPE scaling",
         ),
-        (lambda c: c.update(vision_feature_layer=-2), "vision_feature_layer"),
+        (lambda c: c["text_config"].update(attention_bias=True), "attention_bias=true"),
+        (lambda c: c.update(vision_feature_layer=-4), "outside the ViT's 2 layers"),
         (lambda c: c.update(image_seq_length=64), "image_seq_length=64"),
     ],
 )

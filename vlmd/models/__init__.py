@@ -1,4 +1,5 @@
-"""InternVL models: architecture config, vision tower, Qwen2 language model and the loader.
+"""InternVL models: architecture config, vision tower, language models (one file per family),
+the checkpoint layouts and the loader.
 
 Only the torch-free config is re-exported here, so `import vlmd.models.config` (the scheduler,
 the HTTP front end) never pays for a torch import; model code lives in its submodules:

@@ -198,9 +198,10 @@ class InternViT(nn.Module):
         super().__init__()
         self.embeddings = VisionEmbeddings(arch)
         self.encoder = VisionEncoder(arch)
-        # Checkpoints trained with mean pooling have no final norm; the others end in a LayerNorm.
+        # HF-native checkpoints trained without mean pooling end in a LayerNorm; the others have
+        # none, and none applies when the features come from before the last layer.
         self.layernorm = None
-        if not arch.vision_use_mean_pooling:
+        if arch.vision_final_norm:
             self.layernorm = nn.LayerNorm(arch.vision_hidden_size, eps=arch.vision_layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -224,12 +225,14 @@ class MultiModalProjector(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(self.layer_norm(x))))
 
 
-def pixel_shuffle(x: torch.Tensor, scale: float) -> torch.Tensor:
+def pixel_shuffle(x: torch.Tensor, scale: float, transpose_back: bool = True) -> torch.Tensor:
     """Fold each (1/scale x 1/scale) block of neighbouring patches into one wider token.
 
     x: [N, rows, cols, C] -> [N, rows * scale, cols * scale, C / scale^2]. The channel order
     inside a folded token (which neighbour lands where) is the one the checkpoints were trained
-    with: fold columns first, then rows, then transpose back.
+    with: fold columns first, then rows, then transpose back. Checkpoints of OpenGVLab's
+    ps_version "v1" were trained without the last transpose (`transpose_back=False`): their
+    tokens come out in column-major order.
     """
     n, rows, cols, channels = x.shape
     factor = round(1 / scale)
@@ -237,6 +240,8 @@ def pixel_shuffle(x: torch.Tensor, scale: float) -> torch.Tensor:
     x = x.reshape(n, rows, cols // factor, channels * factor)  # [N, rows, cols/f, C*f]
     x = x.permute(0, 2, 1, 3).contiguous()  # [N, cols/f, rows, C*f]
     x = x.reshape(n, cols // factor, rows // factor, channels * factor * factor)  # [N, cols/f, rows/f, C*f*f]
+    if not transpose_back:
+        return x
     return x.permute(0, 2, 1, 3).contiguous()  # [N, rows/f, cols/f, C*f*f]
 
 
@@ -281,6 +286,7 @@ class InternVLVision(nn.Module):
         assert height == width == self.arch.image_size, f"tiles must be {self.arch.image_size}px squares"
         x = self.vision_tower(pixel_values)[:, 1:]  # drop CLS: [N, side * side, vision_hidden]
         x = x.reshape(num_tiles, side, side, -1)  # [N, side, side, vision_hidden]
-        x = pixel_shuffle(x, self.arch.downsample_ratio)  # [N, side/f, side/f, vision_hidden * f^2]
+        # [N, side/f, side/f, vision_hidden * f^2]
+        x = pixel_shuffle(x, self.arch.downsample_ratio, transpose_back=not self.arch.pixel_shuffle_v1)
         x = x.flatten(0, 2)  # [N * image_seq_length, vision_hidden * f^2]
         return self.multi_modal_projector(x)  # [N * image_seq_length, hidden]

@@ -1,17 +1,12 @@
 """Load one component of an InternVL checkpoint (vision side or language model) from safetensors,
 or from tensors already in memory (`*_from_state_dict`, for benchmarks that share weights).
 
-The vision process and the LM process each read only their own tensors. Two key layouts exist
-on disk and both load:
-
-    hub (transformers >= 4.52 conversions)   legacy (LLaVA style; transformers 5 save_pretrained)
-    model.vision_tower.*                     vision_tower.*
-    model.multi_modal_projector.*            multi_modal_projector.*
-    model.language_model.*                   language_model.model.*
-    lm_head.weight                           language_model.lm_head.weight
-
-A file without an LM head means tied embeddings (whatever the config says). Any key outside these prefixes, any missing
-parameter and any shape mismatch is an error naming the keys.
+The vision process and the LM process each read only their own tensors, and a tensor-parallel
+rank only its rows of them. Where each parameter lies is the checkpoint layout's business
+(`vlmd.models.layouts`: OpenGVLab's or transformers', packed q/k/v included); this module reads
+what the layout names. A file without an LM head means tied embeddings (whatever the config
+says). Any key outside the layout, any missing parameter and any shape mismatch is an error
+naming the keys.
 """
 
 from __future__ import annotations
@@ -19,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,23 +23,21 @@ from safetensors import safe_open
 from torch import nn
 
 from vlmd.models.config import InternVLArch
+from vlmd.models.decoder import CausalLM
+from vlmd.models.internlm2 import InternLM2ForCausalLM
 from vlmd.models.internvl import InternVLVision
+from vlmd.models.layouts import LANGUAGE, VISION, Source, component_sources, preview
+from vlmd.models.llama import LlamaForCausalLM
 from vlmd.models.qwen2 import Qwen2ForCausalLM
+from vlmd.models.qwen3 import Qwen3ForCausalLM
 from vlmd.models.tensor_parallel import SINGLE_RANK, Shard, TPGroup, shard_language_model, shard_vision
 
-VISION, LANGUAGE = "vision", "language"
-
-# (checkpoint prefix, component, prefix of the component's own parameter names); first match wins.
-_KEY_PREFIXES = (
-    ("model.vision_tower.", VISION, "vision_tower."),
-    ("model.multi_modal_projector.", VISION, "multi_modal_projector."),
-    ("model.language_model.", LANGUAGE, "model."),
-    ("lm_head.", LANGUAGE, "lm_head."),
-    ("vision_tower.", VISION, "vision_tower."),
-    ("multi_modal_projector.", VISION, "multi_modal_projector."),
-    ("language_model.model.", LANGUAGE, "model."),
-    ("language_model.lm_head.", LANGUAGE, "lm_head."),
-)
+LANGUAGE_MODELS: dict[str, type[CausalLM]] = {
+    "qwen2": Qwen2ForCausalLM,
+    "llama": LlamaForCausalLM,
+    "internlm2": InternLM2ForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+}
 
 
 def load_vision(
@@ -57,11 +50,11 @@ def load_vision(
     """The vision tower and projector, in eval mode, on `device` in `dtype`; with `tp` of several
     ranks, this rank's share of the ViT (the projector whole), read from the files slice by slice."""
     arch = InternVLArch.from_model_dir(model_dir)
-    keys = _component_keys(Path(model_dir), VISION)
+    files, sources = _component_sources(Path(model_dir), arch, VISION)
     with torch.device("meta"):
         model = InternVLVision(arch)
         shards = shard_vision(model, tp)
-    _load_into(model, keys, _to_dtype(dtype), torch.device(device), num_threads, shards)
+    _load_into(model, files, sources, _to_dtype(dtype), torch.device(device), num_threads, shards)
     return _finish(model, torch.device(device))
 
 
@@ -71,18 +64,18 @@ def load_language_model(
     device: torch.device | str,
     num_threads: int = 1,
     tp: TPGroup = SINGLE_RANK,
-) -> Qwen2ForCausalLM:
-    """The Qwen2 language model with its LM head, in eval mode, on `device` in `dtype`; with
-    `tp` of several ranks, this rank's share of it, read from the files slice by slice."""
+) -> CausalLM:
+    """The language model with its LM head, in eval mode, on `device` in `dtype`; with `tp` of
+    several ranks, this rank's share of it, read from the files slice by slice."""
     arch = InternVLArch.from_model_dir(model_dir)
-    keys = _component_keys(Path(model_dir), LANGUAGE)
+    files, sources = _component_sources(Path(model_dir), arch, LANGUAGE)
     # Like transformers 5: a head in the file is used even if the config asks for tying (HF
     # warns and unties), and a file without one means the embedding matrix is the head.
-    arch = dataclasses.replace(arch, tie_word_embeddings="lm_head.weight" not in keys)
+    arch = dataclasses.replace(arch, tie_word_embeddings="lm_head.weight" not in sources)
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(arch)
+        model = LANGUAGE_MODELS[arch.text_family](arch)
         shards = shard_language_model(model, tp)
-    _load_into(model, keys, _to_dtype(dtype), torch.device(device), num_threads, shards)
+    _load_into(model, files, sources, _to_dtype(dtype), torch.device(device), num_threads, shards)
     model.tie_weights()  # point the head at the loaded embedding, not the meta placeholder
     return _finish(model, torch.device(device))
 
@@ -93,13 +86,14 @@ def vision_from_state_dict(
     dtype: torch.dtype | str,
     device: torch.device | str,
 ) -> InternVLVision:
-    """`load_vision` from tensors in memory (e.g. `InternVLForConditionalGeneration.state_dict()`,
-    either key layout); keys of the language model are ignored. Tensors already in `dtype` on
-    `device` are shared with the caller, not copied."""
-    names = _component_names(state_dict, VISION, "state dict")
+    """`load_vision` from tensors in memory, keyed in `arch.layout` (e.g.
+    `InternVLForConditionalGeneration.state_dict()`); keys of the language model are ignored.
+    Tensors already in `dtype` on `device` that are parameters whole are shared with the caller,
+    not copied."""
+    sources = component_sources(arch, state_dict.keys(), VISION, "state dict")
     with torch.device("meta"):
         model = InternVLVision(arch)
-    _assign_all(model, {name: state_dict[key] for name, key in names.items()}, _to_dtype(dtype), device)
+    _assign_all(model, state_dict, sources, _to_dtype(dtype), device)
     return _finish(model, torch.device(device))
 
 
@@ -108,18 +102,19 @@ def language_model_from_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     dtype: torch.dtype | str,
     device: torch.device | str,
-) -> Qwen2ForCausalLM:
-    """`load_language_model` from tensors in memory; tensors already in `dtype` on `device` are
-    shared, not copied. Tied when `arch` says so (a tied model's state dict lists its head under
-    its own key, holding the embedding's tensor) or when no head is given."""
-    names = _component_names(state_dict, LANGUAGE, "state dict")
-    tied = arch.tie_word_embeddings or "lm_head.weight" not in names
+) -> CausalLM:
+    """`load_language_model` from tensors in memory, keyed in `arch.layout`; tensors already in
+    `dtype` on `device` that are parameters whole are shared, not copied. Tied when `arch` says so
+    (a tied model's state dict lists its head under its own key, holding the embedding's tensor)
+    or when no head is given."""
+    sources = component_sources(arch, state_dict.keys(), LANGUAGE, "state dict")
+    tied = arch.tie_word_embeddings or "lm_head.weight" not in sources
     if tied:
-        names.pop("lm_head.weight", None)
+        sources.pop("lm_head.weight", None)
     arch = dataclasses.replace(arch, tie_word_embeddings=tied)
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(arch)
-    _assign_all(model, {name: state_dict[key] for name, key in names.items()}, _to_dtype(dtype), device)
+        model = LANGUAGE_MODELS[arch.text_family](arch)
+    _assign_all(model, state_dict, sources, _to_dtype(dtype), device)
     model.tie_weights()
     return _finish(model, torch.device(device))
 
@@ -138,50 +133,32 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
         return dict.fromkeys(f.keys(), single)
 
 
-def _component_keys(model_dir: Path, component: str) -> dict[str, tuple[Path, str]]:
-    """The component's parameter name -> (file, checkpoint key), for every tensor it owns."""
+def _component_sources(
+    model_dir: Path, arch: InternVLArch, component: str
+) -> tuple[dict[str, Path], dict[str, Source]]:
+    """(every checkpoint key -> its file, the component's parameters -> where they lie)."""
     files = checkpoint_files(model_dir)
-    names = _component_names(files, component, str(model_dir))
-    return {name: (files[key], key) for name, key in names.items()}
-
-
-def _component_names(keys: Iterable[str], component: str, source: str) -> dict[str, str]:
-    """The component's parameter name -> checkpoint key, for every key it owns (either layout)."""
-    out: dict[str, str] = {}
-    unknown = []
-    for key in keys:
-        match = next((rule for rule in _KEY_PREFIXES if key.startswith(rule[0])), None)
-        if match is None:
-            unknown.append(key)
-            continue
-        prefix, owner, local_prefix = match
-        if owner == component:
-            name = local_prefix + key[len(prefix) :]
-            if name in out:
-                raise ValueError(f"{source}: {key} and {out[name]} are the same parameter")
-            out[name] = key
-    if unknown:
-        raise ValueError(f"{source}: unrecognised checkpoint keys (not InternVL-hf): {_preview(unknown)}")
-    return out
+    return files, component_sources(arch, files.keys(), component, str(model_dir))
 
 
 def _load_into(
     model: nn.Module,
-    keys: dict[str, tuple[Path, str]],
+    files: dict[str, Path],
+    sources: dict[str, Source],
     dtype: torch.dtype,
     device: torch.device,
     num_threads: int,
     shards: Mapping[str, Shard] | None = None,
 ) -> None:
-    """Replace every parameter of a model built on the meta device with its checkpoint tensor
-    (or, for parameters in `shards`, the slice of it this rank holds: only that is read)."""
+    """Replace every parameter of a model built on the meta device with its checkpoint rows
+    (for parameters in `shards`, only the slice this rank holds: only that is read)."""
     shards = shards or {}
-    params = _expect_parameters(model, keys.keys())
+    params = _expect_parameters(model, sources.keys())
     # Each thread opens its own handle on a file and reads every num_threads-th of its tensors.
     num_threads = max(1, num_threads)
     by_file: dict[Path, list[str]] = defaultdict(list)
-    for name in sorted(keys):
-        by_file[keys[name][0]].append(name)
+    for name in sorted(sources):
+        by_file[files[sources[name].key]].append(name)
     chunks = [(path, names[i::num_threads]) for path, names in by_file.items() for i in range(num_threads)]
 
     def read(chunk: tuple[Path, list[str]]) -> list[tuple[str, torch.Tensor]]:
@@ -189,8 +166,8 @@ def _load_into(
         out = []
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in names:
-                key = keys[name][1]
-                tensor = shards[name].take(f.get_slice(key)) if name in shards else f.get_tensor(key)
+                source = sources[name]
+                tensor = _take(f.get_slice(source.key), source, shards.get(name), params[name])
                 out.append((name, tensor.to(device=device, dtype=dtype)))
         return out
 
@@ -201,22 +178,38 @@ def _load_into(
 
 
 def _assign_all(
-    model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    sources: dict[str, Source],
+    dtype: torch.dtype,
+    device: torch.device | str,
 ) -> None:
     """Replace every parameter of a model built on the meta device with its tensor from memory."""
-    params = _expect_parameters(model, tensors.keys())
-    for name, tensor in tensors.items():
+    params = _expect_parameters(model, sources.keys())
+    for name, source in sources.items():
+        tensor = _take(state_dict[source.key], source, None, params[name])
         _assign(model, name, params[name], tensor.to(device=device, dtype=dtype))
 
 
-def _expect_parameters(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Parameter]:
+def _take(tensor, source: Source, shard: Shard | None, placeholder: nn.Parameter) -> torch.Tensor:
+    """The parameter's values from its checkpoint tensor (a safetensors slice, read only where
+    indexed, or a tensor): all of it, the rank's `shard` of it, or its rows of a packed tensor."""
+    if not source.packed:
+        return tensor[:] if shard is None else shard.take(tensor)
+    start, length = (0, placeholder.shape[0]) if shard is None else (shard.start, shard.length)
+    assert shard is None or shard.dim == 0, f"{source.key}: a packed tensor splits along its rows only"
+    pieces = [tensor[first : first + count] for first, count in source.rows.ranges(start, length)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _expect_parameters(model: nn.Module, names) -> dict[str, nn.Parameter]:
     """The model's parameters by name, checked to be exactly `names`."""
     params = {name: p for name, p in model.named_parameters()}  # tied duplicates appear once
     missing, unexpected = sorted(params.keys() - set(names)), sorted(set(names) - params.keys())
     if missing or unexpected:
         kind = type(model).__name__
         raise ValueError(
-            f"checkpoint does not match {kind}: missing {_preview(missing)}, unexpected {_preview(unexpected)}"
+            f"checkpoint does not match {kind}: missing {preview(missing)}, unexpected {preview(unexpected)}"
         )
     return params
 
@@ -246,8 +239,3 @@ def _to_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if not isinstance(resolved, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}")
     return resolved
-
-
-def _preview(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)})" if keys else "none"

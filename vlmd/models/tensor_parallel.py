@@ -1,6 +1,6 @@
 """Tensor parallelism for the language model and the ViT, applied from outside the model files.
 
-`shard_language_model` takes a Qwen2 model built on the meta device and shrinks it, in place,
+`shard_language_model` takes a language model built on the meta device and shrinks it, in place,
 to one rank's share (Megatron layout), so that the model file still reads as one-GPU code:
 
 - q/k/v and gate/up are column-parallel: each rank holds whole heads and a slice of the MLP's
@@ -206,8 +206,9 @@ class VocabParallelEmbedding(nn.Module):
 
 
 def shard_language_model(model: nn.Module, tp: TPGroup) -> dict[str, Shard]:
-    """Shrink a meta-device Qwen2ForCausalLM to rank `tp.rank`'s share; returns each sharded
-    parameter's slice of the checkpoint (parameters not listed are loaded whole)."""
+    """Shrink a meta-device language model (a `vlmd.models.decoder.CausalLM`) to rank
+    `tp.rank`'s share; returns each sharded parameter's slice of the checkpoint (parameters
+    not listed are loaded whole)."""
     if tp.size == 1:
         return {}
     arch = model.arch
@@ -270,22 +271,19 @@ def _shard_attention(attn: nn.Module, prefix: str, arch, tp: TPGroup) -> dict[st
         kv_start, num_kv = tp.rank * arch.num_key_value_heads // tp.size, 1
     attn.num_heads, attn.num_kv_heads = num_heads, num_kv
     attn.sizes = [num_heads * head_dim, num_kv * head_dim, num_kv * head_dim]
-    attn.q_proj = nn.Linear(hidden, num_heads * head_dim, bias=True)
-    attn.k_proj = nn.Linear(hidden, num_kv * head_dim, bias=True)
-    attn.v_proj = nn.Linear(hidden, num_kv * head_dim, bias=True)
+    bias = attn.qkv_bias
+    attn.q_proj = nn.Linear(hidden, num_heads * head_dim, bias=bias)
+    attn.k_proj = nn.Linear(hidden, num_kv * head_dim, bias=bias)
+    attn.v_proj = nn.Linear(hidden, num_kv * head_dim, bias=bias)
     attn.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
     attn.o_proj.register_forward_hook(_row_parallel_hook(tp))
     q = Shard(0, q_start * head_dim, num_heads * head_dim)
     kv = Shard(0, kv_start * head_dim, num_kv * head_dim)
-    return {
-        f"{prefix}.q_proj.weight": q,
-        f"{prefix}.q_proj.bias": q,
-        f"{prefix}.k_proj.weight": kv,
-        f"{prefix}.k_proj.bias": kv,
-        f"{prefix}.v_proj.weight": kv,
-        f"{prefix}.v_proj.bias": kv,
-        f"{prefix}.o_proj.weight": Shard(1, q_start * head_dim, num_heads * head_dim),
-    }
+    shards = {f"{prefix}.q_proj.weight": q, f"{prefix}.k_proj.weight": kv, f"{prefix}.v_proj.weight": kv}
+    if bias:
+        shards |= {f"{prefix}.q_proj.bias": q, f"{prefix}.k_proj.bias": kv, f"{prefix}.v_proj.bias": kv}
+    # Qwen3's per-head q/k norms have one weight for every head: each rank loads it whole.
+    return shards | {f"{prefix}.o_proj.weight": Shard(1, q_start * head_dim, num_heads * head_dim)}
 
 
 def _shard_mlp(mlp: nn.Module, prefix: str, arch, tp: TPGroup) -> dict[str, Shard]:
