@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
 from vlmd.benchmark.args import add_bench_arguments
 from vlmd.config import ConfigError, add_serve_arguments, build_server_args
 
 DEMO_MODEL_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vlmd", "demo-model")
+# vlmd.demo_opengvlab.BACKBONES (a test keeps them equal), spelt out so the parser needs no torch.
+DEMO_BACKBONES = ("qwen2", "llama", "qwen3", "internlm2")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,9 +29,22 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo-model", help="write the tiny random-weight demo model")
     demo.add_argument("path")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--layout",
+        choices=("hf", "opengvlab"),
+        default="hf",
+        help="transformers' format (the -hf repos) or OpenGVLab's own (internvl_chat)",
+    )
+    demo.add_argument(
+        "--backbone",
+        choices=DEMO_BACKBONES,
+        default="qwen2",
+        help="the language model; internlm2 in the hf layout is a Llama with a SentencePiece-style "
+        "tokenizer, as transformers' conversions of InternLM2-backbone models are",
+    )
     ns = parser.parse_args(argv)
     if ns.command == "demo-model":
-        return _demo_model(ns.path, ns.seed)
+        return _demo_model(ns.path, ns.seed, ns.layout, ns.backbone)
     if ns.command == "bench":
         from vlmd.benchmark.runner import run
 
@@ -36,11 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     return _serve(serve, ns)
 
 
-def _demo_model(path: str, seed: int) -> int:
+def _demo_model(path: str, seed: int, layout: str, backbone: str) -> int:
     from vlmd.demo import write_demo_model
+    from vlmd.demo_opengvlab import hf_demo_options, write_opengvlab_model
 
-    write_demo_model(path, seed=seed)
-    print(f"vlmd: demo model written to {path}")
+    options = hf_demo_options(backbone)
+    if layout == "hf":
+        write_demo_model(path, seed=seed, **options)
+    else:  # OpenGVLab's format is written from the HF-native model it converts to
+        with tempfile.TemporaryDirectory() as hf_dir:
+            write_demo_model(hf_dir, seed=seed, **options)
+            write_opengvlab_model(hf_dir, path, backbone)
+    print(f"vlmd: demo model ({layout} layout, {backbone}) written to {path}")
     return 0
 
 

@@ -5,6 +5,11 @@ config.json, model.safetensors, a byte-level BPE tokenizer (tokenizer.json +
 tokenizer_config.json with the ChatML template), preprocessor_config.json and
 generation_config.json. Output is a pure function of (seed, overrides).
 
+The language model is Qwen2 (InternVL 2.5 / 3), Llama (the -hf conversions of InternLM2-backbone
+models) or Qwen3 (InternVL 3.5), chosen by `text_config={"model_type": ...}`; the tokenizer is the
+byte-level one or, with `tokenizer="sentencepiece"`, a SentencePiece-style one as InternLM2-hf has.
+`vlmd.demo_opengvlab` rewrites such a directory in OpenGVLab's own published format.
+
 The weights are not HF's default init: with std 0.02 everywhere a random model emits one token
 forever and ignores its image. The stds below make the residual stream, attention and the
 projected image rows all O(1), so greedy output wanders over the vocabulary (20-30 distinct
@@ -22,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from vlmd.demo_tokenizer import SPECIAL_TOKENS, build_tokenizer, tokenizer_config
+from vlmd.demo_sp_tokenizer import SENTENCEPIECE
+from vlmd.demo_tokenizer import BYTE_LEVEL, DemoTokenizer
 
 # Init stds (see the module docstring for why they are this large).
 EMBED_STD = 1.0  # token embeddings (and the tied LM head): logits have std ~ sqrt(hidden)
@@ -34,6 +40,9 @@ BIAS_STD = 0.1
 POS_EMBED_STD = 0.3  # vision positions: present, but smaller than the content signal
 PATCH_GAIN = 2.0  # patch conv at 2/sqrt(3*14*14): pixels dominate the first residual stream
 PROJECTOR_OUT_GAIN = 2.0  # image rows end up with a norm like a text embedding's
+# Qwen3's per-head q/k RMSNorm gains, in [1, 3): after the norm q and k have unit RMS whatever the
+# projections' scale, so these gains alone keep attention picking rather than averaging.
+QK_NORM_GAIN = 2.0
 
 DEFAULT_TEXT_CONFIG: dict[str, Any] = {
     "model_type": "qwen2",
@@ -54,6 +63,52 @@ DEFAULT_TEXT_CONFIG: dict[str, Any] = {
     "use_cache": True,
     "dtype": "float32",
 }
+LLAMA_TEXT_CONFIG: dict[str, Any] = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,  # InternLM2's
+    "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+    "attention_bias": False,
+    "mlp_bias": False,
+    "pretraining_tp": 1,
+    "attention_dropout": 0.0,
+    "use_cache": True,
+    "dtype": "float32",
+}
+QWEN3_TEXT_CONFIG: dict[str, Any] = {
+    "model_type": "qwen3",
+    "architectures": ["Qwen3ForCausalLM"],
+    # num_attention_heads * head_dim (256) != hidden_size (192), as in Qwen3-0.6B (16 x 128 vs 1024):
+    # the attention's width and the residual stream's must not be confused anywhere.
+    "hidden_size": 192,
+    "intermediate_size": 384,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+    "attention_bias": False,
+    "use_sliding_window": False,
+    "sliding_window": None,
+    "max_window_layers": 2,
+    "attention_dropout": 0.0,
+    "use_cache": True,
+    "dtype": "float32",
+}
+# text_config defaults by text_config.model_type (DEFAULT_TEXT_CONFIG is Qwen2's).
+TEXT_CONFIGS = {"qwen2": DEFAULT_TEXT_CONFIG, "llama": LLAMA_TEXT_CONFIG, "qwen3": QWEN3_TEXT_CONFIG}
+TOKENIZERS: dict[str, DemoTokenizer] = {"byte_level": BYTE_LEVEL, "sentencepiece": SENTENCEPIECE}
 DEFAULT_VISION_CONFIG: dict[str, Any] = {
     "model_type": "internvl_vision",
     "architectures": ["InternVisionModel"],
@@ -94,6 +149,8 @@ def write_demo_model(path: str | Path, seed: int = 0, **overrides: Any) -> None:
 
     overrides:
       text_config / vision_config: dicts merged over the defaults (sizes, norm_type, ...);
+        text_config's model_type ("qwen2", "llama" or "qwen3") picks the defaults (TEXT_CONFIGS);
+      tokenizer: "byte_level" (default) or "sentencepiece" (TOKENIZERS);
       tie_word_embeddings: bool (default False);
       key_layout: "hub" (model.language_model.*, default) or "legacy" (language_model.model.*,
         what transformers 5 `save_pretrained` writes);
@@ -105,31 +162,44 @@ def write_demo_model(path: str | Path, seed: int = 0, **overrides: Any) -> None:
     options = dict(overrides)
     key_layout = options.pop("key_layout", "hub")
     num_shards = options.pop("num_shards", 1)
-    tokenizer = build_tokenizer()
-    token_ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
-    config = demo_config(tokenizer.get_vocab_size(), token_ids, options)
+    kind_name = options.pop("tokenizer", "byte_level")
+    if kind_name not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {sorted(TOKENIZERS)}, not {kind_name!r}")
+    kind = TOKENIZERS[kind_name]
+    tokenizer = kind.build()
+    token_ids = {token: tokenizer.token_to_id(token) for token in kind.special_tokens}
+    config = demo_config(tokenizer.get_vocab_size(), token_ids, options, kind)
 
     tokenizer.save(str(out / "tokenizer.json"))
-    _write_json(out / "tokenizer_config.json", tokenizer_config(token_ids, config))
-    _write_json(out / "config.json", config)
-    _write_json(out / "preprocessor_config.json", _preprocessor_config(config))
-    _write_json(out / "processor_config.json", {"image_seq_length": config["image_seq_length"]})
-    _write_json(out / "generation_config.json", _generation_config(token_ids))
+    write_json(out / "tokenizer_config.json", kind.tokenizer_config(token_ids, config))
+    write_json(out / "config.json", config)
+    write_json(out / "preprocessor_config.json", _preprocessor_config(config))
+    write_json(out / "processor_config.json", {"image_seq_length": config["image_seq_length"]})
+    write_json(out / "generation_config.json", kind.generation_config(token_ids))
     tensors = demo_weights(config, seed)
     if key_layout == "legacy":
         tensors = {_legacy_key(key): value for key, value in tensors.items()}
     elif key_layout != "hub":
         raise ValueError(f"key_layout must be 'hub' or 'legacy', not {key_layout!r}")
-    _write_safetensors(out, tensors, num_shards)
+    write_safetensors(out, tensors, num_shards)
 
 
-def demo_config(vocab_size: int, token_ids: dict[str, int], options: dict[str, Any]) -> dict[str, Any]:
-    """config.json for the demo model, with `options` (see write_demo_model) applied."""
+def demo_config(
+    vocab_size: int, token_ids: dict[str, int], options: dict[str, Any], kind: DemoTokenizer = BYTE_LEVEL
+) -> dict[str, Any]:
+    """config.json for the demo model, with `options` (see write_demo_model) applied; `kind` is
+    the tokenizer whose `token_ids` these are."""
     options = dict(options)
     tie = options.pop("tie_word_embeddings", False)
-    text = {**copy.deepcopy(DEFAULT_TEXT_CONFIG), "vocab_size": vocab_size, **options.pop("text_config", {})}
+    text_options = options.pop("text_config", {})
+    family = text_options.get("model_type", "qwen2")
+    if family not in TEXT_CONFIGS:
+        raise ValueError(f"text_config.model_type must be one of {sorted(TEXT_CONFIGS)}, not {family!r}")
+    text = {**copy.deepcopy(TEXT_CONFIGS[family]), "vocab_size": vocab_size, **text_options}
     text.update(
-        tie_word_embeddings=tie, bos_token_id=token_ids["<|endoftext|>"], eos_token_id=token_ids["<|im_end|>"]
+        tie_word_embeddings=tie,
+        bos_token_id=token_ids[kind.bos_token],
+        eos_token_id=token_ids[kind.eos_token],
     )
     vision = {**copy.deepcopy(DEFAULT_VISION_CONFIG), **options.pop("vision_config", {})}
     downsample_ratio = options.pop("downsample_ratio", 0.5)
@@ -234,6 +304,8 @@ def _text_weights(init: _Init, text: dict[str, Any], prefix: str) -> dict[str, t
     hidden, inter = text["hidden_size"], text["intermediate_size"]
     head_dim = text.get("head_dim") or hidden // text["num_attention_heads"]
     q_size, kv_size = text["num_attention_heads"] * head_dim, text["num_key_value_heads"] * head_dim
+    # Of the three families only Qwen2 biases q/k/v, and only Qwen3 RMS-normalizes each q and k head.
+    qkv_bias, qk_norm = text["model_type"] == "qwen2", text["model_type"] == "qwen3"
     t = {prefix + "embed_tokens.weight": init.normal((text["vocab_size"], hidden), EMBED_STD)}
     for i in range(text["num_hidden_layers"]):
         layer = f"{prefix}layers.{i}."
@@ -243,7 +315,11 @@ def _text_weights(init: _Init, text: dict[str, Any], prefix: str) -> dict[str, t
             ("v_proj", kv_size, 1.0),
         ):
             t[f"{layer}self_attn.{name}.weight"] = init.linear(size, hidden, gain)
-            t[f"{layer}self_attn.{name}.bias"] = init.normal((size,), BIAS_STD)
+            if qkv_bias:
+                t[f"{layer}self_attn.{name}.bias"] = init.normal((size,), BIAS_STD)
+        if qk_norm:
+            t[layer + "self_attn.q_norm.weight"] = QK_NORM_GAIN * init.norm_weight(head_dim)
+            t[layer + "self_attn.k_norm.weight"] = QK_NORM_GAIN * init.norm_weight(head_dim)
         t[layer + "self_attn.o_proj.weight"] = init.linear(hidden, q_size)
         t[layer + "mlp.gate_proj.weight"] = init.linear(inter, hidden)
         t[layer + "mlp.up_proj.weight"] = init.linear(inter, hidden)
@@ -272,7 +348,29 @@ def _legacy_key(key: str) -> str:
     raise AssertionError(f"no legacy name for {key}")
 
 
-def _write_safetensors(out: Path, tensors: dict[str, torch.Tensor], num_shards: int) -> None:
+def _hub_key(key: str) -> str:
+    for hub, legacy in _LEGACY_PREFIXES:
+        if key.startswith(legacy):
+            return hub + key[len(legacy) :]
+    return key
+
+
+def read_demo_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a model directory (one file, or shards with an index) under the hub keys,
+    whichever key_layout it was written with."""
+    model_dir = Path(path)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        names = ["model.safetensors"]
+    tensors: dict[str, torch.Tensor] = {}
+    for name in names:
+        tensors |= load_file(model_dir / name)
+    return {_hub_key(key): value for key, value in tensors.items()}
+
+
+def write_safetensors(out: Path, tensors: dict[str, torch.Tensor], num_shards: int) -> None:
     metadata = {"format": "pt"}  # transformers refuses safetensors files without it
     if num_shards == 1:
         save_file(tensors, str(out / "model.safetensors"), metadata=metadata)
@@ -285,7 +383,7 @@ def _write_safetensors(out: Path, tensors: dict[str, torch.Tensor], num_shards: 
         save_file(part, str(out / name), metadata=metadata)
         weight_map |= dict.fromkeys(part, name)
     total_size = sum(t.numel() * t.element_size() for t in tensors.values())
-    _write_json(
+    write_json(
         out / "model.safetensors.index.json",
         {"metadata": {"total_size": total_size}, "weight_map": weight_map},
     )
@@ -311,18 +409,7 @@ def _preprocessor_config(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _generation_config(token_ids: dict[str, int]) -> dict[str, Any]:
-    return {
-        "bos_token_id": token_ids["<|endoftext|>"],
-        "eos_token_id": [token_ids["<|im_end|>"], token_ids["<|endoftext|>"]],
-        "pad_token_id": token_ids["<|endoftext|>"],
-    }
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, ensure_ascii=False)
         f.write("\n")
-
-
-# --- tokenizer ---------------------------------------------------------------------------------

@@ -1,8 +1,14 @@
 """The demo model's tokenizer: a byte-level BPE trained offline on a small embedded corpus,
-with the special tokens and chat template of InternVL-hf (Qwen2 chat format)."""
+with the special tokens and chat template of InternVL-hf (Qwen2 chat format).
+
+`DemoTokenizer` describes a demo tokenizer kind to `vlmd.demo`: this byte-level one (`BYTE_LEVEL`)
+and the SentencePiece-style one of `vlmd.demo_sp_tokenizer`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from tokenizers import (
@@ -52,7 +58,7 @@ CHAT_TEMPLATE = (
 # Qwen2's pre-tokenizer split: transformers' Qwen2Tokenizer rebuilds its pipeline with this
 # pattern whatever tokenizer.json says, so ours must be the same for both to agree.
 _SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_CORPUS = """
+CORPUS = """
 A photo of a small red cat sitting on a wooden table next to a cup of coffee.
 The image shows a busy street at night, with cars, buses and bright shop signs.
 What is in this picture? Please describe the image in detail.
@@ -111,7 +117,7 @@ Large language models can look at images, read text and answer questions.
 
 
 def build_tokenizer() -> Tokenizer:
-    """Train the demo's byte-level BPE on _CORPUS (deterministic), special tokens appended last."""
+    """Train the demo's byte-level BPE on CORPUS (deterministic), special tokens appended last."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -127,16 +133,29 @@ def build_tokenizer() -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS.strip().splitlines(), trainer)
+    tokenizer.train_from_iterator(CORPUS.strip().splitlines(), trainer)
     tokenizer.add_special_tokens(
         [AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS]
     )
     return tokenizer
 
 
-def tokenizer_config(token_ids: dict[str, int], config: dict[str, Any]) -> dict[str, Any]:
-    """What transformers needs to rebuild the tokenizer offline, as the InternVL-hf repos write it."""
-    added = {
+@dataclass(frozen=True)
+class DemoTokenizer:
+    """A kind of demo tokenizer: how to build it, and what the demo's config files say about it.
+    `special_tokens` are found by name in the built tokenizer; the functions take their ids."""
+
+    build: Callable[[], Tokenizer]
+    special_tokens: tuple[str, ...]
+    bos_token: str  # text_config.bos_token_id
+    eos_token: str  # text_config.eos_token_id
+    tokenizer_config: Callable[[dict[str, int], dict[str, Any]], dict[str, Any]]  # (ids, config.json)
+    generation_config: Callable[[dict[str, int]], dict[str, Any]]
+
+
+def added_tokens_decoder(token_ids: dict[str, int], tokens: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """tokenizer_config.json's `added_tokens_decoder`: each special token, by its id."""
+    return {
         str(token_ids[token]): {
             "content": token,
             "lstrip": False,
@@ -145,8 +164,13 @@ def tokenizer_config(token_ids: dict[str, int], config: dict[str, Any]) -> dict[
             "single_word": False,
             "special": True,
         }
-        for token in SPECIAL_TOKENS
+        for token in tokens
     }
+
+
+def tokenizer_config(token_ids: dict[str, int], config: dict[str, Any]) -> dict[str, Any]:
+    """What transformers needs to rebuild the tokenizer offline, as the InternVL-hf repos write it."""
+    added = added_tokens_decoder(token_ids, SPECIAL_TOKENS)
     return {
         "tokenizer_class": "Qwen2Tokenizer",
         "add_bos_token": False,
@@ -163,3 +187,21 @@ def tokenizer_config(token_ids: dict[str, int], config: dict[str, Any]) -> dict[
         "extra_special_tokens": EXTRA_SPECIAL_TOKENS,
         "chat_template": CHAT_TEMPLATE,
     }
+
+
+def generation_config(token_ids: dict[str, int]) -> dict[str, Any]:
+    return {
+        "bos_token_id": token_ids["<|endoftext|>"],
+        "eos_token_id": [token_ids["<|im_end|>"], token_ids["<|endoftext|>"]],
+        "pad_token_id": token_ids["<|endoftext|>"],
+    }
+
+
+BYTE_LEVEL = DemoTokenizer(
+    build=build_tokenizer,
+    special_tokens=SPECIAL_TOKENS,
+    bos_token="<|endoftext|>",
+    eos_token="<|im_end|>",
+    tokenizer_config=tokenizer_config,
+    generation_config=generation_config,
+)
