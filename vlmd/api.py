@@ -18,12 +18,14 @@ class GenerateParameters(msgspec.Struct, kw_only=True):
     ignore_eos: bool = False
     seed: int | None = None
     return_details: bool = False  # add per-token ids and logprobs to the response
+    image_max_patch_num: int = -1  # LightLLM's: > 0 is the tile limit of images that set none
 
 
 class ImageInput(msgspec.Struct):
     type: str  # "url" | "base64"
     data: str
     resize_to_fit: bool = False  # beyond --max_image_pixels: downscale it instead of refusing
+    max_dynamic_patch: int | None = None  # tile limit, 1..--max_tiles; None: the request's or server's
 
 
 class MultimodalParams(msgspec.Struct, kw_only=True):

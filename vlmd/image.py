@@ -3,7 +3,10 @@
 The output is bit-identical to transformers' `GotOcr2ImageProcessorPil` called with
 `crop_to_patches=True`, as `InternVLProcessor` calls it: the same grid choice, the same PIL resizes,
 the same float64 rescale and float32 normalisation. Any drift would change what the vision tower
-sees, so `tests/test_image.py` compares against transformers with `np.array_equal`.
+sees, so `tests/test_image.py` compares against transformers with `np.array_equal`. For OpenGVLab's
+own checkpoints (config.json `"model_type": "internvl_chat"`) it is bit-identical to their
+`dynamic_preprocess` + `build_transform` instead (`tests/test_opengvlab_tiling.py`); the two
+procedures differ only in how they order grids of one tile count (see `_candidate_grids`).
 
 Only PIL and numpy are imported: this runs in the HTTP front end and in load workers, which must not
 pay for (or depend on) torch.
@@ -14,7 +17,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Whose order of equal-count grids decides exact aspect-ratio ties (see `_candidate_grids`).
+GRID_ORDERS = ("transformers", "opengvlab")
 
 # Formats a client may upload. Anything else (EPS shells out to Ghostscript, PDF, PSD, FITS, ...) is
 # rejected before a decoder runs, which keeps PIL's rarely exercised plugins off untrusted input.
@@ -56,6 +61,8 @@ class TilingConfig:
     closest to the image's among grids of `min_tiles..max_tiles` tiles, cut into tiles in row-major
     order, and followed by a thumbnail of the whole image when there is more than one tile. With
     `crop_to_patches=False` or `max_tiles == 1` the whole image becomes a single tile.
+    `grid_order` names the procedure followed where grids of one tile count tie: "transformers"
+    (GotOcr2) or "opengvlab" (their `dynamic_preprocess`).
     """
 
     tile_size: int = 448
@@ -67,9 +74,10 @@ class TilingConfig:
     image_std: tuple[float, float, float] = IMAGENET_STD
     rescale_factor: float = 1 / 255
     resample: int = Image.Resampling.BICUBIC.value
+    grid_order: str = "transformers"
 
     def __post_init__(self) -> None:
-        # Config files hold lists; tuples keep the frozen config hashable (it keys the LUT cache).
+        # Config files hold lists; tuples keep the frozen config hashable and comparable.
         object.__setattr__(self, "image_mean", _per_channel(self.image_mean, "image_mean"))
         object.__setattr__(self, "image_std", _per_channel(self.image_std, "image_std"))
         object.__setattr__(self, "resample", int(self.resample))
@@ -79,6 +87,8 @@ class TilingConfig:
             raise ValueError(f"need 1 <= min_tiles <= max_tiles, got {self.min_tiles}..{self.max_tiles}")
         if 0.0 in self.image_std:
             raise ValueError(f"image_std must be non-zero, got {self.image_std}")
+        if self.grid_order not in GRID_ORDERS:
+            raise ValueError(f"grid_order must be one of {GRID_ORDERS}, got {self.grid_order!r}")
         Image.Resampling(self.resample)  # raises ValueError for an unknown filter
 
     @property
@@ -88,18 +98,37 @@ class TilingConfig:
             return 1
         return self.max_tiles + (1 if self.use_thumbnail else 0)
 
+    def with_max_tiles(self, max_tiles: int) -> TilingConfig:
+        """This config under a request's tile limit (`max_dynamic_patch`).
+
+        A limit below `min_tiles` leaves no grid to choose from; both reference procedures then fall
+        back to the (1, 1) grid, the whole image as one tile, which is what `max_tiles=1` gives.
+        """
+        if max_tiles < self.min_tiles:
+            return replace(self, min_tiles=1, max_tiles=1)
+        return replace(self, max_tiles=max_tiles)
+
     @classmethod
     def from_model_dir(cls, path: str | Path, **overrides: Any) -> TilingConfig:
-        """Builds the config from a model directory as transformers saves it; non-None overrides win.
+        """Builds the config from a model directory; non-None overrides win.
 
-        Reads the nested `"image_processor"` dict of `processor_config.json` if there is one, else
-        `preprocessor_config.json` (transformers' own priority); with neither, or for keys they lack,
-        InternVL-hf's defaults apply. The file's `crop_to_patches` is deliberately ignored:
-        `save_pretrained` writes GotOcr2's class default `false`, and `InternVLProcessor` overrides it
-        with `True` on every call, so honouring it would silently turn tiling off. Pass
-        `crop_to_patches=False` as an override to really disable it.
+        OpenGVLab's checkpoints (config.json `"model_type": "internvl_chat"`) keep their settings at
+        the top level of config.json (`_opengvlab_values`); their CLIP-style
+        `preprocessor_config.json` is not what their code tiles with, and is not read.
+
+        Otherwise, as transformers saves a model: reads the nested `"image_processor"` dict of
+        `processor_config.json` if there is one, else `preprocessor_config.json` (transformers' own
+        priority); with neither, or for keys they lack, InternVL-hf's defaults apply. The file's
+        `crop_to_patches` is deliberately ignored: `save_pretrained` writes GotOcr2's class default
+        `false`, and `InternVLProcessor` overrides it with `True` on every call, so honouring it would
+        silently turn tiling off. Pass `crop_to_patches=False` as an override to really disable it.
         """
-        values = _config_values(_read_image_processor_dict(Path(path)))
+        model_dir = Path(path)
+        model_config = _read_json(model_dir / "config.json")
+        if model_config.get("model_type") == "internvl_chat":
+            values = _opengvlab_values(model_config)
+        else:
+            values = _config_values(_read_image_processor_dict(model_dir))
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
 
@@ -110,6 +139,28 @@ def _per_channel(value: float | tuple | list, name: str) -> tuple[float, float, 
     if len(value) != 3:
         raise ValueError(f"{name} needs one value per RGB channel, got {value!r}")
     return tuple(float(v) for v in value)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _opengvlab_values(config: dict[str, Any]) -> dict[str, Any]:
+    """TilingConfig fields from the top level of OpenGVLab's config.json.
+
+    Absent keys take the defaults of their `InternVLChatConfig`; the tile side is
+    `force_image_size`, else the ViT's `image_size`. Mean, std, the bicubic filter and 1/255 are
+    fixed in their `build_transform` (ImageNet's; TilingConfig's defaults).
+    """
+    vision = config.get("vision_config") or {}
+    return {
+        "tile_size": _square_tile_size(config.get("force_image_size") or vision.get("image_size", 448)),
+        "crop_to_patches": bool(config.get("dynamic_image_size", False)),
+        "use_thumbnail": bool(config.get("use_thumbnail", False)),
+        "min_tiles": config.get("min_dynamic_patch", 1),
+        "max_tiles": config.get("max_dynamic_patch", 6),
+        "grid_order": "opengvlab",
+    }
 
 
 def _read_image_processor_dict(model_dir: Path) -> dict[str, Any]:
@@ -140,9 +191,11 @@ def _config_values(raw: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _square_tile_size(size: int | dict[str, int]) -> int:
+def _square_tile_size(size: int | list[int] | dict[str, int]) -> int:
     if isinstance(size, int):
         return size
+    if isinstance(size, list | tuple):  # OpenGVLab's image_size may be an [h, w] pair
+        size = dict(zip(("height", "width"), size, strict=True))
     height, width = size.get("height"), size.get("width")
     if height is None or width is None or height != width:
         raise ValueError(f"InternVL tiles must be square {{height, width}}, got size={size!r}")
@@ -153,19 +206,33 @@ def _square_tile_size(size: int | dict[str, int]) -> int:
 # Grid choice
 
 
-@lru_cache(maxsize=32)
-def _candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
-    """(cols, rows) grids with min..max tiles, by tile count; ties keep cols-major order.
+@lru_cache(maxsize=64)
+def _candidate_grids(min_tiles: int, max_tiles: int, grid_order: str) -> tuple[tuple[int, int], ...]:
+    """(cols, rows) grids with min..max tiles, by tile count (a stable sort).
 
-    The order matters: the first grid wins a ratio tie unless the tie-break below moves on.
+    Within one tile count the order matters: on an exact ratio tie between two grids of one count
+    the first wins, or the last when the tie-break below moves on. Such ties need `min_tiles` >= 4
+    (none with fewer, for grids up to 40 tiles): 500 x 200 at 4..4 ties 4x1 with 2x2.
+    transformers lists them cols-major. OpenGVLab's `dynamic_preprocess` collects them in a Python
+    set first, so they come in the set's iteration order, which follows CPython's tuple hashes and
+    the order they went in; inserting the same tuples in the same order (by a growing bound on each
+    side) reproduces it on this interpreter.
     """
-    grids = [
-        (cols, rows)
-        for cols in range(1, max_tiles + 1)
-        for rows in range(1, max_tiles + 1)
-        if min_tiles <= cols * rows <= max_tiles
-    ]
-    return tuple(sorted(grids, key=lambda grid: grid[0] * grid[1]))  # stable sort
+    if grid_order == "opengvlab":
+        grids = set()
+        for bound in range(min_tiles, max_tiles + 1):
+            for cols in range(1, bound + 1):
+                for rows in range(1, bound + 1):
+                    if min_tiles <= cols * rows <= max_tiles:
+                        grids.add((cols, rows))
+    else:
+        grids = [
+            (cols, rows)
+            for cols in range(1, max_tiles + 1)
+            for rows in range(1, max_tiles + 1)
+            if min_tiles <= cols * rows <= max_tiles
+        ]
+    return tuple(sorted(grids, key=lambda grid: grid[0] * grid[1]))
 
 
 def tile_grid(width: int, height: int, cfg: TilingConfig) -> tuple[int, int]:
@@ -176,7 +243,7 @@ def tile_grid(width: int, height: int, cfg: TilingConfig) -> tuple[int, int]:
     area = width * height
     best_diff = float("inf")
     best = (1, 1)
-    for cols, rows in _candidate_grids(cfg.min_tiles, cfg.max_tiles):
+    for cols, rows in _candidate_grids(cfg.min_tiles, cfg.max_tiles, cfg.grid_order):
         diff = abs(aspect_ratio - cols / rows)
         if diff < best_diff:
             best_diff, best = diff, (cols, rows)
@@ -293,17 +360,22 @@ def downscale(image: Image.Image, width: int, height: int) -> Image.Image:
 
 
 @lru_cache(maxsize=8)
-def _normalize_lut(cfg: TilingConfig) -> np.ndarray:
+def _normalize_lut(
+    image_mean: tuple[float, float, float], image_std: tuple[float, float, float], rescale_factor: float
+) -> np.ndarray:
     """[3, 256] float32: every normalised value a uint8 pixel of each channel can become.
 
     transformers computes `float32(float64(v) * factor)` then `(x - mean) / std` in float32; both
     are elementwise, correctly rounded IEEE operations, so evaluating them once per possible
-    (channel, value) pair and gathering gives the same bits at a fraction of the cost.
+    (channel, value) pair and gathering gives the same bits at a fraction of the cost. OpenGVLab's
+    torchvision `ToTensor` divides in float32 instead (`float32(v) / 255`), which gives the same
+    float32 for all 256 values at factor 1/255 (`tests/test_opengvlab_tiling.py` checks it).
+    Keyed by what it depends on, not the whole config: per-request tile limits make many configs.
     """
     values = np.arange(256, dtype=np.uint8)
-    rescaled = (values.astype(np.float64) * cfg.rescale_factor).astype(np.float32)  # [256]
-    mean = np.array(cfg.image_mean, dtype=np.float32)[:, None]  # [3, 1]
-    std = np.array(cfg.image_std, dtype=np.float32)[:, None]  # [3, 1]
+    rescaled = (values.astype(np.float64) * rescale_factor).astype(np.float32)  # [256]
+    mean = np.array(image_mean, dtype=np.float32)[:, None]  # [3, 1]
+    std = np.array(image_std, dtype=np.float32)[:, None]  # [3, 1]
     lut = (rescaled[None, :] - mean) / std  # [3, 256]
     assert lut.dtype == np.float32
     lut.flags.writeable = False
@@ -334,6 +406,7 @@ def preprocess(image: Image.Image, cfg: TilingConfig) -> np.ndarray:
         tiles.append(_split_tiles(thumbnail, 1, 1, tile))
     uint8_tiles = np.concatenate(tiles) if len(tiles) > 1 else tiles[0]  # [N, C, tile, tile]
     channel = np.arange(3).reshape(1, 3, 1, 1)
-    out = _normalize_lut(cfg)[channel, uint8_tiles]  # [N, C, tile, tile] float32, contiguous
+    lut = _normalize_lut(cfg.image_mean, cfg.image_std, cfg.rescale_factor)
+    out = lut[channel, uint8_tiles]  # [N, C, tile, tile] float32, contiguous
     assert out.shape == (num_tiles(image.width, image.height, cfg), 3, tile, tile)
     return out

@@ -37,7 +37,9 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
 class ImageRef(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """One image of a request: where its bytes are and which prompt positions it fills."""
 
-    md5: str  # embed-cache key: hex MD5 of the original image bytes (and of the size, if resized)
+    # Embed-cache key: hex MD5 of the original image bytes, or, where a setting changes the
+    # embeddings (a resize, a tile limit), of that MD5 and the settings (`vlmd.actors.images`).
+    md5: str
     bytes_shm: str  # shared-memory segment holding the original bytes ("" once consumed)
     num_bytes: int
     num_tiles: int
@@ -45,6 +47,7 @@ class ImageRef(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     num_tokens: int  # embedding rows = num_tiles * image_seq_length
     resize_width: int = 0  # > 0: the vision actor downscales the decoded image to this size first
     resize_height: int = 0
+    max_tiles: int = 0  # > 0: the request's tile limit (max_dynamic_patch); 0: the server's
 
 
 class HistogramSnapshot(msgspec.Struct, array_like=True, gc=False):

@@ -12,6 +12,7 @@ import msgspec
 class ImageURL(msgspec.Struct):
     url: str  # http(s) URL or data:image/...;base64,... URI
     detail: str | None = None  # accepted; images are tiled as the model's processor does
+    max_dynamic_patch: int | None = None  # LMDeploy's per-image tile limit, 1..--max_tiles
 
 
 class TextPart(msgspec.Struct, tag="text", tag_field="type"):

@@ -17,22 +17,50 @@ from vlmd.messages import ImageRef
 
 
 class BadImage(ValueError):
-    """An image of the request cannot be used; the message says which and why."""
+    """An image of the request cannot be used; the message says which and why, `param` names the
+    request field at fault where one is."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
 class CheckedImage:
     data: bytes
-    md5: str  # the embed-cache key: MD5 of the bytes, or of the bytes and the size when resized
+    md5: str  # the embed-cache key (`embed_key`)
     num_tiles: int
     resize_to: tuple[int, int] | None = None  # (width, height) the vision actor downscales it to
+    max_tiles: int = 0  # the image's tile limit; 0: the server's
 
     def ref(self, bytes_shm: str, token_offset: int, num_tokens: int) -> ImageRef:
         """The image as the scheduler and the vision actor see it, its bytes in `bytes_shm`."""
         width, height = self.resize_to or (0, 0)
         return ImageRef(
-            self.md5, bytes_shm, len(self.data), self.num_tiles, token_offset, num_tokens, width, height
+            self.md5,
+            bytes_shm,
+            len(self.data),
+            self.num_tiles,
+            token_offset,
+            num_tokens,
+            width,
+            height,
+            self.max_tiles,
         )
+
+
+def embed_key(md5: str, resize_to: tuple[int, int] | None = None, max_tiles: int = 0) -> str:
+    """The embed-cache key of an image: the MD5 of its bytes when the server's settings apply,
+    else an MD5 over it and every setting that changes the embeddings, so that the same bytes
+    tiled two ways are two entries."""
+    settings = []
+    if resize_to is not None:
+        settings.append(f"{resize_to[0]}x{resize_to[1]}")
+    if max_tiles:
+        settings.append(f"max_tiles={max_tiles}")
+    if not settings:
+        return md5
+    return hashlib.md5(":".join([md5, *settings]).encode()).hexdigest()
 
 
 class ImageChecker:
@@ -62,6 +90,8 @@ class ImageChecker:
         return list(await asyncio.gather(*(self.check(i, image) for i, image in enumerate(images))))
 
     async def check(self, index: int, image: ImageInput) -> CheckedImage:
+        max_tiles = self._tile_limit(index, image.max_dynamic_patch)
+        tiling = self.tiling.with_max_tiles(max_tiles) if max_tiles else self.tiling
         data = await self._load_bytes(index, image)
         md5 = hashlib.md5(data).hexdigest()
         size = self._size_by_md5.get(md5)
@@ -77,12 +107,23 @@ class ImageChecker:
             self._remember(md5, size)
         width, height = size
         if width * height <= self.max_pixels:
-            return CheckedImage(data, md5, num_tiles(width, height, self.tiling))
+            key = embed_key(md5, max_tiles=max_tiles)
+            return CheckedImage(data, key, num_tiles(width, height, tiling), max_tiles=max_tiles)
         if not image.resize_to_fit:
             raise BadImage(self._too_large(index, width, height))
         resize_to = fit_within(width, height, self.max_pixels)
-        resized_md5 = hashlib.md5(f"{md5}:{resize_to[0]}x{resize_to[1]}".encode()).hexdigest()
-        return CheckedImage(data, resized_md5, num_tiles(*resize_to, self.tiling), resize_to)
+        key = embed_key(md5, resize_to, max_tiles)
+        return CheckedImage(data, key, num_tiles(*resize_to, tiling), resize_to, max_tiles)
+
+    def _tile_limit(self, index: int, max_dynamic_patch: int | None) -> int:
+        """The image's tile limit as ImageRef carries it: 0 where the server's tiles apply (no limit,
+        the server's own, or a model that makes one tile of every image)."""
+        if max_dynamic_patch is None:
+            return 0
+        check_tile_limit(max_dynamic_patch, self.tiling.max_tiles, "max_dynamic_patch", f"image {index}: ")
+        if max_dynamic_patch == self.tiling.max_tiles or not self.tiling.crop_to_patches:
+            return 0
+        return max_dynamic_patch
 
     def _too_large(self, index: int, width: int, height: int) -> str:
         return (
@@ -121,6 +162,16 @@ class ImageChecker:
         self._size_by_md5[md5] = size
         if len(self._size_by_md5) > self._cache_size:
             self._size_by_md5.popitem(last=False)
+
+
+def check_tile_limit(value: int, server_max_tiles: int, param: str, where: str = "") -> None:
+    """A request's tile limit must lie in 1..--max_tiles (the server's); BadImage names `param`."""
+    if not 1 <= value <= server_max_tiles:
+        raise BadImage(
+            f"{where}`{param}` must be between 1 and the server's max tiles ({server_max_tiles}, "
+            f"--max_tiles), got {value}",
+            param,
+        )
 
 
 def _decode_base64(index: int, text: str) -> bytes:

@@ -8,12 +8,14 @@ import json
 import time
 from typing import TYPE_CHECKING
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from vlmd.actors.images import BadImage, check_tile_limit
 from vlmd.actors.inflight import ClientError, ClientGone, Tracked
-from vlmd.api import GenerateBody
+from vlmd.api import GenerateBody, ImageInput
 from vlmd.detokenizer import IncrementalDetokenizer
 from vlmd.messages import SamplingParams
 from vlmd.sampling import InvalidParameter, make_sampling_params
@@ -50,7 +52,7 @@ class LightLLMApi:
         arrival = time.perf_counter()
         params = body.parameters
         sampling = self._sampling(body)
-        checked = await self.actor.check_images(body.multimodal_params.images)
+        checked = await self.actor.check_images(self._images(body))
         prompt_ids, spans = await self.actor.tokenize(self.prompts.build, body.inputs, checked)
         self.actor.check_length(len(prompt_ids), sampling.max_new_tokens)
         stops = [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
@@ -128,6 +130,23 @@ class LightLLMApi:
                     return
         finally:
             self.actor.forget(request_id, tracked)
+
+    def _images(self, body: GenerateBody) -> list[ImageInput]:
+        """The request's images, each with its tile limit: its own, else `image_max_patch_num`."""
+        limit = body.parameters.image_max_patch_num
+        images = body.multimodal_params.images
+        if limit <= 0:  # LightLLM's "not given"
+            return images
+        try:
+            check_tile_limit(limit, self.actor.images.tiling.max_tiles, "image_max_patch_num")
+        except BadImage as exc:
+            raise ClientError(400, str(exc), exc.param) from None
+        return [
+            image
+            if image.max_dynamic_patch is not None
+            else msgspec.structs.replace(image, max_dynamic_patch=limit)
+            for image in images
+        ]
 
     def _sampling(self, body: GenerateBody) -> SamplingParams:
         p = body.parameters

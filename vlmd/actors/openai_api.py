@@ -370,8 +370,11 @@ def _chat_messages(messages: list[ChatMessage]) -> tuple[list[dict], list[ImageI
                 if isinstance(part, TextPart):
                     content.append({"type": "text", "text": part.text})
                 else:
-                    url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
-                    images.append(ImageInput("url", url))
+                    if isinstance(part.image_url, str):
+                        images.append(ImageInput("url", part.image_url))
+                    else:
+                        limit = part.image_url.max_dynamic_patch
+                        images.append(ImageInput("url", part.image_url.url, max_dynamic_patch=limit))
                     content.append({"type": "image"})
         rendered.append({"role": role, "content": content})
     return rendered, images

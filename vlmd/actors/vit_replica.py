@@ -137,7 +137,8 @@ class ViTRank:
                 decoded = decode_image(data)
                 if image.resize_width:  # the client asked to fit --max_image_pixels
                     decoded = downscale(decoded, image.resize_width, image.resize_height)
-                pixels = preprocess(decoded, self.tiling)  # [num_tiles, 3, tile, tile]
+                tiling = self.tiling.with_max_tiles(image.max_tiles) if image.max_tiles else self.tiling
+                pixels = preprocess(decoded, tiling)  # [num_tiles, 3, tile, tile]
                 assert pixels.shape[0] == image.num_tiles, "http and vision disagree on the tile count"
                 tiles.append(pixels)
                 counts.append(pixels.shape[0])
