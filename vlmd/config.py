@@ -75,7 +75,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--trust_remote_code",
         action="store_true",
-        help="accepted for compatibility; vlmd runs its own model code",
+        help="load a tokenizer that ships as code beside the weights (InternLM2's); vlmd never "
+        "imports the model's own code",
     )
     add("--enable_multimodal", action="store_true", help="serve images (start the vision actor)")
     add("--visual_infer_batch_size", type=int, default=1, help="images per ViT batch")
@@ -124,8 +125,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--image_fetch_timeout", type=float, default=10.0, help="seconds to fetch an image URL")
     add("--embed_store_mb", type=int, default=1024, help="shared-memory arena for image embeddings")
-    add("--min_tiles", type=int, default=None, help="override the processor config's min_patches")
-    add("--max_tiles", type=int, default=None, help="override the processor config's max_patches")
+    add(
+        "--min_tiles",
+        type=int,
+        default=None,
+        help="override the processor config's min_patches (OpenGVLab's config.json: min_dynamic_patch)",
+    )
+    add(
+        "--max_tiles",
+        type=int,
+        default=None,
+        help="override the processor config's max_patches (OpenGVLab's config.json: max_dynamic_patch); "
+        "also the largest max_dynamic_patch a request may ask for",
+    )
     add(
         "--graph_max_batch_size", type=int, default=64, help="largest decode batch replayed from a CUDA graph"
     )

@@ -55,7 +55,12 @@ class HttpActor:
         self.args, self.runtime = launch.args, launch.runtime
         self.channel = channel
         self.segment_prefix = shm.segment_prefix(self.runtime.server_id)
-        self.prompts = PromptBuilder(self.args.model_dir, self.runtime.image_seq_length)
+        self.prompts = PromptBuilder(
+            self.args.model_dir,
+            self.runtime.image_seq_length,
+            trust_remote_code=self.args.trust_remote_code,
+            conversation=self.runtime.conversation,
+        )
         tiling = TilingConfig.from_model_dir(
             self.args.model_dir, min_tiles=self.args.min_tiles, max_tiles=self.args.max_tiles
         )
@@ -155,7 +160,7 @@ class HttpActor:
         try:
             checked = await self.images.check_all(images)
         except BadImage as exc:
-            raise ClientError(400, str(exc)) from None
+            raise ClientError(400, str(exc), exc.param) from None
         if len({image.md5 for image in checked}) > self.args.cache_capacity:
             raise ClientError(
                 400,
@@ -221,7 +226,7 @@ class HttpActor:
                 sampling=sampling,
                 images=refs,
                 stop_token_seqs=list(stop_token_seqs),
-                eos_token_ids=self.runtime.eos_token_ids,
+                eos_token_ids=self.prompts.eos_token_ids,
             )
         )
         return request_id, tracked

@@ -32,7 +32,7 @@ class RuntimeInfo(msgspec.Struct, frozen=True, kw_only=True):
     num_kv_pages: int  # 0 until the workers have sized the KV cache from free device memory
     max_req_total_len: int  # 0 until num_kv_pages is known
     max_model_len: int  # the model's max_position_embeddings
-    eos_token_ids: list[int]
+    conversation: str | None = None  # OpenGVLab's conversation template named by config.json
     embed_store: str = ""  # shared-memory segment of the EmbedStore ("" without multimodal)
     embed_store_rows: int = 0
 

@@ -25,6 +25,12 @@ def resolve_runtime(args: ServerArgs, server_id: int, run_dir: str) -> RuntimeIn
         arch = InternVLArch.from_model_dir(args.model_dir)
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise ConfigError("--model_dir", f"cannot serve {args.model_dir!r}: {exc}") from None
+    if (classes := remote_code_tokenizer(args.model_dir)) is not None and not args.trust_remote_code:
+        raise ConfigError(
+            "--trust_remote_code",
+            f"not given, but the tokenizer of {args.model_dir!r} ({classes}) is code shipped with "
+            "the model; pass --trust_remote_code to load it",
+        )
     if args.image_length != arch.image_seq_length:
         raise ConfigError(
             ENV_IMAGE_LENGTH,
@@ -53,7 +59,7 @@ def resolve_runtime(args: ServerArgs, server_id: int, run_dir: str) -> RuntimeIn
         num_kv_pages=0,
         max_req_total_len=0,
         max_model_len=arch.max_position_embeddings,
-        eos_token_ids=_eos_token_ids(args.model_dir),
+        conversation=arch.template,
         embed_store=embed_store,
         embed_store_rows=embed_rows,
     )
@@ -77,6 +83,20 @@ def with_kv_pages(runtime: RuntimeInfo, args: ServerArgs, num_kv_pages: int) -> 
             )
         max_len = args.max_req_total_len
     return msgspec.structs.replace(runtime, num_kv_pages=num_kv_pages, max_req_total_len=max_len)
+
+
+def remote_code_tokenizer(model_dir: str) -> str | None:
+    """The classes of a tokenizer that ships as code beside the weights (InternLM2's), or None.
+    vlmd never imports the model's own code; --trust_remote_code loads such a tokenizer."""
+    path = os.path.join(model_dir, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        auto_map = json.load(f).get("auto_map") or {}
+    classes = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None
+    if not classes:
+        return None
+    return ", ".join(c for c in (classes if isinstance(classes, list) else [classes]) if c)
 
 
 def resolve_device(device: str) -> str:
@@ -121,14 +141,3 @@ def _available_host_bytes() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _eos_token_ids(model_dir: str) -> list[int]:
-    path = os.path.join(model_dir, "generation_config.json")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        eos = json.load(f).get("eos_token_id")
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)

@@ -4,16 +4,27 @@ detokenization. It lives in the http process (the architecture allows them to sh
 Each image becomes `<img>` + `<IMG_CONTEXT>` x (tiles x image tokens per tile) + `</img>`,
 exactly what transformers' InternVL processor produces. A LightLLM-style prompt may spell the
 placeholder three ways, one per image, in order: LightLLM's `<img></img>`, `<image>`, and
-`<IMG_CONTEXT>` as the HF chat template writes it. A chat (OpenAI messages) is rendered by the
-model's chat template, and only the placeholder the template writes for an image part counts.
+`<IMG_CONTEXT>` as the HF chat template writes it. The three image tokens are found by name in
+the tokenizer, never by assumed ids.
+
+A chat (OpenAI messages) is rendered by the tokenizer's chat template where it has one, and
+only the placeholder the template writes for an image part counts: `<IMG_CONTEXT>` (the -hf
+conversions) or `<image>` (OpenGVLab's). A template that only takes string content (InternVL2's
+Qwen-style ones) gets each image as `<image>` + newline at its place in the text. Without a chat
+template, OpenGVLab's conversation template named by config.json (`vlmd.conversation`) renders
+it, as InternVL's own chat() does.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from dataclasses import dataclass
 
 from transformers import AutoTokenizer
+
+from vlmd.conversation import CONVERSATIONS, IMAGE_PLACEHOLDER, flatten_content
 
 
 class PromptError(ValueError):
@@ -27,21 +38,58 @@ class ImageSpan:
 
 
 class PromptBuilder:
-    def __init__(self, model_dir: str, image_seq_length: int) -> None:
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    def __init__(
+        self,
+        model_dir: str,
+        image_seq_length: int,
+        trust_remote_code: bool = False,
+        conversation: str | None = None,
+    ) -> None:
+        """`conversation`: the name of OpenGVLab's template (config.json "template"), used for
+        chats when the tokenizer has no chat template and for the EOS without a generation config."""
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         self.image_seq_length = image_seq_length
         self.start_token = getattr(self.tokenizer, "start_image_token", "<img>")
         self.end_token = getattr(self.tokenizer, "end_image_token", "</img>")
         self.context_token = getattr(self.tokenizer, "context_image_token", "<IMG_CONTEXT>")
-        self.start_id, self.end_id, self.context_id = self.tokenizer.convert_tokens_to_ids(
-            [self.start_token, self.end_token, self.context_token]
+        self.start_id, self.end_id, self.context_id = (
+            self._token_id(token) for token in (self.start_token, self.end_token, self.context_token)
         )
         self.image_tokens = (self.start_token, self.end_token, self.context_token)
-        spellings = [self.start_token + self.end_token, "<image>", self.context_token]
+        spellings = [self.start_token + self.end_token, IMAGE_PLACEHOLDER, self.context_token]
         self._placeholder = re.compile("|".join(re.escape(s) for s in spellings))
-        self._template_placeholder = re.compile(re.escape(self.context_token))
+        self.conversation = CONVERSATIONS.get(conversation) if conversation else None
+        self.chat_mode, self.chat_placeholder = self._chat_mode()
+        self._template_placeholder = re.compile(re.escape(self.chat_placeholder))
+        self.eos_token_ids = _eos_token_ids(model_dir, self.tokenizer, self.conversation)
         self._byte_values = _byte_level_alphabet()
         self._token_bytes: dict[int, bytes] = {}
+
+    def _token_id(self, token: str) -> int:
+        """The id of a token the tokenizer must have, or ValueError naming it."""
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        unknown = self.tokenizer.unk_token_id
+        if token_id is None or (token_id == unknown and token != self.tokenizer.unk_token):
+            raise ValueError(f"the tokenizer has no {token} token: not an InternVL tokenizer")
+        return token_id
+
+    def _chat_mode(self) -> tuple[str | None, str]:
+        """How chats are rendered ("parts", "string", "conversation", or None: no chat) and the
+        placeholder the rendered text holds for each image."""
+        if not self.tokenizer.chat_template:
+            return ("conversation" if self.conversation else None), IMAGE_PLACEHOLDER
+        probe = "vlmd probe text"
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": probe}]}]
+        try:
+            rendered = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception:  # a template that concatenates the content as a string raises on a list
+            return "string", IMAGE_PLACEHOLDER
+        for placeholder in (self.context_token, IMAGE_PLACEHOLDER):
+            if rendered.count(placeholder) == 1 and probe in rendered and "'type'" not in rendered:
+                return "parts", placeholder
+        return "string", IMAGE_PLACEHOLDER
 
     def build(self, text: str, tiles_per_image: list[int]) -> tuple[list[int], list[ImageSpan]]:
         """Token ids of `text` with one image expanded per placeholder."""
@@ -54,39 +102,52 @@ class PromptBuilder:
         return self._expand(segments, tiles_per_image)
 
     def render_chat(self, messages: list[dict]) -> str:
-        """The chat template's text for `messages`, ready for the assistant's answer. Content
-        parts are `{"type": "text", "text": ...}` or `{"type": "image"}`; the template writes a
-        placeholder where each image is. The text parts must not contain image tokens."""
-        if not self.tokenizer.chat_template:
-            raise PromptError("the model has no chat template: use /v1/completions or /generate")
+        """The chat's text for `messages`, ready for the assistant's answer. Content parts are
+        `{"type": "text", "text": ...}` or `{"type": "image"}`; the text holds a placeholder
+        (`chat_placeholder`) where each image is. The text parts must not contain image tokens."""
+        if self.chat_mode is None:
+            raise PromptError(
+                "the model has neither a chat template nor a known conversation template: "
+                "use /v1/completions or /generate"
+            )
+        forbidden = (*self.image_tokens, self.chat_placeholder)
         for message in messages:
             content = message["content"]
             texts = [content] if isinstance(content, str) else [p.get("text", "") for p in content]
-            if any(token in text for text in texts for token in self.image_tokens):
+            if any(token in text for text in texts for token in forbidden):
                 raise PromptError(
-                    f"the text of the messages must not contain image tokens ({', '.join(self.image_tokens)}): "
+                    f"the text of the messages must not contain image tokens ({', '.join(dict.fromkeys(forbidden))}): "
                     "send images as image_url parts"
                 )
+        if self.chat_mode == "conversation":
+            return self.conversation.render(messages)
+        if self.chat_mode == "string":
+            messages = [{**m, "content": flatten_content(m["content"])} for m in messages]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def build_chat(self, text: str, tiles_per_image: list[int]) -> tuple[list[int], list[ImageSpan]]:
-        """Token ids of a rendered chat with one image expanded per template placeholder."""
+        """Token ids of a rendered chat with one image expanded per template placeholder. A chat
+        template writes its own special tokens (BOS included), as transformers' apply_chat_template
+        tokenizes it; OpenGVLab's chat() tokenizes its conversation with them added."""
         segments = self._template_placeholder.split(text)
         if len(segments) - 1 != len(tiles_per_image):
             raise PromptError(
                 f"the model's chat template placed {len(segments) - 1} image(s) of the "
                 f"{len(tiles_per_image)} in the messages"
             )
-        return self._expand(segments, tiles_per_image)
+        return self._expand(segments, tiles_per_image, add_special_tokens=self.chat_mode == "conversation")
 
-    def _expand(self, segments: list[str], tiles_per_image: list[int]) -> tuple[list[int], list[ImageSpan]]:
+    def _expand(
+        self, segments: list[str], tiles_per_image: list[int], add_special_tokens: bool = True
+    ) -> tuple[list[int], list[ImageSpan]]:
         num_placeholders = len(segments) - 1
         ids: list[int] = []
         spans: list[ImageSpan] = []
         for i, segment in enumerate(segments):
             # Placeholders expand to special tokens, which the tokenizer never merges across, so
             # encoding the text between them piece by piece gives the ids of the whole string.
-            ids += self.tokenizer.encode(segment, add_special_tokens=i == 0) if segment or i == 0 else []
+            special = add_special_tokens and i == 0
+            ids += self.tokenizer.encode(segment, add_special_tokens=special) if segment or special else []
             if i < num_placeholders:
                 num_tokens = tiles_per_image[i] * self.image_seq_length
                 ids.append(self.start_id)
@@ -126,6 +187,21 @@ class PromptBuilder:
                 cached = self.token_text(token_id).encode()
             self._token_bytes[token_id] = cached
         return cached
+
+
+def _eos_token_ids(model_dir: str, tokenizer, conversation) -> list[int]:
+    """The tokens that end generation: generation_config.json's eos_token_id; without one, the
+    stop token of OpenGVLab's conversation template (what InternVL's chat() stops on: the LM's
+    own eos_token_id is another token in InternLM2 checkpoints), else the tokenizer's EOS."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+    if conversation is not None:
+        return [tokenizer.convert_tokens_to_ids(conversation.stop_token)]
+    return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
 
 def _byte_level_alphabet() -> dict[str, int]:
