@@ -20,13 +20,17 @@ built from the same tensors (shared, not copied), so both sides run identical we
   token; transformers = `generate(max_new_tokens=1)` with `pixel_values`;
 - ViT tiles per second at one batch: vlmd's vision forward against `get_image_features`;
 - decode beside the ViT: the decode steps at batch 16 while another process on the same device
-  runs ViT forwards back to back (the vision actor beside the LM worker), and the ViT's tiles/s.
+  runs ViT forwards back to back (the vision actor beside the LM worker), and the ViT's tiles/s;
+- with `--layouts`, then: an InternVL2.5-8B-shaped language model from OpenGVLab's checkpoint
+  layout against the same weights in the HF-native layout (`bench/layout_bench.py`), at the
+  smallest and largest batch.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import logging
 import platform
@@ -782,6 +786,8 @@ def versions(device: torch.device) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    import layout_bench  # it imports this module: not at the top
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny float32 model on the CPU, few steps")
     parser.add_argument("--batch_sizes", type=int, nargs="+")
@@ -800,6 +806,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--json", help="also write every figure to this file")
+    parser.add_argument(
+        "--layouts", action="store_true", help="also time OpenGVLab's checkpoint layout against HF-native's"
+    )
+    layout_bench.add_arguments(parser)
     args = parser.parse_args(argv)
     for key, value in (TINY if args.tiny else FULL).items():
         if getattr(args, key) is None:
@@ -816,6 +826,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     started = time.perf_counter()
     out = measure(args)
+    import layout_bench  # it imports this module: not at the top
+
+    if args.layouts:
+        gc.collect()  # the InternVL3-8B models go before the two InternVL2.5-8B-shaped ones come
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        layouts = argparse.Namespace(**vars(args))
+        layouts.batch_sizes = sorted({min(args.batch_sizes), max(args.batch_sizes)})
+        out["layouts"] = layout_bench.measure(layouts, out["copy_bandwidth_bytes_per_s"])
     out["targets"] = target_rows(out)
     out["wall_s"] = time.perf_counter() - started
     meta = (
@@ -834,6 +853,8 @@ def main(argv: list[str] | None = None) -> None:
         }
     )
     print(report(meta, out))
+    if "layouts" in out:
+        print("\n" + layout_bench.report(out["layouts"]))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"meta": meta, **out}, f, indent=2)
