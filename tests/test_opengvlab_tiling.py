@@ -106,7 +106,7 @@ def transformers_tiles(image: Image.Image, cfg: TilingConfig, **processor_settin
 
 
 def opengvlab_config(**settings) -> TilingConfig:
-    return TilingConfig(grid_order="opengvlab", **settings)
+    return TilingConfig(procedure="opengvlab", **settings)
 
 
 # (width, height): tiny, 1 x 30-like extremes, square, wide, tall, ratio ties
@@ -166,7 +166,7 @@ DIFFERING = [(4, 4, 500, 200), (5, 5, 520, 200), (5, 5, 1300, 500), (6, 7, 1500,
 def test_where_the_references_differ_each_layout_follows_its_own(min_tiles, max_tiles, width, height):
     image = make_image(width, height, seed=width + height)
     opengvlab_cfg = opengvlab_config(min_tiles=min_tiles, max_tiles=max_tiles, tile_size=224)
-    transformers_cfg = replace(opengvlab_cfg, grid_order="transformers")
+    transformers_cfg = replace(opengvlab_cfg, procedure="transformers")
     opengvlab = opengvlab_tiles(image, opengvlab_cfg)
     transformers = transformers_tiles(image, transformers_cfg)
     assert opengvlab.shape != transformers.shape or not np.array_equal(opengvlab, transformers)
@@ -264,10 +264,31 @@ def test_from_model_dir_opengvlab_defaults_and_image_size(tmp_path):
 def test_from_model_dir_opengvlab_flags_win(tmp_path):
     write_opengvlab_dir(tmp_path, dynamic_image_size=True, min_dynamic_patch=2, max_dynamic_patch=12)
     cfg = TilingConfig.from_model_dir(tmp_path, min_tiles=None, max_tiles=4)
-    assert (cfg.min_tiles, cfg.max_tiles, cfg.grid_order) == (2, 4, "opengvlab")
+    assert (cfg.min_tiles, cfg.max_tiles, cfg.procedure) == (2, 4, "opengvlab")
     assert TilingConfig.from_model_dir(tmp_path, min_tiles=1).min_tiles == 1
 
 
 def test_transformers_checkpoints_are_unchanged(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl", "max_dynamic_patch": 2}))
     assert TilingConfig.from_model_dir(tmp_path) == TilingConfig()
+
+
+def test_transparency_follows_each_procedure():
+    """An RGBA upload: OpenGVLab's load_image converts with PIL (the alpha channel is dropped),
+    transformers composites it onto white; each layout's tiles follow its own."""
+    import io
+
+    from vlmd.image import decode_image
+
+    rgba = np.asarray(make_image(600, 300, seed=5).convert("RGBA")).copy()
+    rgba[..., 3] = np.linspace(0, 255, 600, dtype=np.uint8)[None, :]  # transparent to opaque
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    data = buffer.getvalue()
+    opengvlab_cfg = opengvlab_config(max_tiles=6)
+    transformers_cfg = replace(opengvlab_cfg, procedure="transformers")
+    ours = preprocess(decode_image(data, procedure="opengvlab"), opengvlab_cfg)
+    assert np.array_equal(ours, opengvlab_tiles(Image.open(io.BytesIO(data)).convert("RGB"), opengvlab_cfg))
+    theirs = preprocess(decode_image(data), transformers_cfg)
+    assert np.array_equal(theirs, transformers_tiles(Image.open(io.BytesIO(data)), transformers_cfg))
+    assert not np.array_equal(ours, theirs)

@@ -27,8 +27,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Whose order of equal-count grids decides exact aspect-ratio ties (see `_candidate_grids`).
-GRID_ORDERS = ("transformers", "opengvlab")
+# Whose procedure the tiles follow where transformers' and OpenGVLab's differ (`TilingConfig`).
+PROCEDURES = ("transformers", "opengvlab")
 
 # Formats a client may upload. Anything else (EPS shells out to Ghostscript, PDF, PSD, FITS, ...) is
 # rejected before a decoder runs, which keeps PIL's rarely exercised plugins off untrusted input.
@@ -61,8 +61,10 @@ class TilingConfig:
     closest to the image's among grids of `min_tiles..max_tiles` tiles, cut into tiles in row-major
     order, and followed by a thumbnail of the whole image when there is more than one tile. With
     `crop_to_patches=False` or `max_tiles == 1` the whole image becomes a single tile.
-    `grid_order` names the procedure followed where grids of one tile count tie: "transformers"
-    (GotOcr2) or "opengvlab" (their `dynamic_preprocess`).
+    `procedure` names whose steps are followed where transformers' (GotOcr2, "transformers") and
+    OpenGVLab's (`load_image` + `dynamic_preprocess`, "opengvlab") differ: the order of grids of
+    one tile count, which decides exact ratio ties (`_candidate_grids`), and transparency, which
+    transformers composites onto white and OpenGVLab drops (PIL's `convert("RGB")`).
     """
 
     tile_size: int = 448
@@ -74,7 +76,7 @@ class TilingConfig:
     image_std: tuple[float, float, float] = IMAGENET_STD
     rescale_factor: float = 1 / 255
     resample: int = Image.Resampling.BICUBIC.value
-    grid_order: str = "transformers"
+    procedure: str = "transformers"
 
     def __post_init__(self) -> None:
         # Config files hold lists; tuples keep the frozen config hashable and comparable.
@@ -87,8 +89,8 @@ class TilingConfig:
             raise ValueError(f"need 1 <= min_tiles <= max_tiles, got {self.min_tiles}..{self.max_tiles}")
         if 0.0 in self.image_std:
             raise ValueError(f"image_std must be non-zero, got {self.image_std}")
-        if self.grid_order not in GRID_ORDERS:
-            raise ValueError(f"grid_order must be one of {GRID_ORDERS}, got {self.grid_order!r}")
+        if self.procedure not in PROCEDURES:
+            raise ValueError(f"procedure must be one of {PROCEDURES}, got {self.procedure!r}")
         Image.Resampling(self.resample)  # raises ValueError for an unknown filter
 
     @property
@@ -159,7 +161,7 @@ def _opengvlab_values(config: dict[str, Any]) -> dict[str, Any]:
         "use_thumbnail": bool(config.get("use_thumbnail", False)),
         "min_tiles": config.get("min_dynamic_patch", 1),
         "max_tiles": config.get("max_dynamic_patch", 6),
-        "grid_order": "opengvlab",
+        "procedure": "opengvlab",
     }
 
 
@@ -207,7 +209,7 @@ def _square_tile_size(size: int | list[int] | dict[str, int]) -> int:
 
 
 @lru_cache(maxsize=64)
-def _candidate_grids(min_tiles: int, max_tiles: int, grid_order: str) -> tuple[tuple[int, int], ...]:
+def _candidate_grids(min_tiles: int, max_tiles: int, procedure: str) -> tuple[tuple[int, int], ...]:
     """(cols, rows) grids with min..max tiles, by tile count (a stable sort).
 
     Within one tile count the order matters: on an exact ratio tie between two grids of one count
@@ -218,7 +220,7 @@ def _candidate_grids(min_tiles: int, max_tiles: int, grid_order: str) -> tuple[t
     the order they went in; inserting the same tuples in the same order (by a growing bound on each
     side) reproduces it on this interpreter.
     """
-    if grid_order == "opengvlab":
+    if procedure == "opengvlab":
         grids = set()
         for bound in range(min_tiles, max_tiles + 1):
             for cols in range(1, bound + 1):
@@ -243,7 +245,7 @@ def tile_grid(width: int, height: int, cfg: TilingConfig) -> tuple[int, int]:
     area = width * height
     best_diff = float("inf")
     best = (1, 1)
-    for cols, rows in _candidate_grids(cfg.min_tiles, cfg.max_tiles, cfg.grid_order):
+    for cols, rows in _candidate_grids(cfg.min_tiles, cfg.max_tiles, cfg.procedure):
         diff = abs(aspect_ratio - cols / rows)
         if diff < best_diff:
             best_diff, best = diff, (cols, rows)
@@ -265,11 +267,12 @@ def num_tiles(width: int, height: int, cfg: TilingConfig) -> int:
 # Decoding
 
 
-def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int | None = None, procedure: str = "transformers") -> Image.Image:
     """Fully decodes untrusted bytes into an upright RGB image, or raises ImageError.
 
     Decoding everything now (rather than lazily) is what detects truncated files, and EXIF
-    orientation is applied so the tiles match what a viewer shows.
+    orientation is applied so the tiles match what a viewer shows. Transparency is handled as
+    `procedure` does it (`to_rgb`).
     """
     if not data:
         raise ImageError("not a decodable image: the image data is empty")
@@ -283,8 +286,7 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
         raise ImageTooLarge(width, height, max_pixels)
     _load(image)
     try:
-        upright = ImageOps.exif_transpose(image)
-        return convert_to_rgb(upright)
+        return to_rgb(ImageOps.exif_transpose(image), procedure)
     except MemoryError:
         raise
     except Exception as exc:  # malformed EXIF or an exotic mode PIL cannot convert
@@ -322,6 +324,14 @@ def _decode_error(exc: Exception) -> ImageError:
     if "truncated" in str(exc).lower():
         return ImageError(f"truncated image: {exc}")
     return ImageError(f"not a decodable image: {exc}")
+
+
+def to_rgb(image: Image.Image, procedure: str) -> Image.Image:
+    """RGB as `procedure` makes it: transformers composites transparency onto white; OpenGVLab's
+    `load_image` converts with PIL, which drops the alpha channel."""
+    if procedure == "opengvlab":
+        return image if image.mode == "RGB" else image.convert("RGB")
+    return convert_to_rgb(image)
 
 
 def convert_to_rgb(image: Image.Image) -> Image.Image:
@@ -396,7 +406,7 @@ def _split_tiles(pixels: np.ndarray, cols: int, rows: int, tile: int) -> np.ndar
 
 def preprocess(image: Image.Image, cfg: TilingConfig) -> np.ndarray:
     """Normalised tiles of an image: float32 `[num_tiles(w, h, cfg), 3, tile_size, tile_size]`."""
-    image = convert_to_rgb(image)
+    image = to_rgb(image, cfg.procedure)
     tile = cfg.tile_size
     cols, rows = tile_grid(image.width, image.height, cfg)
     pixels = _resized_pixels(image, cols * tile, rows * tile, cfg.resample)

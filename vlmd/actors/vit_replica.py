@@ -134,7 +134,7 @@ class ViTRank:
         for i, image in enumerate(images):
             try:
                 data = shm.read_bytes_segment(image.bytes_shm, image.num_bytes)
-                decoded = decode_image(data)
+                decoded = decode_image(data, procedure=self.tiling.procedure)
                 if image.resize_width:  # the client asked to fit --max_image_pixels
                     decoded = downscale(decoded, image.resize_width, image.resize_height)
                 tiling = self.tiling.with_max_tiles(image.max_tiles) if image.max_tiles else self.tiling
