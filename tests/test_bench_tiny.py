@@ -99,12 +99,12 @@ def test_tiny_bench_prints_every_metric_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, "bench/gpu_bench.py", "--tiny", "--json", str(out)],
+        [sys.executable, "bench/gpu_bench.py", "--tiny", "--layouts", "--rounds", "2", "--json", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr
 
@@ -114,7 +114,8 @@ def test_tiny_bench_prints_every_metric_and_writes_json(tmp_path: Path) -> None:
         "| transformers ms/step | roofline ms | vlmd / roofline | transformers / roofline | vlmd tokens/s |",
         "| metric | vlmd | transformers | vlmd / transformers |",
         "| target | measured | goal | result |",
-        "# command: python bench/gpu_bench.py --tiny --json",
+        "| batch | OpenGVLab ms/step | HF-native ms/step | OpenGVLab / HF-native | roofline ms ",
+        "# command: python bench/gpu_bench.py --tiny --layouts --rounds 2 --json",
     ):
         assert line in stdout, stdout
     for label in (
@@ -133,11 +134,18 @@ def test_tiny_bench_prints_every_metric_and_writes_json(tmp_path: Path) -> None:
         "TTFT, vlmd / transformers",
     ):
         assert f"| {name} |" in stdout, stdout
-    assert [line.split("|")[1].strip() for line in stdout.splitlines() if line.startswith("| 1 |")] == ["1"]
-    assert any(line.startswith("| 4 |") for line in stdout.splitlines())
+    # The decode table's rows and the layout table's (its first and last batch).
+    assert [line.split("|")[1].strip() for line in stdout.splitlines() if line.startswith("| 1 |")] == [
+        "1",
+        "1",
+    ]
+    assert sum(line.startswith("| 4 |") for line in stdout.splitlines()) == 2
 
     data = json.loads(out.read_text())
     assert data["meta"]["batch_sizes"] == [1, 4] and data["meta"]["command"].startswith("python ")
+    layouts = data["layouts"]["rows"]
+    assert [row["batch"] for row in layouts] == [1, 4]
+    assert all(len(row["opengvlab_rounds_ms"]) == len(row["hf_rounds_ms"]) == 2 for row in layouts)
     assert data["copy_bandwidth_bytes_per_s"] > 0 and data["lm_weight_bytes"] > 0
     assert [row["batch"] for row in data["decode"]] == [1, 4]
     for row in data["decode"]:
