@@ -414,7 +414,11 @@ class Bench:
             self.vision = VisionGraphs(self.vision, max(max_tiles, args.vit_batch), self.arch.image_size)
             self.vision.capture()
         # The server's default step budget: a large batch prefills over a few steps, in waves.
-        config = SchedulerConfig(num_pages, PAGE_SIZE, max_running_requests=max(256, max_batch))
+        # Runs repeat their prompts (overlap on and off, TTFT repeats): the prefix cache would make
+        # the repeats short prefills and keep pages the next run sizes its pool without.
+        config = SchedulerConfig(
+            num_pages, PAGE_SIZE, max_running_requests=max(256, max_batch), enable_prefix_cache=False
+        )
         self.scheduler = Scheduler(config)
 
     def decode_row(self, batch: int, bandwidth: float) -> dict:

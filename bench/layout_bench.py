@@ -132,7 +132,10 @@ def measure(args: argparse.Namespace, bandwidth: float | None = None) -> dict:
     serving = {}
     for layout, (lm, arch) in models.items():
         runner = make_runner(lm, arch, num_pages=num_pages, page_size=PAGE_SIZE, graph_max_batch_size=graphs)
-        scheduler = Scheduler(SchedulerConfig(num_pages, PAGE_SIZE, max_running_requests=max(256, max_batch)))
+        config = SchedulerConfig(  # rounds repeat their prompts: no prefix cache (see gpu_bench)
+            num_pages, PAGE_SIZE, max_running_requests=max(256, max_batch), enable_prefix_cache=False
+        )
+        scheduler = Scheduler(config)
         serving[layout] = (runner, scheduler)
     gen = torch.Generator().manual_seed(1)
     vocab = models["hf"][1].vocab_size

@@ -44,7 +44,7 @@ def forward_alone(
     )
     best = float("inf")
     for r in range(rounds):
-        scheduler = Scheduler(SchedulerConfig(num_pages, page_size))
+        scheduler = Scheduler(SchedulerConfig(num_pages, page_size, enable_prefix_cache=False))
         for i in range(concurrency):
             params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
             scheduler.add(Request(f"{r}-{i}", list(prompt_ids), params))
@@ -81,7 +81,18 @@ def start_server(model_dir: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "vlmd", "serve", "--model_dir", model_dir, "--port", str(port)]
+    # Every request sends one prompt: both sides compute it whole (no prefix cache), as they did.
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlmd",
+        "serve",
+        "--model_dir",
+        model_dir,
+        "--port",
+        str(port),
+        "--disable_prefix_cache",
+    ]
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):

@@ -83,7 +83,10 @@ def rank_main(
         graph_max_batch_size=graphs,
         gemv=linear == "triton",
     )
-    scheduler = Scheduler(SchedulerConfig(num_pages, PAGE_SIZE, max_running_requests=max(256, max_batch)))
+    config = SchedulerConfig(  # runs repeat their prompts: no prefix cache (see gpu_bench)
+        num_pages, PAGE_SIZE, max_running_requests=max(256, max_batch), enable_prefix_cache=False
+    )
+    scheduler = Scheduler(config)
     gen = torch.Generator().manual_seed(1)  # the same prompts on every rank
     warmup = torch.randint(0, shape.num_text_ids, (max_batch, args.prompt_len), generator=gen)
     progress(rank, size, "warm-up")

@@ -75,7 +75,7 @@ def test_prefill_then_decode_until_length():
     assert plan.items[0].start == 5 and plan.items[0].token_ids == [11] and not plan.new_requests
     plan, outputs, finished = run_step(sched, token=13)
     assert outputs[0].finish_reason == "length" and finished[0].request.output_ids == [11, 12, 13]
-    assert sched.allocator.num_used == 0 and not sched.running
+    assert sched.num_used_pages == 0 and not sched.running
     assert sched.schedule() is None
 
 
@@ -122,17 +122,29 @@ def test_continuous_batching_admits_between_steps():
     assert [(i.request_id, len(i.token_ids)) for i in plan.items] == [("a", 1), ("b", 3)]
 
 
-def test_admission_respects_reserved_pages():
-    # 4 pages of 4 tokens: a request of 5 + 4 tokens reserves 3 pages, so a second must wait.
-    sched = make_scheduler(num_pages=4)
+def test_admission_takes_what_is_needed_now_and_the_newest_is_preempted():
+    # 4 pages of 4 tokens, two requests of 5 + 4 tokens (3 pages each): both are admitted on
+    # their prompts' 2 pages; when the oldest needs its third, the newest is preempted, comes
+    # back once the oldest is done, and ends with its tokens.
+    sched = make_scheduler(num_pages=4, enable_prefix_cache=False)
     sched.add(make_request("a", prompt_len=5, max_new=4))
-    sched.add(make_request("b", prompt_len=5, max_new=4))
-    plan, _, _ = run_step(sched)
-    assert [i.request_id for i in plan.items] == ["a"]
-    for _ in range(3):
-        run_step(sched)
-    plan, _, _ = run_step(sched)  # "a" finished last step and freed its pages
-    assert [i.request_id for i in plan.items] == ["b"]
+    sched.add(make_request("b", prompt_len=6, max_new=4))
+    plan, _, _ = run_step(sched, token=1)
+    assert [i.request_id for i in plan.items] == ["a", "b"]
+    run_step(sched, token=2)  # a: position 5, b: position 6
+    run_step(sched, token=3)  # a: position 6, b: position 7 (their pages are full)
+    plan, _, finished = run_step(sched, token=4)  # b needs a page for position 8: b, the newest, yields
+    assert [i.request_id for i in plan.items] == ["a"] and plan.preempted_ids == ["b"]
+    assert [f.request.request_id for f in finished] == ["a"]  # a's 4th token
+    b = sched.requests["b"]
+    assert b.output_ids == [1, 2, 3] and b.num_computed == 0 and sched.waiting[0] is b
+    assert sched.stats.preemptions == 1
+    plan, _, finished = run_step(sched, token=5)  # b again: all 9 known tokens, then its 4th
+    (item,) = plan.items
+    assert (item.request_id, item.start, len(item.token_ids), len(item.new_pages)) == ("b", 0, 9, 3)
+    assert item.token_ids == [*range(100, 106), 1, 2, 3] and not plan.new_requests
+    assert finished[0].request.output_ids == [1, 2, 3, 5] and finished[0].reason == "length"
+    assert sched.num_used_pages == 0 and not sched.requests
 
 
 def test_chunked_prefill_spans_cover_the_prompt():
@@ -150,10 +162,10 @@ def test_abort_frees_pages_at_once():
     sched = make_scheduler()
     sched.add(make_request("a", max_new=20))
     run_step(sched)
-    assert sched.allocator.num_used > 0
+    assert sched.num_used_pages > 0
     sched.abort("a")
     sched.check_integrity()
-    assert sched.allocator.num_used == 0 and not sched.requests
+    assert sched.num_used_pages == 0 and not sched.requests
     assert not sched.has_work() and sched.schedule() is None
 
 
@@ -189,7 +201,7 @@ def test_many_requests_keep_integrity():
             break
         _, _, done = run_step(sched)
         finished += len(done)
-    assert finished == 10 and sched.allocator.num_used == 0
+    assert finished == 10 and sched.num_used_pages == 0
 
 
 # --- steps planned while the previous one is in flight ----------------------------------------
@@ -224,7 +236,7 @@ def test_no_step_is_planned_past_max_new_tokens():
     sched.update(first, result(first, {"a": (11, 0.0)}))
     _, finished = sched.update(second, result(second, {"a": (12, 0.0)}))
     assert [f.reason for f in finished] == ["length"]
-    assert sched.allocator.num_used == 0
+    assert sched.num_used_pages == 0
     sched.check_integrity()
 
 
@@ -236,7 +248,7 @@ def test_a_stop_seen_late_wastes_one_step_and_frees_pages():
     first, second = sched.schedule(), sched.schedule()
     outputs, finished = sched.update(first, result(first, {"a": (2, 0.0)}))  # EOS
     assert [f.reason for f in finished] == ["stop"] and outputs[0].finish_reason == "stop"
-    assert sched.allocator.num_used == 0  # freed before the speculative step returns
+    assert sched.num_used_pages == 0  # freed before the speculative step returns
     sched.check_integrity()
     assert sched.update(second, result(second, {"a": (9, 0.0)})) == ([], [])  # its token is dropped
     sched.add(make_request("b"))

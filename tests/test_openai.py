@@ -58,11 +58,15 @@ def lightllm(server, turns: str, images: list[bytes], max_new_tokens: int) -> di
 
 
 def assert_same_generation(choice, details: dict) -> None:
-    """Same text, same tokens (as the logprobs name them) and the same logprob for each."""
+    """Same text, same tokens (as the logprobs name them) and the same logprob for each, up to
+    float32 rounding: the second of two requests with one prompt finds it in the prefix cache and
+    computes only its last token, the same arithmetic split another way."""
     assert choice.message.content == details["generated_text"][0]
     content = choice.logprobs.content
     assert [entry.token for entry in content] == [t["text"] for t in details["tokens"]]
-    assert [entry.logprob for entry in content] == [t["logprob"] for t in details["tokens"]]
+    assert [entry.logprob for entry in content] == pytest.approx(
+        [t["logprob"] for t in details["tokens"]], abs=1e-4
+    )
 
 
 # --- chat completions equal /generate -------------------------------------------------------------

@@ -49,7 +49,7 @@ def generate(lm, requests: list[Request], max_in_flight: int, budget: int = 64):
         num_pending_fed += sum(item.token_ids[-1] == PENDING_TOKEN for item in plan.items)
         for token_out in outputs:
             out[token_out.request_id] += zip(token_out.token_ids, token_out.logprobs, strict=True)
-    assert not scheduler.requests and scheduler.allocator.num_used == 0
+    assert not scheduler.requests and scheduler.num_used_pages == 0
     return out, num_pending_fed
 
 

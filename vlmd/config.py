@@ -41,6 +41,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     page_size: int = 16
     max_num_batched_tokens: int = 8192
     max_running_requests: int = 256
+    disable_prefix_cache: bool = False
     max_body_bytes: int = 64 * 1024 * 1024
     max_images_per_request: int = 16
     max_image_pixels: int = 50_000_000
@@ -102,6 +103,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--page_size", type=int, default=16, help="tokens per KV page")
     add("--max_num_batched_tokens", type=int, default=8192, help="token budget of one step")
     add("--max_running_requests", type=int, default=256)
+    add(
+        "--disable_prefix_cache",
+        action="store_true",
+        help="compute every prompt whole (default: reuse the KV of cached prefixes, images included)",
+    )
     add("--max_body_bytes", type=int, default=64 * 1024 * 1024, help="largest accepted request body")
     add(
         "--max_images_per_request",

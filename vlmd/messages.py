@@ -119,6 +119,7 @@ class TokenOut(Message):
     finish_reason: str | None = None  # "stop" | "length" | None while running
     num_stop_tokens: int = 0  # trailing tokens that matched a stop sequence: not shown to the user
     top_logprobs: list[TopLogprobs] = []  # aligned with token_ids when the request asked for them
+    num_cached_tokens: int = 0  # with the first token: prompt tokens found in the prefix cache
 
 
 class RequestFailed(Message):
@@ -246,6 +247,9 @@ class StepPlan(Message):
     items: list[StepItem]
     new_requests: list[NewRequest] = []
     finished_ids: list[str] = []  # drop per-request state (sampler, page table) before this step
+    # Forget these requests' page tables before this step (their KV is gone); keep their samplers:
+    # they come back with every token computed again, from position 0.
+    preempted_ids: list[str] = []
 
 
 class FlushStep(Message):

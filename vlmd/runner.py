@@ -68,6 +68,9 @@ class ModelRunner:
         for request_id in plan.finished_ids:
             self._page_tables.pop(request_id, None)
             self._samplers.pop(request_id, None)
+        for request_id in plan.preempted_ids:  # their KV is gone; they start again from position 0
+            if request_id in self._page_tables:
+                self._page_tables[request_id] = []
         for new in plan.new_requests:
             self._page_tables[new.request_id] = []
             self._samplers[new.request_id] = SamplerState(new.sampling, new.prompt_ids, self.device)

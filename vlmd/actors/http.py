@@ -102,6 +102,7 @@ class HttpActor:
         self.queue.leave(msg.request_id)
         if msg.finish_reason is not None:
             self.latency.on_finished(tracked.arrival, now)
+        tracked.num_cached_tokens += msg.num_cached_tokens
         tracked.token_ids += msg.token_ids
         tracked.logprobs += msg.logprobs
         tracked.top_logprobs += msg.top_logprobs

@@ -38,6 +38,7 @@ class Tracked:
     done: asyncio.Future
     arrival: float  # time.perf_counter() when the request was parsed: latencies count from here
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # of those, found in the prefix cache (told with the first token)
     last_token_at: float | None = None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)

@@ -17,9 +17,25 @@ COUNTERS = {
     "embed_cache_hits_total": ("vlmd_embed_cache_hits", "images whose embeddings came from the MD5 cache"),
     "embed_cache_misses_total": ("vlmd_embed_cache_misses", "images that had to be encoded"),
     "embed_cache_evictions_total": ("vlmd_embed_cache_evictions", "embeddings evicted from the MD5 cache"),
+    "prefix_cache_queried_tokens_total": (
+        "vlmd_prefix_cache_queried_tokens",
+        "tokens looked up in the prefix cache when requests were admitted",
+    ),
+    "prefix_cache_hit_tokens_total": (
+        "vlmd_prefix_cache_hit_tokens",
+        "of those, tokens whose KV was cached (not computed again)",
+    ),
+    "preemptions_total": (
+        "vlmd_preemptions",
+        "running requests sent back to the queue (KV freed) for an older one's pages",
+    ),
 }
 GAUGES = {
-    "kv_pages_used": ("vlmd_kv_pages_used", "KV cache pages in use"),
+    "kv_pages_used": ("vlmd_kv_pages_used", "KV cache pages requests hold"),
+    "kv_pages_cached": (
+        "vlmd_kv_pages_cached",
+        "KV cache pages no request holds, kept for the prefix cache (evicted when pages run out)",
+    ),
     "kv_pages_total": ("vlmd_kv_pages_total", "KV cache pages in the pool"),
     "requests_running": ("vlmd_requests_running", "requests in the running batch"),
     "requests_waiting": ("vlmd_requests_waiting", "requests waiting for images or KV pages"),

@@ -391,7 +391,13 @@ def _job_id(job: Job) -> str:
 def _usage(job: Job) -> dict:
     completion = sum(choice.num_tokens for choice in job.choices)
     total = job.num_prompt_tokens + completion
-    return {"prompt_tokens": job.num_prompt_tokens, "completion_tokens": completion, "total_tokens": total}
+    cached = sum(choice.tracked.num_cached_tokens for choice in job.choices)
+    return {
+        "prompt_tokens": job.num_prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": total,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def _error_body(exc: ClientError) -> dict:

@@ -79,6 +79,7 @@ class SchedulerActor:
                         page_size=self.args.page_size,
                         max_num_batched_tokens=self.args.max_num_batched_tokens,
                         max_running_requests=self.args.max_running_requests,
+                        enable_prefix_cache=not self.args.disable_prefix_cache,
                     )
                 )
                 self._workers_ready.set()
@@ -136,6 +137,8 @@ class SchedulerActor:
     def _abort(self, request_id: str) -> None:
         self.core.abort(request_id)
         self._release_images(request_id)
+        if self.core.idle:
+            self.core.check_integrity()
         self._work.set()
 
     def _release_images(self, request_id: str) -> None:
@@ -177,11 +180,21 @@ class SchedulerActor:
         for done in finished:
             self._finished[done.reason] += 1
             self._release_images(done.request.request_id)
+        if self.core.idle:
+            # Cheap while nothing runs, and a leaked page or a dangling reference shows at once.
+            self.core.check_integrity()
+            if self.core.num_used_pages:
+                log.error("%d KV pages held with no request left", self.core.num_used_pages)
 
     def _metrics(self) -> dict[str, float]:
+        stats = self.core.stats
         values = {
+            "prefix_cache_queried_tokens_total": stats.queried_tokens,
+            "prefix_cache_hit_tokens_total": stats.hit_tokens,
+            "preemptions_total": stats.preemptions,
+            "kv_pages_cached": self.core.cache.num_unreferenced,
             "kv_pages_total": self.core.config.num_pages,
-            "kv_pages_used": self.core.allocator.num_used,
+            "kv_pages_used": self.core.num_used_pages,
             "requests_running": len(self.core.running),
             "requests_waiting": len(self.core.requests) - len(self.core.running),
         }

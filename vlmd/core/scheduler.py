@@ -1,15 +1,25 @@
-"""Continuous batching over a paged KV cache.
+"""Continuous batching over a paged KV cache with a prefix cache and preemption.
 
 A step is a list of (request, token span) items under one token budget: running requests
-first (a decode token, or the next chunk of a long prompt), then waiting requests in arrival
-order while their pages fit. Admission reserves the pages of a request's whole life
-(prompt + max_new_tokens), so a running request never runs out of pages and nothing is ever
-preempted; pages themselves are allocated as tokens arrive and freed the moment a request ends.
+first, oldest first (a decode token, or the next chunk of a long prompt), then waiting
+requests in arrival order while their KV fits. Pages are allocated as tokens arrive.
+
+Admission takes what a request needs now, not what it may need: its known tokens not found in
+the prefix cache (`vlmd.core.prefix_cache`), plus a small watermark of the pool. When a running
+request needs a page and none is free (nor evictable from the cache), the newest running
+requests are preempted: their pages are released, they go back to the front of the queue with
+every token they have, and are computed again once re-admitted (much of it a prefix-cache hit).
+The oldest request therefore always progresses, and a request whose prompt + max_new_tokens fit
+the pool on its own always finishes.
+
+Every page of a request whose KV is computed is offered to the prefix cache as it fills, so the
+next turn of a chat, or another request with the same system prompt, starts from it.
 
 The next step may be planned while the previous one runs: a request whose step in flight samples
 a token decodes that token next (`PENDING_TOKEN`), unless it is sure to end by length first. A
 request that turns out to have stopped on that token has run one wasted step; its pages are
-freed at once, which is safe because the worker runs steps in order on one stream.
+freed at once, which is safe because the worker runs steps in order on one stream (the same
+holds for a preempted request's pages, and for cached pages evicted and handed to another).
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from vlmd.core.page_allocator import PageAllocator, pages_for
+from vlmd.core.prefix_cache import PrefixCache
 from vlmd.core.request import Request, Status
 from vlmd.messages import EmbedRun, EmbedSlice, NewRequest, StepItem, StepPlan, StepResult, TokenOut
 
@@ -28,6 +39,10 @@ class SchedulerConfig:
     page_size: int
     max_num_batched_tokens: int = 8192  # token budget of one step (prefill chunk size)
     max_running_requests: int = 256
+    enable_prefix_cache: bool = True
+    # Admission leaves this share of the pool free for the running requests' next tokens, so that
+    # a request admitted now is not the one preempted at the next step.
+    watermark: float = 0.01
 
 
 @dataclass
@@ -36,15 +51,27 @@ class Finished:
     reason: str
 
 
+@dataclass
+class CacheStats:
+    """Counters for /metrics."""
+
+    queried_tokens: int = 0  # known tokens looked up in the prefix cache at admission
+    hit_tokens: int = 0  # of those, found cached
+    preemptions: int = 0
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.allocator = PageAllocator(config.num_pages)
+        self.cache = PrefixCache(self.allocator)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self._reserved_pages = 0  # pages promised to running requests but not yet allocated
+        self.stats = CacheStats()
+        self._watermark_pages = int(config.num_pages * config.watermark)
         self._finished_since_last_step: list[str] = []
+        self._preempted_since_last_step: list[str] = []
         self._step_id = 0
 
     # --- requests in and out ----------------------------------------------------------------
@@ -78,35 +105,51 @@ class Scheduler:
     def has_work(self) -> bool:
         return any(r.can_schedule() for r in self.running) or self._can_admit()
 
+    @property
+    def idle(self) -> bool:
+        return not self.requests
+
+    @property
+    def num_used_pages(self) -> int:
+        """Pages requests hold (their own and the cached ones they share); the rest of the pool is
+        free, or cached for a later request and evictable."""
+        return self.allocator.num_used - self.cache.num_unreferenced
+
     # --- one step ---------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan | None:
         budget = self.config.max_num_batched_tokens
         items: list[StepItem] = []
         new_requests: list[NewRequest] = []
-        for request in self.running:
+        for request in list(self.running):  # oldest first; preemption removes from the end
             if budget == 0:
                 break
-            if not request.can_schedule():
+            if request.status is not Status.RUNNING or not request.can_schedule():
                 continue
             item = self._schedule_span(request, budget)
+            if item is None:
+                break  # it was the newest and preempted itself: nothing after it runs
             items.append(item)
             budget -= len(item.token_ids)
         while budget > 0 and self._can_admit():
             request = self._admit()
-            new_requests.append(NewRequest(request.request_id, request.sampling, request.prompt_ids))
+            if not request.sent_to_workers:
+                new_requests.append(NewRequest(request.request_id, request.sampling, request.prompt_ids))
+                request.sent_to_workers = True
             item = self._schedule_span(request, budget)
+            assert item is not None, "an admitted request's first span fits"
             items.append(item)
             budget -= len(item.token_ids)
         if not items:
-            return None
+            return None  # what was preempted and finished goes out with the next plan
         self._step_id += 1
         finished, self._finished_since_last_step = self._finished_since_last_step, []
-        return StepPlan(self._step_id, items, new_requests, finished)
+        preempted, self._preempted_since_last_step = self._preempted_since_last_step, []
+        return StepPlan(self._step_id, items, new_requests, finished, preempted)
 
     def update(self, plan: StepPlan, result: StepResult) -> tuple[list[TokenOut], list[Finished]]:
-        """Apply a step's results: advance computed tokens, append sampled ones, finish requests.
-        `result` has one row per item that samples, in item order (the workers' contract)."""
+        """Apply a step's results: advance computed tokens, cache filled pages, append sampled
+        tokens, finish requests. `result` has one row per item that samples, in item order."""
         assert result.step_id == plan.step_id, "workers answer steps in order"
         outputs: list[TokenOut] = []
         finished: list[Finished] = []
@@ -116,7 +159,9 @@ class Scheduler:
             request = self.requests.get(item.request_id)
             if request is None:
                 continue  # aborted while the step ran
-            request.num_computed = item.start + len(item.token_ids)
+            if plan.step_id >= request.first_step_since_preempted:  # else its KV is gone since
+                request.num_computed = item.start + len(item.token_ids)
+                self._cache_full_pages(request)
             if not item.sample:
                 continue
             assert result.request_ids[row] == item.request_id, "result rows follow the sampling items"
@@ -125,38 +170,92 @@ class Scheduler:
             request.output_ids.append(token_id)
             reason, num_stop = request.finish_reason_after(token_id)
             top = [result.top_logprobs[row]] if request.sampling.top_logprobs and result.top_logprobs else []
+            cached = request.num_cached_tokens if len(request.output_ids) == 1 else 0
             outputs.append(
-                TokenOut(request.request_id, [token_id], [result.logprobs[row]], reason, num_stop, top)
+                TokenOut(
+                    request.request_id, [token_id], [result.logprobs[row]], reason, num_stop, top, cached
+                )
             )
             if reason is not None:
                 self._finish(request)
                 finished.append(Finished(request, reason))
         return outputs, finished
 
-    # --- internals --------------------------------------------------------------------------
+    # --- admission and preemption -------------------------------------------------------------
 
     def _can_admit(self) -> bool:
         if not self.waiting or len(self.running) >= self.config.max_running_requests:
             return False
-        need = pages_for(self.waiting[0].max_total_tokens, self.config.page_size)
-        return self.allocator.num_free - self._reserved_pages >= need
+        head = self.waiting[0]
+        if head.num_pending:
+            return False  # preempted with a token still in flight: re-admit once it is known
+        path = self._lookup(head)
+        need = pages_for(head.num_tokens + 1, self.config.page_size) - len(path)
+        held = sum(node.ref_count == 0 for node in path)  # cached pages it would stop being evictable
+        return self.cache.num_available - held - need >= self._watermark_pages
 
     def _admit(self) -> Request:
         request = self.waiting.popleft()
+        path = self._lookup(request)
+        self.cache.acquire(path)
+        request.path = path
+        request.page_table = [node.page for node in path]
+        num_cached = len(path) * self.config.page_size
+        request.num_computed = request.num_scheduled = num_cached
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_cached
+        self.stats.queried_tokens += request.num_tokens
+        self.stats.hit_tokens += num_cached
         request.status = Status.RUNNING
-        self._reserved_pages += pages_for(request.max_total_tokens, self.config.page_size)
         self.running.append(request)
         return request
 
-    def _schedule_span(self, request: Request, budget: int) -> StepItem:
+    def _lookup(self, request: Request) -> list:
+        """The cached path of the request's known tokens, leaving at least one to compute (its
+        logits give the next token)."""
+        if not self.config.enable_prefix_cache:
+            return []
+        num_pages = (request.num_tokens - 1) // self.config.page_size
+        return self.cache.match(request.page_key(i, self.config.page_size) for i in range(num_pages))
+
+    def _preempt(self, request: Request) -> None:
+        """Free a running request's KV and put it back at the front of the queue, tokens kept."""
+        self.running.remove(request)
+        self._release_pages(request)
+        request.num_computed = request.num_scheduled = 0
+        request.first_step_since_preempted = self._step_id + 1  # steps planned before: stale
+        request.status = Status.WAITING
+        self.waiting.appendleft(request)
+        self._preempted_since_last_step.append(request.request_id)
+        self.stats.preemptions += 1
+
+    def _allocate(self, request: Request, count: int) -> list[int] | None:
+        """`count` pages for `request`, preempting the newest running requests while there are
+        too few; None when `request` itself had to be preempted."""
+        while self.cache.num_available < count:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is request:
+                return None
+        return self.cache.allocate(count)
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _schedule_span(self, request: Request, budget: int) -> StepItem | None:
         start = request.num_scheduled
         end = min(request.num_known_after_inflight, start + budget)
         assert end > start, "a schedulable request has a token to compute"
         assert request.num_pending <= 1, "a pending token comes from the step just before"
         need = pages_for(end, self.config.page_size) - len(request.page_table)
-        new_pages = self.allocator.allocate(need) if need > 0 else []
-        request.page_table += new_pages
-        self._reserved_pages -= len(new_pages)
+        if need > 0:
+            pages = self._allocate(request, need)
+            if pages is None:
+                return None
+            request.page_table += pages
+        # The workers learn a request's pages as its spans need them: after (re-)admission, the
+        # cached ones come with its first span.
+        new_pages = request.page_table[request.num_pages_sent :]
+        request.num_pages_sent = len(request.page_table)
         sample = end == request.num_known_after_inflight
         item = StepItem(
             request_id=request.request_id,
@@ -170,33 +269,57 @@ class Scheduler:
         request.num_pending += sample
         return item
 
+    def _cache_full_pages(self, request: Request) -> None:
+        """Offer the request's pages whose every position is computed to the prefix cache."""
+        if not self.config.enable_prefix_cache:
+            return
+        page_size = self.config.page_size
+        while (len(request.path) + 1) * page_size <= min(request.num_computed, request.num_tokens):
+            index = len(request.path)
+            parent = request.path[-1] if request.path else self.cache.root
+            node = self.cache.insert(parent, request.page_key(index, page_size), request.page_table[index])
+            request.path.append(node)
+
+    def _release_pages(self, request: Request) -> None:
+        """Give back a request's pages: the cached path is released (it stays cached), private
+        pages go back to the allocator."""
+        shared = {node.page for node in request.path}
+        self.cache.release(request.path)
+        self.allocator.free([page for page in request.page_table if page not in shared])
+        request.path, request.page_table, request.num_pages_sent = [], [], 0
+
     def _finish(self, request: Request) -> None:
         if request.status is Status.RUNNING:
             self.running.remove(request)
-            unallocated = pages_for(request.max_total_tokens, self.config.page_size) - len(request.page_table)
-            self._reserved_pages -= unallocated
             self._finished_since_last_step.append(request.request_id)
         elif request.status is Status.WAITING:
             self.waiting.remove(request)
-        self.allocator.free(request.page_table)
-        request.page_table = []
+            if request.sent_to_workers:  # preempted: the workers still hold its sampler
+                self._finished_since_last_step.append(request.request_id)
+        self._release_pages(request)
         request.status = Status.FINISHED
         del self.requests[request.request_id]
 
     def check_integrity(self) -> None:
         self.allocator.check_integrity()
-        owned = [page for r in self.running for page in r.page_table]
-        assert len(owned) == len(set(owned)) == self.allocator.num_used, "page ownership mismatch"
-        reserved = sum(
-            pages_for(r.max_total_tokens, self.config.page_size) - len(r.page_table) for r in self.running
-        )
-        assert reserved == self._reserved_pages, "reservation drifted"
-        assert self._reserved_pages <= self.allocator.num_free
+        cached = self.cache.check_integrity(r.path for r in self.running)
+        private = [
+            page
+            for r in self.running
+            for i, page in enumerate(r.page_table)
+            if i >= len(r.path) or page != r.path[i].page
+        ]
+        assert len(private) == len(set(private)), "a private page owned twice"
+        assert not set(private) & cached, "a page both private and cached"
+        assert len(private) + len(cached) == self.allocator.num_used, "page ownership mismatch"
         for r in self.running:
             assert r.status is Status.RUNNING
             assert r.num_computed <= r.num_scheduled <= r.num_known_after_inflight
+            assert len(r.path) * self.config.page_size <= r.num_computed, "a cached page not computed"
+            assert len(r.page_table) == pages_for(r.num_scheduled, self.config.page_size)
+            assert r.num_pages_sent <= len(r.page_table)
         for r in self.waiting:
-            assert r.status is Status.WAITING and not r.page_table
+            assert r.status is Status.WAITING and not r.page_table and not r.path
 
 
 def _embed_slices(request: Request, start: int, end: int) -> list[EmbedSlice]:
