@@ -25,6 +25,10 @@ COUNTERS = {
         "vlmd_prefix_cache_hit_tokens",
         "of those, tokens whose KV was cached (not computed again)",
     ),
+    "prefix_cache_evicted_pages_total": (
+        "vlmd_prefix_cache_evicted_pages",
+        "cached KV pages evicted (least recently used first) to free pages",
+    ),
     "preemptions_total": (
         "vlmd_preemptions",
         "running requests sent back to the queue (KV freed) for an older one's pages",

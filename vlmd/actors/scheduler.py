@@ -192,6 +192,7 @@ class SchedulerActor:
             "prefix_cache_queried_tokens_total": stats.queried_tokens,
             "prefix_cache_hit_tokens_total": stats.hit_tokens,
             "preemptions_total": stats.preemptions,
+            "prefix_cache_evicted_pages_total": self.core.cache.num_evicted,
             "kv_pages_cached": self.core.cache.num_unreferenced,
             "kv_pages_total": self.core.config.num_pages,
             "kv_pages_used": self.core.num_used_pages,

@@ -50,6 +50,7 @@ class PrefixCache:
         self.root = Node(page=-1, key=None, parent=None)
         self.num_nodes = 0
         self.num_unreferenced = 0  # nodes no request holds: every one of them can be evicted
+        self.num_evicted = 0  # pages evicted so far (for /metrics)
         self._clock = itertools.count(1)
         # (last_used, tie, node) of unreferenced leaves; stale entries are skipped when popped.
         self._leaves: list[tuple[int, int, Node]] = []
@@ -120,6 +121,7 @@ class PrefixCache:
             self.allocator.free([node.page])
             self.num_nodes -= 1
             self.num_unreferenced -= 1
+            self.num_evicted += 1
             freed += 1
             if parent is not self.root and parent.ref_count == 0 and not parent.children:
                 self._push_leaf(parent)
