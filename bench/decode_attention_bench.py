@@ -39,7 +39,7 @@ def layout_for(batch: int, context: int) -> BatchLayout:
     """`batch` requests of `context` tokens, each on its own pages, one new token each."""
     pages = math.ceil(context / PAGE_SIZE)
     tables = [list(range(i * pages, (i + 1) * pages)) for i in range(batch)]
-    return BatchLayout(list(range(batch + 1)), [context] * batch, tables)
+    return BatchLayout.from_page_tables(list(range(batch + 1)), [context] * batch, tables, PAGE_SIZE)
 
 
 def step_seconds(

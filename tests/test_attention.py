@@ -81,7 +81,7 @@ def make_layout(
         qo_indptr.append(qo_indptr[-1] + new)
         kv_lens.append(start + new)
         page_tables.append(table[: -(-(start + new) // page_size)])
-    return BatchLayout(qo_indptr, kv_lens, page_tables)
+    return BatchLayout.from_page_tables(qo_indptr, kv_lens, page_tables, page_size)
 
 
 def write_tokens(cache: torch.Tensor, table: list[int], start: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -200,29 +200,30 @@ def test_flashinfer_metadata_addresses_the_same_slots_as_the_reference(kind: str
     tables = random_page_tables(rng, [n + 2 * PAGE_SIZE for n in kv_lens], PAGE_SIZE, 200)
     layout = make_layout(starts, num_new, tables, PAGE_SIZE)
     # Pages reserved ahead of use must not leak into the CSR table.
-    layout = BatchLayout(layout.qo_indptr, layout.kv_lens, tables)
+    layout = BatchLayout.from_page_tables(layout.qo_indptr, layout.kv_lens, tables, PAGE_SIZE)
     meta = PagedKVMetadata.from_layout(layout, PAGE_SIZE)
     meta.check_integrity(PAGE_SIZE)
     assert meta.is_decode == (kind == "decode")
     for i, kv_len in enumerate(kv_lens):
-        pages = meta.kv_indices[meta.kv_indptr[i] : meta.kv_indptr[i + 1]]
+        pages = meta.kv_indices[meta.kv_indptr[i] : meta.kv_indptr[i + 1]].tolist()
         assert (len(pages) - 1) * PAGE_SIZE + meta.kv_last_page_len[i] == kv_len
         assert pages == tables[i][: len(pages)]
     assert list(zip(meta.batch_indices, meta.positions, strict=True)) == [
         (i, p) for i, (s, k) in enumerate(zip(starts, kv_lens, strict=True)) for p in range(s, k)
     ]
     assert meta.positions == layout.positions()
-    # One flat int32 tensor round-trips to the six arrays.
+    # One flat int32 tensor round-trips to the host arrays.
     views = meta.views(meta.to_tensor())
-    assert views.kv_indices.dtype == torch.int32
-    assert views.kv_indices.tolist() == meta.kv_indices
+    assert views.positions.dtype == meta.kv_indices.dtype == torch.int32
     assert views.qo_indptr.tolist() == meta.qo_indptr
     assert views.positions.tolist() == meta.positions
 
 
-def test_flashinfer_metadata_rejects_a_short_page_table():
-    layout = BatchLayout([0, 20], [20], [[3]])  # 20 tokens need 2 pages of 16
+def test_layouts_refuse_a_short_page_table():
     with pytest.raises(AssertionError, match="page table too short"):
+        BatchLayout.from_page_tables([0, 20], [20], [[3]], PAGE_SIZE)  # 20 tokens need 2 pages of 16
+    layout = BatchLayout([0, 20], [20], torch.tensor([3], dtype=torch.int32))
+    with pytest.raises(AssertionError, match="does not hold every request's pages"):
         PagedKVMetadata.from_layout(layout, PAGE_SIZE)
 
 

@@ -188,7 +188,7 @@ def _logits(lm, ids: list[int]) -> torch.Tensor:
         torch.device("cpu"),
     )
     attn = TorchReferenceBackend(spec, arch.num_attention_heads, arch.head_dim**-0.5)
-    layout = BatchLayout([0, len(ids)], [len(ids)], [list(range(num_pages))])
+    layout = BatchLayout.from_page_tables([0, len(ids)], [len(ids)], [list(range(num_pages))], PAGE_SIZE)
     attn.plan(layout)
     with torch.no_grad():
         return lm.compute_logits(lm(lm.embed(torch.tensor(ids)), torch.tensor(layout.positions()), attn))
@@ -240,3 +240,11 @@ def test_from_state_dict_names_missing_and_foreign_keys(tmp_path: Path) -> None:
         language_model_from_state_dict(arch, missing, torch.float32, "cpu")
     with pytest.raises(ValueError, match="unrecognised checkpoint keys"):
         vision_from_state_dict(arch, state | {"extra.weight": torch.zeros(1)}, torch.float32, "cpu")
+
+
+def test_tiny_host_step_bench_reports_every_context(tmp_path: Path) -> None:
+    out = tmp_path / "host.json"
+    proc = _run_script("bench/host_step_bench.py", "--tiny", "--json", str(out))
+    assert "| context | schedule | worker bookkeeping | update | total | vs the first |" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["context"] for row in rows] == [64, 256] and all(row["total"] > 0 for row in rows)

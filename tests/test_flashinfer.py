@@ -90,7 +90,7 @@ def run_step_and_compare(
             out, expected, atol=tol, rtol=tol, msg=lambda m, layer=layer: f"layer {layer}: {m}"
         )
         for i, (start, kv_len) in enumerate(zip(starts, layout.kv_lens, strict=True)):
-            table = layout.page_tables[i]
+            table = layout.pages_of(i, PAGE_SIZE)
             written = read_tokens(fi.kv_cache[layer], table, start, kv_len)
             assert torch.equal(written, read_tokens(ref.kv_cache[layer], table, start, kv_len))
 
@@ -169,7 +169,7 @@ def test_strided_qkv_views(kind: str):
 
 def test_empty_step():
     _, fi = make_backends(torch.bfloat16, 128, 28, 4, num_pages=4)
-    fi.plan(BatchLayout([0], [], []))
+    fi.plan(BatchLayout([0], [], torch.zeros(0, dtype=torch.int32)))
     empty = torch.empty(0, 4, 128, device="cuda", dtype=torch.bfloat16)
     out = fi.forward(0, torch.empty(0, 28, 128, device="cuda", dtype=torch.bfloat16), empty, empty)
     assert out.shape == (0, 28, 128)

@@ -55,7 +55,7 @@ def vlmd_logits(model_dir, ids: list[int], tp: TPGroup = SINGLE_RANK) -> torch.T
     rows = []
     spans = [(0, PROMPT_LEN)] + [(t, t + 1) for t in range(PROMPT_LEN, PROMPT_LEN + NUM_STEPS)]
     for start, end in spans:
-        layout = BatchLayout([0, end - start], [end], [pages[: -(-end // PAGE_SIZE)]])
+        layout = BatchLayout.from_page_tables([0, end - start], [end], [pages], PAGE_SIZE)
         attn.plan(layout)
         input_ids = torch.tensor(ids[start:end], device=model.lm_head.weight.device)
         positions = torch.arange(start, end, device=input_ids.device)

@@ -157,13 +157,7 @@ def _vlmd_greedy(
     x = torch.cat(embeds)  # [total prompt tokens, hidden]
     qo_indptr = np.cumsum([0] + kv_lens).tolist()
     for _ in range(NUM_NEW_TOKENS):
-        layout = BatchLayout(
-            qo_indptr=qo_indptr,
-            kv_lens=kv_lens,
-            page_tables=[
-                table[: math.ceil(n / PAGE_SIZE)] for table, n in zip(page_tables, kv_lens, strict=True)
-            ],
-        )
+        layout = BatchLayout.from_page_tables(qo_indptr, kv_lens, page_tables, PAGE_SIZE)
         attn.plan(layout)
         hidden = lm(x, torch.tensor(layout.positions()), attn)
         last_rows = torch.tensor(qo_indptr[1:]) - 1
@@ -298,7 +292,9 @@ def test_prefill_logits_close_to_transformers(lm, vision, hf_model, tokenizer, i
         embeds = lm.embed(torch.tensor(ids))
         embeds[torch.tensor(ids) == lm.arch.image_token_id] = vision(pixel_values)
         attn = _backend(lm, math.ceil(len(ids) / PAGE_SIZE))
-        layout = BatchLayout([0, len(ids)], [len(ids)], [list(range(math.ceil(len(ids) / PAGE_SIZE)))])
+        layout = BatchLayout.from_page_tables(
+            [0, len(ids)], [len(ids)], [list(range(math.ceil(len(ids) / PAGE_SIZE)))], PAGE_SIZE
+        )
         attn.plan(layout)
         got = lm.compute_logits(lm(embeds, torch.tensor(layout.positions()), attn))
     assert got.dtype == torch.float32
@@ -311,7 +307,9 @@ def test_prefill_logits_close_to_transformers(lm, vision, hf_model, tokenizer, i
 def _logits(model_dir: Path, ids: list[int]) -> torch.Tensor:
     lm = load_language_model(model_dir, torch.float32, "cpu")
     attn = _backend(lm, math.ceil(len(ids) / PAGE_SIZE))
-    layout = BatchLayout([0, len(ids)], [len(ids)], [list(range(math.ceil(len(ids) / PAGE_SIZE)))])
+    layout = BatchLayout.from_page_tables(
+        [0, len(ids)], [len(ids)], [list(range(math.ceil(len(ids) / PAGE_SIZE)))], PAGE_SIZE
+    )
     attn.plan(layout)
     with torch.no_grad():
         return lm.compute_logits(lm(lm.embed(torch.tensor(ids)), torch.tensor(layout.positions()), attn))

@@ -19,6 +19,7 @@ import torch
 
 from vlmd.core.scheduler import Scheduler
 from vlmd.kernels.attention import AttentionBackend, BatchLayout
+from vlmd.kernels.page_table import DevicePageTables
 from vlmd.kernels.row_stats import make_row_stats
 from vlmd.kernels.sampler import SamplerState, sample_on_device, top_lists
 from vlmd.kernels.transfer import to_device
@@ -51,7 +52,7 @@ class ModelRunner:
         self.device = attn.spec.device
         self._cuda = self.device.type == "cuda"
         self.row_stats = make_row_stats(self.device)
-        self._page_tables: dict[str, list[int]] = {}
+        self.page_tables = DevicePageTables(self.device)
         self._samplers: dict[str, SamplerState] = {}
         # The last launched step that sampled: its tokens on the device, and each request's row.
         self._last_tokens: torch.Tensor | None = None
@@ -66,13 +67,12 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> LaunchedStep:
         for request_id in plan.finished_ids:
-            self._page_tables.pop(request_id, None)
+            self.page_tables.remove(request_id)
             self._samplers.pop(request_id, None)
         for request_id in plan.preempted_ids:  # their KV is gone; they start again from position 0
-            if request_id in self._page_tables:
-                self._page_tables[request_id] = []
+            self.page_tables.reset(request_id)
         for new in plan.new_requests:
-            self._page_tables[new.request_id] = []
+            self.page_tables.add(new.request_id)
             self._samplers[new.request_id] = SamplerState(new.sampling, new.prompt_ids, self.device)
         if self._inputs_copied is not None:
             # FlashInfer plans through one pinned host buffer per wrapper: the previous step's
@@ -175,15 +175,7 @@ class ModelRunner:
         return input_ids
 
     def _layout(self, items: list[StepItem]) -> BatchLayout:
-        qo_indptr = [0]
-        kv_lens, page_tables = [], []
-        for item in items:
-            table = self._page_tables[item.request_id]
-            table += item.new_pages
-            qo_indptr.append(qo_indptr[-1] + len(item.token_ids))
-            kv_lens.append(item.start + len(item.token_ids))
-            page_tables.append(table)
-        return BatchLayout(qo_indptr, kv_lens, page_tables)
+        return step_layout(self.page_tables, items, self.attn.spec.page_size)
 
     def _input_embeddings(
         self, items: list[StepItem], layout: BatchLayout, input_ids: torch.Tensor
@@ -196,6 +188,21 @@ class ModelRunner:
                 # From shared memory: a non-blocking copy stages the rows at once, without a sync.
                 embeds[dst : dst + piece.num_rows] = rows.to(self.device, non_blocking=True).to(embeds.dtype)
         return embeds
+
+
+def step_layout(page_tables: DevicePageTables, items: list[StepItem], page_size: int) -> BatchLayout:
+    """A step's layout: the items' new pages appended to their tables, the tables gathered on the
+    device. Host work per request, whatever the lengths of their contexts."""
+    qo_indptr = [0]
+    kv_lens, rows, num_pages = [], [], []
+    for item in items:
+        rows.append(page_tables.append(item.request_id, item.new_pages))
+        qo_indptr.append(qo_indptr[-1] + len(item.token_ids))
+        kv_len = item.start + len(item.token_ids)
+        kv_lens.append(kv_len)
+        num_pages.append(-(-kv_len // page_size))
+    page_tables.flush()
+    return BatchLayout(qo_indptr, kv_lens, page_tables.gather(rows, num_pages))
 
 
 def run_in_process(

@@ -37,16 +37,47 @@ class BatchLayout:
     """The shape of one step's flattened batch, as the attention backend needs it.
 
     Request i owns rows qo_indptr[i]:qo_indptr[i+1] of the step's q/k/v. Those are its newest
-    tokens: after this step its cache holds kv_lens[i] tokens, stored in page_tables[i] in order.
+    tokens: after this step its cache holds kv_lens[i] tokens, in the pages `kv_indices` lists for
+    it: ceil(kv_lens[i] / page_size) of them, in order, request after request (the CSR page table
+    without its indptr, which `kv_indptr` derives). The model runner gathers them on the device
+    (`vlmd.kernels.page_table`); `from_page_tables` builds them from lists.
     """
 
     qo_indptr: list[int]  # [num_reqs + 1]
     kv_lens: list[int]  # [num_reqs]
-    page_tables: list[list[int]]  # per request, ceil(kv_len / page_size) page ids
+    kv_indices: torch.Tensor  # int32 [sum of pages per request], on the host or the device
+
+    @classmethod
+    def from_page_tables(
+        cls, qo_indptr: list[int], kv_lens: list[int], page_tables: list[list[int]], page_size: int
+    ) -> BatchLayout:
+        """From per-request page tables, each at least long enough for its tokens (pages beyond
+        them, reserved ahead of use, are left out)."""
+        pages = [
+            page
+            for table, n in zip(page_tables, kv_lens, strict=True)
+            for page in table[: -(-n // page_size)]
+        ]
+        for table, n in zip(page_tables, kv_lens, strict=True):
+            assert len(table) * page_size >= n, "page table too short"
+        return cls(qo_indptr, kv_lens, torch.tensor(pages, dtype=torch.int32))
 
     @property
     def num_tokens(self) -> int:
         return self.qo_indptr[-1]
+
+    def pages_of(self, i: int, page_size: int) -> list[int]:
+        """Request i's pages (for tests and checks: it reads them back to the host)."""
+        indptr = self.kv_indptr(page_size)
+        return self.kv_indices[indptr[i] : indptr[i + 1]].tolist()
+
+    def kv_indptr(self, page_size: int) -> list[int]:
+        """[num_reqs + 1]: request i's pages are kv_indices[kv_indptr[i]:kv_indptr[i + 1]]."""
+        out = [0]
+        for n in self.kv_lens:
+            out.append(out[-1] + -(-n // page_size))
+        assert out[-1] == self.kv_indices.shape[0], "kv_indices does not hold every request's pages"
+        return out
 
     def positions(self) -> list[int]:
         """Absolute position of every row of the flattened batch."""
@@ -88,30 +119,28 @@ class AttentionBackend(ABC):
         """
 
 
-def _slots(page_table: list[int], start: int, end: int, page_size: int) -> list[int]:
-    """Flat cache slot of each token position in [start, end)."""
-    return [page_table[p // page_size] * page_size + p % page_size for p in range(start, end)]
-
-
 class TorchReferenceBackend(AttentionBackend):
     """Plain torch paged attention: the CPU backend and the oracle for kernel tests."""
 
     def plan(self, layout: BatchLayout) -> None:
         page_size = self.spec.page_size
         device = self.spec.device
-        new_slots: list[int] = []
+        kv_indices = layout.kv_indices.to(device=device, dtype=torch.long)
+        kv_indptr = layout.kv_indptr(page_size)
+        offsets = torch.arange(page_size, device=device)
+        new_slots: list[torch.Tensor] = []
         self._requests: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for i, kv_len in enumerate(layout.kv_lens):
             q_start, q_end = layout.qo_indptr[i], layout.qo_indptr[i + 1]
             num_new = q_end - q_start
-            assert len(layout.page_tables[i]) * page_size >= kv_len, "page table too short"
-            new_slots += _slots(layout.page_tables[i], kv_len - num_new, kv_len, page_size)
-            kv_slots = torch.tensor(_slots(layout.page_tables[i], 0, kv_len, page_size), device=device)
+            pages = kv_indices[kv_indptr[i] : kv_indptr[i + 1]]
+            kv_slots = (pages[:, None] * page_size + offsets[None, :]).flatten()[:kv_len]  # flat cache slots
+            new_slots.append(kv_slots[kv_len - num_new :])
             # Query row j sits at position kv_len - num_new + j and sees cache positions <= its own.
             q_pos = torch.arange(kv_len - num_new, kv_len, device=device)
             mask = torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]  # [num_new, kv_len]
             self._requests.append((q_start, q_end, kv_slots // page_size, kv_slots % page_size, mask))
-        slots = torch.tensor(new_slots, dtype=torch.long, device=device)
+        slots = torch.cat(new_slots) if new_slots else torch.zeros(0, dtype=torch.long, device=device)
         self._new_pages, self._new_offsets = slots // page_size, slots % page_size
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,7 @@ class GraphDecodeAttention:
         host_flat = stage(meta.to_tensor(), spec.device)  # pinned: no copy out of it waits
         host = meta.views(host_flat)
         device = meta.views(host_flat.to(spec.device, non_blocking=True))
+        kv_indices = meta.device_indices(spec.device)
         self.batch_indices.copy_(device.batch_indices)
         self.positions.copy_(device.positions)
         # FlashInfer copies host page indices into its buffer with a blocking copy, which would
@@ -85,7 +86,7 @@ class GraphDecodeAttention:
         # on the host, where it reads them to schedule the work.
         self.wrapper.plan(  # copies indptr / indices / last_page_len into the buffers above
             host.kv_indptr,
-            device.kv_indices,
+            kv_indices,
             host.kv_last_page_len,
             num_qo_heads=self.backend.num_q_heads,
             num_kv_heads=spec.num_kv_heads,
@@ -122,6 +123,7 @@ class DecodeGraphs:
         self.model = model
         self.backend = backend
         self.dummy_page = dummy_page
+        self._dummy_pages: torch.Tensor | None = None  # the padding rows' page indices
         self.sizes = sorted({b for b in CAPTURE_SIZES if b < max_batch_size} | {max_batch_size})
         kv_heads = backend.spec.num_kv_heads
         # (size, split_kv) of every graph: all sizes split; the large ones also not.
@@ -147,7 +149,8 @@ class DecodeGraphs:
         for key in sorted(self.keys, reverse=True):  # largest first, so smaller graphs reuse its memory
             size, split_kv = key
             attn = GraphDecodeAttention(self.backend, size, split_kv=split_kv)
-            attn.plan(self._padded(BatchLayout([0], [], []), size))
+            empty = torch.zeros(0, dtype=torch.int32, device=self.backend.spec.device)
+            attn.plan(self._padded(BatchLayout([0], [], empty), size))
             self._forward(attn, size)  # warm-up: kernels loaded, workspaces sized
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -199,6 +202,14 @@ class DecodeGraphs:
         """The layout plus one-token requests on the dummy page, up to `size` requests."""
         padding = size - len(layout.kv_lens)
         qo_indptr = layout.qo_indptr + [layout.qo_indptr[-1] + i for i in range(1, padding + 1)]
-        return BatchLayout(
-            qo_indptr, layout.kv_lens + [1] * padding, layout.page_tables + [[self.dummy_page]] * padding
-        )
+        kv_indices = layout.kv_indices
+        if padding:
+            device = self.backend.spec.device
+            if self._dummy_pages is None:
+                self._dummy_pages = torch.full(
+                    (self.max_batch_size,), self.dummy_page, dtype=torch.int32, device=device
+                )
+            kv_indices = torch.cat(
+                [stage(kv_indices, device).to(device, non_blocking=True), self._dummy_pages[:padding]]
+            )
+        return BatchLayout(qo_indptr, layout.kv_lens + [1] * padding, kv_indices)

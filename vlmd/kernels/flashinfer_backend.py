@@ -11,7 +11,7 @@ flashinfer is imported lazily so this module imports on machines without it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -64,50 +64,47 @@ def flashinfer_unsupported_reason(
 
 
 class PagedKVTensors(NamedTuple):
-    """`PagedKVMetadata`'s arrays as int32 tensors (views of one flat tensor)."""
+    """`PagedKVMetadata`'s host arrays as int32 tensors (views of one flat tensor)."""
 
     qo_indptr: torch.Tensor
     kv_indptr: torch.Tensor
     kv_last_page_len: torch.Tensor
-    kv_indices: torch.Tensor
     batch_indices: torch.Tensor
     positions: torch.Tensor
 
 
 @dataclass(frozen=True)
 class PagedKVMetadata:
-    """One step's batch in FlashInfer's CSR page-table form (host lists).
+    """One step's batch in FlashInfer's CSR page-table form: host lists, per request or per new
+    token, and the page indices as the layout gives them (a tensor, on the device when the model
+    runner gathered them there).
 
     Request i owns pages kv_indices[kv_indptr[i]:kv_indptr[i+1]], all full except the last, which
     holds kv_last_page_len[i] tokens (1..page_size). New row t belongs to request
-    batch_indices[t] and sits at position positions[t] of that request. Fields are in
+    batch_indices[t] and sits at position positions[t] of that request. The list fields are in
     `PagedKVTensors` order.
     """
 
     qo_indptr: list[int]  # [num_reqs + 1]
     kv_indptr: list[int]  # [num_reqs + 1]
     kv_last_page_len: list[int]  # [num_reqs]
-    kv_indices: list[int]  # [kv_indptr[-1]]
     batch_indices: list[int]  # [num_tokens]
     positions: list[int]  # [num_tokens]
+    kv_indices: torch.Tensor  # int32 [kv_indptr[-1]]
 
     @classmethod
     def from_layout(cls, layout: BatchLayout, page_size: int) -> PagedKVMetadata:
-        kv_indptr, last_page_len, kv_indices = [0], [], []
-        batch_indices, positions = [], []
+        last_page_len, batch_indices, positions = [], [], []
         for i, kv_len in enumerate(layout.kv_lens):
             num_new = layout.qo_indptr[i + 1] - layout.qo_indptr[i]
             assert 1 <= num_new <= kv_len, f"request {i}: {num_new} new tokens, kv_len {kv_len}"
-            num_pages = (kv_len + page_size - 1) // page_size
-            table = layout.page_tables[i]
-            assert len(table) >= num_pages, f"request {i}: page table too short"
-            # Only the pages holding tokens: pages reserved ahead must not enter the CSR table.
-            kv_indices += table[:num_pages]
-            kv_indptr.append(len(kv_indices))
-            last_page_len.append(kv_len - (num_pages - 1) * page_size)
+            last_page_len.append(kv_len - (-(-kv_len // page_size) - 1) * page_size)
             batch_indices += [i] * num_new
             positions += range(kv_len - num_new, kv_len)
-        return cls(list(layout.qo_indptr), kv_indptr, last_page_len, kv_indices, batch_indices, positions)
+        kv_indptr = layout.kv_indptr(page_size)
+        return cls(
+            list(layout.qo_indptr), kv_indptr, last_page_len, batch_indices, positions, layout.kv_indices
+        )
 
     @property
     def num_reqs(self) -> int:
@@ -119,16 +116,24 @@ class PagedKVMetadata:
         return self.qo_indptr[-1] == self.num_reqs
 
     def to_tensor(self) -> torch.Tensor:
-        """All arrays back to back in one int32 host tensor, so one copy moves a whole step."""
-        return torch.tensor([x for f in fields(self) for x in getattr(self, f.name)], dtype=torch.int32)
+        """The host lists back to back in one int32 tensor, so one copy moves them all."""
+        return torch.tensor(
+            [x for name in PagedKVTensors._fields for x in getattr(self, name)], dtype=torch.int32
+        )
 
     def views(self, flat: torch.Tensor) -> PagedKVTensors:
         """Split a tensor made by `to_tensor` (or a copy of it) into its arrays."""
-        return PagedKVTensors(*flat.split([len(getattr(self, f.name)) for f in fields(self)]))
+        return PagedKVTensors(*flat.split([len(getattr(self, name)) for name in PagedKVTensors._fields]))
+
+    def device_indices(self, device: torch.device) -> torch.Tensor:
+        """The page indices on `device`, without waiting for it."""
+        if self.kv_indices.device == device:
+            return self.kv_indices
+        return stage(self.kv_indices, device).to(device, non_blocking=True)
 
     def check_integrity(self, page_size: int) -> None:
         assert len(self.qo_indptr) == len(self.kv_indptr) == self.num_reqs + 1
-        assert self.kv_indptr[-1] == len(self.kv_indices)
+        assert self.kv_indptr[-1] == self.kv_indices.shape[0]
         assert all(1 <= n <= page_size for n in self.kv_last_page_len)
         assert len(self.batch_indices) == len(self.positions) == self.qo_indptr[-1]
         for i in range(self.num_reqs):
@@ -199,6 +204,7 @@ class FlashInferBackend(AttentionBackend):
         host_flat = stage(meta.to_tensor(), spec.device)
         host = meta.views(host_flat)
         self._meta = meta.views(host_flat.to(spec.device, non_blocking=True))
+        self._kv_indices = meta.device_indices(spec.device)
         # The wrappers read indptr / last_page_len on the host to schedule work: handing them the
         # host copies spares a device-to-host sync. The page indices are only read on the device.
         common = dict(
@@ -211,14 +217,14 @@ class FlashInferBackend(AttentionBackend):
         )
         if meta.is_decode:
             self._decode.plan(
-                host.kv_indptr, self._meta.kv_indices, host.kv_last_page_len, head_dim=spec.head_dim, **common
+                host.kv_indptr, self._kv_indices, host.kv_last_page_len, head_dim=spec.head_dim, **common
             )
             self._wrapper = self._decode
         else:
             self._prefill.plan(
                 host.qo_indptr,
                 host.kv_indptr,
-                self._meta.kv_indices,
+                self._kv_indices,
                 host.kv_last_page_len,
                 head_dim_qk=spec.head_dim,
                 causal=True,  # bottom-right aligned: row j of a request sees positions <= its own
@@ -241,7 +247,7 @@ class FlashInferBackend(AttentionBackend):
             meta.batch_indices,
             meta.positions,
             cache,
-            meta.kv_indices,
+            self._kv_indices,
             meta.kv_indptr,
             meta.kv_last_page_len,
             kv_layout="NHD",
