@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -66,6 +67,52 @@ def test_bench_at_a_rate_with_bounded_concurrency_and_no_images(mm_server, tmp_p
     report = json.loads(out.read_text())
     assert report["successful_requests"] == 5 and report["total_output_tokens"] == 15
     assert report["embed_cache_hit_rate"] is None  # no image, no cache lookups
+
+
+def counter(server, name: str) -> float:
+    return next(iter(scrape(server)[name].values()))
+
+
+@pytest.mark.parametrize("backend", ["vlmd", "openai-chat"])
+def test_conversations_send_their_history_and_report_ttft_per_turn(mm_server, tmp_path, backend):
+    """--turns 3: each conversation's later turns send the chat so far (first prompt, image,
+    answers) again, so the prefix cache finds most of it; TTFT is split by turn."""
+    out = tmp_path / "report.json"
+    hits_before = counter(mm_server, "vlmd_prefix_cache_hit_tokens")
+    result = bench(
+        *("--base_url", mm_server.url, "--backend", backend, "--num_prompts", "2", "--turns", "3"),
+        *("--input_len", "120", "--output_len", "6", "--turn_input_len", "5", "--images_per_request", "1"),
+        *("--seed", "7", "--output_json", str(out)),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "TTFT, later turns" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["successful_requests"] == 6
+    assert sorted(r["turn"] for r in report["requests"]) == [1, 1, 2, 2, 3, 3]
+    by_turn = {t: [r["prompt_tokens"] for r in report["requests"] if r["turn"] == t] for t in (1, 2, 3)}
+    assert min(by_turn[2]) > max(by_turn[1]) and min(by_turn[3]) > max(by_turn[2]), "history not sent"
+    # Turns 2 and 3 find at least the first turn's prompt (image included) in the prefix cache.
+    hits = counter(mm_server, "vlmd_prefix_cache_hit_tokens") - hits_before
+    assert hits >= 4 * (min(by_turn[1]) // 16 * 16)
+    assert report["ttft_ms_first_turn"]["median"] > 0 and report["ttft_ms_later_turns"]["median"] > 0
+
+
+def test_clients_that_hang_up_early(mm_server, tmp_path):
+    """--disconnect_after: every stream is closed after 4 tokens of the 500 it declared; the
+    server aborts the rest and holds no page once they are gone."""
+    out = tmp_path / "report.json"
+    result = bench(
+        *("--base_url", mm_server.url, "--num_prompts", "4", "--input_len", "8", "--output_len", "500"),
+        *("--disconnect_after", "4", "--output_json", str(out)),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["successful_requests"] == 4 and [r["output_tokens"] for r in report["requests"]] == [4] * 4
+    for _ in range(50):
+        if counter(mm_server, "vlmd_requests_running") == 0:
+            break
+        time.sleep(0.1)
+    assert counter(mm_server, "vlmd_requests_running") == 0 and counter(mm_server, "vlmd_kv_pages_used") == 0
 
 
 def test_bench_against_no_server_fails_in_one_line():

@@ -33,6 +33,22 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="share of requests that send images of earlier requests again (embed-cache hits)",
     )
+    add(
+        "--turns",
+        type=int,
+        default=1,
+        help="turns per conversation: each turn sends the whole chat so far (its images again) and a "
+        "new user message of --turn_input_len words; TTFT is reported for the first turn and the later "
+        "ones (what a prefix cache saves)",
+    )
+    add("--turn_input_len", type=int, default=32, help="words of each user message after the first")
+    add(
+        "--disconnect_after",
+        type=int,
+        default=None,
+        help="hang up each stream after this many generated tokens, whatever --output_len declared "
+        "(clients that ask for long answers and leave early)",
+    )
     add("--tokenizer", default=None, help="model dir whose tokenizer makes prompts exactly --input_len")
     add(
         "--request_rate", type=float, default=math.inf, help="requests/s, Poisson arrivals (inf: all at once)"
@@ -45,12 +61,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def validate(ns: argparse.Namespace) -> None:
-    for name in ("num_prompts", "input_len", "output_len"):
+    for name in ("num_prompts", "input_len", "output_len", "turns", "turn_input_len"):
         if getattr(ns, name) < 1:
             raise BenchError(f"--{name} must be at least 1")
     for name in ("num_warmups", "images_per_request"):
         if getattr(ns, name) < 0:
             raise BenchError(f"--{name} must not be negative")
+    if ns.disconnect_after is not None and ns.disconnect_after < 1:
+        raise BenchError("--disconnect_after must be at least 1")
     if not 0.0 <= ns.image_reuse_fraction <= 1.0:
         raise BenchError("--image_reuse_fraction must be in [0, 1]")
     if not 0.0 <= ns.range_ratio < 1.0:

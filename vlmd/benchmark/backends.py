@@ -32,6 +32,8 @@ class StreamEvent:
     error: str | None = None
     prompt_tokens: int | None = None  # as the server counts them (image tokens included)
     output_tokens: int | None = None  # generated so far (vlmd) or in total (usage)
+    text: str = ""  # the generated text the line adds
+    full_text: str | None = None  # the whole generated text, where the line gives it (vlmd's last)
 
 
 @dataclass
@@ -48,8 +50,11 @@ class RequestResult:
     prompt_tokens: int | None = None
     output_tokens: int = 0
     num_chunks: int = 0
+    text: str = ""  # what was generated (the next turn of a conversation sends it back)
+    turn: int = 1  # which turn of its conversation
 
     def add(self, event: StreamEvent, elapsed: float, last_arrival: float | None) -> None:
+        self.text = event.full_text if event.full_text is not None else self.text + event.text
         if event.num_chunks:
             if self.ttft is None:
                 self.ttft = elapsed
@@ -75,8 +80,11 @@ class RequestResult:
 
 def vlmd_body(request: BenchRequest, model: str | None, ignore_eos: bool) -> dict:
     placeholders = "<img></img>\n" * len(request.images)
+    chat = f"<|im_start|>user\n{placeholders}{request.prompt}<|im_end|>\n"
+    for answer, user in zip(request.answers, request.turns, strict=True):
+        chat += f"<|im_start|>assistant\n{answer}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
     return {
-        "inputs": f"<|im_start|>user\n{placeholders}{request.prompt}<|im_end|>\n<|im_start|>assistant\n",
+        "inputs": chat + "<|im_start|>assistant\n",
         "parameters": {"max_new_tokens": request.output_len, "ignore_eos": ignore_eos},
         "multimodal_params": {
             "images": [
@@ -99,6 +107,8 @@ def parse_vlmd_line(line: str) -> StreamEvent | None:
         done=bool(event.get("finished")),
         prompt_tokens=token.get("prompt_tokens"),
         output_tokens=token.get("count_output_tokens"),
+        text="" if token.get("special") else token.get("text") or "",
+        full_text=event.get("generated_text") if event.get("finished") else None,
     )
 
 
@@ -116,8 +126,11 @@ def openai_chat_body(request: BenchRequest, model: str | None, ignore_eos: bool)
         for image in request.images
     ]
     content.append({"type": "text", "text": request.prompt})
+    messages = [{"role": "user", "content": content}]
+    for answer, user in zip(request.answers, request.turns, strict=True):
+        messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": user}]
     body = {
-        "messages": [{"role": "user", "content": content}],
+        "messages": messages,
         "max_tokens": request.output_len,
         "temperature": 0.0,
         "stream": True,
@@ -147,6 +160,7 @@ def parse_openai_chat_line(line: str) -> StreamEvent | None:
         num_chunks=1 if text else 0,
         prompt_tokens=usage.get("prompt_tokens"),
         output_tokens=usage.get("completion_tokens"),
+        text=text,
     )
 
 
@@ -176,9 +190,15 @@ def _sse_data(line: str) -> str | None:
 
 
 async def send(
-    client: httpx.AsyncClient, url: str, backend: Backend, payload: bytes, result: RequestResult
+    client: httpx.AsyncClient,
+    url: str,
+    backend: Backend,
+    payload: bytes,
+    result: RequestResult,
+    disconnect_after: int | None = None,
 ) -> RequestResult:
-    """POST one pre-encoded request and time its stream into `result`."""
+    """POST one pre-encoded request and time its stream into `result`; with `disconnect_after`,
+    hang up once that many tokens came (a success: the client has what it wanted)."""
     started = time.perf_counter()
     last_arrival = None
     try:
@@ -197,6 +217,9 @@ async def send(
                 result.add(event, now, last_arrival)
                 if event.num_chunks:
                     last_arrival = now
+                if disconnect_after is not None and result.num_chunks >= disconnect_after and not event.done:
+                    result.add(StreamEvent(done=True), now, last_arrival)
+                    return result  # leaving the block closes the connection: the server aborts
                 if event.done:
                     return result
         result.error = "the server closed the stream before its end"

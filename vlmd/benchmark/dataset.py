@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -31,6 +31,19 @@ class BenchRequest:
     output_len: int  # tokens asked for (max_new_tokens / max_tokens)
     images: tuple[bytes, ...]  # encoded image files
     image_format: str  # "png" | "jpeg"
+    # A later turn of a conversation: the user messages after `prompt` so far, and the answers
+    # before each of them (answers[j] came before turns[j]); the images go with the first.
+    turns: tuple[str, ...] = ()
+    answers: tuple[str, ...] = ()
+    followups: tuple[str, ...] = ()  # the conversation's later user messages, sent one per turn
+
+    @property
+    def turn(self) -> int:
+        return len(self.turns) + 1
+
+    def next_turn(self, answer: str) -> BenchRequest:
+        """The conversation's next turn, once this one was answered with `answer`."""
+        return replace(self, turns=self.followups[: self.turn], answers=(*self.answers, answer))
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,8 @@ class DatasetConfig:
     image_format: str = "jpeg"
     image_reuse_fraction: float = 0.0  # of the requests, those whose images were all sent before
     seed: int = 0
+    turns: int = 1  # turns per conversation (each request is a conversation's first turn)
+    turn_input_len: int = 32  # words of each later user message
 
     def __post_init__(self) -> None:
         assert self.num_requests >= 0 and self.input_len >= 1 and self.output_len >= 1
@@ -87,7 +102,14 @@ def build_requests(config: DatasetConfig, tokenizer=None) -> list[BenchRequest]:
             sent += images
         prompt, prompt_len = random_prompt(_vary(config.input_len, config.range_ratio, rng), rng, tokenizer)
         output_len = _vary(config.output_len, config.range_ratio, rng)
-        requests.append(BenchRequest(prompt, prompt_len, output_len, tuple(images), config.image_format))
+        followups = tuple(
+            random_prompt(config.turn_input_len, rng, tokenizer)[0] for _ in range(config.turns - 1)
+        )
+        requests.append(
+            BenchRequest(
+                prompt, prompt_len, output_len, tuple(images), config.image_format, followups=followups
+            )
+        )
     return requests
 
 

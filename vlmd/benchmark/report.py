@@ -82,6 +82,9 @@ def build_report(results: list[RequestResult], duration_s: float) -> dict:
         "tpot_ms": summary_ms(tpots),
         "itl_ms": summary_ms([gap for r in good for gap in r.itls]),
         "e2e_latency_ms": summary_ms([r.e2e for r in good]),
+        # Conversations (--turns): the first turn computes its prompt whole; later ones repeat it.
+        "ttft_ms_first_turn": summary_ms([r.ttft for r in good if r.turn == 1]),
+        "ttft_ms_later_turns": summary_ms([r.ttft for r in good if r.turn > 1]),
         "errors": errors[:10],
         "requests": [
             {
@@ -89,6 +92,7 @@ def build_report(results: list[RequestResult], duration_s: float) -> dict:
                 "prompt_tokens": r.prompt_tokens,
                 "output_tokens": r.output_tokens,
                 "requested_output_tokens": r.requested_output_tokens,
+                "turn": r.turn,
                 "ttft_ms": None if r.ttft is None else r.ttft * 1000,
                 "e2e_ms": None if r.e2e is None else r.e2e * 1000,
                 "error": r.error or None,
@@ -115,7 +119,13 @@ def format_table(report: dict) -> str:
     lines = ["=" * 28 + " vlmd bench " + "=" * 28]
     lines += [f"{name:<40}{value:>28}" for name, value in rows]
     lines.append(f"{'(ms)':<36}{'mean':>8}{'median':>8}{'p90':>8}{'p99':>8}")
-    for key, name in LATENCIES:
+    latencies = LATENCIES
+    if report["ttft_ms_later_turns"]["mean"] is not None:
+        latencies += (
+            ("ttft_ms_first_turn", "TTFT, first turns"),
+            ("ttft_ms_later_turns", "TTFT, later turns"),
+        )
+    for key, name in latencies:
         cells = "".join(f"{'-' if v is None else f'{v:.1f}':>8}" for v in report[key].values())
         lines.append(f"{name:<36}{cells}")
     lines.append("=" * 68)

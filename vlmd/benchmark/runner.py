@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -57,12 +58,12 @@ async def _bench(ns: argparse.Namespace) -> dict:
             return json.dumps(backend.body(request, model, not ns.allow_eos)).encode()
 
         if warmups:
-            await _run_all(client, url, backend, warmups, [encode(r) for r in warmups], ns, progress=None)
-        payloads = [encode(r) for r in requests]  # before the clock starts
+            await _run_all(client, url, backend, warmups, [encode(r) for r in warmups], encode, ns, None)
+        payloads = [encode(r) for r in requests]  # before the clock starts (first turns)
         before = await _cache_counters(client, base_url)
-        progress = Progress(len(requests))
+        progress = Progress(len(requests) * ns.turns)
         started = time.perf_counter()
-        results = await _run_all(client, url, backend, requests, payloads, ns, progress)
+        results = await _run_all(client, url, backend, requests, payloads, encode, ns, progress)
         duration = time.perf_counter() - started
         progress.close()
         after = await _cache_counters(client, base_url)
@@ -91,6 +92,8 @@ def _datasets(ns: argparse.Namespace) -> tuple[list[BenchRequest], list[BenchReq
         image_width=ns.image_width,
         image_height=ns.image_height,
         image_format=ns.image_format,
+        turns=ns.turns,
+        turn_input_len=ns.turn_input_len,
     )
     run_config = DatasetConfig(
         num_requests=ns.num_prompts, image_reuse_fraction=ns.image_reuse_fraction, seed=ns.seed, **common
@@ -100,28 +103,34 @@ def _datasets(ns: argparse.Namespace) -> tuple[list[BenchRequest], list[BenchReq
     return build_requests(run_config, tokenizer), build_requests(warmup_config, tokenizer)
 
 
-async def _run_all(client, url, backend: Backend, requests, payloads, ns, progress) -> list[RequestResult]:
-    """Send every request: Poisson arrivals at --request_rate, at most --max_concurrency at once."""
-    gate = asyncio.Semaphore(ns.max_concurrency) if ns.max_concurrency else None
+async def _run_all(
+    client, url, backend: Backend, requests, payloads, encode, ns, progress
+) -> list[RequestResult]:
+    """Send every request: Poisson arrivals at --request_rate, at most --max_concurrency at once;
+    each request starts a conversation of --turns turns, one after the other."""
+    gate = asyncio.Semaphore(ns.max_concurrency) if ns.max_concurrency else contextlib.nullcontext()
     rng = random.Random(ns.seed)
 
-    async def one(request: BenchRequest, payload: bytes) -> RequestResult:
-        result = RequestResult(request.prompt_len, request.output_len)
-        if gate is None:
-            await send(client, url, backend, payload, result)
-        else:
+    async def conversation(request: BenchRequest, payload: bytes) -> list[RequestResult]:
+        results = []
+        while True:
+            result = RequestResult(request.prompt_len, request.output_len, turn=request.turn)
             async with gate:
-                await send(client, url, backend, payload, result)
-        if progress is not None:
-            progress.advance()
-        return result
+                await send(client, url, backend, payload, result, ns.disconnect_after)
+            results.append(result)
+            if progress is not None:
+                progress.advance()
+            if request.turn >= ns.turns or not result.ok:
+                return results
+            request = request.next_turn(result.text)
+            payload = encode(request)
 
     tasks = []
     for i, (request, payload) in enumerate(zip(requests, payloads, strict=True)):
         if i > 0 and not math.isinf(ns.request_rate):
             await asyncio.sleep(rng.expovariate(ns.request_rate))  # exponential gaps: Poisson arrivals
-        tasks.append(asyncio.create_task(one(request, payload)))
-    return list(await asyncio.gather(*tasks))
+        tasks.append(asyncio.create_task(conversation(request, payload)))
+    return [result for results in await asyncio.gather(*tasks) for result in results]
 
 
 async def _check_reachable(client: httpx.AsyncClient, base_url: str) -> None:
