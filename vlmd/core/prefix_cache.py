@@ -32,7 +32,7 @@ from vlmd.core.page_allocator import PageAllocator
 PageKey = tuple[tuple[int, ...], tuple[tuple[str, int, int], ...]]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: no per-node __dict__ (hundreds of thousands of nodes)
 class Node:
     """One cached page: `page` holds the KV of the positions its key names."""
 
