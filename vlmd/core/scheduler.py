@@ -70,6 +70,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.stats = CacheStats()
         self._watermark_pages = int(config.num_pages * config.watermark)
+        self._head_path: tuple[Request | None, list] = (None, [])  # the queue's head and its cached path
         self._finished_since_last_step: list[str] = []
         self._preempted_since_last_step: list[str] = []
         self._step_id = 0
@@ -190,13 +191,15 @@ class Scheduler:
         if head.num_pending:
             return False  # preempted with a token still in flight: re-admit once it is known
         path = self._lookup(head)
+        self._head_path = (head, path)  # `_admit` takes it: nothing changes the cache in between
         need = pages_for(head.num_tokens + 1, self.config.page_size) - len(path)
         held = sum(node.ref_count == 0 for node in path)  # cached pages it would stop being evictable
         return self.cache.num_available - held - need >= self._watermark_pages
 
     def _admit(self) -> Request:
         request = self.waiting.popleft()
-        path = self._lookup(request)
+        head, path = self._head_path
+        assert head is request, "_admit follows the _can_admit that looked its head up"
         self.cache.acquire(path)
         request.path = path
         request.page_table = [node.page for node in path]
