@@ -173,7 +173,7 @@ def test_eviction_under_a_small_pool(model_dir, tmp_path, cold):
         assert next(iter(families["vlmd_kv_pages_cached"].values())) <= 40
     finally:
         assert server.stop() == 0, server.log()
-    assert "KV pages held with no request left" not in server.log()
+    assert "AssertionError" not in server.log()  # the idle integrity check never failed
 
 
 def test_preemption_with_a_pool_a_tenth_of_the_declared_lengths(model_dir, tmp_path, cold):
@@ -197,4 +197,4 @@ def test_preemption_with_a_pool_a_tenth_of_the_declared_lengths(model_dir, tmp_p
     finally:
         assert server.stop() == 0, server.log()
     assert server.actor_pids() == [] and server.shm_segments() == []
-    assert "KV pages held with no request left" not in server.log()
+    assert "AssertionError" not in server.log()  # the idle integrity check never failed

@@ -101,11 +101,13 @@ class TilingConfig:
         return self.max_tiles + (1 if self.use_thumbnail else 0)
 
     def with_max_tiles(self, max_tiles: int) -> TilingConfig:
-        """This config under a request's tile limit (`max_dynamic_patch`).
+        """This config under a request's tile limit (`max_dynamic_patch`; 0: none, the config itself).
 
         A limit below `min_tiles` leaves no grid to choose from; both reference procedures then fall
         back to the (1, 1) grid, the whole image as one tile, which is what `max_tiles=1` gives.
         """
+        if max_tiles == 0:
+            return self
         if max_tiles < self.min_tiles:
             return replace(self, min_tiles=1, max_tiles=1)
         return replace(self, max_tiles=max_tiles)

@@ -91,7 +91,7 @@ class ImageChecker:
 
     async def check(self, index: int, image: ImageInput) -> CheckedImage:
         max_tiles = self._tile_limit(index, image.max_dynamic_patch)
-        tiling = self.tiling.with_max_tiles(max_tiles) if max_tiles else self.tiling
+        tiling = self.tiling.with_max_tiles(max_tiles)
         data = await self._load_bytes(index, image)
         md5 = hashlib.md5(data).hexdigest()
         size = self._size_by_md5.get(md5)

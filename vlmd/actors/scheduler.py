@@ -137,8 +137,7 @@ class SchedulerActor:
     def _abort(self, request_id: str) -> None:
         self.core.abort(request_id)
         self._release_images(request_id)
-        if self.core.idle:
-            self.core.check_integrity()
+        self._check_if_idle()
         self._work.set()
 
     def _release_images(self, request_id: str) -> None:
@@ -180,11 +179,13 @@ class SchedulerActor:
         for done in finished:
             self._finished[done.reason] += 1
             self._release_images(done.request.request_id)
+        self._check_if_idle()
+
+    def _check_if_idle(self) -> None:
+        """Cheap while nothing runs, and a leaked page or a dangling reference (a page held, a
+        cache node referenced, with no request left) fails the check the moment it happens."""
         if self.core.idle:
-            # Cheap while nothing runs, and a leaked page or a dangling reference shows at once.
             self.core.check_integrity()
-            if self.core.num_used_pages:
-                log.error("%d KV pages held with no request left", self.core.num_used_pages)
 
     def _metrics(self) -> dict[str, float]:
         stats = self.core.stats

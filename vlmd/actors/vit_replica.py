@@ -137,7 +137,7 @@ class ViTRank:
                 decoded = decode_image(data, procedure=self.tiling.procedure)
                 if image.resize_width:  # the client asked to fit --max_image_pixels
                     decoded = downscale(decoded, image.resize_width, image.resize_height)
-                tiling = self.tiling.with_max_tiles(image.max_tiles) if image.max_tiles else self.tiling
+                tiling = self.tiling.with_max_tiles(image.max_tiles)
                 pixels = preprocess(decoded, tiling)  # [num_tiles, 3, tile, tile]
                 assert pixels.shape[0] == image.num_tiles, "http and vision disagree on the tile count"
                 tiles.append(pixels)

@@ -52,7 +52,7 @@ class Finished:
 
 
 @dataclass
-class CacheStats:
+class SchedulerStats:
     """Counters for /metrics."""
 
     queried_tokens: int = 0  # known tokens looked up in the prefix cache at admission
@@ -68,7 +68,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.stats = CacheStats()
+        self.stats = SchedulerStats()
         self._watermark_pages = int(config.num_pages * config.watermark)
         self._head_path: tuple[Request | None, list] = (None, [])  # the queue's head and its cached path
         self._finished_since_last_step: list[str] = []
@@ -286,9 +286,8 @@ class Scheduler:
     def _release_pages(self, request: Request) -> None:
         """Give back a request's pages: the cached path is released (it stays cached), private
         pages go back to the allocator."""
-        shared = {node.page for node in request.path}
+        self.allocator.free(_private_pages(request))
         self.cache.release(request.path)
-        self.allocator.free([page for page in request.page_table if page not in shared])
         request.path, request.page_table, request.num_pages_sent = [], [], 0
 
     def _finish(self, request: Request) -> None:
@@ -306,12 +305,7 @@ class Scheduler:
     def check_integrity(self) -> None:
         self.allocator.check_integrity()
         cached = self.cache.check_integrity(r.path for r in self.running)
-        private = [
-            page
-            for r in self.running
-            for i, page in enumerate(r.page_table)
-            if i >= len(r.path) or page != r.path[i].page
-        ]
+        private = [page for r in self.running for page in _private_pages(r)]
         assert len(private) == len(set(private)), "a private page owned twice"
         assert not set(private) & cached, "a page both private and cached"
         assert len(private) + len(cached) == self.allocator.num_used, "page ownership mismatch"
@@ -323,6 +317,13 @@ class Scheduler:
             assert r.num_pages_sent <= len(r.page_table)
         for r in self.waiting:
             assert r.status is Status.WAITING and not r.page_table and not r.path
+
+
+def _private_pages(request: Request) -> list[int]:
+    """The request's pages the prefix cache does not hold: past its cached path, or duplicates of a
+    page another request cached first."""
+    path = request.path
+    return [page for i, page in enumerate(request.page_table) if i >= len(path) or page != path[i].page]
 
 
 def _embed_slices(request: Request, start: int, end: int) -> list[EmbedSlice]:

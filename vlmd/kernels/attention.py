@@ -53,13 +53,10 @@ class BatchLayout:
     ) -> BatchLayout:
         """From per-request page tables, each at least long enough for its tokens (pages beyond
         them, reserved ahead of use, are left out)."""
-        pages = [
-            page
-            for table, n in zip(page_tables, kv_lens, strict=True)
-            for page in table[: -(-n // page_size)]
-        ]
+        pages: list[int] = []
         for table, n in zip(page_tables, kv_lens, strict=True):
             assert len(table) * page_size >= n, "page table too short"
+            pages += table[: -(-n // page_size)]
         return cls(qo_indptr, kv_lens, torch.tensor(pages, dtype=torch.int32))
 
     @property

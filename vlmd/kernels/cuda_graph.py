@@ -27,7 +27,7 @@ import torch
 from vlmd.kernels.attention import BatchLayout
 from vlmd.kernels.flashinfer_backend import FlashInferBackend, PagedKVMetadata
 from vlmd.kernels.ops import last_dim_contiguous
-from vlmd.kernels.transfer import stage
+from vlmd.kernels.transfer import on_device, stage
 
 log = logging.getLogger("vlmd.kernels")
 
@@ -78,7 +78,7 @@ class GraphDecodeAttention:
         host_flat = stage(meta.to_tensor(), spec.device)  # pinned: no copy out of it waits
         host = meta.views(host_flat)
         device = meta.views(host_flat.to(spec.device, non_blocking=True))
-        kv_indices = meta.device_indices(spec.device)
+        kv_indices = on_device(meta.kv_indices, spec.device)
         self.batch_indices.copy_(device.batch_indices)
         self.positions.copy_(device.positions)
         # FlashInfer copies host page indices into its buffer with a blocking copy, which would
@@ -209,7 +209,5 @@ class DecodeGraphs:
                 self._dummy_pages = torch.full(
                     (self.max_batch_size,), self.dummy_page, dtype=torch.int32, device=device
                 )
-            kv_indices = torch.cat(
-                [stage(kv_indices, device).to(device, non_blocking=True), self._dummy_pages[:padding]]
-            )
+            kv_indices = torch.cat([on_device(kv_indices, device), self._dummy_pages[:padding]])
         return BatchLayout(qo_indptr, layout.kv_lens + [1] * padding, kv_indices)

@@ -18,7 +18,7 @@ import torch
 
 from vlmd.kernels.attention import AttentionBackend, BatchLayout, KVCacheSpec
 from vlmd.kernels.ops import last_dim_contiguous
-from vlmd.kernels.transfer import stage
+from vlmd.kernels.transfer import on_device, stage
 
 # FlashInfer's docs recommend 128 MiB for the float workspace (split-KV partial outputs); the
 # prefill and decode wrappers share it, since only one of them runs in a step.
@@ -98,7 +98,7 @@ class PagedKVMetadata:
         for i, kv_len in enumerate(layout.kv_lens):
             num_new = layout.qo_indptr[i + 1] - layout.qo_indptr[i]
             assert 1 <= num_new <= kv_len, f"request {i}: {num_new} new tokens, kv_len {kv_len}"
-            last_page_len.append(kv_len - (-(-kv_len // page_size) - 1) * page_size)
+            last_page_len.append((kv_len - 1) % page_size + 1)
             batch_indices += [i] * num_new
             positions += range(kv_len - num_new, kv_len)
         kv_indptr = layout.kv_indptr(page_size)
@@ -124,12 +124,6 @@ class PagedKVMetadata:
     def views(self, flat: torch.Tensor) -> PagedKVTensors:
         """Split a tensor made by `to_tensor` (or a copy of it) into its arrays."""
         return PagedKVTensors(*flat.split([len(getattr(self, name)) for name in PagedKVTensors._fields]))
-
-    def device_indices(self, device: torch.device) -> torch.Tensor:
-        """The page indices on `device`, without waiting for it."""
-        if self.kv_indices.device == device:
-            return self.kv_indices
-        return stage(self.kv_indices, device).to(device, non_blocking=True)
 
     def check_integrity(self, page_size: int) -> None:
         assert len(self.qo_indptr) == len(self.kv_indptr) == self.num_reqs + 1
@@ -204,7 +198,7 @@ class FlashInferBackend(AttentionBackend):
         host_flat = stage(meta.to_tensor(), spec.device)
         host = meta.views(host_flat)
         self._meta = meta.views(host_flat.to(spec.device, non_blocking=True))
-        self._kv_indices = meta.device_indices(spec.device)
+        self._kv_indices = on_device(meta.kv_indices, spec.device)
         # The wrappers read indptr / last_page_len on the host to schedule work: handing them the
         # host copies spares a device-to-host sync. The page indices are only read on the device.
         common = dict(

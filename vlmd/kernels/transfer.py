@@ -21,4 +21,11 @@ def stage(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list as a tensor on `device`, without waiting for the device."""
-    return stage(torch.tensor(values, dtype=dtype), device).to(device, non_blocking=True)
+    return on_device(torch.tensor(values, dtype=dtype), device)
+
+
+def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device` (itself when it is there already), without waiting for the device."""
+    if tensor.device == device:
+        return tensor
+    return stage(tensor, device).to(device, non_blocking=True)
