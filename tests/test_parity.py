@@ -44,9 +44,9 @@ class Reference:
         )
 
     @torch.inference_mode()
-    def generate(self, prompt: str, images: list[bytes], num_tokens: int = NUM_TOKENS) -> list[int]:
-        """`prompt` marks each image with <IMG_CONTEXT>, as the HF chat template writes it."""
-        kwargs = {}
+    def generate(self, prompt: str, images: list[bytes], num_tokens: int = NUM_TOKENS, **kwargs) -> list[int]:
+        """`prompt` marks each image with <IMG_CONTEXT>, as the HF chat template writes it;
+        `kwargs` go to generate() (logits processors)."""
         if images:
             pils = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
             processed = self.processor(images=pils, return_tensors="pt")
@@ -65,10 +65,18 @@ class Reference:
         return tokens
 
 
-def vlmd_generate(server, prompt: str, images: list[bytes], num_tokens: int = NUM_TOKENS) -> list[int]:
+def vlmd_generate(
+    server, prompt: str, images: list[bytes], num_tokens: int = NUM_TOKENS, **parameters
+) -> list[int]:
+    """`parameters`: more of /generate's `parameters` (sampling knobs)."""
     body = {
         "inputs": prompt,
-        "parameters": {"max_new_tokens": num_tokens, "ignore_eos": True, "return_details": True},
+        "parameters": {
+            "max_new_tokens": num_tokens,
+            "ignore_eos": True,
+            "return_details": True,
+            **parameters,
+        },
         "multimodal_params": {
             "images": [{"type": "base64", "data": base64.b64encode(d).decode()} for d in images]
         },

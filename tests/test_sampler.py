@@ -1,67 +1,108 @@
-"""The sampler against transformers' logits processors and its own invariants."""
+"""The sampler against transformers' logits processors, its distributions against the
+probabilities they define (chi-square), and its own invariants."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from transformers import RepetitionPenaltyLogitsProcessor
+from transformers import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-from vlmd.kernels.sampler import SamplerState, apply_penalties, sample, sample_on_device
+from vlmd.kernels.draw import row_key, torch_draw, torch_noise
+from vlmd.kernels.penalties import PenaltyTable
+from vlmd.kernels.row_stats import torch_row_stats
+from vlmd.kernels.sampler import Sampler
 from vlmd.messages import SamplingParams
 
 CPU = torch.device("cpu")
 
 
+def sampler_for(params: list[SamplingParams], device=CPU, prompt_ids=()) -> tuple[Sampler, list[str]]:
+    sampler = Sampler(device)
+    ids = [f"r{i}" for i in range(len(params))]
+    for request_id, p in zip(ids, params, strict=True):
+        sampler.add(request_id, p, list(prompt_ids))
+    return sampler, ids
+
+
+def tokens_of(sampler: Sampler, logits: torch.Tensor, ids: list[str], position: int = 0) -> list[int]:
+    return sampler.sample(logits, ids, [position] * len(ids)).tokens.tolist()
+
+
 def test_greedy_is_argmax_and_logprob_is_log_softmax():
     logits = torch.randn(3, 50)
-    states = [SamplerState(SamplingParams(), [], CPU) for _ in range(3)]
-    tokens, logprobs, _ = sample(logits, states)
-    assert tokens == logits.argmax(-1).tolist()
+    sampler, ids = sampler_for([SamplingParams()] * 3)
+    out = sampler.sample(logits, ids, [0, 0, 0])
+    assert torch.equal(out.tokens, logits.argmax(-1))
     expected = torch.log_softmax(logits, -1)[torch.arange(3), logits.argmax(-1)]
-    assert torch.allclose(torch.tensor(logprobs), expected)
+    assert torch.allclose(out.logprobs, expected) and out.top is None
+
+
+def history_table(prompt: list[int], generated: list[int], vocab_size: int, repetition: bool = True):
+    table = PenaltyTable(CPU)
+    row = table.add(prompt, repetition=repetition)
+    rows = torch.tensor([row])
+    table.apply(torch.zeros(1, vocab_size), rows, [SamplingParams()])  # writes the prompt
+    for token in generated:
+        table.observe(rows, torch.tensor([token]))
+    return table, rows
 
 
 def test_repetition_penalty_matches_transformers():
     logits = torch.randn(1, 40)
     prompt, generated = [3, 7, 7, 21], [39, 3]
     expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt + generated]), logits.clone())
-    state = SamplerState(SamplingParams(repetition_penalty=1.3), prompt, CPU)
-    state.history(40)
-    for token in generated:
-        state.observe(torch.tensor([token]))
-    assert torch.equal(apply_penalties(logits, [state]), expected)
-
-
-def observed(params: SamplingParams, generated: list[int], vocab_size: int) -> SamplerState:
-    state = SamplerState(params, [], CPU)
-    state.history(vocab_size)
-    for token in generated:
-        state.observe(torch.tensor([token]))
-    return state
+    table, rows = history_table(prompt, generated, 40)
+    assert torch.equal(table.apply(logits, rows, [SamplingParams(repetition_penalty=1.3)]), expected)
 
 
 def test_presence_and_frequency_penalties_by_hand():
-    # Token 1 generated twice, token 2 once, tokens 0 and 3 never.
+    # Token 1 generated twice, token 2 once, tokens 0 and 3 never; the prompt does not count.
     logits = torch.tensor([[1.0, 2.0, -1.0, 0.5]])
-    state = observed(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [1, 2, 1], 4)
+    table, rows = history_table([0, 3], [1, 2, 1], 4, repetition=False)
+    got = table.apply(logits, rows, [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)])
     # logit - frequency * count - presence * (count > 0)
-    expected = torch.tensor([[1.0, 2.0 - 0.25 * 2 - 0.5, -1.0 - 0.25 * 1 - 0.5, 0.5]])
-    assert torch.equal(apply_penalties(logits, [state]), expected)
+    assert torch.equal(got, torch.tensor([[1.0, 2.0 - 0.25 * 2 - 0.5, -1.0 - 0.25 * 1 - 0.5, 0.5]]))
     # Negative penalties encourage repetition.
-    state = observed(SamplingParams(presence_penalty=-1.0, frequency_penalty=-0.5), [3], 4)
-    assert torch.equal(apply_penalties(logits, [state]), torch.tensor([[1.0, 2.0, -1.0, 0.5 + 0.5 + 1.0]]))
+    table, rows = history_table([], [3], 4, repetition=False)
+    got = table.apply(logits, rows, [SamplingParams(presence_penalty=-1.0, frequency_penalty=-0.5)])
+    assert torch.equal(got, torch.tensor([[1.0, 2.0, -1.0, 0.5 + 0.5 + 1.0]]))
 
 
 def test_penalties_apply_only_to_their_rows_and_count_what_is_sampled():
-    logits = torch.tensor([[0.0, 3.0, 2.9], [0.0, 3.0, 2.9]])
-    states = [
-        SamplerState(SamplingParams(frequency_penalty=0.5), [], CPU),
-        SamplerState(SamplingParams(), [], CPU),
-    ]
-    # Row 0: 1 (3.0 > 2.9), then 2 (3.0 - 0.5 < 2.9), then 1 (2.5 > 2.4); row 1 is never penalized.
-    assert [sample(logits, states).token_ids for _ in range(3)] == [[1, 1], [2, 1], [1, 1]]
-    assert states[0].output_counts.tolist() == [0, 2, 1] and states[1].output_counts is None
-    assert torch.equal(apply_penalties(logits, states)[1], logits[1])
+    logits = torch.tensor([[0.0, 3.0, 2.9], [0.0, 3.0, 2.9], [0.0, 3.0, 2.9]])
+    sampler, ids = sampler_for(
+        [SamplingParams(frequency_penalty=0.5), SamplingParams(), SamplingParams(presence_penalty=1)]
+    )
+    # Row 0: 1 (3.0 > 2.9), then 2 (3.0 - 0.5 < 2.9), then 1 (2.5 > 2.4); row 1 is never
+    # penalized; row 2: 1, then 2 (2.0 < 2.9), then 0 (both seen: 2.0 and 1.9 < 0.0? no: 1.9 > 0).
+    assert [tokens_of(sampler, logits, ids) for _ in range(3)] == [[1, 1, 1], [2, 1, 2], [1, 1, 1]]
+    history = sampler.penalties.history
+    assert history[sampler.states["r0"].penalty_row].tolist() == [0, 4, 2]  # 2 x times generated
+    assert sampler.states["r1"].penalty_row == -1
+
+
+def test_penalty_rows_are_reused_and_the_table_grows():
+    sampler, ids = sampler_for([SamplingParams(repetition_penalty=2.0)] * 10, prompt_ids=[1])
+    logits = torch.zeros(10, 6)
+    logits[:, 1] = 1.0  # the prompt's token, penalized: 0.5 < 1.0 of token 2
+    logits[:, 2] = 0.9
+    assert tokens_of(sampler, logits, ids) == [2] * 10
+    assert sampler.penalties.history.shape[0] >= 10
+    sampler.check_integrity()
+    for request_id in ids[:4]:
+        sampler.remove(request_id)
+    sampler.add("new", SamplingParams(frequency_penalty=2.0), [1])  # a reused row, cleared
+    assert sampler.states["new"].penalty_row in range(10)
+    assert tokens_of(sampler, logits[:1], ["new"]) == [1]  # the prompt does not count, no leftover
+    sampler.check_integrity()
 
 
 def test_top_logprobs_are_the_raw_distributions_best_per_row():
@@ -71,26 +112,184 @@ def test_top_logprobs_are_the_raw_distributions_best_per_row():
         SamplingParams(),
         SamplingParams(top_logprobs=2, presence_penalty=2.0),
     ]
-    states = [SamplerState(p, [], CPU) for p in params]
-    out = sample(logits, states)
+    sampler, ids = sampler_for(params)
+    out = sampler.sample(logits, ids, [0, 0, 0])
     raw = torch.log_softmax(logits, -1)
     best = raw.topk(5, -1)
-    assert [len(top.token_ids) for top in out.top_logprobs] == [5, 0, 2]
-    for row, top in zip([0, 2], [out.top_logprobs[0], out.top_logprobs[2]], strict=True):
-        k = len(top.token_ids)
-        assert top.token_ids == best.indices[row, :k].tolist()
-        assert torch.allclose(torch.tensor(top.logprobs), best.values[row, :k])
-    assert torch.allclose(torch.tensor(out.logprobs), raw[torch.arange(3), torch.tensor(out.token_ids)])
-    # The sampled token's logprob and the same token among the alternatives: one number.
-    assert out.top_logprobs[0].logprobs[0] == out.logprobs[0]
-    assert sample(logits, [SamplerState(SamplingParams(), [], CPU)]).top_logprobs == []
+    assert torch.equal(out.top.indices, best.indices) and torch.allclose(out.top.values, best.values)
+    assert torch.allclose(out.logprobs, raw[torch.arange(3), out.tokens])
 
+
+def test_sampled_rows_report_the_drawn_tokens_log_softmax():
+    logits = torch.randn(3, 80)
+    params = [
+        SamplingParams(),
+        SamplingParams(do_sample=True, temperature=0.7),
+        SamplingParams(do_sample=True, top_k=5),
+    ]
+    sampler, ids = sampler_for(params)
+    out = sampler.sample(logits, ids, [4, 9, 2])
+    assert out.tokens[0] == logits[0].argmax()
+    expected = torch.log_softmax(logits, -1).gather(1, out.tokens[:, None])[:, 0]
+    assert torch.allclose(out.logprobs, expected)
+
+
+# --- distributions: many draws of one row against transformers' probabilities ------------------------
+
+NUM_DRAWS = 20_000
+
+
+def reference_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """transformers' warpers in generate()'s order: temperature, top-k, top-p, min-p."""
+    scores = logits[None].clone()
+    warpers = [TemperatureLogitsWarper(p.temperature)]
+    if p.top_k > 0:
+        warpers.append(TopKLogitsWarper(p.top_k))
+    if p.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(p.top_p))
+    if p.min_p > 0.0:
+        warpers.append(MinPLogitsWarper(p.min_p))
+    for warper in warpers:
+        scores = warper(None, scores)
+    return torch.softmax(scores, dim=-1)[0]
+
+
+def chi_square_bound(dof: int, z: float = 6.0) -> float:
+    """The chi-square quantile about z standard deviations out (Wilson-Hilferty): a correct
+    sampler exceeds it with probability ~1e-9."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def draw_counts(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """NUM_DRAWS draws of one row: one batch of rows with seeds of their own."""
+    sampler = Sampler(CPU)
+    ids = [f"r{i}" for i in range(NUM_DRAWS)]
+    for i, request_id in enumerate(ids):
+        sampler.add(request_id, SamplingParams(**{**_fields(params), "seed": i}), [])
+    tokens = sampler.sample(logits.expand(NUM_DRAWS, -1).contiguous(), ids, [7] * NUM_DRAWS).tokens
+    return torch.bincount(tokens, minlength=logits.shape[-1]).double()
+
+
+def _fields(params: SamplingParams) -> dict:
+    return {name: getattr(params, name) for name in params.__struct_fields__}
+
+
+# Logits chosen so that every cut falls between tokens of clearly different probability.
+LOGITS = torch.tensor([2.0, 1.6, 1.3, 1.0, 0.6, 0.2, -0.3, -0.8, -1.5, -2.5, -4.0, 3.0])
+DISTRIBUTIONS = {
+    "temperature": SamplingParams(do_sample=True, temperature=0.8),
+    "hot": SamplingParams(do_sample=True, temperature=3.0),
+    "top_k": SamplingParams(do_sample=True, top_k=4),
+    "top_p": SamplingParams(do_sample=True, temperature=0.7, top_p=0.8),
+    "top_k_then_top_p": SamplingParams(do_sample=True, top_k=6, top_p=0.7),
+    "min_p": SamplingParams(do_sample=True, temperature=1.3, min_p=0.2),
+    "all": SamplingParams(do_sample=True, temperature=1.5, top_k=8, top_p=0.9, min_p=0.05),
+}
+
+
+@pytest.mark.parametrize("name", list(DISTRIBUTIONS))
+def test_draws_follow_transformers_probabilities(name):
+    params = DISTRIBUTIONS[name]
+    want = reference_probs(LOGITS, params).double()
+    counts = draw_counts(LOGITS, params)
+    kept = want > 0
+    assert kept.sum() < len(LOGITS) or name in ("temperature", "hot")  # each cut cuts something
+    assert counts[~kept].sum() == 0, f"drew tokens the reference never keeps: {counts.tolist()}"
+    expected = want[kept] * NUM_DRAWS
+    chi_square = float(((counts[kept] - expected) ** 2 / expected).sum())
+    assert chi_square < chi_square_bound(int(kept.sum()) - 1), (
+        chi_square,
+        counts.tolist(),
+        expected.tolist(),
+    )
+
+
+def test_noise_is_exponential_and_keyed():
+    keys = torch.tensor([row_key(3, 0), row_key(3, 1), row_key(4, 0)])
+    noise = torch_noise(keys, 200_000)  # -log(E), E ~ Exp(1): a Gumbel variable
+    assert abs(noise.mean() - 0.5772) < 0.01 and abs(noise.std() - math.pi / math.sqrt(6)) < 0.01
+    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    assert torch.equal(torch_noise(keys[:1], 200_000)[0], noise[0])  # a row's noise is its own
+
+
+# --- seeds ---------------------------------------------------------------------------------------
+
+
+def test_a_seeded_request_draws_the_same_tokens_in_any_batch():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 1000, generator=generator)
+    seeded = SamplingParams(do_sample=True, temperature=1.5, top_p=0.95, top_k=200, seed=11)
+    others = [
+        SamplingParams(),
+        SamplingParams(do_sample=True, seed=2, frequency_penalty=0.5),
+        SamplingParams(do_sample=True, top_p=0.5),  # a full sort for the whole batch
+    ]
+    sampler, ids = sampler_for([seeded])
+    alone = [sampler.sample(logits[:1], ids, [p]).tokens.item() for p in range(20)]
+    sampler, ids = sampler_for([*others, seeded])
+    batch = torch.cat([logits[1:], logits[:1]])  # its row last
+    beside = [sampler.sample(batch, ids, [p] * 4).tokens[3].item() for p in range(20)]
+    assert beside == alone
+    assert len(set(alone)) > 5  # it does sample
+
+
+def test_seeds_differ_and_unseeded_requests_differ():
+    logits = torch.zeros(1, 1000)
+    draws = {}
+    for name, params, request_id in [
+        ("seed 1", SamplingParams(do_sample=True, seed=1), "a"),
+        ("seed 1 again", SamplingParams(do_sample=True, seed=1), "b"),
+        ("seed 2", SamplingParams(do_sample=True, seed=2), "a"),
+        ("unseeded a", SamplingParams(do_sample=True), "a"),
+        ("unseeded b", SamplingParams(do_sample=True), "b"),
+    ]:
+        sampler = Sampler(CPU)
+        sampler.add(request_id, params, [])
+        draws[name] = [sampler.sample(logits, [request_id], [p]).tokens.item() for p in range(10)]
+    assert draws["seed 1"] == draws["seed 1 again"]
+    assert len({tuple(v) for v in draws.values()}) == 4
+
+
+def test_top_k_one_tiny_top_p_and_temperature_zero_are_greedy():
+    logits = torch.randn(4, 100)
+    params = [
+        SamplingParams(do_sample=True, top_k=1),
+        SamplingParams(do_sample=True, top_p=1e-6),
+        SamplingParams(do_sample=True, temperature=0.0),
+        SamplingParams(do_sample=True, min_p=1.0),
+    ]
+    sampler, ids = sampler_for(params)
+    for position in range(5):
+        assert tokens_of(sampler, logits, ids, position) == logits.argmax(-1).tolist()
+
+
+def test_top_k_keeps_the_k_best_and_ties_at_the_kth():
+    logits = torch.arange(100, dtype=torch.float32)[None].repeat(2, 1)
+    logits[1, 90] = 95.0  # ties with the 5th best
+    sampler, ids = sampler_for([SamplingParams(do_sample=True, top_k=5, temperature=10.0)] * 2)
+    drawn = [set(), set()]
+    for position in range(300):
+        for row, token in enumerate(tokens_of(sampler, logits, ids, position)):
+            drawn[row].add(token)
+    assert drawn[0] == set(range(95, 100))
+    assert drawn[1] == {90, *range(95, 100)}
+
+
+def test_greedy_rows_in_a_sampled_batch_take_the_penalized_argmax():
+    logits = torch.tensor([[0.0, 3.0, 2.9]] * 2)
+    sampler, ids = sampler_for([SamplingParams(presence_penalty=1.0), SamplingParams(do_sample=True)])
+    assert tokens_of(sampler, logits, ids, 0)[0] == 1
+    assert tokens_of(sampler, logits, ids, 1)[0] == 2  # token 1 now costs 1.0
+
+
+# --- GPU -----------------------------------------------------------------------------------------
 
 ALL_KNOBS = SamplingParams(
     do_sample=True,
     temperature=0.8,
     top_k=50,
     top_p=0.9,
+    min_p=0.01,
     seed=3,
     repetition_penalty=1.2,
     presence_penalty=0.5,
@@ -102,66 +301,65 @@ ALL_KNOBS = SamplingParams(
 @pytest.mark.gpu
 def test_gpu_sampling_never_waits_for_the_device():
     cuda = torch.device("cuda")
-    params = [ALL_KNOBS, SamplingParams(), SamplingParams(frequency_penalty=1.0, top_logprobs=3)]
-    states = [SamplerState(p, [1, 2, 3], cuda) for p in params]
-    logits = torch.randn(3, 1000, device=cuda)
-    sample(logits, states)  # first use allocates the penalty buffers (and warms the allocators)
+    params = [
+        ALL_KNOBS,
+        SamplingParams(),
+        SamplingParams(frequency_penalty=1.0, top_logprobs=3),
+        SamplingParams(do_sample=True, top_p=0.9),  # a full sort
+    ]
+    sampler, ids = sampler_for(params, cuda, prompt_ids=[1, 2, 3])
+    logits = torch.randn(4, 151674, device=cuda)
+    sampler.sample(logits, ids, [5] * 4)  # first use allocates the penalty table (and warms the allocators)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(3):
-            sample_on_device(logits, states)
+        for position in range(3):
+            sampler.sample(logits, ids, [position] * 4)
+            sampler.sample(logits[1:2], ids[1:2], [position])  # all greedy
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.gpu
-def test_greedy_penalized_sampling_agrees_on_cpu_and_gpu():
+def test_sampling_agrees_on_cpu_and_gpu():
+    """Penalized greedy rows exactly; sampled rows too (the same keyed noise), but for the
+    last-bit differences of the two devices' logs, which a near tie would need."""
     params = [
         SamplingParams(presence_penalty=0.7, frequency_penalty=0.4, repetition_penalty=1.3),
         SamplingParams(),
+        SamplingParams(do_sample=True, temperature=0.9, top_k=40, top_p=0.9, seed=5),
+        SamplingParams(do_sample=True, top_p=0.8, min_p=0.02, seed=6),
     ]
-    logits = torch.randn(2, 300)
+    logits = torch.randn(4, 30000) * 3
     tokens = {}
     for device in (CPU, torch.device("cuda")):
-        states = [SamplerState(p, [5, 6], device) for p in params]
-        tokens[device.type] = [sample(logits.to(device), states).token_ids for _ in range(8)]
+        sampler, ids = sampler_for(params, device, prompt_ids=[5, 6])
+        tokens[device.type] = [
+            sampler.sample(logits.to(device), ids, [p] * 4).tokens.tolist() for p in range(8)
+        ]
     assert tokens["cpu"] == tokens["cuda"]
 
 
-def test_seeded_sampling_is_reproducible_and_seed_dependent():
-    logits = torch.randn(1, 1000)
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,vocab", [(1, 151674), (64, 151674), (5, 1000)])
+def test_triton_draw_matches_torch(rows, vocab):
+    from vlmd.kernels.draw import TritonDraw, make_draw
 
-    def draw(seed):
-        state = SamplerState(SamplingParams(do_sample=True, temperature=1.5, seed=seed), [], CPU)
-        return [sample(logits, [state])[0][0] for _ in range(20)]
-
-    assert draw(1) == draw(1)
-    assert draw(1) != draw(2)
-
-
-def test_top_k_one_and_tiny_top_p_are_greedy():
-    logits = torch.randn(1, 100)
-    for params in (SamplingParams(do_sample=True, top_k=1), SamplingParams(do_sample=True, top_p=1e-6)):
-        state = SamplerState(params, [], CPU)
-        assert sample(logits, [state])[0] == [int(logits.argmax())]
-
-
-def test_top_k_keeps_only_the_k_best():
-    logits = torch.arange(100, dtype=torch.float32)[None]
-    state = SamplerState(SamplingParams(do_sample=True, top_k=5, temperature=10.0, seed=0), [], CPU)
-    drawn = {sample(logits, [state])[0][0] for _ in range(200)}
-    assert drawn <= set(range(95, 100)) and len(drawn) > 1
-
-
-def test_temperature_zero_with_do_sample_is_greedy():
-    logits = torch.randn(1, 100)
-    state = SamplerState(SamplingParams(do_sample=True, temperature=0.0), [], CPU)
-    assert sample(logits, [state])[0] == [int(logits.argmax())]
+    cuda = torch.device("cuda")
+    assert isinstance(make_draw(cuda), TritonDraw)
+    generator = torch.Generator(device=cuda).manual_seed(rows)
+    wide = torch.randn(rows, vocab + 64, device=cuda, generator=generator) * 4
+    logits = wide[:, :vocab]  # rows strided, as a slice of a captured graph's padded output
+    inv_t = torch.rand(rows, device=cuda, generator=generator) * 2
+    inv_t[0] = 0.0  # a greedy row
+    thresholds = torch.where(torch.rand(rows, device=cuda) < 0.5, 0.5, float("-inf"))
+    keys = torch.tensor([row_key(9, i) for i in range(rows)], device=cuda)
+    got = TritonDraw()(logits, inv_t, thresholds, keys)
+    assert torch.equal(got, torch_draw(logits, inv_t, thresholds, keys))
+    assert got[0] == logits[0].argmax()
 
 
 def test_row_stats_give_the_first_argmax_and_log_softmax():
-    from vlmd.kernels.row_stats import torch_row_stats
 
     logits = torch.randn(4, 300)
     logits[0, 10] = logits[0, 200] = 9.0  # a tie: the first index, as torch.argmax
@@ -173,20 +371,8 @@ def test_row_stats_give_the_first_argmax_and_log_softmax():
     assert torch.allclose(logits[:, :1] - stats.logsumexp[:, None], log_softmax[:, :1])
 
 
-def test_sampled_rows_report_the_drawn_tokens_log_softmax():
-    """Without penalties or top logprobs the logprobs come from the row statistics: a drawn
-    token's logprob is still its log_softmax under the raw logits."""
-    logits = torch.randn(3, 80)
-    params = [SamplingParams(), SamplingParams(temperature=0.7, seed=3), SamplingParams(top_k=5, seed=4)]
-    states = [SamplerState(p, [], CPU) for p in params]
-    tokens, logprobs, top = sample_on_device(logits, states)
-    assert top is None and tokens[0] == logits[0].argmax()
-    expected = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
-    assert torch.allclose(logprobs, expected)
-
-
 def test_row_stats_kernels_fall_back_to_torch_off_cuda(caplog):
-    from vlmd.kernels.row_stats import make_row_stats, torch_row_stats
+    from vlmd.kernels.row_stats import make_row_stats
 
     caplog.set_level("WARNING")
     assert make_row_stats(CPU) is torch_row_stats and caplog.text == ""
@@ -195,10 +381,20 @@ def test_row_stats_kernels_fall_back_to_torch_off_cuda(caplog):
         assert "sampling's argmax + logsumexp run (Triton's kernels failed) op by op (" in caplog.text
 
 
+def test_draw_kernels_fall_back_to_torch_off_cuda(caplog):
+    from vlmd.kernels.draw import make_draw
+
+    caplog.set_level("WARNING")
+    assert make_draw(CPU) is torch_draw and caplog.text == ""
+    if not torch.cuda.is_available():
+        assert make_draw(torch.device("cuda")) is torch_draw
+        assert "sampling's token draw runs (Triton's kernels failed) op by op (" in caplog.text
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows,vocab", [(1, 151674), (7, 151674), (64, 151674), (3, 4096), (5, 1000)])
 def test_triton_row_stats_match_torch(rows, vocab):
-    from vlmd.kernels.row_stats import TritonRowStats, make_row_stats, torch_row_stats
+    from vlmd.kernels.row_stats import TritonRowStats, make_row_stats
 
     cuda = torch.device("cuda")
     assert isinstance(make_row_stats(cuda), TritonRowStats)
@@ -213,22 +409,3 @@ def test_triton_row_stats_match_torch(rows, vocab):
     assert torch.allclose(got.logsumexp, want.logsumexp, rtol=1e-6, atol=1e-5)
     log_softmax = torch.log_softmax(logits, -1).gather(1, want.argmax[:, None])[:, 0]
     assert torch.allclose(got.best_logprob, log_softmax, rtol=1e-6, atol=1e-5)
-
-
-@pytest.mark.gpu
-def test_gpu_row_stats_sampling_never_waits_for_the_device():
-    from vlmd.kernels.row_stats import make_row_stats
-
-    cuda = torch.device("cuda")
-    row_stats = make_row_stats(cuda)
-    states = [SamplerState(p, [], cuda) for p in (SamplingParams(), SamplingParams(temperature=0.8, seed=1))]
-    logits = torch.randn(2, 151674, device=cuda)
-    sample(logits, states, row_stats)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            sample_on_device(logits, states, row_stats)
-            sample_on_device(logits[:1], states[:1], row_stats)  # all greedy
-    finally:
-        torch.cuda.set_sync_debug_mode("default")

@@ -52,6 +52,15 @@ def test_tp2_greedy_tokens_equal_transformers(tp2_server, reference, case):
     assert len(tp2_server.actor_pids()) == 6  # scheduler, two workers, two vision ranks (one ViT), http
 
 
+def test_tp2_seeded_sampling_draws_the_single_rank_tokens(tp2_server, text_server):
+    """Every rank draws the same token from the same noise, and the tokens are those of one rank."""
+    from tests.test_sampling_api import PROMPT, SEEDED
+
+    tp2 = vlmd_generate(tp2_server, PROMPT, [], 24, do_sample=True, **SEEDED)
+    assert tp2 == vlmd_generate(text_server, PROMPT, [], 24, do_sample=True, **SEEDED)
+    assert tp2 != vlmd_generate(text_server, PROMPT, [], 24)  # it does sample
+
+
 def test_gpu_all_reduce_options_fall_back_to_gloo_on_the_cpu(tp2_server):
     assert "--tp_all_reduce fused needs GPUs: the ranks sum with gloo" in tp2_server.log()
 

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import msgspec
 
+from vlmd.sampling import SamplingKnobs
 
-class GenerateParameters(msgspec.Struct, kw_only=True):
+
+class GenerateParameters(SamplingKnobs, kw_only=True):
+    """LightLLM's `parameters`: the sampling knobs (`vlmd.sampling.SamplingKnobs`) and these."""
+
     max_new_tokens: int = 16
     stop_sequences: list[str] | str = []
     do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    ignore_eos: bool = False
-    seed: int | None = None
     return_details: bool = False  # add per-token ids and logprobs to the response
     image_max_patch_num: int = -1  # LightLLM's: > 0 is the tile limit of images that set none
 

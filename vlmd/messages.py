@@ -7,27 +7,42 @@ names the segment. Tags make one decoder handle every message type.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+from msgspec import Meta
+
+MAX_TOP_LOGPROBS = 20
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, gc=False):
     """Base of every cross-process message."""
 
 
-class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, frozen=True):
-    """Validated sampling parameters (see `vlmd.sampling` for the checks and defaults)."""
+class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False, frozen=True):
+    """How a request picks its tokens: the one definition of every sampling parameter, its type,
+    default and valid range. `vlmd.sampling` validates against it, and both APIs' bodies take
+    their sampling fields from it (`vlmd.sampling.SamplingKnobs`): a new parameter is a field
+    here and its use in `vlmd.kernels.sampler`."""
 
-    max_new_tokens: int = 16
+    max_new_tokens: Annotated[int, Meta(ge=1)] = 16
     do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1  # -1: whole vocabulary
-    repetition_penalty: float = 1.0
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 1.0  # 0 is greedy
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Meta(ge=-1)] = -1  # -1 or 0: the whole vocabulary
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = (
+        0.0  # keep tokens at least this times as likely as the best
+    )
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=100.0)] = 1.0
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = (
+        0.0  # OpenAI: minus, once a token was generated
+    )
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = (
+        0.0  # OpenAI: minus, per time it was generated
+    )
     ignore_eos: bool = False
-    seed: int | None = None
-    presence_penalty: float = 0.0  # OpenAI: subtracted from the logit of every token generated so far
-    frequency_penalty: float = 0.0  # OpenAI: subtracted once per time a token was generated so far
-    top_logprobs: int = 0  # alternatives to return with each sampled token, best first
+    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] = 0  # alternatives with each token
 
     @property
     def greedy(self) -> bool:

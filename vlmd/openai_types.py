@@ -1,12 +1,14 @@
 """Request bodies of the OpenAI-compatible API, decoded and type-checked by msgspec.
 
 Optional parameters accept JSON null as "not given", as OpenAI's API does. Fields vLLM adds to
-OpenAI's (top_k, repetition_penalty, ignore_eos) are accepted too; unknown fields are ignored.
+OpenAI's (top_k, min_p, repetition_penalty, ignore_eos) are accepted too; unknown fields are ignored.
 """
 
 from __future__ import annotations
 
 import msgspec
+
+from vlmd.sampling import SamplingKnobs
 
 
 class ImageURL(msgspec.Struct):
@@ -33,24 +35,17 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool | None = None
 
 
-class SamplingFields(msgspec.Struct, kw_only=True):
-    """What /v1/chat/completions and /v1/completions share."""
+class SamplingFields(SamplingKnobs, kw_only=True):
+    """What /v1/chat/completions and /v1/completions share: the sampling knobs
+    (`vlmd.sampling.SamplingKnobs`, temperature 0 is greedy) and these."""
 
     model: str | None = None
     max_tokens: int | None = None  # default: the rest of the context
-    temperature: float | None = None  # default 1.0; 0 is greedy
-    top_p: float | None = None
     n: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
     user: str | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool | None = None
 
 
 class ChatCompletionBody(SamplingFields, kw_only=True):

@@ -20,8 +20,7 @@ import torch
 from vlmd.core.scheduler import Scheduler
 from vlmd.kernels.attention import AttentionBackend, BatchLayout
 from vlmd.kernels.page_table import DevicePageTables
-from vlmd.kernels.row_stats import make_row_stats
-from vlmd.kernels.sampler import SamplerState, sample_on_device, top_lists
+from vlmd.kernels.sampler import Sampler, top_lists
 from vlmd.kernels.transfer import to_device
 from vlmd.messages import PENDING_TOKEN, StepItem, StepPlan, StepResult, TokenOut
 
@@ -51,9 +50,8 @@ class ModelRunner:
         self.graphs = graphs
         self.device = attn.spec.device
         self._cuda = self.device.type == "cuda"
-        self.row_stats = make_row_stats(self.device)
         self.page_tables = DevicePageTables(self.device)
-        self._samplers: dict[str, SamplerState] = {}
+        self.sampler = Sampler(self.device)
         # The last launched step that sampled: its tokens on the device, and each request's row.
         self._last_tokens: torch.Tensor | None = None
         self._last_rows: dict[str, int] = {}
@@ -68,12 +66,12 @@ class ModelRunner:
     def launch(self, plan: StepPlan) -> LaunchedStep:
         for request_id in plan.finished_ids:
             self.page_tables.remove(request_id)
-            self._samplers.pop(request_id, None)
+            self.sampler.remove(request_id)
         for request_id in plan.preempted_ids:  # their KV is gone; they start again from position 0
             self.page_tables.reset(request_id)
         for new in plan.new_requests:
             self.page_tables.add(new.request_id)
-            self._samplers[new.request_id] = SamplerState(new.sampling, new.prompt_ids, self.device)
+            self.sampler.add(new.request_id, new.sampling, new.prompt_ids)
         if self._inputs_copied is not None:
             # FlashInfer plans through one pinned host buffer per wrapper: the previous step's
             # copy out of it must have run before this step's plan refills it (it runs first
@@ -93,14 +91,15 @@ class ModelRunner:
         if not sampled:
             return LaunchedStep(plan.step_id, [], None, None)
         request_ids = [plan.items[i].request_id for i in sampled]
-        states = [self._samplers[r] for r in request_ids]
-        tokens, logprobs, top = sample_on_device(logits, states, self.row_stats)
+        # A row's token goes right after its context: the position keys its noise.
+        positions = [plan.items[i].start + len(plan.items[i].token_ids) for i in sampled]
+        tokens, logprobs, top = self.sampler.sample(logits, request_ids, positions)
         self._last_tokens = tokens
         self._last_rows = {r: row for row, r in enumerate(request_ids)}
         step = LaunchedStep(plan.step_id, request_ids, tokens, logprobs)
         if top is not None:
             step.top_ids, step.top_logprobs = top.indices, top.values
-            step.num_top = [state.params.top_logprobs for state in states]
+            step.num_top = [self.sampler.states[r].params.top_logprobs for r in request_ids]
         return self._copy_to_host(step)
 
     def _mark_inputs_copied(self) -> None:

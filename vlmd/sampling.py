@@ -6,11 +6,25 @@ Endpoints name some parameters their own way (OpenAI's `max_tokens` is LightLLM'
 
 from __future__ import annotations
 
+import re
+
+import msgspec
+
 from vlmd.messages import SamplingParams
 
-MAX_TOP_LOGPROBS = 20
 MAX_CHOICES = 16  # `n`: each choice is a request of its own, with its own KV pages
 MAX_STOP_STRINGS = 16
+
+# SamplingParams' fields each API names or derives its own way; every other field is a knob
+# both APIs take as it is, under its own name.
+API_SPECIFIC = ("max_new_tokens", "do_sample", "top_logprobs")
+KNOBS = tuple(f for f in msgspec.structs.fields(SamplingParams) if f.name not in API_SPECIFIC)
+
+# The knobs as optional body fields (None: not given, the default applies), with their types
+# and ranges, so that decoding a body already checks them. The API bodies subclass it.
+SamplingKnobs = msgspec.defstruct(
+    "SamplingKnobs", [(f.name, f.type | None, None) for f in KNOBS], kw_only=True, module=__name__
+)
 
 
 class InvalidParameter(ValueError):
@@ -22,54 +36,23 @@ class InvalidParameter(ValueError):
 
 
 def make_sampling_params(
-    *,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = -1,
-    repetition_penalty: float = 1.0,
-    presence_penalty: float = 0.0,
-    frequency_penalty: float = 0.0,
-    top_logprobs: int = 0,
-    ignore_eos: bool = False,
-    seed: int | None = None,
-    names: dict[str, str] | None = None,
+    knobs: msgspec.Struct, *, names: dict[str, str] | None = None, **fields
 ) -> SamplingParams:
-    def fail(name: str, message: str) -> InvalidParameter:
-        return InvalidParameter((names or {}).get(name, name), message)
-
-    if max_new_tokens < 1:
-        raise fail("max_new_tokens", f"must be at least 1, got {max_new_tokens}")
-    if not 0.0 <= temperature <= 100.0:
-        raise fail("temperature", f"must be in [0, 100], got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise fail("top_p", f"must be in (0, 1], got {top_p}")
-    if top_k == 0 or top_k < -1:
-        raise fail("top_k", f"must be -1 (no limit) or at least 1, got {top_k}")
-    if not 0.0 < repetition_penalty <= 100.0:
-        raise fail("repetition_penalty", f"must be in (0, 100], got {repetition_penalty}")
-    if not -2.0 <= presence_penalty <= 2.0:
-        raise fail("presence_penalty", f"must be in [-2, 2], got {presence_penalty}")
-    if not -2.0 <= frequency_penalty <= 2.0:
-        raise fail("frequency_penalty", f"must be in [-2, 2], got {frequency_penalty}")
-    if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
-        raise fail("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
-    if seed is not None and not 0 <= seed < 2**63:
-        raise fail("seed", f"must be in [0, 2**63), got {seed}")
-    return SamplingParams(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        ignore_eos=ignore_eos,
-        seed=seed,
-        presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
-        top_logprobs=top_logprobs,
-    )
+    """Validated parameters from the knobs a body gave (a `SamplingKnobs`; None: the default)
+    and the API's own `fields` (see API_SPECIFIC). `names` maps our names to the API's, so that
+    an error names what the client sent."""
+    given = {f.name: value for f in KNOBS if (value := getattr(knobs, f.name)) is not None}
+    values = {**given, **fields}
+    try:
+        return msgspec.convert(values, SamplingParams)
+    except msgspec.ValidationError as exc:
+        match = re.fullmatch(r"(.*) - at `\$\.(\w+)`", str(exc))
+        if match is None:
+            raise
+        name = match[2]
+        raise InvalidParameter(
+            (names or {}).get(name, name), f"{match[1].lower()}, got {values[name]!r}"
+        ) from None
 
 
 def check_num_choices(n: int) -> None:

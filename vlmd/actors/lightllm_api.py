@@ -151,18 +151,7 @@ class LightLLMApi:
     def _sampling(self, body: GenerateBody) -> SamplingParams:
         p = body.parameters
         try:
-            return make_sampling_params(
-                max_new_tokens=p.max_new_tokens,
-                do_sample=p.do_sample,
-                temperature=p.temperature,
-                top_p=p.top_p,
-                top_k=p.top_k,
-                repetition_penalty=p.repetition_penalty,
-                presence_penalty=p.presence_penalty,
-                frequency_penalty=p.frequency_penalty,
-                ignore_eos=p.ignore_eos,
-                seed=p.seed,
-            )
+            return make_sampling_params(p, max_new_tokens=p.max_new_tokens, do_sample=p.do_sample)
         except InvalidParameter as exc:
             raise ClientError(400, str(exc), exc.name) from None
 

@@ -159,23 +159,15 @@ class OpenAIApi:
         self, body: SamplingFields, max_tokens: int | None, top_logprobs: int, names: dict[str, str]
     ) -> tuple[SamplingParams, list[str]]:
         """Validated sampling parameters (max_new_tokens still a placeholder when not given)."""
-        temperature = _given(body.temperature, 1.0)
         try:
             check_num_choices(_given(body.n, 1))
             stop = check_stop_strings(body.stop)
-            sampling = make_sampling_params(
-                max_new_tokens=_given(max_tokens, 1),
-                do_sample=temperature > 0.0,
-                temperature=temperature,
-                top_p=_given(body.top_p, 1.0),
-                top_k=_given(body.top_k, -1),
-                repetition_penalty=_given(body.repetition_penalty, 1.0),
-                presence_penalty=_given(body.presence_penalty, 0.0),
-                frequency_penalty=_given(body.frequency_penalty, 0.0),
-                top_logprobs=top_logprobs,
-                ignore_eos=_given(body.ignore_eos, False),
-                seed=body.seed,
+            sampling = make_sampling_params(  # OpenAI samples unless temperature is 0
+                body,
                 names=names,
+                max_new_tokens=_given(max_tokens, 1),
+                do_sample=True,
+                top_logprobs=top_logprobs,
             )
         except InvalidParameter as exc:
             raise ClientError(400, str(exc), exc.name) from None

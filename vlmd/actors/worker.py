@@ -122,8 +122,9 @@ def gpu_kv_pages(model, arch: InternVLArch, launch: Launch) -> int:
     probe.execute(plan)
     torch.cuda.synchronize(device)
     activation_bytes = torch.cuda.max_memory_allocated(device) - before - probe_kv_bytes
-    # The logits of a full batch of decodes (and their log-softmax) are the other large transient.
-    logits_bytes = 2 * args.max_running_requests * arch.vocab_size * 4
+    # The logits of a full batch of decodes (and a processed copy) are the other large transient;
+    # the penalty table can grow to one int32 row per running request.
+    logits_bytes = 3 * args.max_running_requests * arch.vocab_size * 4
     bytes_per_page = probe.attn.spec.bytes_per_token * args.page_size
     del probe, plan
     torch.cuda.empty_cache()
