@@ -101,6 +101,18 @@ class Server:
                     pass
         return pids
 
+    def actor_pid(self, role: str) -> int:
+        """The pid of the actor of this role (of rank 0): `python -m vlmd.actors ROLE RUN_DIR RANK`."""
+        for pid in self.actor_pids():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if argv[2:4] == [b"vlmd.actors", role.encode()] and argv[5:6] in ([b"0"], []):
+                return pid
+        raise LookupError(f"no {role} actor")
+
     def shm_segments(self) -> list[str]:
         return [n for n in os.listdir("/dev/shm") if n.startswith(f"vlmd-{self.server_id}-")]
 

@@ -9,7 +9,6 @@ Every client error is a 4xx JSON `{"error": ...}`; the server keeps serving.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import re
 import socket
@@ -30,14 +29,13 @@ from vlmd.actors.inflight import ClientError, Tracked
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
 from vlmd.actors.lightllm_api import LightLLMApi, error_response
 from vlmd.actors.limits import QueueGate, check_image_count
-from vlmd.actors.metrics import LatencyMetrics, render_metrics
+from vlmd.actors.metrics import LatencyMetrics, MetricsQueries, render_metrics
 from vlmd.actors.openai_api import OpenAIApi
 from vlmd.actors.tokenizer import ImageSpan, PromptBuilder, PromptError
 from vlmd.api import ImageInput
 from vlmd.image import TilingConfig
 from vlmd.messages import (
     Abort,
-    GetMetrics,
     Hello,
     ImageRef,
     MetricsSnapshot,
@@ -48,6 +46,8 @@ from vlmd.messages import (
 )
 
 log = logging.getLogger("vlmd.http")
+# Prometheus' default scrape_timeout: no scraper waits longer for an answer.
+METRICS_TIMEOUT_S = 10.0
 
 
 class HttpActor:
@@ -70,8 +70,7 @@ class HttpActor:
         self.queue = QueueGate(self.args.max_queued_requests)
         self.latency = LatencyMetrics()
         self.inflight: dict[str, Tracked] = {}
-        self.metric_queries: dict[int, asyncio.Future] = {}
-        self._query_ids = itertools.count()
+        self.metric_queries = MetricsQueries(channel.send)
 
     # --- scheduler side ---------------------------------------------------------------------
 
@@ -88,9 +87,7 @@ class HttpActor:
                     tracked.done.set_exception(error)
                     tracked.updates.put_nowait(error)
             elif isinstance(msg, MetricsSnapshot):
-                future = self.metric_queries.pop(msg.query_id, None)
-                if future is not None and not future.done():
-                    future.set_result(msg)
+                self.metric_queries.answer(msg)
 
     def _on_tokens(self, msg: TokenOut) -> None:
         tracked = self.inflight.get(msg.request_id)
@@ -116,11 +113,10 @@ class HttpActor:
         return JSONResponse({"status": "ok"})
 
     async def metrics(self, request: Request) -> Response:
-        query_id = next(self._query_ids)
-        future = asyncio.get_running_loop().create_future()
-        self.metric_queries[query_id] = future
-        self.channel.send(GetMetrics(query_id))
-        snapshot = await asyncio.wait_for(future, 10.0)
+        try:
+            snapshot = await self.metric_queries.ask(METRICS_TIMEOUT_S)
+        except TimeoutError:
+            return error_response(503, f"the scheduler did not answer within {METRICS_TIMEOUT_S:g} s")
         values = {**snapshot.values, "requests_queued": len(self.queue)}
         histograms = {**snapshot.histograms, **self.latency.snapshots()}
         text = render_metrics(values, histograms)
