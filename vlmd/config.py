@@ -12,6 +12,7 @@ import msgspec
 
 ENV_IMAGE_LENGTH = "INTERNVL_IMAGE_LENGTH"
 ENV_LOAD_WORKERS = "LOADWORKER"
+ENV_API_KEY = "VLMD_API_KEY"  # as vLLM's VLLM_API_KEY: keeps the key off the command line (ps)
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     disable_cudagraph: bool = False
     tp_all_reduce: str = "auto"  # "auto" | "nccl" | "symm_mem" | "fused": how the LM ranks sum on GPUs
     vit_attention: str = "auto"  # "auto" | "sdpa" | "flashinfer": the ViT's attention kernel on GPUs
+    api_key: str | None = None  # --api_key or VLMD_API_KEY: every route but /health and /metrics needs it
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,6 +168,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "off GPUs always SDPA",
     )
     add(
+        "--api_key",
+        default=None,
+        help=f"every route but /health and /metrics then needs `Authorization: Bearer KEY`, else a 401 "
+        f"(default: the {ENV_API_KEY} environment variable, else no key)",
+    )
+    add(
         "--torch_threads",
         type=int,
         default=None,
@@ -191,6 +199,10 @@ def build_server_args(ns: argparse.Namespace, environ: dict[str, str] | None = N
             raise ConfigError(f"--{flag}", f"must be at least 1, got {value}")
     if ns.image_fetch_timeout <= 0:
         raise ConfigError("--image_fetch_timeout", "must be positive")
+    if ns.api_key == "":
+        raise ConfigError("--api_key", "must not be empty")
+    if ns.api_key is None:
+        ns.api_key = env.get(ENV_API_KEY) or None  # set but empty: no key, as for the other variables
     if not os.path.isdir(ns.model_dir) or not os.access(ns.model_dir, os.R_OK | os.X_OK):
         raise ConfigError("--model_dir", f"{ns.model_dir!r} is not a readable directory")
     if ns.torch_threads is None:

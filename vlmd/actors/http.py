@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vlmd import ipc, shm
+from vlmd.actors.gate import Gate
 from vlmd.actors.images import BadImage, CheckedImage, ImageChecker
 from vlmd.actors.inflight import ClientError, Tracked
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
@@ -252,14 +253,15 @@ class HttpActor:
             refs.append(image.ref(name, span.token_offset, span.num_tokens))
         return refs
 
-    def app(self) -> Starlette:
+    def app(self) -> Gate:
         routes = [
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
             *LightLLMApi(self).routes(),
             *OpenAIApi(self).routes(),
         ]
-        return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+        app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+        return Gate(app, self.args.api_key)
 
 
 def _field_at_fault(validation_message: str) -> str | None:
