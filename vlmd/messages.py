@@ -95,7 +95,17 @@ class Ready(Message):
 
 
 class Shutdown(Message):
-    """Stop in an orderly way."""
+    """Supervisor -> http actor, on SIGTERM (or a first SIGINT): refuse new requests (503), let
+    those in flight finish for up to `timeout_s` seconds, end the rest, then answer Drained. The
+    supervisor stops every actor after that, as on any stop."""
+
+    timeout_s: float
+
+
+class Drained(Message):
+    """Http actor -> supervisor: no request is in flight any more; the server may stop."""
+
+    num_ended: int = 0  # requests still running at the timeout, ended with an error
 
 
 # --- http <-> scheduler --------------------------------------------------------------------
@@ -275,6 +285,7 @@ ANY_MESSAGE = (
     Hello
     | Ready
     | Shutdown
+    | Drained
     | SubmitRequest
     | TokenOut
     | RequestFailed
