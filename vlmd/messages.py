@@ -103,7 +103,9 @@ class Shutdown(Message):
 
 
 class Drained(Message):
-    """Http actor -> supervisor: no request is in flight any more; the server may stop."""
+    """Http actor -> supervisor: the drain is over, the server may stop. Every request finished,
+    or was ended at the timeout; one whose error did not go out within the http actor's grace
+    (END_GRACE_S) is closed when the process stops."""
 
     num_ended: int = 0  # requests still running at the timeout, ended with an error
 

@@ -187,7 +187,7 @@ class Supervisor:
             log.info("drained (%d request(s) ended at the timeout)", drained.num_ended)
         except TimeoutError:
             log.warning("the http actor did not finish draining in time: stopping anyway")
-        self._request_stop(f"received {signal_name}, drained", 0)
+        self._request_stop(f"received {signal_name}; the drain is over", 0)
 
     def _request_stop(self, reason: str, exit_code: int) -> None:
         if not self._stop.is_set():
