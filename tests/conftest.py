@@ -101,22 +101,43 @@ class Server:
                     pass
         return pids
 
+    def actor_pid(self, role: str) -> int:
+        """The pid of the actor of this role (of rank 0): `python -m vlmd.actors ROLE RUN_DIR RANK`."""
+        for pid in self.actor_pids():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if argv[2:4] == [b"vlmd.actors", role.encode()] and argv[5:6] in ([b"0"], []):
+                return pid
+        raise LookupError(f"no {role} actor")
+
     def shm_segments(self) -> list[str]:
         return [n for n in os.listdir("/dev/shm") if n.startswith(f"vlmd-{self.server_id}-")]
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Signal the supervisor and wait for it; SIGTERM drains for up to --shutdown_timeout (30 s)."""
         if self.process.poll() is None:
             self.process.send_signal(sig)
         return self.process.wait(timeout=timeout)
 
 
-def start_server(model_dir: Path, log_dir: Path, *flags: str, env: dict | None = None) -> Server:
+def start_server(
+    model_dir: Path, log_dir: Path, *flags: str, env: dict | None = None, new_session: bool = False
+) -> Server:
+    """`new_session`: the server leads a process group of its own, which a test may signal as a
+    terminal's Ctrl-C does (os.killpg), without signalling pytest."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     cmd = [sys.executable, "-m", "vlmd", "serve", "--model_dir", str(model_dir), "--port", str(port), *flags]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=new_session,
         )
     server = Server(f"http://127.0.0.1:{port}", process, log_path)
     _started.append(server)
@@ -145,7 +166,7 @@ def _stop_every_server():
     for server in _started:
         if server.process.poll() is None:
             try:
-                server.stop(signal.SIGTERM, timeout=30)  # an orderly stop unlinks its shared memory
+                server.stop(signal.SIGTERM)  # an orderly stop unlinks its shared memory
             except subprocess.TimeoutExpired:
                 server.stop(signal.SIGKILL)
         for name in server.shm_segments():  # a server killed by a test leaves its segments

@@ -3,16 +3,23 @@ vision actor, parsed with prometheus_client's own text parser."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import os
+import signal
+import time
 
+import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import make_image
 from tests.test_http import chat_body, generate
 from tests.test_stream import stream
-from vlmd.actors.metrics import render_metrics
+from vlmd.actors.http import METRICS_TIMEOUT_S
+from vlmd.actors.metrics import MetricsQueries, render_metrics
 from vlmd.core.histogram import Histogram
+from vlmd.messages import GetMetrics, MetricsSnapshot
 
 LATENCY_HISTOGRAMS = (
     "vlmd_time_to_first_token_seconds",
@@ -97,3 +104,47 @@ def test_rendered_histogram_buckets_are_cumulative():
     assert "vlmd_time_to_first_token_seconds_sum 7.65" in text
     # Histograms nobody has reported yet are there, empty.
     assert 'vlmd_vit_batch_size_bucket{le="+Inf"} 0.0' in text
+
+
+# --- a scheduler that does not answer ---------------------------------------------------------
+
+
+def test_a_scrape_that_times_out_or_is_cancelled_leaves_no_query_behind():
+    """A stalled responder (the scheduler busy, or gone) never answers: each scrape that gives up
+    must take its entry with it, or every scrape from then on leaks one."""
+
+    async def scenario() -> None:
+        sent: list[GetMetrics] = []
+        queries = MetricsQueries(sent.append)  # nothing ever answers
+        for _ in range(3):
+            with pytest.raises(TimeoutError):
+                await queries.ask(timeout_s=0.01)
+        assert len(sent) == 3 and len(queries) == 0
+        scrape = asyncio.ensure_future(queries.ask(timeout_s=60))
+        await asyncio.sleep(0)
+        assert len(queries) == 1
+        scrape.cancel()  # the client went away mid-scrape
+        with pytest.raises(asyncio.CancelledError):
+            await scrape
+        assert len(queries) == 0
+        queries.answer(MetricsSnapshot(sent[0].query_id, {}))  # a late answer is dropped
+        answered = asyncio.ensure_future(queries.ask(timeout_s=60))
+        await asyncio.sleep(0)
+        queries.answer(MetricsSnapshot(sent[-1].query_id, {"kv_pages_used": 3.0}))
+        assert (await answered).values == {"kv_pages_used": 3.0} and len(queries) == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_scrape_the_scheduler_does_not_answer_is_a_503_and_the_next_one_works(mm_server):
+    scheduler = mm_server.actor_pid("scheduler")
+    os.kill(scheduler, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        response = requests.get(mm_server.url + "/metrics", timeout=METRICS_TIMEOUT_S + 20)
+        waited = time.monotonic() - started
+    finally:
+        os.kill(scheduler, signal.SIGCONT)
+    assert response.status_code == 503 and "did not answer" in response.json()["error"]
+    assert METRICS_TIMEOUT_S <= waited < METRICS_TIMEOUT_S + 5
+    assert "vlmd_kv_pages_used" in scrape(mm_server)

@@ -12,6 +12,7 @@ import msgspec
 
 ENV_IMAGE_LENGTH = "INTERNVL_IMAGE_LENGTH"
 ENV_LOAD_WORKERS = "LOADWORKER"
+ENV_API_KEY = "VLMD_API_KEY"  # as vLLM's VLLM_API_KEY: keeps the key off the command line (ps)
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,10 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     disable_cudagraph: bool = False
     tp_all_reduce: str = "auto"  # "auto" | "nccl" | "symm_mem" | "fused": how the LM ranks sum on GPUs
     vit_attention: str = "auto"  # "auto" | "sdpa" | "flashinfer": the ViT's attention kernel on GPUs
+    api_key: str | None = None  # --api_key or VLMD_API_KEY: every route but /health and /metrics needs it
+    # Seconds a stopping server (SIGTERM, or one SIGINT) gives requests in flight to finish; as
+    # Kubernetes' default grace period, which SIGKILLs a pod that takes longer.
+    shutdown_timeout: float = 30.0
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,6 +171,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "off GPUs always SDPA",
     )
     add(
+        "--api_key",
+        default=None,
+        help=f"every route but /health and /metrics then needs `Authorization: Bearer KEY`, else a 401 "
+        f"(default: the {ENV_API_KEY} environment variable, else no key)",
+    )
+    add(
+        "--shutdown_timeout",
+        type=float,
+        default=_default("shutdown_timeout"),
+        help="on SIGTERM (or one SIGINT) new requests get a 503 and those in flight get this many "
+        "seconds to finish; then the rest are ended and the server stops. A second signal stops it "
+        "at once (default: %(default)s)",
+    )
+    add(
         "--torch_threads",
         type=int,
         default=None,
@@ -191,6 +210,12 @@ def build_server_args(ns: argparse.Namespace, environ: dict[str, str] | None = N
             raise ConfigError(f"--{flag}", f"must be at least 1, got {value}")
     if ns.image_fetch_timeout <= 0:
         raise ConfigError("--image_fetch_timeout", "must be positive")
+    if ns.shutdown_timeout < 0:
+        raise ConfigError("--shutdown_timeout", f"must be at least 0, got {ns.shutdown_timeout}")
+    if ns.api_key == "":
+        raise ConfigError("--api_key", "must not be empty")
+    if ns.api_key is None:
+        ns.api_key = env.get(ENV_API_KEY) or None  # set but empty: no key, as for the other variables
     if not os.path.isdir(ns.model_dir) or not os.access(ns.model_dir, os.R_OK | os.X_OK):
         raise ConfigError("--model_dir", f"{ns.model_dir!r} is not a readable directory")
     if ns.torch_threads is None:
@@ -199,6 +224,11 @@ def build_server_args(ns: argparse.Namespace, environ: dict[str, str] | None = N
     _check_positive(ns, "torch_threads")
     fields = {name: getattr(ns, name) for name in ServerArgs.__struct_fields__ if hasattr(ns, name)}
     return ServerArgs(**fields, image_length=image_length, load_workers=load_workers)
+
+
+def _default(name: str):
+    """A flag's default: its ServerArgs field's, so that it is written in one place."""
+    return next(field.default for field in msgspec.structs.fields(ServerArgs) if field.name == name)
 
 
 def _resolve_vision_layout(ns: argparse.Namespace) -> None:

@@ -110,7 +110,19 @@ class Ready(Message):
 
 
 class Shutdown(Message):
-    """Stop in an orderly way."""
+    """Supervisor -> http actor, on SIGTERM (or a first SIGINT): refuse new requests (503), let
+    those in flight finish for up to `timeout_s` seconds, end the rest, then answer Drained. The
+    supervisor stops every actor after that, as on any stop."""
+
+    timeout_s: float
+
+
+class Drained(Message):
+    """Http actor -> supervisor: the drain is over, the server may stop. Every request finished,
+    or was ended at the timeout; one whose error did not go out within the http actor's grace
+    (END_GRACE_S) is closed when the process stops."""
+
+    num_ended: int = 0  # requests still running at the timeout, ended with an error
 
 
 # --- http <-> scheduler --------------------------------------------------------------------
@@ -290,6 +302,7 @@ ANY_MESSAGE = (
     Hello
     | Ready
     | Shutdown
+    | Drained
     | SubmitRequest
     | TokenOut
     | RequestFailed

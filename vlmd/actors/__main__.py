@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import uvloop
@@ -15,6 +16,9 @@ def main() -> None:
     role, run_dir = sys.argv[1], sys.argv[2]
     rank = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     die_with_parent()
+    # Ctrl-C reaches the whole process group; the supervisor alone decides what it means (a drain,
+    # then SIGTERM to every actor), so a first Ctrl-C must not kill the actors under a drain.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging(f"{role}{rank}" if role == "worker" or rank else role)
     launch = read_launch(run_dir)
     if role == "scheduler":

@@ -1,5 +1,6 @@
 """The http actor: Starlette on uvicorn (uvloop). Parses and validates requests, fetches and
 checks images, builds prompt ids (tokenizer actor), talks to the scheduler, answers clients.
+When the server stops (a Shutdown from the supervisor), it drains: see `HttpActor.drain`.
 
 LightLLM's routes (/generate, /generate_stream) live in `lightllm_api`, OpenAI's in `openai_api`;
 both use the request machinery of `HttpActor` (read_body, check_images, tokenize, submit, forget).
@@ -9,7 +10,7 @@ Every client error is a 4xx JSON `{"error": ...}`; the server keeps serving.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
 import logging
 import re
 import socket
@@ -25,29 +26,37 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vlmd import ipc, shm
+from vlmd.actors.gate import Gate
 from vlmd.actors.images import BadImage, CheckedImage, ImageChecker
 from vlmd.actors.inflight import ClientError, Tracked
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
 from vlmd.actors.lightllm_api import LightLLMApi, error_response
 from vlmd.actors.limits import QueueGate, check_image_count
-from vlmd.actors.metrics import LatencyMetrics, render_metrics
+from vlmd.actors.metrics import LatencyMetrics, MetricsQueries, render_metrics
 from vlmd.actors.openai_api import OpenAIApi
 from vlmd.actors.tokenizer import ImageSpan, PromptBuilder, PromptError
 from vlmd.api import ImageInput
 from vlmd.image import TilingConfig
 from vlmd.messages import (
     Abort,
-    GetMetrics,
+    Drained,
     Hello,
     ImageRef,
+    Message,
     MetricsSnapshot,
     RequestFailed,
     SamplingParams,
+    Shutdown,
     SubmitRequest,
     TokenOut,
 )
 
 log = logging.getLogger("vlmd.http")
+# Prometheus' default scrape_timeout: no scraper waits longer for an answer.
+METRICS_TIMEOUT_S = 10.0
+# Requests ended at --shutdown_timeout get this long to send their error (a 503, or an error event
+# that closes the stream) before the supervisor stops the process, which closes what is left.
+END_GRACE_S = 2.0
 
 
 class HttpActor:
@@ -70,8 +79,11 @@ class HttpActor:
         self.queue = QueueGate(self.args.max_queued_requests)
         self.latency = LatencyMetrics()
         self.inflight: dict[str, Tracked] = {}
-        self.metric_queries: dict[int, asyncio.Future] = {}
-        self._query_ids = itertools.count()
+        self.metric_queries = MetricsQueries(channel.send)
+        self.gate = Gate(self.app(), self.args.api_key)
+        self.supervisor: ipc.Channel | None = None  # set once the supervisor knows we are ready
+        self.ending = False  # past --shutdown_timeout: requests in flight are ended
+        self._drain_task: asyncio.Task | None = None
 
     # --- scheduler side ---------------------------------------------------------------------
 
@@ -82,15 +94,18 @@ class HttpActor:
                 self._on_tokens(msg)
             elif isinstance(msg, RequestFailed):
                 tracked = self.inflight.get(msg.request_id)
-                if tracked is not None and not tracked.done.done():
-                    self.queue.leave(msg.request_id)
-                    error = ClientError(msg.status, msg.message)
-                    tracked.done.set_exception(error)
-                    tracked.updates.put_nowait(error)
+                if tracked is not None:
+                    self._fail(msg.request_id, tracked, ClientError(msg.status, msg.message))
             elif isinstance(msg, MetricsSnapshot):
-                future = self.metric_queries.pop(msg.query_id, None)
-                if future is not None and not future.done():
-                    future.set_result(msg)
+                self.metric_queries.answer(msg)
+
+    def _fail(self, request_id: str, tracked: Tracked, error: ClientError) -> None:
+        """End a request with `error`: its API answers it (an error response, or an error event
+        in a stream) and forgets it."""
+        if not tracked.done.done():
+            self.queue.leave(request_id)
+            tracked.done.set_exception(error)
+            tracked.updates.put_nowait(error)
 
     def _on_tokens(self, msg: TokenOut) -> None:
         tracked = self.inflight.get(msg.request_id)
@@ -113,14 +128,15 @@ class HttpActor:
     # --- routes -----------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
+        if self.gate.draining:  # load balancers stop sending requests here
+            return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def metrics(self, request: Request) -> Response:
-        query_id = next(self._query_ids)
-        future = asyncio.get_running_loop().create_future()
-        self.metric_queries[query_id] = future
-        self.channel.send(GetMetrics(query_id))
-        snapshot = await asyncio.wait_for(future, 10.0)
+        try:
+            snapshot = await self.metric_queries.ask(METRICS_TIMEOUT_S)
+        except TimeoutError:
+            return error_response(503, f"the scheduler did not answer within {METRICS_TIMEOUT_S:g} s")
         values = {**snapshot.values, "requests_queued": len(self.queue)}
         histograms = {**snapshot.histograms, **self.latency.snapshots()}
         text = render_metrics(values, histograms)
@@ -219,6 +235,9 @@ class HttpActor:
         if updates is not None:
             tracked.updates = updates
         self.inflight[request_id] = tracked
+        if self.ending:  # it passed the gate before the drain, and comes too late to run
+            self._fail(request_id, tracked, self._ended_error())
+            return request_id, tracked
         refs = self._image_refs(checked, spans, tracked)
         self.channel.send(
             SubmitRequest(
@@ -245,6 +264,40 @@ class HttpActor:
         if not finished:  # the vision actor may never read (and unlink) the image bytes
             for name in tracked.segments:
                 shm.unlink_segment(name)
+
+    # --- stopping ---------------------------------------------------------------------------------
+
+    def on_supervisor(self, msg: Message) -> None:
+        if isinstance(msg, Shutdown) and self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._shut_down(msg.timeout_s))
+
+    async def _shut_down(self, timeout_s: float) -> None:
+        num_ended = await self.drain(timeout_s)
+        self.supervisor.send(Drained(num_ended))
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new requests (503; /health too), let those in flight finish for up to
+        `timeout_s` seconds, then end the rest with a 503 (an error event in a stream) and give
+        their answers END_GRACE_S to go out. Returns how many were still running at the timeout."""
+        self.gate.draining = True
+        log.info("draining: %d request(s) in flight, %g s to finish", self.gate.num_active, timeout_s)
+        if await self.gate.wait_idle(timeout_s):
+            return 0
+        num_running = self.gate.num_active
+        log.warning("%d request(s) still running after --shutdown_timeout: ending them", num_running)
+        self.ending = True
+        for request_id, tracked in list(self.inflight.items()):
+            if not tracked.done.done():
+                self._fail(request_id, tracked, self._ended_error())
+                self.channel.send(Abort(request_id))
+        await self.gate.wait_idle(END_GRACE_S)
+        return num_running
+
+    def _ended_error(self) -> ClientError:
+        limit = self.args.shutdown_timeout
+        return ClientError(
+            503, f"the server stopped before the request finished (--shutdown_timeout {limit:g} s)"
+        )
 
     def _image_refs(
         self, checked: list[CheckedImage], spans: list[ImageSpan], tracked: Tracked
@@ -282,6 +335,17 @@ async def _not_allowed(request: Request, exc: Exception) -> Response:
     return error_response(405, f"method {request.method} not allowed on {request.url.path}")
 
 
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: the supervisor alone decides when this actor stops.
+    It drains it first (Shutdown), then sends SIGTERM, whose default action ends the process at
+    once; uvicorn's own handlers would stop accepting connections on a Ctrl-C to the process
+    group, where a draining server must still answer 503 and /health."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
 async def run(launch: Launch, rank: int) -> None:
     channel = await ipc.connect(launch.socket(SCHEDULER_SOCKET), Hello("http"))
     actor = HttpActor(launch, channel)
@@ -289,9 +353,13 @@ async def run(launch: Launch, rank: int) -> None:
     sock = socket.socket(socket.AF_INET6 if ":" in launch.args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((launch.args.host, launch.args.port))  # fails here, before Ready, if the port is taken
-    config = uvicorn.Config(actor.app(), log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    await announce_ready(launch, "http", detail=f"(http://{launch.args.host}:{launch.args.port})")
+    server = _Server(uvicorn.Config(actor.gate, log_level="warning", lifespan="off"))
+    actor.supervisor = await announce_ready(
+        launch,
+        "http",
+        detail=f"(http://{launch.args.host}:{launch.args.port})",
+        on_message=actor.on_supervisor,
+    )
     serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     done, _ = await asyncio.wait([receiver, serving], return_when=asyncio.FIRST_COMPLETED)
     for task in done:

@@ -8,16 +8,18 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 import msgspec
 
 from vlmd import ipc
 from vlmd.config import ServerArgs
-from vlmd.messages import Hello, Ready
+from vlmd.messages import Hello, Message, Ready
 
 LAUNCH_FILE = "launch.json"
 SUPERVISOR_SOCKET = "supervisor.sock"
 SCHEDULER_SOCKET = "scheduler.sock"
+log = logging.getLogger("vlmd.launch")
 
 
 class RuntimeInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -76,17 +78,26 @@ def setup_logging(role: str) -> logging.Logger:
 
 
 async def announce_ready(
-    launch: Launch, role: str, rank: int = 0, detail: str = "", num_kv_pages: int = 0
+    launch: Launch,
+    role: str,
+    rank: int = 0,
+    detail: str = "",
+    num_kv_pages: int = 0,
+    on_message: Callable[[Message], None] | None = None,
 ) -> ipc.Channel:
-    """Tell the supervisor we are ready; exit if the supervisor ever goes away."""
+    """Tell the supervisor we are ready; pass what it sends to `on_message` (the http actor's
+    Shutdown); exit if the supervisor ever goes away."""
     channel = await ipc.connect(launch.socket(SUPERVISOR_SOCKET), Hello(role, rank))
     channel.send(Ready(role, rank, detail, num_kv_pages))
 
     async def watch() -> None:
         try:
             while True:
-                await channel.recv()  # Shutdown, or the supervisor is gone
-                break
+                msg = await channel.recv()
+                if on_message is None:
+                    log.warning("unexpected message from the supervisor: %r", type(msg).__name__)
+                else:
+                    on_message(msg)
         except ipc.ChannelClosed:
             pass
         os._exit(0)

@@ -3,13 +3,16 @@ actor's counters and histograms) and of the http actor's own latency histograms.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+from collections.abc import Callable
 from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from vlmd.core.histogram import Histogram
-from vlmd.messages import HistogramSnapshot
+from vlmd.messages import GetMetrics, HistogramSnapshot, MetricsSnapshot
 
 # snapshot key -> (metric name without the _total suffix, help)
 COUNTERS = {
@@ -103,6 +106,39 @@ class LatencyMetrics:
             "inter_token_latency_seconds": self.itl.snapshot(),
             "e2e_request_latency_seconds": self.e2e.snapshot(),
         }
+
+
+class MetricsQueries:
+    """Scrapes waiting for the scheduler's snapshot, by query id.
+
+    A scrape's entry is removed when the scrape ends, however it ends (answered, timed out,
+    cancelled, failed to send), so a scheduler that never answers a query leaves nothing behind.
+    """
+
+    def __init__(self, send: Callable[[GetMetrics], None]) -> None:
+        self._send = send
+        self._pending: dict[int, asyncio.Future[MetricsSnapshot]] = {}
+        self._query_ids = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    async def ask(self, timeout_s: float) -> MetricsSnapshot:
+        """The scheduler's snapshot; TimeoutError if it does not come within `timeout_s`."""
+        query_id = next(self._query_ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[query_id] = future
+        try:
+            self._send(GetMetrics(query_id))
+            return await asyncio.wait_for(future, timeout_s)
+        finally:
+            del self._pending[query_id]
+
+    def answer(self, snapshot: MetricsSnapshot) -> None:
+        """A snapshot arrived; one whose scrape has ended (a late answer) is dropped."""
+        future = self._pending.get(snapshot.query_id)
+        if future is not None and not future.done():
+            future.set_result(snapshot)
 
 
 class _Snapshot:

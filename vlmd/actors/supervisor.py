@@ -1,8 +1,11 @@
 """`vlmd serve`: start every actor, wait for each to be ready, and stop them all together.
 
-On SIGINT/SIGTERM, or when any actor dies, every actor is stopped (SIGTERM, then SIGKILL after a
-grace period), every shared-memory segment of this server is unlinked and the run directory is
-removed. Actors also die on their own if the supervisor is killed (PR_SET_PDEATHSIG).
+On SIGTERM or SIGINT the server first drains: the http actor refuses new requests and lets those
+in flight finish for up to --shutdown_timeout seconds (`HttpActor.drain`). A second signal, a
+signal during start-up, or the death of any actor stops it at once. Either way, every actor is
+then stopped (SIGTERM, then SIGKILL after a grace period), every shared-memory segment of this
+server is unlinked and the run directory is removed. Actors also die on their own if the
+supervisor is killed (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from vlmd import ipc, shm
 from vlmd.actors.launch import SUPERVISOR_SOCKET, Launch, write_launch
 from vlmd.actors.resolve import resolve_runtime, with_kv_pages
 from vlmd.config import ServerArgs
-from vlmd.messages import Ready
+from vlmd.messages import Drained, Ready, Shutdown
 
 log = logging.getLogger("vlmd.supervisor")
 STOP_GRACE_S = 5.0
 START_TIMEOUT_S = 600.0
 DEATH_REPORT_GRACE_S = 0.3
+# How long past --shutdown_timeout to wait for the http actor's Drained before stopping anyway:
+# it gives the requests it ends 2 s (http.END_GRACE_S) to send their errors.
+DRAIN_BACKSTOP_S = 5.0
 
 
 @dataclass
@@ -45,6 +51,10 @@ class Supervisor:
         self._stop_reason = ""
         self._exit_code = 0
         self._terminating = False
+        self._serving = False  # every actor is ready: a signal drains instead of stopping at once
+        self._channels: dict[str, ipc.Channel] = {}  # by actor name, once it is ready
+        self._drained: asyncio.Future[Drained] | None = None
+        self._draining: asyncio.Task | None = None
 
     async def run(self) -> int:
         import os
@@ -52,6 +62,7 @@ class Supervisor:
         self.server_id = os.getpid()
         run_dir = tempfile.mkdtemp(prefix=f"vlmd-{self.server_id}-")
         server = None
+        self._drained = asyncio.get_running_loop().create_future()
         try:
             runtime = resolve_runtime(self.args, self.server_id, run_dir)
             launch = Launch(self.args, runtime)
@@ -66,9 +77,12 @@ class Supervisor:
                 print(
                     f"vlmd: serving on http://{self.args.host}:{self.args.port}", file=sys.stderr, flush=True
                 )
+                self._serving = True
                 await self._stop.wait()
             log.info("stopping: %s", self._stop_reason)
         finally:
+            if self._draining is not None:
+                self._draining.cancel()
             await self._stop_actors()
             if server is not None:
                 server.close()
@@ -139,16 +153,41 @@ class Supervisor:
                 msg = await channel.recv()
                 if isinstance(msg, Ready):
                     log.info("%s ready %s", self._name(msg.role, msg.rank), msg.detail)
+                    self._channels[self._name(msg.role, msg.rank)] = channel
                     future = self._ready.get((msg.role, msg.rank))
                     if future is not None and not future.done():
                         future.set_result(msg)
+                elif isinstance(msg, Drained) and not self._drained.done():
+                    self._drained.set_result(msg)
         except ipc.ChannelClosed:
             pass
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._request_stop, f"received {signal.Signals(sig).name}", 0)
+            loop.add_signal_handler(sig, self._on_signal, signal.Signals(sig).name)
+
+    def _on_signal(self, name: str) -> None:
+        if self._serving and self._draining is None:
+            self._draining = asyncio.get_running_loop().create_task(self._drain(name))
+        else:  # nothing to drain yet, or a second signal: stop at once
+            self._request_stop(f"received {name}" + (" again" if self._draining else ""), 0)
+
+    async def _drain(self, signal_name: str) -> None:
+        """Let the http actor finish (or end) the requests in flight, then stop."""
+        timeout_s = self.args.shutdown_timeout
+        log.info(
+            "received %s: draining for up to %g s (--shutdown_timeout); a second signal stops at once",
+            signal_name,
+            timeout_s,
+        )
+        self._channels["http"].send(Shutdown(timeout_s))
+        try:
+            drained = await asyncio.wait_for(self._drained, timeout_s + DRAIN_BACKSTOP_S)
+            log.info("drained (%d request(s) ended at the timeout)", drained.num_ended)
+        except TimeoutError:
+            log.warning("the http actor did not finish draining in time: stopping anyway")
+        self._request_stop(f"received {signal_name}; the drain is over", 0)
 
     def _request_stop(self, reason: str, exit_code: int) -> None:
         if not self._stop.is_set():
