@@ -285,3 +285,35 @@ def test_percentiles_match_numpy():
     values = [5.0, 1.0, 3.5, 9.0, 2.0, 7.25, 4.0]
     for q in (0, 50, 90, 99, 100):
         assert percentile(values, q) == pytest.approx(np.percentile(values, q))
+
+
+def test_sampling_flags_reach_both_request_bodies():
+    """The bench's sampling flags are the server's knobs (one definition); none given is greedy."""
+    import argparse
+
+    from vlmd.benchmark.args import add_bench_arguments, sampling_knobs
+    from vlmd.benchmark.backends import openai_chat_body, vlmd_body
+
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    request = build_requests(DatasetConfig(num_requests=1, input_len=4, output_len=3))[0]
+    greedy = sampling_knobs(parser.parse_args([]))
+    assert greedy == {}
+    assert vlmd_body(request, None, True, greedy)["parameters"]["do_sample"] is False
+    assert openai_chat_body(request, None, True, greedy)["temperature"] == 0.0
+    flags = ["--temperature", "0.7", "--top_p", "0.9", "--top_k", "50", "--min_p", "0.05"]
+    flags += ["--repetition_penalty", "1.05", "--presence_penalty", "0.1", "--frequency_penalty", "0.2"]
+    knobs = sampling_knobs(parser.parse_args(flags))
+    assert knobs == {
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 50,
+        "min_p": 0.05,
+        "repetition_penalty": 1.05,
+        "presence_penalty": 0.1,
+        "frequency_penalty": 0.2,
+    }
+    parameters = vlmd_body(request, None, True, knobs)["parameters"]
+    assert parameters["do_sample"] is True and parameters.items() >= knobs.items()
+    assert openai_chat_body(request, "m", True, knobs).items() >= knobs.items()
+    assert openai_chat_body(request, "m", True, {"top_p": 0.5})["temperature"] == 1.0  # OpenAI's default

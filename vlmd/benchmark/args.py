@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import typing
+
+from vlmd.sampling import KNOBS
 
 BACKEND_NAMES = ("openai-chat", "vlmd")  # vlmd.benchmark.backends.BACKENDS
 
@@ -58,6 +61,26 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add("--request_timeout", type=float, default=600.0, help="seconds one request may take")
     add("--seed", type=int, default=0)
     add("--output_json", default=None, help="also write the report here")
+    sampling = parser.add_argument_group("sampling (every request; none given: greedy)")
+    for knob in BENCH_KNOBS:
+        sampling.add_argument(f"--{knob.name}", type=_base_type(knob.type), default=None)
+
+
+# The server's sampling knobs (`vlmd.sampling.KNOBS`), but the two the bench sets itself
+# (ignore_eos from --allow_eos; --seed is the dataset's).
+BENCH_KNOBS = tuple(knob for knob in KNOBS if knob.name not in ("ignore_eos", "seed"))
+
+
+def _base_type(annotation) -> type:
+    """float from Annotated[float, Meta(...)] | None, and the like."""
+    while typing.get_args(annotation):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def sampling_knobs(ns: argparse.Namespace) -> dict:
+    """The knobs given on the command line, as both APIs name them."""
+    return {knob.name: value for knob in BENCH_KNOBS if (value := getattr(ns, knob.name)) is not None}
 
 
 def validate(ns: argparse.Namespace) -> None:

@@ -78,14 +78,20 @@ class RequestResult:
 # --- vlmd ------------------------------------------------------------------------------------
 
 
-def vlmd_body(request: BenchRequest, model: str | None, ignore_eos: bool) -> dict:
+def vlmd_body(request: BenchRequest, model: str | None, ignore_eos: bool, sampling: dict) -> dict:
+    """sampling: knobs to send (`sampling_knobs`); none is greedy."""
     placeholders = "<img></img>\n" * len(request.images)
     chat = f"<|im_start|>user\n{placeholders}{request.prompt}<|im_end|>\n"
     for answer, user in zip(request.answers, request.turns, strict=True):
         chat += f"<|im_start|>assistant\n{answer}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
     return {
         "inputs": chat + "<|im_start|>assistant\n",
-        "parameters": {"max_new_tokens": request.output_len, "ignore_eos": ignore_eos},
+        "parameters": {
+            "max_new_tokens": request.output_len,
+            "ignore_eos": ignore_eos,
+            "do_sample": bool(sampling),
+            **sampling,
+        },
         "multimodal_params": {
             "images": [
                 {"type": "base64", "data": base64.b64encode(image).decode()} for image in request.images
@@ -115,7 +121,8 @@ def parse_vlmd_line(line: str) -> StreamEvent | None:
 # --- openai-chat -----------------------------------------------------------------------------
 
 
-def openai_chat_body(request: BenchRequest, model: str | None, ignore_eos: bool) -> dict:
+def openai_chat_body(request: BenchRequest, model: str | None, ignore_eos: bool, sampling: dict) -> dict:
+    """sampling: knobs to send (`sampling_knobs`); none is greedy (temperature 0)."""
     content: list[dict] = [
         {
             "type": "image_url",
@@ -132,7 +139,8 @@ def openai_chat_body(request: BenchRequest, model: str | None, ignore_eos: bool)
     body = {
         "messages": messages,
         "max_tokens": request.output_len,
-        "temperature": 0.0,
+        "temperature": 1.0 if sampling else 0.0,  # OpenAI's default samples
+        **sampling,
         "stream": True,
         "stream_options": {"include_usage": True},
         "ignore_eos": ignore_eos,  # vLLM's and SGLang's extension; the others ignore it
@@ -171,7 +179,7 @@ def parse_openai_chat_line(line: str) -> StreamEvent | None:
 class Backend:
     name: str
     endpoint: str  # default path
-    body: Callable[[BenchRequest, str | None, bool], dict]
+    body: Callable[[BenchRequest, str | None, bool, dict], dict]
     parse_line: Callable[[str], StreamEvent | None]
 
 

@@ -17,7 +17,7 @@ import time
 
 import httpx
 
-from vlmd.benchmark.args import BenchError, validate
+from vlmd.benchmark.args import BenchError, sampling_knobs, validate
 from vlmd.benchmark.backends import BACKENDS, Backend, RequestResult, send
 from vlmd.benchmark.dataset import BenchRequest, DatasetConfig, build_requests
 from vlmd.benchmark.report import build_report, cache_counters, cache_hit_rate, format_table
@@ -55,7 +55,7 @@ async def _bench(ns: argparse.Namespace) -> dict:
         requests, warmups = _datasets(ns)
 
         def encode(request: BenchRequest) -> bytes:
-            return json.dumps(backend.body(request, model, not ns.allow_eos)).encode()
+            return json.dumps(backend.body(request, model, not ns.allow_eos, sampling_knobs(ns))).encode()
 
         if warmups:
             await _run_all(client, url, backend, warmups, [encode(r) for r in warmups], encode, ns, None)
