@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import requests
 
+from tests import conftest
 from tests.conftest import start_server
 
 
@@ -141,3 +144,37 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_workers_load_beside_the_vit_and_size_kv_after_it(model_dir, tmp_path):
+    """Workers start with the vision ranks but size their KV cache only once the ViT is ready
+    (VisionLoaded): with the vision actor held stopped, the worker loads and then waits."""
+    started: list = []
+    thread = threading.Thread(
+        target=lambda: started.append(start_server(model_dir, tmp_path, "--enable_multimodal")), daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + 60
+    vision = None
+    while vision is None and time.monotonic() < deadline:
+        server = next((s for s in conftest._started if s.log_path.parent == tmp_path), None)
+        with contextlib.suppress(LookupError):
+            vision = server.actor_pid("vision") if server else None
+        time.sleep(0.01)
+    os.kill(vision, signal.SIGSTOP)
+    try:
+        time.sleep(4)  # the worker loads its model meanwhile (about a second here)
+        assert server.actor_pid("worker") and " worker0 ready " not in server.log()
+    finally:
+        os.kill(vision, signal.SIGCONT)
+    thread.join(60)
+    lines = server.log().splitlines()
+    ready = {line.split(" ready ")[0].split()[-1]: line for line in lines if " ready (" in line}
+    assert lines.index(ready["vision"]) < lines.index(ready["worker0"])
+    # Each Ready line says what its start spent time on.
+    worker = ready["worker0"]
+    assert "weights " in worker and "KV cache " in worker, worker
+    waited = float(worker.split("waiting for the ViT ")[1].split(" s")[0])
+    assert waited > 2.0, worker
+    assert "weights " in ready["vision"]
+    assert started[0].stop() == 0 and server.actor_pids() == [] and server.shm_segments() == []

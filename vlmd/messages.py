@@ -109,6 +109,11 @@ class Ready(Message):
     num_kv_pages: int = 0  # workers: the KV pool they allocated
 
 
+class VisionLoaded(Message):
+    """Supervisor -> workers: every vision rank is ready, so its device memory is taken; a worker
+    sizes its KV cache from what is left only after this (it loads and compiles meanwhile)."""
+
+
 class Shutdown(Message):
     """Supervisor -> http actor, on SIGTERM (or a first SIGINT): refuse new requests (503), let
     those in flight finish for up to `timeout_s` seconds, end the rest, then answer Drained. The
@@ -301,6 +306,7 @@ class StepResult(Message):
 ANY_MESSAGE = (
     Hello
     | Ready
+    | VisionLoaded
     | Shutdown
     | Drained
     | SubmitRequest

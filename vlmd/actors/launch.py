@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -77,6 +78,29 @@ def setup_logging(role: str) -> logging.Logger:
     return logging.getLogger(f"vlmd.{role}")
 
 
+class Stopwatch:
+    """The seconds each start-up phase took, for the actor's Ready line (so that kernel
+    compilation, weight loading and graph capture are told apart)."""
+
+    def __init__(self) -> None:
+        self.phases: list[tuple[str, float]] = []
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases.append((phase, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.phases)
+
+
+async def connect_supervisor(launch: Launch, role: str, rank: int = 0) -> ipc.Channel:
+    """The channel to the supervisor, before the actor is ready (workers wait on it for
+    VisionLoaded); `announce_ready` takes it."""
+    return await ipc.connect(launch.socket(SUPERVISOR_SOCKET), Hello(role, rank))
+
+
 async def announce_ready(
     launch: Launch,
     role: str,
@@ -84,10 +108,12 @@ async def announce_ready(
     detail: str = "",
     num_kv_pages: int = 0,
     on_message: Callable[[Message], None] | None = None,
+    channel: ipc.Channel | None = None,
 ) -> ipc.Channel:
-    """Tell the supervisor we are ready; pass what it sends to `on_message` (the http actor's
-    Shutdown); exit if the supervisor ever goes away."""
-    channel = await ipc.connect(launch.socket(SUPERVISOR_SOCKET), Hello(role, rank))
+    """Tell the supervisor we are ready (on `channel` if connected already); pass what it sends
+    to `on_message` (the http actor's Shutdown); exit if the supervisor ever goes away."""
+    if channel is None:
+        channel = await connect_supervisor(launch, role, rank)
     channel.send(Ready(role, rank, detail, num_kv_pages))
 
     async def watch() -> None:

@@ -22,7 +22,7 @@ from vlmd import ipc, shm
 from vlmd.actors.launch import SUPERVISOR_SOCKET, Launch, write_launch
 from vlmd.actors.resolve import resolve_runtime, with_kv_pages
 from vlmd.config import ServerArgs
-from vlmd.messages import Drained, Ready, Shutdown
+from vlmd.messages import Drained, Hello, Ready, Shutdown, VisionLoaded
 
 log = logging.getLogger("vlmd.supervisor")
 STOP_GRACE_S = 5.0
@@ -55,6 +55,8 @@ class Supervisor:
         self._channels: dict[str, ipc.Channel] = {}  # by actor name, once it is ready
         self._drained: asyncio.Future[Drained] | None = None
         self._draining: asyncio.Task | None = None
+        self._vision_loaded: asyncio.Future[None] | None = None  # every vision rank is ready
+        self._background: set[asyncio.Future] = set()
 
     async def run(self) -> int:
         import os
@@ -63,6 +65,7 @@ class Supervisor:
         run_dir = tempfile.mkdtemp(prefix=f"vlmd-{self.server_id}-")
         server = None
         self._drained = asyncio.get_running_loop().create_future()
+        self._vision_loaded = asyncio.get_running_loop().create_future()
         try:
             runtime = resolve_runtime(self.args, self.server_id, run_dir)
             launch = Launch(self.args, runtime)
@@ -91,24 +94,24 @@ class Supervisor:
             shutil.rmtree(run_dir, ignore_errors=True)
         return self._exit_code
 
-    def _stages(self, launch: Launch) -> list[list[tuple[str, int]]]:
-        """Actors to start, stage by stage; each stage waits for the previous one to be ready."""
+    def _stages(self) -> list[list[tuple[str, int]]]:
+        """Actors to start, stage by stage; each stage waits for the previous one to be ready.
+        Workers and vision ranks load and compile side by side; a worker sizes its KV cache from
+        free device memory only once every vision rank is ready (`VisionLoaded`)."""
         workers = [("worker", rank) for rank in range(self.args.tp)]
         # Vision rank r sits on GPU r: visual_dp replica groups of visual_tp ranks each.
         vision = [("vision", rank) for rank in range(self.args.tp)] if self.args.enable_multimodal else []
-        if launch.runtime.num_kv_pages == 0:
-            # Workers size the KV cache from free device memory: the ViT must have taken its share.
-            middle = [vision, workers] if vision else [workers]
-        else:
-            middle = [workers + vision]
-        return [[("scheduler", 0)], *middle, [("http", 0)]]
+        return [[("scheduler", 0)], workers + vision, [("http", 0)]]
 
     async def _start_all(self, launch: Launch) -> bool:
         """Start the actors in dependency order; False if the server is stopping meanwhile."""
-        for stage in self._stages(launch):
+        for stage in self._stages():
             if stage[0][0] == "http" and launch.runtime.num_kv_pages == 0:
                 launch = self._with_worker_kv_pages(launch)
             all_ready = asyncio.gather(*[await self._spawn(launch, role, rank) for role, rank in stage])
+            if stage[0][0] == "worker":
+                vision = asyncio.gather(*[self._ready[actor] for actor in stage if actor[0] == "vision"])
+                vision.add_done_callback(self._on_vision_loaded)
             stop = asyncio.ensure_future(self._stop.wait())
             done, _ = await asyncio.wait(
                 [stop, all_ready], timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
@@ -151,7 +154,9 @@ class Supervisor:
         try:
             while True:
                 msg = await channel.recv()
-                if isinstance(msg, Ready):
+                if isinstance(msg, Hello) and msg.role == "worker":
+                    self._background.add(asyncio.ensure_future(self._release_worker(channel)))
+                elif isinstance(msg, Ready):
                     log.info("%s ready %s", self._name(msg.role, msg.rank), msg.detail)
                     self._channels[self._name(msg.role, msg.rank)] = channel
                     future = self._ready.get((msg.role, msg.rank))
@@ -161,6 +166,15 @@ class Supervisor:
                     self._drained.set_result(msg)
         except ipc.ChannelClosed:
             pass
+
+    def _on_vision_loaded(self, ready: asyncio.Future) -> None:
+        if not ready.cancelled() and ready.exception() is None:
+            self._vision_loaded.set_result(None)
+
+    async def _release_worker(self, channel: ipc.Channel) -> None:
+        """Tell a worker once every vision rank holds its device memory (at once without images)."""
+        await self._vision_loaded
+        channel.send(VisionLoaded())
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

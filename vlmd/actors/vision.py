@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from vlmd import ipc, shm
-from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
+from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, Stopwatch, announce_ready
 from vlmd.actors.metrics import VIT_BATCH_BUCKETS, VIT_REPLICA_PREFIX
 from vlmd.actors.vit_replica import VISION_FRONT_SOCKET, ReplicaGroup, VisionLayout, ViTRank
 from vlmd.core.embed_index import EmbedIndex, Entry
@@ -265,7 +265,8 @@ async def _run_front(launch: Launch, layout: VisionLayout) -> None:
     channel = await ipc.connect(launch.socket(SCHEDULER_SOCKET), Hello("vision"))
     leaders = await _accept(launch.socket(VISION_FRONT_SOCKET), layout.leaders)
     peers = await _accept(launch.socket(layout.group_socket()), layout.peers)
-    vit = ViTRank.from_launch(launch, layout)
+    clock = Stopwatch()
+    vit = ViTRank.from_launch(launch, layout, clock)
     group = ReplicaGroup(vit, [await channel_ for channel_ in peers])
     replicas = [Replica(0, group.encode)]
     for g, leader in enumerate(leaders, start=1):
@@ -277,7 +278,10 @@ async def _run_front(launch: Launch, layout: VisionLayout) -> None:
     actor = VisionActor(launch, channel, replicas)
     layout_text = f"{layout.visual_dp} replica(s) of {layout.visual_tp} rank(s)"
     await announce_ready(
-        launch, "vision", 0, detail=f"(ViT {layout_text}, EmbedStore {launch.runtime.embed_store_rows} rows)"
+        launch,
+        "vision",
+        0,
+        detail=f"({clock}; ViT {layout_text}, EmbedStore {launch.runtime.embed_store_rows} rows)",
     )
     _watch(actor.dispatch_loop())
     while True:
@@ -290,13 +294,16 @@ async def _run_front(launch: Launch, layout: VisionLayout) -> None:
 
 async def _run_leader(launch: Launch, layout: VisionLayout) -> None:
     peers = await _accept(launch.socket(layout.group_socket()), layout.peers)
-    vit = ViTRank.from_launch(launch, layout)
+    clock = Stopwatch()
+    vit = ViTRank.from_launch(launch, layout, clock)
     group = ReplicaGroup(vit, [await peer for peer in peers])
     for peer in group.peers:
         _watch(_expect_silence(peer))
     hello = Hello("vision", layout.rank)
     front = await ipc.connect_when_listening(launch.socket(VISION_FRONT_SOCKET), hello, CONNECT_TIMEOUT_S)
-    await announce_ready(launch, "vision", layout.rank, detail=f"(ViT replica {layout.group} leader)")
+    await announce_ready(
+        launch, "vision", layout.rank, detail=f"({clock}; ViT replica {layout.group} leader)"
+    )
     while True:
         msg = await front.recv()
         assert isinstance(msg, EncodeBatch), f"a replica leader expects EncodeBatch, got {type(msg).__name__}"
@@ -304,11 +311,15 @@ async def _run_leader(launch: Launch, layout: VisionLayout) -> None:
 
 
 async def _run_peer(launch: Launch, layout: VisionLayout) -> None:
-    vit = ViTRank.from_launch(launch, layout)
+    clock = Stopwatch()
+    vit = ViTRank.from_launch(launch, layout, clock)
     hello = Hello("vision", layout.rank)
     leader = await ipc.connect_when_listening(launch.socket(layout.group_socket()), hello, CONNECT_TIMEOUT_S)
     await announce_ready(
-        launch, "vision", layout.rank, detail=f"(ViT replica {layout.group} rank {layout.rank_in_group})"
+        launch,
+        "vision",
+        layout.rank,
+        detail=f"({clock}; ViT replica {layout.group} rank {layout.rank_in_group})",
     )
     while True:
         msg = await leader.recv()  # ChannelClosed: the leader died, and the server with it

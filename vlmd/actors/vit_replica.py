@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from vlmd import ipc, shm
-from vlmd.actors.launch import Launch
+from vlmd.actors.launch import Launch, Stopwatch
 from vlmd.actors.worker import TORCH_DTYPES, TP_TIMEOUT_S, embed_store_view
 from vlmd.image import ImageError, TilingConfig, decode_image, downscale, preprocess
 from vlmd.kernels.vision_attention import make_tile_attention
@@ -89,7 +89,9 @@ class ViTRank:
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="vit")
 
     @classmethod
-    def from_launch(cls, launch: Launch, layout: VisionLayout) -> ViTRank:
+    def from_launch(cls, launch: Launch, layout: VisionLayout, clock: Stopwatch) -> ViTRank:
+        """Load this rank's share of the ViT; on a GPU run its largest batch once (compiling its
+        kernels) and capture its graphs; `clock` times each phase."""
         args, runtime = launch.args, launch.runtime
         cuda = runtime.device == "cuda"
         device = torch.device("cuda", layout.rank) if cuda else torch.device("cpu")
@@ -100,6 +102,7 @@ class ViTRank:
         tp = join_vision_group(launch, layout, cuda)
         dtype = TORCH_DTYPES[runtime.dtype]
         model = load_vision(args.model_dir, dtype, device, args.load_workers, tp=tp)
+        clock.lap("weights")
         model.set_tile_attention(
             make_tile_attention(args.vit_attention, device, dtype, model.arch.vision_head_dim)
         )
@@ -108,11 +111,13 @@ class ViTRank:
         )
         if cuda:
             _reserve_peak_memory(model, args.visual_infer_batch_size * tiling.max_tiles_per_image, tiling)
+            clock.lap("largest batch (kernel compile)")
             # A tensor-parallel ViT runs op by op: capturing its all-reduces in CUDA graphs has not
             # been checked on GPUs, and every rank of a group would have to replay in lockstep.
             if not args.disable_cudagraph and tp.size == 1:
                 model = VisionGraphs(model, tiling.max_tiles_per_image, tiling.tile_size)
                 model.capture()
+                clock.lap("CUDA graphs")
         store = embed_store_view(launch) if layout.is_leader else None
         executor = ThreadPoolExecutor(
             1,

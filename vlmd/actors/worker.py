@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import logging
 import math
-import time
+from collections.abc import Awaitable, Callable
 
 import torch
 
 from vlmd import ipc, shm
-from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
+from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, Stopwatch, announce_ready, connect_supervisor
 from vlmd.core.page_allocator import pages_for
 from vlmd.kernels.attention import KVCacheSpec
 from vlmd.kernels.cuda_graph import DecodeGraphs
 from vlmd.kernels.flashinfer_backend import FlashInferBackend
 from vlmd.kernels.ops import make_ops
 from vlmd.kernels.registry import make_attention_backend
-from vlmd.messages import FlushStep, Hello, NewRequest, SamplingParams, StepItem, StepPlan
+from vlmd.messages import FlushStep, Hello, NewRequest, SamplingParams, StepItem, StepPlan, VisionLoaded
 from vlmd.models.config import InternVLArch
 from vlmd.models.loader import load_language_model
 from vlmd.models.tensor_parallel import TPGroup
@@ -101,9 +101,9 @@ def create_runner(
     return make_runner(model, arch, num_pages=num_pages, page_size=page_size)
 
 
-def gpu_kv_pages(model, arch: InternVLArch, launch: Launch) -> int:
-    """KV pages that fit in mem_fraction of the device once the weights are loaded and the
-    largest step the scheduler can plan has run (its activations stay reserved)."""
+def profile_step(model, arch: InternVLArch, launch: Launch) -> tuple[int, int]:
+    """Run the largest step the scheduler can plan (on a GPU its first use compiles the attention
+    kernels): the device memory its activations need beyond the weights, and a KV page's bytes."""
     args = launch.args
     device = next(model.parameters()).device
     torch.cuda.synchronize(device)
@@ -122,12 +122,21 @@ def gpu_kv_pages(model, arch: InternVLArch, launch: Launch) -> int:
     probe.execute(plan)
     torch.cuda.synchronize(device)
     activation_bytes = torch.cuda.max_memory_allocated(device) - before - probe_kv_bytes
-    # The logits of a full batch of decodes (and a processed copy) are the other large transient;
-    # the penalty table can grow to one int32 row per running request.
-    logits_bytes = 3 * args.max_running_requests * arch.vocab_size * 4
     bytes_per_page = probe.attn.spec.bytes_per_token * args.page_size
     del probe, plan
     torch.cuda.empty_cache()
+    return activation_bytes, bytes_per_page
+
+
+def gpu_kv_pages(model, arch: InternVLArch, launch: Launch, profile: tuple[int, int]) -> int:
+    """KV pages that fit in mem_fraction of the device once the weights are loaded, the ViT has
+    taken its share and the largest step's activations are kept aside."""
+    args = launch.args
+    device = next(model.parameters()).device
+    activation_bytes, bytes_per_page = profile
+    # The logits of a full batch of decodes (and a processed copy) are the other large transient;
+    # the penalty table can grow to one int32 row per running request.
+    logits_bytes = 3 * args.max_running_requests * arch.vocab_size * 4
     free, total = torch.cuda.mem_get_info(device)
     budget = free - (1 - args.mem_fraction) * total - activation_bytes - logits_bytes - GPU_HEADROOM_BYTES
     log.info(
@@ -174,7 +183,11 @@ def join_tp_group(launch: Launch, rank: int, arch: InternVLArch) -> TPGroup:
     return tp
 
 
-def build_runner(launch: Launch, rank: int = 0) -> ModelRunner:
+async def build_runner(
+    launch: Launch, rank: int, clock: Stopwatch, vision_loaded: Callable[[], Awaitable[None]]
+) -> ModelRunner:
+    """Load the model, run its first step, and once `vision_loaded()` returns (the ViT holds its
+    device memory) size the KV cache from what is left and capture the decode graphs."""
     args, runtime = launch.args, launch.runtime
     device = torch.device(runtime.device, rank) if runtime.device == "cuda" else torch.device("cpu")
     if device.type == "cpu":
@@ -184,11 +197,18 @@ def build_runner(launch: Launch, rank: int = 0) -> ModelRunner:
     model = load_language_model(
         args.model_dir, TORCH_DTYPES[runtime.dtype], device, num_threads=args.load_workers, tp=tp
     )
-    num_pages = runtime.num_kv_pages or gpu_kv_pages(model, arch, launch)
+    clock.lap("weights")
+    profile = None
+    if not runtime.num_kv_pages:
+        profile = profile_step(model, arch, launch)
+        clock.lap("first step (kernel compile, profiling)")
+    await vision_loaded()
+    clock.lap("waiting for the ViT")
+    num_pages = runtime.num_kv_pages or gpu_kv_pages(model, arch, launch, profile)
     if num_pages < 1:
         raise SystemExit("--mem_fraction leaves no device memory for the KV cache")
     graph_max_batch_size = 0 if args.disable_cudagraph or device.type != "cuda" else args.graph_max_batch_size
-    return make_runner(
+    runner = make_runner(
         model,
         arch,
         num_pages=num_pages,
@@ -196,20 +216,25 @@ def build_runner(launch: Launch, rank: int = 0) -> ModelRunner:
         embed_store=embed_store_view(launch),
         graph_max_batch_size=graph_max_batch_size,
     )
+    clock.lap("KV cache and CUDA graphs" if runner.graphs else "KV cache")
+    return runner
 
 
 async def run(launch: Launch, rank: int) -> None:
-    started = time.perf_counter()
-    runner = build_runner(launch, rank)
+    clock = Stopwatch()
+    supervisor = await connect_supervisor(launch, "worker", rank)
+
+    async def vision_loaded() -> None:
+        msg = await supervisor.recv()
+        assert isinstance(msg, VisionLoaded), f"a worker expects VisionLoaded, got {type(msg).__name__}"
+
+    runner = await build_runner(launch, rank, clock, vision_loaded)
     num_pages = runner.attn.spec.num_pages - (
         1 if runner.graphs else 0
     )  # the padding page is not the scheduler's
     channel = await ipc.connect(launch.socket(SCHEDULER_SOCKET), Hello("worker", rank, num_pages))
-    detail = (
-        f"(weights loaded in {time.perf_counter() - started:.1f} s, "
-        f"KV cache {num_pages * launch.args.page_size} tokens in {num_pages} pages)"
-    )
-    await announce_ready(launch, "worker", rank, detail, num_pages)
+    detail = f"({clock}; KV cache {num_pages * launch.args.page_size} tokens in {num_pages} pages)"
+    await announce_ready(launch, "worker", rank, detail, num_pages, channel=supervisor)
     await serve_steps(runner, channel, send_results=rank == 0)
 
 
