@@ -503,3 +503,24 @@ def _assert_same_files(a: Path, b: Path) -> None:
     assert names == sorted(path.name for path in b.iterdir())
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_real_sizes_write_bf16_shards_that_both_loaders_read(tmp_path: Path) -> None:
+    """`--size internvl3-8b` (here with its layers shrunk): bf16 weights in shards, read by
+    transformers and by vlmd's loader to the same values."""
+    from vlmd.demo import SIZES
+    from vlmd.models.loader import load_language_model
+
+    assert tuple(SIZES) == cli.DEMO_SIZES
+    small = {"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 96, "vocab_size": 1024}
+    small |= {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+    vision = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}
+    write_demo_model(tmp_path, size="internvl3-8b", text_config=small, vision_config=vision)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["dtype"] == config["text_config"]["dtype"] == "bfloat16"
+    assert config["text_config"]["max_position_embeddings"] == 32768  # the size's, kept under the override
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) == 4 and {t.dtype for s in shards for t in load_file(s).values()} == {torch.bfloat16}
+    hf = InternVLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    lm = load_language_model(str(tmp_path), torch.bfloat16, torch.device("cpu"))
+    assert torch.equal(lm.lm_head.weight, hf.lm_head.weight)

@@ -13,6 +13,7 @@ from vlmd.config import ConfigError, add_serve_arguments, build_server_args
 DEMO_MODEL_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vlmd", "demo-model")
 # vlmd.demo_opengvlab.BACKBONES (a test keeps them equal), spelt out so the parser needs no torch.
 DEMO_BACKBONES = ("qwen2", "llama", "qwen3", "internlm2")
+DEMO_SIZES = ("tiny", "internvl3-8b")  # vlmd.demo.SIZES (not imported here: it imports torch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,9 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         help="the language model; internlm2 in the hf layout is a Llama with a SentencePiece-style "
         "tokenizer, as transformers' conversions of InternLM2-backbone models are",
     )
+    demo.add_argument(
+        "--size",
+        choices=DEMO_SIZES,
+        default="tiny",
+        help="tiny, or a real model's sizes with random weights (drawn on the GPU where there is one)",
+    )
     ns = parser.parse_args(argv)
     if ns.command == "demo-model":
-        return _demo_model(ns.path, ns.seed, ns.layout, ns.backbone)
+        return _demo_model(ns.path, ns.seed, ns.layout, ns.backbone, ns.size)
     if ns.command == "bench":
         from vlmd.benchmark.runner import run
 
@@ -52,18 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     return _serve(serve, ns)
 
 
-def _demo_model(path: str, seed: int, layout: str, backbone: str) -> int:
+def _demo_model(path: str, seed: int, layout: str, backbone: str, size: str) -> int:
+    import torch
+
     from vlmd.demo import write_demo_model
     from vlmd.demo_opengvlab import hf_demo_options, write_opengvlab_model
 
-    options = hf_demo_options(backbone)
+    options = hf_demo_options(backbone) | {"size": size}
+    if size != "tiny" and torch.cuda.is_available():
+        options["weights_device"] = "cuda"
     if layout == "hf":
         write_demo_model(path, seed=seed, **options)
     else:  # OpenGVLab's format is written from the HF-native model it converts to
         with tempfile.TemporaryDirectory() as hf_dir:
             write_demo_model(hf_dir, seed=seed, **options)
             write_opengvlab_model(hf_dir, path, backbone)
-    print(f"vlmd: demo model ({layout} layout, {backbone}) written to {path}")
+    print(f"vlmd: demo model ({size}, {layout} layout, {backbone}) written to {path}")
     return 0
 
 

@@ -133,6 +133,31 @@ DEFAULT_VISION_CONFIG: dict[str, Any] = {
     "projection_dropout": 0.0,
     "dtype": "float32",
 }
+# Real models' sizes, with random weights: what benchmarks serve on a GPU.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "internvl3-8b": {  # InternViT-300M + Qwen2-7B
+        "text_config": {
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "head_dim": 128,
+            "vocab_size": 151674,
+            "max_position_embeddings": 32768,
+            "max_window_layers": 28,
+        },
+        "vision_config": {
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+        },
+        "dtype": "bfloat16",
+        "num_shards": 4,
+    },
+}
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -155,11 +180,17 @@ def write_demo_model(path: str | Path, seed: int = 0, **overrides: Any) -> None:
       key_layout: "hub" (model.language_model.*, default) or "legacy" (language_model.model.*,
         what transformers 5 `save_pretrained` writes);
       num_shards: split the weights over this many files with an index (default 1);
+      size: "tiny" (default) or a real model's sizes (SIZES), with random weights;
+      weights_device: where the weights are drawn ("cpu", default; "cuda" for large sizes);
+      dtype: the weights' dtype, written in config.json ("float32" by default);
       any other key is written at the top level of config.json.
     """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    options = dict(overrides)
+    options = copy.deepcopy(SIZES[overrides.pop("size", "tiny")])
+    for key, value in overrides.items():
+        options[key] = {**options.get(key, {}), **value} if isinstance(value, dict) else value
+    weights_device = options.pop("weights_device", "cpu")
     key_layout = options.pop("key_layout", "hub")
     num_shards = options.pop("num_shards", 1)
     kind_name = options.pop("tokenizer", "byte_level")
@@ -176,7 +207,7 @@ def write_demo_model(path: str | Path, seed: int = 0, **overrides: Any) -> None:
     write_json(out / "preprocessor_config.json", _preprocessor_config(config))
     write_json(out / "processor_config.json", {"image_seq_length": config["image_seq_length"]})
     write_json(out / "generation_config.json", kind.generation_config(token_ids))
-    tensors = demo_weights(config, seed)
+    tensors = demo_weights(config, seed, weights_device)
     if key_layout == "legacy":
         tensors = {_legacy_key(key): value for key, value in tensors.items()}
     elif key_layout != "hub":
@@ -219,12 +250,14 @@ def demo_config(
         "vision_config": vision,
     }
     config.update(options)
+    text["dtype"] = vision["dtype"] = config["dtype"]
     return config
 
 
-def demo_weights(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
-    """Float32 weights in the hub key layout, drawn in a fixed order from one seeded generator."""
-    init = _Init(seed)
+def demo_weights(config: dict[str, Any], seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Weights of config.json's dtype in the hub key layout, drawn in a fixed order from one
+    seeded generator on `device`."""
+    init = _Init(seed, device, getattr(torch, config["dtype"]))
     tensors = _vision_weights(init, config["vision_config"], "model.vision_tower.")
     tensors |= _projector_weights(init, config, "model.multi_modal_projector.")
     tensors |= _text_weights(init, config["text_config"], "model.language_model.")
@@ -235,20 +268,32 @@ def demo_weights(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
 
 
 class _Init:
-    """Seeded draws; every tensor is float32 and contiguous (what safetensors wants)."""
+    """Seeded draws, contiguous on the host (what safetensors wants): float32 from the CPU's
+    generator by default; a large model's are drawn on `device` and kept in `dtype`."""
 
-    def __init__(self, seed: int) -> None:
-        self.gen = torch.Generator().manual_seed(seed)
+    def __init__(self, seed: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.device, self.dtype = device, dtype
 
     def normal(self, shape: tuple[int, ...], std: float) -> torch.Tensor:
-        return torch.randn(shape, generator=self.gen) * std
+        return self._out(torch.randn(shape, generator=self.gen, device=self.device) * std)
+
+    def uniform(self, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
+        return self._out(low + (high - low) * torch.rand(shape, generator=self.gen, device=self.device))
+
+    def signs(self, n: int) -> torch.Tensor:
+        """n random +1 / -1, in the weights' dtype."""
+        return self._out(torch.randint(0, 2, (n,), generator=self.gen, device=self.device) * 2 - 1)
+
+    def _out(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.dtype).cpu()
 
     def linear(self, out_dim: int, in_dim: int, gain: float = 1.0) -> torch.Tensor:
         return self.normal((out_dim, in_dim), gain / math.sqrt(in_dim))
 
     def norm_weight(self, dim: int) -> torch.Tensor:
         """Norm gains in [0.5, 1.5): random so each channel matters differently."""
-        return 0.5 + torch.rand((dim,), generator=self.gen)
+        return self._out(0.5 + torch.rand((dim,), generator=self.gen, device=self.device))
 
 
 def _vision_weights(init: _Init, vision: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
@@ -282,8 +327,8 @@ def _vision_weights(init: _Init, vision: dict[str, Any], prefix: str) -> dict[st
         t |= _norm(init, layer + "layernorm_before.", hidden, vision["norm_type"])
         t |= _norm(init, layer + "layernorm_after.", hidden, vision["norm_type"])
         # Layer scale in [0.5, 1): the real model's 0.1 init would mute the blocks.
-        t[layer + "lambda_1"] = 0.5 + 0.5 * torch.rand((hidden,), generator=init.gen)
-        t[layer + "lambda_2"] = 0.5 + 0.5 * torch.rand((hidden,), generator=init.gen)
+        t[layer + "lambda_1"] = init.uniform((hidden,), 0.5, 1.0)
+        t[layer + "lambda_2"] = init.uniform((hidden,), 0.5, 1.0)
     if not vision["use_mean_pooling"]:
         t |= _norm(init, prefix + "layernorm.", hidden, "layer_norm")
     return t
@@ -329,7 +374,7 @@ def _text_weights(init: _Init, text: dict[str, Any], prefix: str) -> dict[str, t
     # Random signs on the final norm: with tied embeddings the residual stream still holds the
     # current token's own embedding e, and a positive gain would make e.(g*e) ~ |e|^2 the top
     # logit every step (the model repeats its input token forever); zero-mean gains cancel it.
-    signs = torch.randint(0, 2, (hidden,), generator=init.gen) * 2 - 1
+    signs = init.signs(hidden)
     t[prefix + "norm.weight"] = init.norm_weight(hidden) * signs
     return t
 
