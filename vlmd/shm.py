@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import uuid
 
 SHM_DIR = "/dev/shm"
 
@@ -60,25 +59,6 @@ def unlink_segment(name: str) -> None:
         pass
 
 
-def write_bytes_segment(prefix: str, data: bytes) -> str:
-    """Put `data` in a fresh segment and return its name; the reader unlinks it."""
-    name = f"{prefix}img-{uuid.uuid4().hex}"
-    segment = SharedSegment.create(name, len(data))
-    segment.buf[: len(data)] = data
-    segment.close()
-    return name
-
-
-def read_bytes_segment(name: str, num_bytes: int) -> bytes:
-    """Read and unlink a segment written by `write_bytes_segment`."""
-    segment = SharedSegment.attach(name)
-    try:
-        return bytes(segment.buf[:num_bytes])
-    finally:
-        segment.close()
-        segment.unlink()
-
-
 def unlink_all(prefix: str) -> list[str]:
     """Unlink every segment whose name starts with `prefix`; returns the names removed."""
     removed = []
@@ -87,3 +67,48 @@ def unlink_all(prefix: str) -> list[str]:
             unlink_segment(name)
             removed.append(name)
     return removed
+
+
+def read_segment(name: str, num_bytes: int) -> bytes:
+    """The first `num_bytes` of a segment (the writer keeps it, and unlinks it)."""
+    segment = SharedSegment.attach(name)
+    try:
+        return bytes(segment.buf[:num_bytes])
+    finally:
+        segment.close()
+
+
+class SharedBytes:
+    """Byte segments held by reference count: one segment per key, however many holders.
+
+    The http actor writes each distinct image once, and every request that needs it holds a
+    reference until the image can no longer be read for it. A request whose image is already being
+    encoded for another request waits on that encode, which reads the segment both share: so the
+    bytes must outlive whichever request sent them first, and only the last release unlinks them.
+    One event loop uses it, so the counts are exact.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._num_holders: dict[str, int] = {}  # segment name -> references
+
+    def __len__(self) -> int:
+        return len(self._num_holders)
+
+    def acquire(self, key: str, data: bytes) -> str:
+        """The name of `key`'s segment, written from `data` unless someone holds it already (the
+        same key must mean the same bytes)."""
+        name = f"{self.prefix}img-{key}"
+        if name not in self._num_holders:
+            segment = SharedSegment.create(name, len(data))
+            segment.buf[: len(data)] = data
+            segment.close()
+        self._num_holders[name] = self._num_holders.get(name, 0) + 1
+        return name
+
+    def release(self, name: str) -> None:
+        count = self._num_holders.pop(name) - 1
+        if count:
+            self._num_holders[name] = count
+        else:
+            unlink_segment(name)
