@@ -110,10 +110,14 @@ class Server:
         return self.process.wait(timeout=timeout)
 
 
-def start_server(model_dir: Path, log_dir: Path, *flags: str, env: dict | None = None) -> Server:
+def start_server(
+    model_dir: Path, log_dir: Path, *flags: str, env: dict | None = None, prefix: list[str] = ()
+) -> Server:
+    """`prefix`: a command that runs the server's command line (it must exec it, keeping the pid)."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "vlmd", "serve", "--model_dir", str(model_dir), "--port", str(port), *flags]
+    cmd = [*prefix, sys.executable, "-m", "vlmd", "serve", "--model_dir", str(model_dir), "--port", str(port)]
+    cmd += flags
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}

@@ -2,6 +2,10 @@
 
 Every segment of one server is named `vlmd-<supervisor pid>-<what>`, so the supervisor can
 unlink all of them at shutdown, whatever state the actors died in.
+
+A segment's pages are allocated when it is created (posix_fallocate), never on first write: /dev/shm
+is a tmpfs, and a write through a mapping to a page tmpfs has no room for is a SIGBUS that kills
+the process, where an allocation that fails is an OSError its caller can answer.
 """
 
 from __future__ import annotations
@@ -16,17 +20,24 @@ def segment_prefix(server_id: int) -> str:
     return f"vlmd-{server_id}-"
 
 
+def free_bytes() -> int:
+    """Bytes /dev/shm can still allocate."""
+    stats = os.statvfs(SHM_DIR)
+    return stats.f_bavail * stats.f_frsize
+
+
 class SharedSegment:
     """A named shared-memory segment mapped into this process."""
 
     def __init__(self, name: str, num_bytes: int, create: bool) -> None:
         assert "/" not in name, "segment names are flat"
         self.name = name
+        path = os.path.join(SHM_DIR, name)
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(os.path.join(SHM_DIR, name), flags, 0o600)
+        fd = os.open(path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, max(num_bytes, 1))
+                _allocate(fd, path, max(num_bytes, 1))
             else:
                 num_bytes = os.fstat(fd).st_size
             self.num_bytes = num_bytes
@@ -36,6 +47,7 @@ class SharedSegment:
 
     @classmethod
     def create(cls, name: str, num_bytes: int) -> SharedSegment:
+        """A new segment with all its pages allocated; OSError (ENOSPC) when /dev/shm is full."""
         return cls(name, num_bytes, create=True)
 
     @classmethod
@@ -50,6 +62,15 @@ class SharedSegment:
 
     def unlink(self) -> None:
         unlink_segment(self.name)
+
+
+def _allocate(fd: int, path: str, num_bytes: int) -> None:
+    """Size the new file at `path` to `num_bytes` with every page allocated, or remove it and raise."""
+    try:
+        os.posix_fallocate(fd, 0, num_bytes)
+    except BaseException:
+        os.unlink(path)
+        raise
 
 
 def unlink_segment(name: str) -> None:
@@ -97,7 +118,7 @@ class SharedBytes:
 
     def acquire(self, key: str, data: bytes) -> str:
         """The name of `key`'s segment, written from `data` unless someone holds it already (the
-        same key must mean the same bytes)."""
+        same key must mean the same bytes). OSError when /dev/shm has no room: nothing is held."""
         name = f"{self.prefix}img-{key}"
         if name not in self._num_holders:
             segment = SharedSegment.create(name, len(data))
