@@ -169,6 +169,7 @@ def mm_server(model_dir, tmp_path_factory):
         str(8 * 2**20),
         "--image_fetch_timeout",
         "2",
+        "--allow_private_image_urls",  # the tests' image hosts listen on loopback
     )
     yield server
     assert server.stop() == 0, server.log()

@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vlmd import ipc, shm
+from vlmd.actors.fetch import ImageFetcher
 from vlmd.actors.images import BadImage, CheckedImage, ImageChecker
 from vlmd.actors.inflight import ClientError, Tracked
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
@@ -64,9 +65,10 @@ class HttpActor:
         tiling = TilingConfig.from_model_dir(
             self.args.model_dir, min_tiles=self.args.min_tiles, max_tiles=self.args.max_tiles
         )
-        self.images = ImageChecker(
-            tiling, self.args.image_fetch_timeout, self.args.max_body_bytes, self.args.max_image_pixels
+        fetcher = ImageFetcher(
+            self.args.image_fetch_timeout, self.args.max_image_bytes, self.args.allow_private_image_urls
         )
+        self.images = ImageChecker(tiling, fetcher, self.args.max_image_pixels)
         self.queue = QueueGate(self.args.max_queued_requests)
         self.latency = LatencyMetrics()
         self.inflight: dict[str, Tracked] = {}
