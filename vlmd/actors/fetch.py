@@ -64,7 +64,7 @@ class CheckedBackend(httpcore.AsyncNetworkBackend):
         if not allowed:
             raise FetchError(
                 f"{host} is {address_refusal(addresses[0])} address; this server fetches images only "
-                "from public addresses (--allow_private_image_urls)"
+                "from public addresses unless started with --allow_private_image_urls"
             )
         for address in allowed[:-1]:  # as a browser would: the next address if one does not answer
             try:
