@@ -185,7 +185,7 @@ def _read_bytes(image: ImageRef) -> bytes:
     try:
         return shm.read_segment(image.bytes_shm, image.num_bytes)
     except OSError as exc:
-        log.warning("cannot read image bytes: %s", exc)
+        log.info("cannot read image bytes (no request holds them any more): %s", exc)
         raise ImageError("the image's bytes are no longer available") from None
 
 
