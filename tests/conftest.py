@@ -124,13 +124,20 @@ class Server:
 
 
 def start_server(
-    model_dir: Path, log_dir: Path, *flags: str, env: dict | None = None, new_session: bool = False
+    model_dir: Path,
+    log_dir: Path,
+    *flags: str,
+    env: dict | None = None,
+    new_session: bool = False,
+    prefix: list[str] = (),
 ) -> Server:
     """`new_session`: the server leads a process group of its own, which a test may signal as a
-    terminal's Ctrl-C does (os.killpg), without signalling pytest."""
+    terminal's Ctrl-C does (os.killpg), without signalling pytest. `prefix`: a command that runs
+    the server's command line (it must exec it, keeping the pid)."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "vlmd", "serve", "--model_dir", str(model_dir), "--port", str(port), *flags]
+    cmd = [*prefix, sys.executable, "-m", "vlmd", "serve", "--model_dir", str(model_dir), "--port", str(port)]
+    cmd += flags
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             cmd,
@@ -186,6 +193,7 @@ def mm_server(model_dir, tmp_path_factory):
         str(8 * 2**20),
         "--image_fetch_timeout",
         "2",
+        "--allow_private_image_urls",  # the tests' image hosts listen on loopback
     )
     yield server
     assert server.stop() == 0, server.log()

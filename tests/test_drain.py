@@ -155,7 +155,9 @@ def test_a_request_let_in_before_the_drain_that_comes_to_run_after_the_timeout_i
 ):
     host = ThreadingHTTPServer(("127.0.0.1", 0), _HeldImage)
     threading.Thread(target=host.serve_forever, daemon=True).start()
-    server = start_server(model_dir, tmp_path, "--enable_multimodal", "--shutdown_timeout", "1")
+    server = start_server(
+        model_dir, tmp_path, "--enable_multimodal", "--shutdown_timeout", "1", "--allow_private_image_urls"
+    )
     body = chat_body("<img></img> describe", max_new_tokens=3000, ignore_eos=True)
     url = f"http://127.0.0.1:{host.server_address[1]}/image.png"
     body["multimodal_params"] = {"images": [{"type": "url", "data": url}]}

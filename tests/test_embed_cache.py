@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import http.client
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import requests
 
 from tests.conftest import make_image, start_server
 from tests.test_http import GOOD_PROMPT, metrics
+from vlmd import shm
+from vlmd.actors.vision import Replica, VisionActor
+from vlmd.messages import EmbedRun, EncodeImages, ImageRef, ImagesReady
 
 
 def test_lru_evicts_beyond_cache_capacity(model_dir, tmp_path):
@@ -67,3 +77,111 @@ def test_full_cache_waits_for_pins_instead_of_failing(model_dir, tmp_path):
         assert server.stop() == 0
     assert values["vlmd_vit_images_total"] == 2
     assert refused.status_code == 400 and "--cache_capacity" in refused.json()["error"]
+
+
+def wait_for(server, name: str, value: float, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while metrics(server)[name] != value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}: {metrics(server)}"
+        time.sleep(0.05)
+
+
+def test_a_waiter_keeps_the_image_it_shares_when_its_first_sender_disconnects(model_dir, tmp_path):
+    """B sends the image A sent while A's encode is still queued, so B waits on A's encode; A then
+    disconnects. B must still get its answer: the image's bytes belong to every request that needs
+    them, not to the first sender.
+
+    The encode is held deterministically: with --cache_capacity 1, a running request H pins the one
+    entry, so Y's encode waits in the vision queue until H ends."""
+    server = start_server(model_dir, tmp_path, "--enable_multimodal", "--cache_capacity", "1")
+    holder, contested = (base64.b64encode(make_image(460, 460, seed=s)).decode() for s in (70, 71))
+    body_y = {
+        "inputs": GOOD_PROMPT,
+        "parameters": {"max_new_tokens": 8, "ignore_eos": True, "return_details": True},
+        "multimodal_params": {"images": [{"type": "base64", "data": contested}]},
+    }
+    try:
+        expected = requests.post(server.url + "/generate", json=body_y, timeout=60).json()["tokens"]
+        body_h = {
+            "inputs": GOOD_PROMPT,
+            "parameters": {"max_new_tokens": 7000, "ignore_eos": True},
+            "multimodal_params": {"images": [{"type": "base64", "data": holder}]},
+        }
+        h = requests.post(server.url + "/generate_stream", json=body_h, stream=True, timeout=60)
+        h_events = h.iter_lines()  # kept: a dropped iterator closes the connection, aborting H
+        next(h_events)  # H runs: its image fills the cache and evicted Y
+        encoded = metrics(server)["vlmd_vit_images_total"]
+
+        a = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=60)
+        a.request("POST", "/generate", json.dumps(body_y), {"Content-Type": "application/json"})
+        wait_for(server, "vlmd_requests_waiting", 1)  # A's encode of Y is queued
+        with ThreadPoolExecutor(1) as pool:
+            b = pool.submit(requests.post, server.url + "/generate", json=body_y, timeout=120)
+            wait_for(server, "vlmd_requests_waiting", 2)  # B waits on A's encode
+            a.close()
+            wait_for(server, "vlmd_requests_waiting", 1)  # A is gone
+            assert metrics(server)["vlmd_vit_images_total"] == encoded  # Y still not encoded
+            h.close()  # H ends: its pin goes, Y is encoded
+            answer = b.result()
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["tokens"] == expected
+        wait_for(server, "vlmd_requests_running", 0)
+        assert server.shm_segments() == [f"vlmd-{server.server_id}-embeds"]
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_request_that_joins_an_encode_after_its_bytes_went_gets_its_own_encode():
+    """The narrower form of the race above: A's encode is on a replica, A disconnects (its bytes
+    are unlinked), the replica finds them gone, and only then C sends the same image. C must not
+    inherit that failure: it gets an encode that reads the bytes C holds. A real vision front and
+    real segments; the replica is a stand-in that reads the bytes when the test lets it."""
+    read, answer = asyncio.Event(), asyncio.Event()
+
+    async def encode(images: list[ImageRef], runs: list[EmbedRun]) -> list[str]:
+        await read.wait()
+        errors = []
+        for image in images:
+            try:
+                shm.read_segment(image.bytes_shm, image.num_bytes)
+                errors.append("")
+            except FileNotFoundError:
+                errors.append("the image's bytes are no longer available")
+        await answer.wait()
+        return errors
+
+    async def scenario() -> list:
+        launch = SimpleNamespace(
+            args=SimpleNamespace(visual_infer_batch_size=1, cache_capacity=4),
+            runtime=SimpleNamespace(embed_store_rows=100),
+        )
+        channel = SimpleNamespace(sent=[])
+        channel.send = channel.sent.append
+        actor = VisionActor(launch, channel, [Replica(0, encode)])
+        dispatch = asyncio.get_running_loop().create_task(actor.dispatch_loop())
+        image_bytes = shm.SharedBytes(f"vlmd-{os.getpid()}-test-")
+        data = make_image(64, 64, seed=1)
+
+        def send(request_id: str) -> None:
+            name = image_bytes.acquire("key", data)
+            actor.on_encode(EncodeImages(request_id, [ImageRef("key", name, len(data), 1, 0, 10)]))
+
+        send("A")
+        await asyncio.sleep(0)  # dispatched: the replica has A's encode
+        assert actor.jobs["key"].in_flight
+        image_bytes.release(f"vlmd-{os.getpid()}-test-img-key")  # A disconnects
+        actor.on_release("A")
+        read.set()
+        await asyncio.sleep(0)  # the replica found the bytes gone
+        send("C")
+        answer.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        dispatch.cancel()
+        image_bytes.release(f"vlmd-{os.getpid()}-test-img-key")
+        assert len(image_bytes) == 0
+        return channel.sent
+
+    sent = asyncio.run(scenario())
+    assert [type(msg) for msg in sent] == [ImagesReady], sent
+    assert sent[0].request_id == "C"

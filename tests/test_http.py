@@ -250,7 +250,12 @@ def test_body_over_the_limit_is_413(mm_server):
 
 @pytest.mark.parametrize(
     "path, word",
-    [("/image.png", None), ("/missing.png", "404"), ("/text", "image"), ("/slow.png", "timed out")],
+    [
+        ("/image.png", None),
+        ("/missing.png", "404"),
+        ("/text", "image"),
+        ("/slow.png", "--image_fetch_timeout"),
+    ],
 )
 def test_image_urls(mm_server, image_host, path, word):
     response = generate(mm_server, with_image({"type": "url", "data": image_host + path}))

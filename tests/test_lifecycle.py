@@ -60,6 +60,16 @@ def test_bad_loadworker(model_dir):
     assert_one_line_error(serve("--model_dir", str(model_dir), env={"LOADWORKER": "many"}), "LOADWORKER")
 
 
+def test_an_embed_store_larger_than_dev_shm_stops_serve_with_advice(model_dir):
+    """Refused before anything is allocated: more than the whole of /dev/shm, whatever others use."""
+    stats = os.statvfs("/dev/shm")
+    too_many_mb = stats.f_blocks * stats.f_frsize // 2**20 + 1
+    result = serve("--model_dir", str(model_dir), "--enable_multimodal", "--embed_store_mb", str(too_many_mb))
+    assert_one_line_error(result, "--embed_store_mb")
+    line = next(line for line in result.stderr.splitlines() if "error" in line)
+    assert "--shm-size" in line and "lower --embed_store_mb" in line and f"needs {too_many_mb} MiB" in line
+
+
 def test_seed_flags_and_env_are_accepted(model_dir, tmp_path):
     server = start_server(
         model_dir,

@@ -17,6 +17,7 @@ from tests.test_http import chat_body, generate, metrics
 from vlmd.image import fit_within
 
 MAX_PIXELS = 300_000
+MAX_IMAGE_BYTES = 2 * 2**20
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,8 @@ def limited_server(model_dir, tmp_path_factory):
         "1",
         "--max_running_requests",
         "1",
+        "--max_image_bytes",
+        str(MAX_IMAGE_BYTES),
     )
     yield server
     assert server.stop() == 0, server.log()
@@ -86,6 +89,16 @@ def test_image_over_max_pixels_is_refused_unless_resize_to_fit(limited_server):
     assert token_ids(generate(limited_server, image_body([large], resize_to_fit=True))) == resized
 
 
+def test_image_over_max_image_bytes_is_refused(limited_server):
+    """Counted before the image is decoded (this one is also over --max_image_pixels)."""
+    big = make_image(1200, 1200, seed=85)  # noise: about 3.8 MB as PNG
+    assert len(big) > MAX_IMAGE_BYTES
+    response = generate(limited_server, image_body([big]))
+    assert response.status_code == 400
+    assert f"has {len(big)} bytes; --max_image_bytes allows {MAX_IMAGE_BYTES}" in response.json()["error"]
+    assert len(token_ids(generate(limited_server, image_body([make_image(300, 200, seed=86)])))) == 6
+
+
 def test_full_queue_is_503_with_retry_after(limited_server):
     """One request runs (--max_running_requests 1), one waits for its first token: a third is refused."""
     long_body = chat_body("a long answer please", max_new_tokens=3000, ignore_eos=True)
@@ -126,3 +139,6 @@ def test_limits_and_their_defaults_are_in_serve_help():
     assert "--max_images_per_request" in flat and "(default: 16)" in flat
     assert "--max_image_pixels" in flat and "(default: 50000000)" in flat
     assert "--max_queued_requests" in flat and "(default: 1024)" in flat
+    assert "--max_image_bytes" in flat and f"(default: {32 * 2**20})" in flat
+    assert "--image_fetch_timeout" in flat and "(default: 10.0)" in flat
+    assert "--allow_private_image_urls" in flat

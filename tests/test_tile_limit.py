@@ -15,6 +15,7 @@ from transformers import GotOcr2ImageProcessorPil
 from tests.conftest import make_image
 from tests.test_http import PNG, b64, good_request, metrics
 from tests.test_parity import IMG_A, NUM_TOKENS, chat, hf_prompt
+from vlmd.actors.fetch import ImageFetcher
 from vlmd.actors.images import ImageChecker
 from vlmd.api import ImageInput
 from vlmd.image import IMAGENET_MEAN, IMAGENET_STD, TilingConfig, num_tiles
@@ -95,7 +96,7 @@ def test_cache_key_is_the_plain_md5_unless_a_limit_changes_the_tiles():
     server = TilingConfig()  # 12 tiles
 
     async def check_at(limits):
-        checker = ImageChecker(server, 1.0, 2**20, 10**8)
+        checker = ImageChecker(server, ImageFetcher(1.0, 2**20, allow_private=False), 10**8)
         return [await checker.check(0, ImageInput("base64", b64(data), max_dynamic_patch=n)) for n in limits]
 
     none, at_max, at_1, at_6 = asyncio.run(check_at([None, 12, 1, 6]))

@@ -91,14 +91,14 @@ IMAGES = [IMG_A, IMG_C, IMG_B]  # 7, 1 and 3 tiles
 ROWS_PER_TILE = 256
 
 
-def _image_refs(model_dir, prefix: str) -> tuple[list[ImageRef], list[EmbedRun]]:
-    """Each image's bytes in a fresh segment (the encoder unlinks it), and its run in the store."""
+def _image_refs(model_dir, image_bytes: shm.SharedBytes) -> tuple[list[ImageRef], list[EmbedRun]]:
+    """Each image's bytes in a segment `image_bytes` holds, and its run in the store."""
     tiling = TilingConfig.from_model_dir(model_dir)
     refs, runs, offset = [], [], 0
     for i, data in enumerate(IMAGES):
         tiles = num_tiles(*Image.open(io.BytesIO(data)).size, tiling)
         rows = tiles * ROWS_PER_TILE
-        segment = shm.write_bytes_segment(prefix, data)
+        segment = image_bytes.acquire(f"md5-{i}", data)
         refs.append(ImageRef(f"md5-{i}", segment, len(data), tiles, 0, rows))
         runs.append(EmbedRun(f"md5-{i}", offset, rows))
         offset += rows
@@ -154,7 +154,8 @@ def test_every_vit_layout_writes_the_single_rank_rows(model_dir, visual_tp, visu
     if cuda and torch.cuda.device_count() < visual_tp * visual_dp:
         pytest.skip(f"needs {visual_tp * visual_dp} GPUs")
     prefix = f"vlmd-{os.getpid()}-test-"
-    refs, runs = _image_refs(model_dir, prefix)
+    image_bytes = shm.SharedBytes(prefix)
+    refs, runs = _image_refs(model_dir, image_bytes)
     hidden = load_vision(model_dir, torch.float32, "cpu").arch.hidden_size
     num_rows = sum(run.num_rows for run in runs)
     want = shm.SharedSegment.create(f"{prefix}want", num_rows * hidden * 4)
@@ -162,7 +163,7 @@ def test_every_vit_layout_writes_the_single_rank_rows(model_dir, visual_tp, visu
     try:
         single = ViTRank(load_vision(model_dir, torch.float32, "cpu"), TilingConfig.from_model_dir(model_dir))
         single.store = _store(want, hidden)
-        pixels, counts, _ = single.preprocess(_image_refs(model_dir, prefix)[0])
+        pixels, counts, _ = single.preprocess(refs)
         single.forward_into_store(pixels, counts, runs)
         ports = [free_port() for _ in range(visual_dp)]
         args = (visual_tp, visual_dp, ports, str(model_dir), got.name, refs, runs, cuda)
@@ -174,7 +175,9 @@ def test_every_vit_layout_writes_the_single_rank_rows(model_dir, visual_tp, visu
         del single
         for segment in (want, got):
             segment.close()
-        assert [name for name in shm.unlink_all(prefix) if "img-" in name] == []  # encoders took the bytes
+        for ref in refs:  # the encoders read the bytes and leave them to their holder
+            image_bytes.release(ref.bytes_shm)
+        assert [name for name in shm.unlink_all(prefix) if "img-" in name] == []
 
 
 # --- through the real server ---------------------------------------------------------------------

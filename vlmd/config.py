@@ -47,7 +47,9 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     max_images_per_request: int = 16
     max_image_pixels: int = 50_000_000
     max_queued_requests: int = 1024
-    image_fetch_timeout: float = 10.0
+    image_fetch_timeout: float = 10.0  # seconds for a whole image download, redirects included
+    max_image_bytes: int = 32 * 2**20
+    allow_private_image_urls: bool = False
     embed_store_mb: int = 1024
     min_tiles: int | None = None
     max_tiles: int | None = None
@@ -134,8 +136,34 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="most requests accepted and still waiting for their first token; "
         "beyond it: 503 with Retry-After (default: %(default)s)",
     )
-    add("--image_fetch_timeout", type=float, default=10.0, help="seconds to fetch an image URL")
-    add("--embed_store_mb", type=int, default=1024, help="shared-memory arena for image embeddings")
+    add(
+        "--image_fetch_timeout",
+        type=float,
+        default=_default("image_fetch_timeout"),
+        help="seconds to download an image URL, redirects included: a deadline for the whole "
+        "download, not for each read (default: %(default)s)",
+    )
+    add(
+        "--max_image_bytes",
+        type=int,
+        default=_default("max_image_bytes"),
+        help="most bytes of one image, downloaded or sent in base64; a URL is refused as soon as "
+        "it sends more (default: %(default)s)",
+    )
+    add(
+        "--allow_private_image_urls",
+        action="store_true",
+        help="fetch image URLs from loopback, private, link-local and multicast addresses too "
+        "(default: refused, checked on every redirect: a client could otherwise make the server "
+        "fetch from its own network)",
+    )
+    add(
+        "--embed_store_mb",
+        type=int,
+        default=_default("embed_store_mb"),
+        help="shared-memory arena for image embeddings, allocated in /dev/shm at start: /dev/shm "
+        "must hold it (Docker: --shm-size) (default: %(default)s)",
+    )
     add(
         "--min_tiles",
         type=int,
@@ -192,6 +220,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _default(name: str):
+    """A ServerArgs field's default: the one place it is written."""
+    field = next(f for f in msgspec.structs.fields(ServerArgs) if f.name == name)
+    return field.default
+
+
 def build_server_args(ns: argparse.Namespace, environ: dict[str, str] | None = None) -> ServerArgs:
     """Validate the flags and environment; raise ConfigError naming the offending setting."""
     env = os.environ if environ is None else environ
@@ -201,7 +235,7 @@ def build_server_args(ns: argparse.Namespace, environ: dict[str, str] | None = N
     _resolve_vision_layout(ns)
     _check_positive(ns, "max_num_batched_tokens", "max_running_requests", "max_body_bytes", "embed_store_mb")
     _check_positive(ns, "graph_max_batch_size", "max_images_per_request", "max_image_pixels")
-    _check_positive(ns, "max_queued_requests")
+    _check_positive(ns, "max_queued_requests", "max_image_bytes")
     if not 0.0 < ns.mem_fraction <= 1.0:
         raise ConfigError("--mem_fraction", f"must be in (0, 1], got {ns.mem_fraction}")
     for flag in ("max_total_token_num", "max_req_total_len", "min_tiles", "max_tiles"):

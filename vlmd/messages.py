@@ -55,7 +55,9 @@ class ImageRef(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     # Embed-cache key: hex MD5 of the original image bytes, or, where a setting changes the
     # embeddings (a resize, a tile limit), of that MD5 and the settings (`vlmd.actors.images`).
     md5: str
-    bytes_shm: str  # shared-memory segment holding the original bytes ("" once consumed)
+    # Shared-memory segment of the original bytes, one per key, shared by every request that
+    # needs them; the http actor unlinks it once none does (`vlmd.shm.SharedBytes`).
+    bytes_shm: str
     num_bytes: int
     num_tiles: int
     token_offset: int  # prompt index of the first <IMG_CONTEXT> token of this image

@@ -2,13 +2,16 @@
 
 Every segment of one server is named `vlmd-<supervisor pid>-<what>`, so the supervisor can
 unlink all of them at shutdown, whatever state the actors died in.
+
+A segment's pages are allocated when it is created (posix_fallocate), never on first write: /dev/shm
+is a tmpfs, and a write through a mapping to a page tmpfs has no room for is a SIGBUS that kills
+the process, where an allocation that fails is an OSError its caller can answer.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-import uuid
 
 SHM_DIR = "/dev/shm"
 
@@ -17,17 +20,24 @@ def segment_prefix(server_id: int) -> str:
     return f"vlmd-{server_id}-"
 
 
+def free_bytes() -> int:
+    """Bytes /dev/shm can still allocate."""
+    stats = os.statvfs(SHM_DIR)
+    return stats.f_bavail * stats.f_frsize
+
+
 class SharedSegment:
     """A named shared-memory segment mapped into this process."""
 
     def __init__(self, name: str, num_bytes: int, create: bool) -> None:
         assert "/" not in name, "segment names are flat"
         self.name = name
+        path = os.path.join(SHM_DIR, name)
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(os.path.join(SHM_DIR, name), flags, 0o600)
+        fd = os.open(path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, max(num_bytes, 1))
+                _allocate(fd, path, max(num_bytes, 1))
             else:
                 num_bytes = os.fstat(fd).st_size
             self.num_bytes = num_bytes
@@ -37,6 +47,7 @@ class SharedSegment:
 
     @classmethod
     def create(cls, name: str, num_bytes: int) -> SharedSegment:
+        """A new segment with all its pages allocated; OSError (ENOSPC) when /dev/shm is full."""
         return cls(name, num_bytes, create=True)
 
     @classmethod
@@ -53,30 +64,20 @@ class SharedSegment:
         unlink_segment(self.name)
 
 
+def _allocate(fd: int, path: str, num_bytes: int) -> None:
+    """Size the new file at `path` to `num_bytes` with every page allocated, or remove it and raise."""
+    try:
+        os.posix_fallocate(fd, 0, num_bytes)
+    except BaseException:
+        os.unlink(path)
+        raise
+
+
 def unlink_segment(name: str) -> None:
     try:
         os.unlink(os.path.join(SHM_DIR, name))
     except FileNotFoundError:
         pass
-
-
-def write_bytes_segment(prefix: str, data: bytes) -> str:
-    """Put `data` in a fresh segment and return its name; the reader unlinks it."""
-    name = f"{prefix}img-{uuid.uuid4().hex}"
-    segment = SharedSegment.create(name, len(data))
-    segment.buf[: len(data)] = data
-    segment.close()
-    return name
-
-
-def read_bytes_segment(name: str, num_bytes: int) -> bytes:
-    """Read and unlink a segment written by `write_bytes_segment`."""
-    segment = SharedSegment.attach(name)
-    try:
-        return bytes(segment.buf[:num_bytes])
-    finally:
-        segment.close()
-        segment.unlink()
 
 
 def unlink_all(prefix: str) -> list[str]:
@@ -87,3 +88,48 @@ def unlink_all(prefix: str) -> list[str]:
             unlink_segment(name)
             removed.append(name)
     return removed
+
+
+def read_segment(name: str, num_bytes: int) -> bytes:
+    """The first `num_bytes` of a segment (the writer keeps it, and unlinks it)."""
+    segment = SharedSegment.attach(name)
+    try:
+        return bytes(segment.buf[:num_bytes])
+    finally:
+        segment.close()
+
+
+class SharedBytes:
+    """Byte segments held by reference count: one segment per key, however many holders.
+
+    The http actor writes each distinct image once, and every request that needs it holds a
+    reference until the image can no longer be read for it. A request whose image is already being
+    encoded for another request waits on that encode, which reads the segment both share: so the
+    bytes must outlive whichever request sent them first, and only the last release unlinks them.
+    One event loop uses it, so the counts are exact.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._num_holders: dict[str, int] = {}  # segment name -> references
+
+    def __len__(self) -> int:
+        return len(self._num_holders)
+
+    def acquire(self, key: str, data: bytes) -> str:
+        """The name of `key`'s segment, written from `data` unless someone holds it already (the
+        same key must mean the same bytes). OSError when /dev/shm has no room: nothing is held."""
+        name = f"{self.prefix}img-{key}"
+        if name not in self._num_holders:
+            segment = SharedSegment.create(name, len(data))
+            segment.buf[: len(data)] = data
+            segment.close()
+        self._num_holders[name] = self._num_holders.get(name, 0) + 1
+        return name
+
+    def release(self, name: str) -> None:
+        count = self._num_holders.pop(name) - 1
+        if count:
+            self._num_holders[name] = count
+        else:
+            unlink_segment(name)

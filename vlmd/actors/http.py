@@ -26,12 +26,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vlmd import ipc, shm
+from vlmd.actors.fetch import ImageFetcher
 from vlmd.actors.gate import Gate
 from vlmd.actors.images import BadImage, CheckedImage, ImageChecker
 from vlmd.actors.inflight import ClientError, Tracked
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
 from vlmd.actors.lightllm_api import LightLLMApi, error_response
-from vlmd.actors.limits import QueueGate, check_image_count
+from vlmd.actors.limits import RETRY_AFTER_S, QueueGate, check_image_count
 from vlmd.actors.metrics import LatencyMetrics, MetricsQueries, render_metrics
 from vlmd.actors.openai_api import OpenAIApi
 from vlmd.actors.tokenizer import ImageSpan, PromptBuilder, PromptError
@@ -63,7 +64,7 @@ class HttpActor:
     def __init__(self, launch: Launch, channel: ipc.Channel) -> None:
         self.args, self.runtime = launch.args, launch.runtime
         self.channel = channel
-        self.segment_prefix = shm.segment_prefix(self.runtime.server_id)
+        self.image_bytes = shm.SharedBytes(shm.segment_prefix(self.runtime.server_id))
         self.prompts = PromptBuilder(
             self.args.model_dir,
             self.runtime.image_seq_length,
@@ -73,9 +74,10 @@ class HttpActor:
         tiling = TilingConfig.from_model_dir(
             self.args.model_dir, min_tiles=self.args.min_tiles, max_tiles=self.args.max_tiles
         )
-        self.images = ImageChecker(
-            tiling, self.args.image_fetch_timeout, self.args.max_body_bytes, self.args.max_image_pixels
+        fetcher = ImageFetcher(
+            self.args.image_fetch_timeout, self.args.max_image_bytes, self.args.allow_private_image_urls
         )
+        self.images = ImageChecker(tiling, fetcher, self.args.max_image_pixels)
         self.queue = QueueGate(self.args.max_queued_requests)
         self.latency = LatencyMetrics()
         self.inflight: dict[str, Tracked] = {}
@@ -104,6 +106,7 @@ class HttpActor:
         in a stream) and forgets it."""
         if not tracked.done.done():
             self.queue.leave(request_id)
+            self._release_images(tracked)
             tracked.done.set_exception(error)
             tracked.updates.put_nowait(error)
 
@@ -115,6 +118,7 @@ class HttpActor:
         self.latency.on_tokens(tracked.arrival, tracked.last_token_at, len(msg.token_ids), now)
         tracked.last_token_at = now
         self.queue.leave(msg.request_id)
+        self._release_images(tracked)  # encoded before its first token: its bytes are not read again
         if msg.finish_reason is not None:
             self.latency.on_finished(tracked.arrival, now)
         tracked.num_cached_tokens += msg.num_cached_tokens
@@ -227,6 +231,11 @@ class HttpActor:
         (time.perf_counter() when the request was parsed) is where its latencies count from."""
         request_id = uuid.uuid4().hex
         self.queue.enter(request_id)  # or a 503 with Retry-After
+        try:
+            refs, segments = self._hold_images(checked, spans)
+        except ClientError:
+            self.queue.leave(request_id)
+            raise
         tracked = Tracked(
             asyncio.get_running_loop().create_future(),
             arrival=time.perf_counter() if arrival is None else arrival,
@@ -234,11 +243,11 @@ class HttpActor:
         )
         if updates is not None:
             tracked.updates = updates
+        tracked.segments = segments
         self.inflight[request_id] = tracked
         if self.ending:  # it passed the gate before the drain, and comes too late to run
             self._fail(request_id, tracked, self._ended_error())
             return request_id, tracked
-        refs = self._image_refs(checked, spans, tracked)
         self.channel.send(
             SubmitRequest(
                 request_id=request_id,
@@ -252,18 +261,15 @@ class HttpActor:
         return request_id, tracked
 
     def forget(self, request_id: str, tracked: Tracked) -> None:
-        """The request is over for the client: if it did not finish, abort it and free its images.
-        Forgetting a request twice is harmless."""
+        """The request is over for the client: if it did not finish, abort it; let go of its images
+        (other requests that need them hold them too). Forgetting a request twice is harmless."""
         self.queue.leave(request_id)
         if self.inflight.pop(request_id, None) is None:
             return
-        finished = tracked.done.done() and tracked.done.exception() is None
         if not tracked.done.done():
             tracked.done.cancel()
             self.channel.send(Abort(request_id))
-        if not finished:  # the vision actor may never read (and unlink) the image bytes
-            for name in tracked.segments:
-                shm.unlink_segment(name)
+        self._release_images(tracked)
 
     # --- stopping ---------------------------------------------------------------------------------
 
@@ -299,15 +305,34 @@ class HttpActor:
             503, f"the server stopped before the request finished (--shutdown_timeout {limit:g} s)"
         )
 
-    def _image_refs(
-        self, checked: list[CheckedImage], spans: list[ImageSpan], tracked: Tracked
-    ) -> list[ImageRef]:
-        refs = []
-        for image, span in zip(checked, spans, strict=True):
-            name = shm.write_bytes_segment(self.segment_prefix, image.data)
-            tracked.segments.append(name)
-            refs.append(image.ref(name, span.token_offset, span.num_tokens))
-        return refs
+    def _hold_images(
+        self, checked: list[CheckedImage], spans: list[ImageSpan]
+    ) -> tuple[list[ImageRef], list[str]]:
+        """The request's images in shared memory, each segment held for it (shared with any other
+        request of the same image); a 503 if /dev/shm has no room, holding nothing."""
+        segments: list[str] = []
+        try:
+            for image in checked:
+                segments.append(self.image_bytes.acquire(image.md5, image.data))
+        except OSError as exc:
+            log.warning("no shared memory for an image's bytes: %s", exc)  # the path stays in the log
+            for name in segments:
+                self.image_bytes.release(name)
+            raise ClientError(
+                503,
+                "the server is out of shared memory for images; retry later",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
+        refs = [
+            image.ref(name, span.token_offset, span.num_tokens)
+            for image, span, name in zip(checked, spans, segments, strict=True)
+        ]
+        return refs, segments
+
+    def _release_images(self, tracked: Tracked) -> None:
+        for name in tracked.segments:
+            self.image_bytes.release(name)
+        tracked.segments = []
 
     def app(self) -> Starlette:
         routes = [

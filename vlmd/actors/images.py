@@ -9,8 +9,7 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import httpx
-
+from vlmd.actors.fetch import FetchError, ImageFetcher
 from vlmd.api import ImageInput
 from vlmd.image import ImageError, ImageTooLarge, TilingConfig, decode_image, fit_within, num_tiles
 from vlmd.messages import ImageRef
@@ -66,23 +65,23 @@ def embed_key(md5: str, resize_to: tuple[int, int] | None = None, max_tiles: int
 class ImageChecker:
     """Fetches image bytes, decodes them once to validate and measure them, computes the MD5.
 
-    An image of more than `max_pixels` pixels is refused from its header alone, unless the
-    request asks for `resize_to_fit`: then it is decoded and the vision actor downscales it.
-    Sizes are remembered by MD5, so an image sent again is not decoded again here.
+    An image of more than `max_bytes` bytes (--max_image_bytes, however it came) is refused; one
+    of more than `max_pixels` pixels is refused from its header alone, unless the request asks for
+    `resize_to_fit`: then it is decoded and the vision actor downscales it. Sizes are remembered
+    by MD5, so an image sent again is not decoded again here.
     """
 
     def __init__(
         self,
         tiling: TilingConfig,
-        fetch_timeout: float,
-        max_bytes: int,
+        fetcher: ImageFetcher,
         max_pixels: int,
         cache_size: int = 4096,
     ) -> None:
         self.tiling = tiling
-        self.max_bytes = max_bytes
+        self.fetcher = fetcher
+        self.max_bytes = fetcher.max_bytes
         self.max_pixels = max_pixels
-        self.client = httpx.AsyncClient(timeout=fetch_timeout, follow_redirects=True)
         self._size_by_md5: OrderedDict[str, tuple[int, int]] = OrderedDict()  # upright (width, height)
         self._cache_size = cache_size
 
@@ -132,31 +131,19 @@ class ImageChecker:
         )
 
     async def _load_bytes(self, index: int, image: ImageInput) -> bytes:
-        if image.type == "base64":
-            return _decode_base64(index, image.data)
+        if image.type == "base64" or (image.type == "url" and image.data.startswith("data:")):
+            data = _decode_base64(index, image.data)
+            if len(data) > self.max_bytes:
+                raise BadImage(
+                    f"image {index} has {len(data)} bytes; --max_image_bytes allows {self.max_bytes}"
+                )
+            return data
         if image.type == "url":
-            return await self._fetch(index, image.data)
+            try:
+                return await self.fetcher.fetch(image.data)
+            except FetchError as exc:
+                raise BadImage(f"image {index}: {exc}") from None
         raise BadImage(f"image {index}: unsupported type {image.type!r} (expected 'url' or 'base64')")
-
-    async def _fetch(self, index: int, url: str) -> bytes:
-        if url.startswith("data:"):
-            return _decode_base64(index, url.partition(",")[2])
-        if not url.startswith(("http://", "https://")):
-            raise BadImage(f"image {index}: URL must be http(s) or a data: URI, got {url[:64]!r}")
-        try:
-            async with self.client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise BadImage(f"image {index}: fetching {url} returned HTTP {response.status_code}")
-                data = bytearray()
-                async for chunk in response.aiter_bytes():
-                    data += chunk
-                    if len(data) > self.max_bytes:
-                        raise BadImage(f"image {index}: {url} is larger than {self.max_bytes} bytes")
-                return bytes(data)
-        except httpx.TimeoutException:
-            raise BadImage(f"image {index}: fetching {url} timed out") from None
-        except httpx.HTTPError as exc:
-            raise BadImage(f"image {index}: fetching {url} failed: {exc}") from None
 
     def _remember(self, md5: str, size: tuple[int, int]) -> None:
         self._size_by_md5[md5] = size

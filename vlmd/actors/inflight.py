@@ -43,7 +43,8 @@ class Tracked:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[TopLogprobs] = field(default_factory=list)  # when the request asked for them
-    segments: list[str] = field(default_factory=list)  # image byte segments to unlink on failure
+    # Image byte segments it holds: until its first token (its images are encoded by then) or its end.
+    segments: list[str] = field(default_factory=list)
     # TokenOut / ClientError, for the consumers that follow tokens; several requests (the choices
     # of one OpenAI request) may share one queue.
     updates: asyncio.Queue = field(default_factory=asyncio.Queue)

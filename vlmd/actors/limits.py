@@ -1,7 +1,7 @@
 """Limits that protect the server, checked by the http actor before a request goes further.
 
---max_body_bytes and --max_image_pixels are checked where the bytes are read (`HttpActor._read_body`,
-`ImageChecker`); the request-level limits are here.
+--max_body_bytes, --max_image_bytes and --max_image_pixels are checked where the bytes are read
+(`HttpActor.read_body`, `ImageChecker`, `ImageFetcher`); the request-level limits are here.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ supervisor is killed (PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import shutil
 import signal
@@ -19,9 +20,9 @@ import tempfile
 from dataclasses import dataclass
 
 from vlmd import ipc, shm
-from vlmd.actors.launch import SUPERVISOR_SOCKET, Launch, write_launch
-from vlmd.actors.resolve import resolve_runtime, with_kv_pages
-from vlmd.config import ServerArgs
+from vlmd.actors.launch import SUPERVISOR_SOCKET, Launch, RuntimeInfo, write_launch
+from vlmd.actors.resolve import DTYPE_BYTES, resolve_runtime, with_kv_pages
+from vlmd.config import ConfigError, ServerArgs
 from vlmd.messages import Drained, Hello, Ready, Shutdown, VisionLoaded
 
 log = logging.getLogger("vlmd.supervisor")
@@ -31,6 +32,9 @@ DEATH_REPORT_GRACE_S = 0.3
 # How long past --shutdown_timeout to wait for the http actor's Drained before stopping anyway:
 # it gives the requests it ends 2 s (http.END_GRACE_S) to send their errors.
 DRAIN_BACKSTOP_S = 5.0
+# What the --shm-size advice adds to the EmbedStore: image bytes wait in /dev/shm for the ViT, and a
+# request whose image finds no room there is refused with a 503.
+SHM_IMAGE_HEADROOM_MB = 256
 
 
 @dataclass
@@ -70,8 +74,7 @@ class Supervisor:
             runtime = resolve_runtime(self.args, self.server_id, run_dir)
             launch = Launch(self.args, runtime)
             if runtime.embed_store:
-                row_bytes = runtime.hidden_size * _dtype_bytes(runtime.dtype)
-                shm.SharedSegment.create(runtime.embed_store, runtime.embed_store_rows * row_bytes).close()
+                create_embed_store(runtime)
             write_launch(launch)
             server = await ipc.serve(launch.socket(SUPERVISOR_SOCKET), self._on_channel)
             self._install_signal_handlers()
@@ -230,8 +233,29 @@ class Supervisor:
             await asyncio.gather(*waits)
 
 
-def _dtype_bytes(dtype: str) -> int:
-    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+def create_embed_store(runtime: RuntimeInfo) -> None:
+    """The EmbedStore with all its pages allocated, or a ConfigError that says how to make room.
+
+    Free space is checked before allocating: a tmpfs allocates page by page until it is full, and
+    only then refuses and gives them back; meanwhile other users of /dev/shm would find it full.
+    """
+    num_bytes = runtime.embed_store_rows * runtime.hidden_size * DTYPE_BYTES[runtime.dtype]
+    free = shm.free_bytes()
+    if num_bytes <= free:
+        try:
+            shm.SharedSegment.create(runtime.embed_store, num_bytes).close()
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            free = shm.free_bytes()  # someone else took it meanwhile
+    need_mb = -(-num_bytes // 2**20)
+    raise ConfigError(
+        "--embed_store_mb",
+        f"the EmbedStore needs {need_mb} MiB of shared memory but {shm.SHM_DIR} has {free // 2**20} MiB "
+        f"free: enlarge {shm.SHM_DIR} (Docker: --shm-size={need_mb + SHM_IMAGE_HEADROOM_MB}m leaves "
+        f"{SHM_IMAGE_HEADROOM_MB} MiB for the images of requests in flight) or lower --embed_store_mb",
+    )
 
 
 async def serve(args: ServerArgs) -> int:

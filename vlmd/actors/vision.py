@@ -4,8 +4,10 @@ A cache hit answers at once and pins the entry for the request; misses queue for
 The front reserves each image's run in the EmbedStore (pinned while it is encoded), hands up to
 --visual_infer_batch_size images to the least loaded ViT replica (`vlmd.actors.vit_replica`),
 whose leader writes the rows straight into the shared store. The same image requested again
-while it is being encoded waits for that one encode instead of running the ViT twice. Vision
-rank 0 is the front and the leader of replica 0; the leaders of the other replicas are remote.
+while it is being encoded waits for that one encode instead of running the ViT twice; the encode
+reads the bytes segment both requests share. Image bytes belong to the http actor, which keeps
+each segment until no request needs it: the front and the replicas only read them. Vision rank 0
+is the front and the leader of replica 0; the leaders of the other replicas are remote.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from vlmd import ipc, shm
+from vlmd import ipc
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, Stopwatch, announce_ready
 from vlmd.actors.metrics import VIT_BATCH_BUCKETS, VIT_REPLICA_PREFIX
 from vlmd.actors.vit_replica import VISION_FRONT_SOCKET, ReplicaGroup, VisionLayout, ViTRank
@@ -56,6 +58,11 @@ class Job:
 
     image: ImageRef
     waiters: list[tuple[str, int]] = field(default_factory=list)
+    in_flight: bool = False  # a replica has it: it may have read the bytes already, or failed to
+    # Requests that came while it was in flight with no waiter left (`VisionActor._wanted`): the
+    # bytes may have been gone when the replica read them, so if it fails they get an encode of
+    # their own, which reads the bytes they hold.
+    successors: list[tuple[str, int]] = field(default_factory=list)
 
 
 class Replica:
@@ -120,12 +127,13 @@ class VisionActor:
             entry = None if job is not None else self.index.lookup(image.md5, pin_for=msg.request_id)
             if job is not None or entry is not None:
                 self.counters["embed_cache_hits_total"] += 1
-                shm.unlink_segment(image.bytes_shm)  # the bytes are not needed
             else:
                 self.counters["embed_cache_misses_total"] += 1
             if entry is not None:
                 pending.runs[i] = EmbedRun(image.md5, entry.row_offset, entry.num_rows)
                 self.pinned[msg.request_id].append(image.md5)
+            elif job is not None and job.in_flight and not self._wanted(job):
+                job.successors.append((msg.request_id, i))
             elif job is not None:
                 job.waiters.append((msg.request_id, i))
             else:
@@ -181,7 +189,7 @@ class VisionActor:
         while self.queue and len(batch) < self.batch_size:
             job = self.queue[0]
             md5 = job.image.md5
-            if not any(request_id in self.pending for request_id, _ in job.waiters):
+            if not self._wanted(job):
                 self._drop(self.queue.popleft())  # every request that wanted it is gone
                 continue
             entry = self.index.insert(md5, job.image.num_tokens, pin_for=ENCODING)
@@ -194,12 +202,19 @@ class VisionActor:
                         request_id, 503, "the image embedding cache is full of images in use; retry later"
                     )
                 continue
+            job.in_flight = True
             batch.append((self.queue.popleft(), entry))
         return batch
 
+    def _wanted(self, job: Job) -> bool:
+        """Some waiter of the job is still here. A request that joins a job while one is finds the
+        bytes the job reads: that waiter held them when the newcomer took its own hold (a release
+        at the http actor reaches this actor before any request sent after it), and the newcomer
+        holds them from then on. Once no waiter is left, a replica may have found them gone."""
+        return any(request_id in self.pending for request_id, _ in job.waiters)
+
     def _drop(self, job: Job) -> None:
         del self.jobs[job.image.md5]
-        shm.unlink_segment(job.image.bytes_shm)
 
     def _room_will_free(self) -> bool:
         """An encode in flight will end, or some pinned image belongs to a request that has all its
@@ -236,11 +251,17 @@ class VisionActor:
         md5 = job.image.md5
         del self.jobs[md5]
         waiters = [(r, i) for r, i in job.waiters if r in self.pending]
+        successors = [(r, i) for r, i in job.successors if r in self.pending]
         if error:
             self.index.remove(md5)
             for request_id, _ in waiters:
                 self._fail(request_id, 400, error)
+            if successors:  # they hold the bytes: the encode they get reads them while they wait
+                self.jobs[md5] = Job(job.image, successors)
+                self.queue.append(self.jobs[md5])
+                self._wake.set()
             return
+        waiters += successors
         self.index.unpin(ENCODING, [md5])  # kept in the cache even if no waiter is left
         for request_id, i in waiters:
             entry.pinned_by.add(request_id)

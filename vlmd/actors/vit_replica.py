@@ -12,6 +12,7 @@ workers' world. Rank 0 is also the vision front (see `vlmd.actors.vision`).
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ from vlmd.kernels.vision_graph import VisionGraphs
 from vlmd.messages import EmbedRun, ForwardTiles, ImageRef
 from vlmd.models.loader import load_vision
 from vlmd.models.tensor_parallel import SINGLE_RANK, TPGroup
+
+log = logging.getLogger("vlmd.vision")
 
 VISION_FRONT_SOCKET = "vision-front.sock"  # leaders of groups 1.. connect to the front
 
@@ -138,8 +141,7 @@ class ViTRank:
         errors: list[str] = []
         for i, image in enumerate(images):
             try:
-                data = shm.read_bytes_segment(image.bytes_shm, image.num_bytes)
-                decoded = decode_image(data, procedure=self.tiling.procedure)
+                decoded = decode_image(_read_bytes(image), procedure=self.tiling.procedure)
                 if image.resize_width:  # the client asked to fit --max_image_pixels
                     decoded = downscale(decoded, image.resize_width, image.resize_height)
                 tiling = self.tiling.with_max_tiles(image.max_tiles)
@@ -148,7 +150,7 @@ class ViTRank:
                 tiles.append(pixels)
                 counts.append(pixels.shape[0])
                 errors.append("")
-            except (ImageError, OSError) as exc:
+            except ImageError as exc:
                 counts.append(0)
                 errors.append(f"image {i}: {exc}")
         if not tiles:
@@ -180,6 +182,16 @@ class ViTRank:
         pixels = torch.empty(num_tiles, 3, size, size, dtype=self.dtype, device=self.device)
         self.tp.broadcast(pixels)
         self.model(pixels)
+
+
+def _read_bytes(image: ImageRef) -> bytes:
+    """The image's bytes from the segment the http actor holds for every request that needs them.
+    It is gone only if every such request is gone; the error says so without the segment's path."""
+    try:
+        return shm.read_segment(image.bytes_shm, image.num_bytes)
+    except OSError as exc:
+        log.info("cannot read image bytes (no request holds them any more): %s", exc)
+        raise ImageError("the image's bytes are no longer available") from None
 
 
 class ReplicaGroup:
