@@ -15,7 +15,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from vlmd.kernels.draw import row_key, torch_draw, torch_noise
+from vlmd.kernels.draw import row_keys, torch_draw, torch_noise
 from vlmd.kernels.penalties import PenaltyTable
 from vlmd.kernels.row_stats import torch_row_stats
 from vlmd.kernels.sampler import Sampler
@@ -45,11 +45,15 @@ def test_greedy_is_argmax_and_logprob_is_log_softmax():
     assert torch.allclose(out.logprobs, expected) and out.top is None
 
 
+def penalties(repetition: float = 1.0, presence: float = 0.0, frequency: float = 0.0) -> torch.Tensor:
+    return torch.tensor([[repetition, presence, frequency]])  # [1, 3]
+
+
 def history_table(prompt: list[int], generated: list[int], vocab_size: int, repetition: bool = True):
     table = PenaltyTable(CPU)
     row = table.add(prompt, repetition=repetition)
     rows = torch.tensor([row])
-    table.apply(torch.zeros(1, vocab_size), rows, [SamplingParams()])  # writes the prompt
+    table.apply(torch.zeros(1, vocab_size), rows, penalties())  # writes the prompt
     for token in generated:
         table.observe(rows, torch.tensor([token]))
     return table, rows
@@ -60,19 +64,19 @@ def test_repetition_penalty_matches_transformers():
     prompt, generated = [3, 7, 7, 21], [39, 3]
     expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt + generated]), logits.clone())
     table, rows = history_table(prompt, generated, 40)
-    assert torch.equal(table.apply(logits, rows, [SamplingParams(repetition_penalty=1.3)]), expected)
+    assert torch.equal(table.apply(logits, rows, penalties(repetition=1.3)), expected)
 
 
 def test_presence_and_frequency_penalties_by_hand():
     # Token 1 generated twice, token 2 once, tokens 0 and 3 never; the prompt does not count.
     logits = torch.tensor([[1.0, 2.0, -1.0, 0.5]])
     table, rows = history_table([0, 3], [1, 2, 1], 4, repetition=False)
-    got = table.apply(logits, rows, [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)])
+    got = table.apply(logits, rows, penalties(presence=0.5, frequency=0.25))
     # logit - frequency * count - presence * (count > 0)
     assert torch.equal(got, torch.tensor([[1.0, 2.0 - 0.25 * 2 - 0.5, -1.0 - 0.25 * 1 - 0.5, 0.5]]))
     # Negative penalties encourage repetition.
     table, rows = history_table([], [3], 4, repetition=False)
-    got = table.apply(logits, rows, [SamplingParams(presence_penalty=-1.0, frequency_penalty=-0.5)])
+    got = table.apply(logits, rows, penalties(presence=-1.0, frequency=-0.5))
     assert torch.equal(got, torch.tensor([[1.0, 2.0, -1.0, 0.5 + 0.5 + 1.0]]))
 
 
@@ -205,7 +209,7 @@ def test_draws_follow_transformers_probabilities(name):
 
 
 def test_noise_is_exponential_and_keyed():
-    keys = torch.tensor([row_key(3, 0), row_key(3, 1), row_key(4, 0)])
+    keys = row_keys(torch.tensor([[3, 0], [3, 0], [4, 0]]), torch.tensor([0, 1, 0]))
     noise = torch_noise(keys, 200_000)  # -log(E), E ~ Exp(1): a Gumbel variable
     assert abs(noise.mean() - 0.5772) < 0.01 and abs(noise.std() - math.pi / math.sqrt(6)) < 0.01
     assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
@@ -353,9 +357,10 @@ def test_triton_draw_matches_torch(rows, vocab):
     inv_t = torch.rand(rows, device=cuda, generator=generator) * 2
     inv_t[0] = 0.0  # a greedy row
     thresholds = torch.where(torch.rand(rows, device=cuda) < 0.5, 0.5, float("-inf"))
-    keys = torch.tensor([row_key(9, i) for i in range(rows)], device=cuda)
-    got = TritonDraw()(logits, inv_t, thresholds, keys)
-    assert torch.equal(got, torch_draw(logits, inv_t, thresholds, keys))
+    seeds = torch.tensor([[9 + i, 2**31 + i] for i in range(rows)], device=cuda)
+    positions = torch.arange(rows, device=cuda) * 4099
+    got = TritonDraw()(logits, inv_t, thresholds, seeds, positions)
+    assert torch.equal(got, torch_draw(logits, inv_t, thresholds, seeds, positions))
     assert got[0] == logits[0].argmax()
 
 

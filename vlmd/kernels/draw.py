@@ -4,8 +4,8 @@ A categorical draw from softmax(x / T) over the tokens a row keeps is the argmax
 x / T - log(E) over those tokens, where every E is an independent Exp(1) variable (the
 exponential race; Gumbel-max written with E = -log(U)). The E come from a keyed hash of the
 token index, not from a generator's stream: a row's noise depends only on its key, which mixes
-the request's seed with the position of the token being drawn, so a seeded request draws the
-same tokens whatever else shares its batch, on every tensor-parallel rank, after a preemption,
+the request's seed with the position of the token being drawn (`row_keys`), so a seeded
+request draws the same tokens whatever else shares its batch, on every tensor-parallel rank, after a preemption,
 without any state kept between steps, and the whole batch is one pass over its logits.
 
 A row keeps the tokens whose logit is at least its threshold (top-k, top-p and min-p are
@@ -28,24 +28,8 @@ MASK64 = 0xFFFFFFFFFFFFFFFF
 # fmix32, the finaliser of MurmurHash3: a bijection of 32-bit words with full avalanche.
 FMIX_1, FMIX_2 = 0x85EBCA6B, 0xC2B2AE35
 GOLDEN32 = 0x9E3779B1  # spreads consecutive token indices over the 32-bit words
+KEY_MIX = 0xCC9E2D51  # MurmurHash3's c1: derives a key's second word from its first
 SMALL_U = 2.0**-10  # below it, -log(1 - u) by its series: 1 - u would lose u's low bits
-
-
-def row_key(seed: int, position: int) -> tuple[int, int]:
-    """The 64-bit key of a row's noise (low and high words), from the request's seed and the
-    position of the token it draws: every draw of a request has noise of its own."""
-    return _split(_splitmix64(seed ^ _splitmix64(position)))
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
-    return x ^ (x >> 31)
-
-
-def _split(x: int) -> tuple[int, int]:
-    return x & MASK32, x >> 32
 
 
 # --- the torch reference ---------------------------------------------------------------------------
@@ -64,8 +48,18 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+def row_keys(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[rows, 2] int64: each row's noise key, two 32-bit words mixed from its seed's words
+    (seeds [rows, 2] int64) and its position [rows]: every draw of a request has its own."""
+    low = _fmix32(_mul32(positions & MASK32, GOLDEN32) ^ seeds[:, 0])
+    # Not fmix32(low ^ ...): the noise's first round is fmix32(token * GOLDEN32 ^ low), and the
+    # second round's key must not equal it for a fixed token (then that token's noise is the
+    # same extreme value at every draw).
+    return torch.stack([low, _fmix32(_mul32(low, KEY_MIX) ^ seeds[:, 1])], dim=1)
+
+
 def torch_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """-log(E) for every (row, token): [rows, vocab] float32. keys: [rows, 2] int64 words."""
+    """-log(E) for every (row, token): [rows, vocab] float32. keys: [rows, 2] from `row_keys`."""
     tokens = torch.arange(vocab, dtype=torch.int64, device=keys.device)
     h = _fmix32(_mul32(tokens, GOLDEN32)[None, :] ^ keys[:, :1])
     h = _fmix32(h ^ keys[:, 1:])
@@ -76,12 +70,18 @@ def torch_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def torch_draw(
-    logits: torch.Tensor, inv_temperature: torch.Tensor, thresholds: torch.Tensor, keys: torch.Tensor
+    logits: torch.Tensor,
+    inv_temperature: torch.Tensor,
+    thresholds: torch.Tensor,
+    seeds: torch.Tensor,
+    positions: torch.Tensor,
 ) -> torch.Tensor:
     """logits [rows, vocab] float32; inv_temperature [rows] float32 (0: greedy); thresholds [rows]
-    float32 (the smallest logit a row keeps); keys [rows, 2] int64. Returns [rows] int64."""
+    float32 (the smallest logit a row keeps); seeds [rows, 2] int64 (a seed's low and high 32-bit
+    words); positions [rows] int64. Returns [rows] int64."""
     scale = inv_temperature[:, None]
-    scores = torch.where(scale > 0, logits * scale + torch_noise(keys, logits.shape[-1]), logits)
+    noise = torch_noise(row_keys(seeds, positions), logits.shape[-1])
+    scores = torch.where(scale > 0, logits * scale + noise, logits)
     scores = scores.masked_fill(logits < thresholds[:, None], float("-inf"))
     return scores.argmax(dim=-1)
 
@@ -89,30 +89,42 @@ def torch_draw(
 # --- the Triton kernels ----------------------------------------------------------------------------
 
 if triton is not None:  # the CUDA path only; a CPU install has no Triton
+    # The constants are written out: a jitted function may read no module global but constexprs.
+    # They are FMIX_1, FMIX_2, GOLDEN32, KEY_MIX and SMALL_U (uint32 literals: products wrap at 2**32).
 
     @triton.jit
     def _fmix32_tl(h):
         h ^= h >> 16
-        h *= FMIX_1
+        h *= 0x85EBCA6B
         h ^= h >> 13
-        h *= FMIX_2
+        h *= 0xC2B2AE35
         return h ^ (h >> 16)
 
     @triton.jit
     def _chunk_draw_kernel(
-        logits_ptr, row_stride, vocab, inv_t_ptr, thr_ptr, keys_ptr, best_ptr, arg_ptr, BLOCK: tl.constexpr
+        logits_ptr,
+        row_stride,
+        vocab,
+        inv_t_ptr,
+        thr_ptr,
+        seeds_ptr,
+        positions_ptr,
+        best_ptr,
+        arg_ptr,
+        BLOCK: tl.constexpr,
     ):
         row, chunk = tl.program_id(0), tl.program_id(1)
         cols = chunk * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(logits_ptr + row.to(tl.int64) * row_stride + cols, mask=cols < vocab, other=float("-inf"))
         inv_t = tl.load(inv_t_ptr + row)
-        key_lo = tl.load(keys_ptr + 2 * row).to(tl.uint32)
-        key_hi = tl.load(keys_ptr + 2 * row + 1).to(tl.uint32)
-        h = _fmix32_tl((cols.to(tl.uint32) * GOLDEN32) ^ key_lo)
+        position = tl.load(positions_ptr + row).to(tl.uint32)
+        key_lo = _fmix32_tl((position * 0x9E3779B1) ^ tl.load(seeds_ptr + 2 * row).to(tl.uint32))
+        key_hi = _fmix32_tl((key_lo * 0xCC9E2D51) ^ tl.load(seeds_ptr + 2 * row + 1).to(tl.uint32))
+        h = _fmix32_tl((cols.to(tl.uint32) * 0x9E3779B1) ^ key_lo)
         h = _fmix32_tl(h ^ key_hi)
         u = (h.to(tl.float32) + 0.5) * 2.3283064365386963e-10  # 2**-32
         series = u * (1.0 + u * (0.5 + u * (1.0 / 3.0)))
-        exp = tl.where(u < SMALL_U, series, -tl.log(tl.maximum(1.0 - u, 5.960464477539063e-08)))
+        exp = tl.where(u < 0.0009765625, series, -tl.log(tl.maximum(1.0 - u, 5.960464477539063e-08)))
         scores = tl.where(inv_t > 0, x * inv_t - tl.log(exp), x)
         scores = tl.where(x < tl.load(thr_ptr + row), float("-inf"), scores)
         out = row * tl.num_programs(1) + chunk
@@ -137,9 +149,10 @@ class TritonDraw:
     def __init__(self) -> None:
         require_triton()
 
-    def __call__(self, logits, inv_temperature, thresholds, keys) -> torch.Tensor:
+    def __call__(self, logits, inv_temperature, thresholds, seeds, positions) -> torch.Tensor:
         if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(1) != 1:
-            return torch_draw(logits, inv_temperature, thresholds, keys)
+            return torch_draw(logits, inv_temperature, thresholds, seeds, positions)
+        seeds, positions = seeds.contiguous(), positions.contiguous()
         rows, vocab = logits.shape
         chunks = triton.cdiv(vocab, self.BLOCK)
         best = torch.empty(rows, chunks, dtype=torch.float32, device=logits.device)
@@ -150,7 +163,8 @@ class TritonDraw:
             vocab,
             inv_temperature,
             thresholds,
-            keys,
+            seeds,
+            positions,
             best,
             args,
             BLOCK=self.BLOCK,
@@ -175,10 +189,10 @@ def make_draw(device: torch.device):
         logits = torch.randn(4, 3 * TritonDraw.BLOCK + 5, device=device, generator=generator)
         inv_t = torch.tensor([1.0, 0.0, 2.0, 0.5], device=device)
         thresholds = torch.tensor([float("-inf"), float("-inf"), 1.0, 0.0], device=device)
-        keys = torch.tensor([row_key(7, i) for i in range(4)], dtype=torch.int64, device=device)
-        if not torch.equal(
-            fused(logits, inv_t, thresholds, keys), torch_draw(logits, inv_t, thresholds, keys)
-        ):
+        seeds = torch.tensor([[7, 0], [7, 0], [2**32 - 1, 2**31 - 1], [5, 9]], device=device)
+        positions = torch.tensor([0, 1, 2**20, 3], device=device)
+        args = (logits, inv_t, thresholds, seeds, positions)
+        if not torch.equal(fused(*args), torch_draw(*args)):
             raise RuntimeError("its tokens differ from the torch reference's")
         return fused
 

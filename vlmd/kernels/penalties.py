@@ -70,15 +70,10 @@ class PenaltyTable:
             self._unwritten.clear()
         return self.history
 
-    def apply(self, logits: torch.Tensor, rows: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """logits [n, vocab] of penalized requests whose history rows are `rows` [n] (device),
-        with their penalties applied."""
+        with their penalties `values` [n, 3] (repetition, presence, frequency) applied."""
         history = self._ensure(logits.shape[-1])[rows]  # [n, vocab]
-        values = to_device(
-            [[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in params],
-            torch.float32,
-            self.device,
-        )  # [n, 3]
         counts = history >> 1
         return penalize(
             logits,

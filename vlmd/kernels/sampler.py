@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from vlmd.kernels.draw import make_draw, row_key
+from vlmd.kernels.draw import make_draw
 from vlmd.kernels.penalties import PenaltyTable, penalized
 from vlmd.kernels.row_stats import make_row_stats
 from vlmd.kernels.transfer import to_device
@@ -28,20 +28,55 @@ from vlmd.messages import SamplingParams, TopLogprobs
 # Rows whose top-k keeps at most this many tokens find their top-p threshold among the top-k
 # candidates (torch.topk); a row with top-p and no such top-k needs its whole row sorted.
 MAX_CANDIDATES = 1024
+NO_TOP_K = 2**31  # a top-k no vocabulary reaches
+# Columns of a request's row in the knob table (float64: the seed's 32-bit words stay exact).
+KNOB_COLUMNS = (
+    "inv_temperature",
+    "top_p",
+    "min_p",
+    "top_k",
+    "repetition",
+    "presence",
+    "frequency",
+    "seed_lo",
+    "seed_hi",
+)
 
 
 class SamplerState(NamedTuple):
-    """What sampling keeps of a request for its whole life."""
+    """What sampling keeps of a request for its whole life (its knobs live in the device table)."""
 
     params: SamplingParams
-    seed: int  # the request's, else one derived from its id (the same on every rank)
+    slot: int  # its row in the knob table
     penalty_row: int  # its row in the penalty table; -1 when it has no penalty
+    num_candidates: int  # best logits its thresholds need: 0 none, NO_TOP_K the whole row
 
 
 def request_seed(params: SamplingParams, request_id: str) -> int:
     if params.seed is not None:
         return params.seed
     return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest()) >> 1
+
+
+def knob_row(params: SamplingParams, seed: int) -> list[float]:
+    """The request's row of the knob table (KNOB_COLUMNS)."""
+    inv_temperature = 0.0 if params.greedy else 1.0 / params.temperature
+    top_k = params.top_k if params.top_k > 0 else NO_TOP_K
+    penalties = [params.repetition_penalty, params.presence_penalty, params.frequency_penalty]
+    return [inv_temperature, params.top_p, params.min_p, top_k, *penalties, seed & 0xFFFFFFFF, seed >> 32]
+
+
+def candidates_needed(params: SamplingParams) -> int:
+    """How many of its row's best logits the thresholds need: 0 when the request keeps every
+    token, NO_TOP_K (the whole row) when its top-p has no small top-k to search within."""
+    if params.greedy:
+        return 0
+    top_k = params.top_k if params.top_k > 0 else NO_TOP_K
+    if params.top_p < 1.0:
+        return top_k if top_k <= MAX_CANDIDATES else NO_TOP_K
+    if top_k < NO_TOP_K:
+        return top_k
+    return 1 if params.min_p > 0.0 else 0
 
 
 class Top(NamedTuple):
@@ -56,7 +91,10 @@ class Sampled(NamedTuple):
 
 
 class Sampler:
-    """The sampling state of a runner's requests and the batched sampling of its steps."""
+    """The sampling state of a runner's requests and the batched sampling of its steps.
+
+    Each request's knobs are one row of a device table, written once when it arrives; a step
+    gathers its rows with one index, so the host work per step is a list of slots."""
 
     def __init__(self, device: torch.device, row_stats=None, draw=None) -> None:
         """row_stats, draw: the kernels (`make_row_stats` and `make_draw` for the device by default)."""
@@ -65,17 +103,41 @@ class Sampler:
         self.draw = draw or make_draw(device)
         self.penalties = PenaltyTable(device)
         self.states: dict[str, SamplerState] = {}
+        self.knobs = torch.zeros(0, len(KNOB_COLUMNS), dtype=torch.float64, device=device)
+        self._free_slots: list[int] = []
+        self._unwritten: dict[int, list[float]] = {}  # slot -> row, written before the next step
 
     def add(self, request_id: str, params: SamplingParams, prompt_ids: list[int]) -> None:
         row = -1
         if penalized(params):
             row = self.penalties.add(prompt_ids, repetition=params.repetition_penalty != 1.0)
-        self.states[request_id] = SamplerState(params, request_seed(params, request_id), row)
+        slot = self._free_slots.pop() if self._free_slots else len(self.states) + len(self._free_slots)
+        self._unwritten[slot] = knob_row(params, request_seed(params, request_id))
+        self.states[request_id] = SamplerState(params, slot, row, candidates_needed(params))
 
     def remove(self, request_id: str) -> None:
         state = self.states.pop(request_id, None)
-        if state is not None and state.penalty_row >= 0:
+        if state is None:
+            return
+        self._unwritten.pop(state.slot, None)
+        self._free_slots.append(state.slot)
+        if state.penalty_row >= 0:
             self.penalties.remove(state.penalty_row)
+
+    def _write_knobs(self) -> None:
+        """The new requests' rows, in one copy (the table doubles when it is full)."""
+        slots = list(self._unwritten)
+        capacity = self.knobs.shape[0]
+        needed = max(slots) + 1
+        if needed > capacity:
+            grown = torch.zeros(
+                max(64, 2 * capacity, needed), len(KNOB_COLUMNS), dtype=torch.float64, device=self.device
+            )
+            grown[:capacity] = self.knobs
+            self.knobs = grown
+        rows = to_device(list(self._unwritten.values()), torch.float64, self.device)
+        self.knobs.index_copy_(0, to_device(slots, torch.long, self.device), rows)
+        self._unwritten.clear()
 
     def sample(self, logits: torch.Tensor, request_ids: list[str], positions: list[int]) -> Sampled:
         """logits: [num_reqs, vocab] float32, one row per request; positions: where each row's
@@ -85,24 +147,36 @@ class Sampler:
         depend on what else is in the batch."""
         states = [self.states[r] for r in request_ids]
         stats = self.row_stats(logits)
+        greedy = all(state.params.greedy for state in states)
         penalized_rows = [i for i, state in enumerate(states) if state.penalty_row >= 0]
-        if not penalized_rows and all(state.params.greedy for state in states):
+        if greedy and not penalized_rows:
             tokens, chosen = stats.argmax, stats.best_logprob
         else:
-            index = None
+            if self._unwritten:
+                self._write_knobs()
+            n, num_reqs = len(penalized_rows), len(states)
+            # One copy: every row's slot and position, the penalized rows and their history rows.
+            index = to_device(
+                [state.slot for state in states]
+                + positions
+                + penalized_rows
+                + [states[i].penalty_row for i in penalized_rows],
+                torch.long,
+                self.device,
+            )
+            knobs = self.knobs[index[:num_reqs]]  # [num_reqs, len(KNOB_COLUMNS)]
             processed = logits
-            if penalized_rows:
-                index = to_device(
-                    penalized_rows + [states[i].penalty_row for i in penalized_rows], torch.long, self.device
-                )
-                processed = self._penalize(logits, index, [states[i].params for i in penalized_rows])
-            if all(state.params.greedy for state in states):
+            if n:
+                rows, history_rows = index[2 * num_reqs : 2 * num_reqs + n], index[2 * num_reqs + n :]
+                penalties = self.penalties.apply(logits[rows], history_rows, knobs[rows, 4:7].float())
+                processed = logits.index_copy(0, rows, penalties)
+            if greedy:
                 tokens = torch.argmax(processed, dim=-1)
             else:
-                tokens = self._draw(processed, states, positions)
-            if index is not None:
-                n = len(penalized_rows)
-                self.penalties.observe(index[n:], tokens[index[:n]])
+                positions_ = index[num_reqs : 2 * num_reqs]
+                tokens = self._draw(processed, knobs, positions_, max(s.num_candidates for s in states))
+            if n:
+                self.penalties.observe(history_rows, tokens[rows])
             chosen = logits.gather(1, tokens[:, None])[:, 0] - stats.logsumexp
         num_top = max(state.params.top_logprobs for state in states)
         top = None
@@ -111,56 +185,24 @@ class Sampler:
             top = Top(values - stats.logsumexp[:, None], indices)
         return Sampled(tokens, chosen, top)
 
-    def _penalize(
-        self, logits: torch.Tensor, index: torch.Tensor, params: list[SamplingParams]
+    def _draw(
+        self, logits: torch.Tensor, knobs: torch.Tensor, positions: torch.Tensor, num_candidates: int
     ) -> torch.Tensor:
-        """index: the penalized rows of the batch, then their rows in the penalty table."""
-        n = len(params)
-        rows = index[:n]
-        penalties = self.penalties.apply(logits[rows], index[n:], params)
-        return logits.index_copy(0, rows, penalties)
-
-    def _draw(self, logits: torch.Tensor, states: list[SamplerState], positions: list[int]) -> torch.Tensor:
-        vocab = logits.shape[-1]
-        params = [state.params for state in states]
-        knobs = to_device(
-            [[0.0 if p.greedy else 1.0 / p.temperature, p.top_p, p.min_p, _top_k(p, vocab)] for p in params],
-            torch.float32,
-            self.device,
-        )  # [num_reqs, 4]
-        keys = to_device(
-            [row_key(state.seed, position) for state, position in zip(states, positions, strict=True)],
-            torch.int64,
-            self.device,
-        )  # [num_reqs, 2]
-        inv_temperature = knobs[:, 0].contiguous()
-        num_candidates = _num_candidates(params, vocab)
+        thresholds_knobs = knobs[:, :4].float()  # inverse temperature, top-p, min-p, top-k
+        inv_temperature = thresholds_knobs[:, 0].contiguous()
         if num_candidates:
-            thresholds = keep_thresholds(logits, knobs, num_candidates)
+            thresholds = keep_thresholds(logits, thresholds_knobs, min(num_candidates, logits.shape[-1]))
         else:
             thresholds = torch.full_like(inv_temperature, float("-inf"))
-        return self.draw(logits, inv_temperature, thresholds, keys)
+        seeds = knobs[:, 7:9].long()  # [num_reqs, 2]: the seed's low and high words
+        return self.draw(logits, inv_temperature, thresholds, seeds, positions)
 
     def check_integrity(self) -> None:
+        slots = [s.slot for s in self.states.values()]
+        assert len(set(slots)) == len(slots) and not set(slots) & set(self._free_slots)
         rows = [s.penalty_row for s in self.states.values() if s.penalty_row >= 0]
         assert len(set(rows)) == len(rows) and not set(rows) & set(self.penalties._free)
         self.penalties.check_integrity()
-
-
-def _top_k(params: SamplingParams, vocab: int) -> int:
-    return min(params.top_k, vocab) if params.top_k > 0 else vocab
-
-
-def _num_candidates(params: list[SamplingParams], vocab: int) -> int:
-    """How many of each row's best logits the thresholds need: 0 when no sampled row limits its
-    tokens, the vocabulary when a row's top-p has no small top-k to search within."""
-    sampled = [p for p in params if not p.greedy]
-    limited = [p for p in sampled if _top_k(p, vocab) < vocab or p.top_p < 1.0]
-    if not limited:
-        return 1 if any(p.min_p > 0.0 for p in sampled) else 0
-    if any(p.top_p < 1.0 and _top_k(p, vocab) > MAX_CANDIDATES for p in limited):
-        return vocab
-    return max(_top_k(p, vocab) for p in limited)
 
 
 def keep_thresholds(logits: torch.Tensor, knobs: torch.Tensor, num_candidates: int) -> torch.Tensor:
