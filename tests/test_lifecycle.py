@@ -173,8 +173,12 @@ def test_workers_load_beside_the_vit_and_size_kv_after_it(model_dir, tmp_path):
         time.sleep(0.01)
     os.kill(vision, signal.SIGSTOP)
     try:
-        time.sleep(4)  # the worker loads its model meanwhile (about a second here)
-        assert server.actor_pid("worker") and " worker0 ready " not in server.log()
+        deadline = time.monotonic() + 120
+        while "rank 0: weights " not in server.log():  # the worker loaded, and waits
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
+        time.sleep(1)  # a worker that did not wait would be ready by now
+        assert " worker0 ready " not in server.log()
     finally:
         os.kill(vision, signal.SIGCONT)
     thread.join(60)
@@ -183,8 +187,6 @@ def test_workers_load_beside_the_vit_and_size_kv_after_it(model_dir, tmp_path):
     assert lines.index(ready["vision"]) < lines.index(ready["worker0"])
     # Each Ready line says what its start spent time on.
     worker = ready["worker0"]
-    assert "weights " in worker and "KV cache " in worker, worker
-    waited = float(worker.split("waiting for the ViT ")[1].split(" s")[0])
-    assert waited > 2.0, worker
+    assert "weights " in worker and "waiting for the ViT " in worker and "KV cache " in worker, worker
     assert "weights " in ready["vision"]
     assert started[0].stop() == 0 and server.actor_pids() == [] and server.shm_segments() == []

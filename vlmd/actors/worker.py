@@ -202,6 +202,7 @@ async def build_runner(
     if not runtime.num_kv_pages:
         profile = profile_step(model, arch, launch)
         clock.lap("first step (kernel compile, profiling)")
+    log.info("rank %d: %s; waiting for the ViT before sizing the KV cache", rank, clock)
     await vision_loaded()
     clock.lap("waiting for the ViT")
     num_pages = runtime.num_kv_pages or gpu_kv_pages(model, arch, launch, profile)
