@@ -195,6 +195,8 @@ def vit_dp2_server(model_dir, tmp_path_factory):
         "--visual_tp",
         "1",
         "--enable_multimodal",
+        "--preprocess_workers",
+        "1",
     )
     yield server
     assert server.stop() == 0
@@ -205,7 +207,8 @@ def vit_dp2_server(model_dir, tmp_path_factory):
 def test_vit_dp2_greedy_tokens_equal_transformers(vit_dp2_server, reference, case):
     prompt, _, images = CASES[case]
     assert vlmd_generate(vit_dp2_server, prompt, images) == reference.generate(hf_prompt(prompt), images)
-    assert len(vit_dp2_server.actor_pids()) == 6  # scheduler, two workers, two vision ranks, http
+    # scheduler, two workers, two vision ranks, http, a preprocess worker
+    assert len(vit_dp2_server.actor_pids()) == 7
 
 
 def test_vit_dp2_both_replicas_encode(vit_dp2_server, reference):
