@@ -100,8 +100,8 @@ def test_seed_flags_and_env_are_accepted(model_dir, tmp_path):
 
 
 def test_sigterm_stops_everything_and_leaks_nothing(model_dir, tmp_path):
-    server = start_server(model_dir, tmp_path, "--enable_multimodal")
-    assert len(server.actor_pids()) == 4  # scheduler, worker, vision, http
+    server = start_server(model_dir, tmp_path, "--enable_multimodal", "--preprocess_workers", "2")
+    assert len(server.actor_pids()) == 6  # scheduler, worker, vision, http, 2 preprocess workers
     assert server.shm_segments()
     assert server.stop(signal.SIGTERM) == 0
     assert server.actor_pids() == [] and server.shm_segments() == []
@@ -124,7 +124,7 @@ def kill_actor_and_expect_clean_stop(server, role: str, rank: int | None = None)
     assert server.actor_pids() == [] and server.shm_segments() == []
 
 
-@pytest.mark.parametrize("role", ["worker", "vision", "scheduler", "http"])
+@pytest.mark.parametrize("role", ["worker", "vision", "scheduler", "http", "preprocess"])
 def test_a_killed_actor_takes_the_server_down_cleanly(model_dir, tmp_path, role):
     server = start_server(model_dir, tmp_path, "--enable_multimodal")
     kill_actor_and_expect_clean_stop(server, role)

@@ -97,7 +97,12 @@ def test_cache_key_is_the_plain_md5_unless_a_limit_changes_the_tiles():
 
     async def check_at(limits):
         checker = ImageChecker(server, ImageFetcher(1.0, 2**20, allow_private=False), 10**8)
-        return [await checker.check(0, ImageInput("base64", b64(data), max_dynamic_patch=n)) for n in limits]
+        checked = [
+            await checker.check(0, ImageInput("base64", b64(data), max_dynamic_patch=n)) for n in limits
+        ]
+        checker.release(checked)  # the first check preprocessed the image: its tiles are held
+        assert len(checker.pixels) == 0
+        return checked
 
     none, at_max, at_1, at_6 = asyncio.run(check_at([None, 12, 1, 6]))
     md5 = hashlib.md5(data).hexdigest()

@@ -26,10 +26,11 @@ from tests.test_parity import (
     vlmd_generate,
 )
 from vlmd import shm
+from vlmd.actors.preprocess import preprocess_job
 from vlmd.actors.vit_replica import VisionLayout, ViTRank
 from vlmd.demo import write_demo_model
 from vlmd.image import TilingConfig, num_tiles
-from vlmd.messages import EmbedRun, ImageRef
+from vlmd.messages import EmbedRun, ImageRef, PreprocessImage
 from vlmd.models.loader import load_vision
 from vlmd.models.tensor_parallel import SINGLE_RANK, TPGroup, end_rank_process
 
@@ -92,14 +93,18 @@ ROWS_PER_TILE = 256
 
 
 def _image_refs(model_dir, image_bytes: shm.SharedBytes) -> tuple[list[ImageRef], list[EmbedRun]]:
-    """Each image's bytes in a segment `image_bytes` holds, and its run in the store."""
+    """Each image's bytes in a segment `image_bytes` holds, its tiles in a segment of its own (as a
+    preprocess worker writes them), and its run in the store."""
     tiling = TilingConfig.from_model_dir(model_dir)
     refs, runs, offset = [], [], 0
     for i, data in enumerate(IMAGES):
         tiles = num_tiles(*Image.open(io.BytesIO(data)).size, tiling)
         rows = tiles * ROWS_PER_TILE
         segment = image_bytes.acquire(f"md5-{i}", data)
-        refs.append(ImageRef(f"md5-{i}", segment, len(data), tiles, 0, rows))
+        pixels = f"{image_bytes.prefix}px-{i}"
+        answer = preprocess_job(PreprocessImage(i, data, pixels, 10**8), tiling)
+        assert answer.num_tiles == tiles and not answer.error_kind
+        refs.append(ImageRef(f"md5-{i}", segment, len(data), tiles, 0, rows, pixels_shm=pixels))
         runs.append(EmbedRun(f"md5-{i}", offset, rows))
         offset += rows
     return refs, runs
@@ -130,7 +135,7 @@ def _vision_rank_main(
     vit = ViTRank(model, TilingConfig.from_model_dir(model_dir), tp, _store(segment, model.arch.hidden_size))
     mine = list(range(layout.group, len(refs), visual_dp))
     if layout.is_leader:
-        pixels, counts, errors = vit.preprocess([refs[i] for i in mine])
+        pixels, counts, errors = vit.load_pixels([refs[i] for i in mine])
         assert not any(errors), errors
         vit.forward_into_store(pixels, counts, [runs[i] for i in mine])
     else:
@@ -163,7 +168,7 @@ def test_every_vit_layout_writes_the_single_rank_rows(model_dir, visual_tp, visu
     try:
         single = ViTRank(load_vision(model_dir, torch.float32, "cpu"), TilingConfig.from_model_dir(model_dir))
         single.store = _store(want, hidden)
-        pixels, counts, _ = single.preprocess(refs)
+        pixels, counts, _ = single.load_pixels(refs)
         single.forward_into_store(pixels, counts, runs)
         ports = [free_port() for _ in range(visual_dp)]
         args = (visual_tp, visual_dp, ports, str(model_dir), got.name, refs, runs, cuda)
@@ -175,9 +180,10 @@ def test_every_vit_layout_writes_the_single_rank_rows(model_dir, visual_tp, visu
         del single
         for segment in (want, got):
             segment.close()
-        for ref in refs:  # the encoders read the bytes and leave them to their holder
+        for ref in refs:  # the encoders read the tiles and leave them to their holder
             image_bytes.release(ref.bytes_shm)
-        assert [name for name in shm.unlink_all(prefix) if "img-" in name] == []
+            shm.unlink_segment(ref.pixels_shm)
+        assert [name for name in shm.unlink_all(prefix) if "img-" in name or "px-" in name] == []
 
 
 # --- through the real server ---------------------------------------------------------------------
@@ -195,6 +201,8 @@ def vit_dp2_server(model_dir, tmp_path_factory):
         "--visual_tp",
         "1",
         "--enable_multimodal",
+        "--preprocess_workers",
+        "1",
     )
     yield server
     assert server.stop() == 0
@@ -205,7 +213,8 @@ def vit_dp2_server(model_dir, tmp_path_factory):
 def test_vit_dp2_greedy_tokens_equal_transformers(vit_dp2_server, reference, case):
     prompt, _, images = CASES[case]
     assert vlmd_generate(vit_dp2_server, prompt, images) == reference.generate(hf_prompt(prompt), images)
-    assert len(vit_dp2_server.actor_pids()) == 6  # scheduler, two workers, two vision ranks, http
+    # scheduler, two workers, two vision ranks, http, a preprocess worker
+    assert len(vit_dp2_server.actor_pids()) == 7
 
 
 def test_vit_dp2_both_replicas_encode(vit_dp2_server, reference):

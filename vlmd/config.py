@@ -12,6 +12,7 @@ import msgspec
 
 ENV_IMAGE_LENGTH = "INTERNVL_IMAGE_LENGTH"
 ENV_LOAD_WORKERS = "LOADWORKER"
+MAX_DEFAULT_PREPROCESS_WORKERS = 8
 ENV_API_KEY = "VLMD_API_KEY"  # as vLLM's VLLM_API_KEY: keeps the key off the command line (ps)
 
 
@@ -57,6 +58,9 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     load_workers: int = 1  # LOADWORKER: threads that read weights
     device: str = "auto"  # "auto" | "cpu" | "cuda"; resolved once by the supervisor
     torch_threads: int = 1  # intra-op threads of each torch actor (worker, vision) on the CPU
+    # Processes that decode, tile and normalise images (vlmd.actors.preprocess); 0: a thread of the
+    # asking actor. Resolved from the cores when not given (`default_preprocess_workers`).
+    preprocess_workers: int = 1
     graph_max_batch_size: int = 64
     disable_cudagraph: bool = False
     tp_all_reduce: str = "auto"  # "auto" | "nccl" | "symm_mem" | "fused": how the LM ranks sum on GPUs
@@ -218,6 +222,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="CPU threads per torch actor (default: half the cores)",
     )
+    add(
+        "--preprocess_workers",
+        type=int,
+        default=None,
+        help="processes that decode, tile and normalise images beside the ViT; 0 runs that on a "
+        "thread of the http and vision actors (tests, debugging) (default: half the cores this "
+        f"process may run on, at most {MAX_DEFAULT_PREPROCESS_WORKERS})",
+    )
 
 
 def _default(name: str):
@@ -256,6 +268,10 @@ def build_server_args(ns: argparse.Namespace, environ: dict[str, str] | None = N
         # Worker and vision share the cores: oversubscribed OpenMP threads spin and wait on each other.
         ns.torch_threads = max(1, (os.cpu_count() or 2) // 2)
     _check_positive(ns, "torch_threads")
+    if ns.preprocess_workers is None:
+        ns.preprocess_workers = default_preprocess_workers()
+    if ns.preprocess_workers < 0:
+        raise ConfigError("--preprocess_workers", f"must be at least 0, got {ns.preprocess_workers}")
     fields = {name: getattr(ns, name) for name in ServerArgs.__struct_fields__ if hasattr(ns, name)}
     return ServerArgs(**fields, image_length=image_length, load_workers=load_workers)
 
@@ -263,6 +279,14 @@ def build_server_args(ns: argparse.Namespace, environ: dict[str, str] | None = N
 def _default(name: str):
     """A flag's default: its ServerArgs field's, so that it is written in one place."""
     return next(field.default for field in msgspec.structs.fields(ServerArgs) if field.name == name)
+
+
+def default_preprocess_workers() -> int:
+    """Half the cores this process may run on (the ViT, the LM worker and the http actor need the
+    rest on a CPU-only machine), at least 1 and at most MAX_DEFAULT_PREPROCESS_WORKERS: a GPU ViT
+    encodes images faster than one core preprocesses them, but not faster than a handful."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, min(MAX_DEFAULT_PREPROCESS_WORKERS, cores // 2))
 
 
 def _resolve_vision_layout(ns: argparse.Namespace) -> None:

@@ -65,6 +65,10 @@ class ImageRef(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     resize_width: int = 0  # > 0: the vision actor downscales the decoded image to this size first
     resize_height: int = 0
     max_tiles: int = 0  # > 0: the request's tile limit (max_dynamic_patch); 0: the server's
+    # Shared-memory segment of its normalised tiles, float32 [num_tiles, 3, tile, tile], when the
+    # http actor has them (it preprocessed the bytes, or another request of the key holds them);
+    # "": the vision front has them made from the bytes if the embed cache misses.
+    pixels_shm: str = ""
 
 
 class HistogramSnapshot(msgspec.Struct, array_like=True, gc=False):
@@ -237,6 +241,33 @@ class ForwardTiles(Message):
     num_tiles: int
 
 
+# --- http actor / vision front <-> preprocess workers -------------------------------------------
+
+
+class PreprocessImage(Message):
+    """Decode, check, tile and normalise one image; write its tiles into a new segment `pixels_shm`
+    (`vlmd.actors.preprocess`). The bytes travel in the message: they are read once, here."""
+
+    job_id: int
+    data: bytes
+    pixels_shm: str
+    max_pixels: int  # --max_image_pixels: beyond it refused from the header, unless resize_to_fit
+    resize_to_fit: bool = False  # beyond max_pixels: downscale (vlmd.image.fit_within) instead
+    max_tiles: int = 0  # the request's tile limit; 0: the server's
+
+
+class ImagePreprocessed(Message):
+    """A preprocess worker's answer; without `error_kind` the tiles are in the job's segment."""
+
+    job_id: int
+    worker: int  # the worker's rank (for /metrics)
+    width: int = 0  # upright decoded size, before any downscale
+    height: int = 0
+    num_tiles: int = 0
+    error: str = ""
+    error_kind: str = ""  # "" | "bad" (400) | "too_large" (400, width/height set) | "no_shm" (503)
+
+
 # --- scheduler <-> TP rank workers ----------------------------------------------------------
 
 
@@ -324,6 +355,8 @@ ANY_MESSAGE = (
     | EncodeBatch
     | BatchEncoded
     | ForwardTiles
+    | PreprocessImage
+    | ImagePreprocessed
     | StepPlan
     | FlushStep
     | StepResult

@@ -133,3 +133,45 @@ class SharedBytes:
             self._num_holders[name] = count
         else:
             unlink_segment(name)
+
+
+class SharedPixels:
+    """Segments of an image's normalised tiles, by embed key, held by reference count as
+    SharedBytes holds bytes: every request of the key shares the one segment, the last release
+    unlinks it. A preprocess worker writes the segment; `adopt` makes it the key's (or unlinks it,
+    when another request's tiles of the key are held already). One event loop uses it."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, str] = {}  # embed key -> segment name
+        self._keys: dict[str, str] = {}  # segment name -> embed key
+        self._num_holders: dict[str, int] = {}  # segment name -> references
+
+    def __len__(self) -> int:
+        return len(self._num_holders)
+
+    def adopt(self, key: str, name: str) -> str:
+        """Hold the fresh segment `name` as `key`'s tiles; the name to read them from."""
+        held = self._by_key.get(key)
+        if held is not None:
+            unlink_segment(name)  # the same key means the same tiles
+            return self.hold(held)
+        self._by_key[key], self._keys[name] = name, key
+        return self.hold(name)
+
+    def acquire(self, key: str) -> str:
+        """Another hold of `key`'s tiles if some request holds them; "" if none does."""
+        name = self._by_key.get(key)
+        return "" if name is None else self.hold(name)
+
+    def hold(self, name: str) -> str:
+        assert name in self._keys, "only adopted segments are held"
+        self._num_holders[name] = self._num_holders.get(name, 0) + 1
+        return name
+
+    def release(self, name: str) -> None:
+        count = self._num_holders.pop(name) - 1
+        if count:
+            self._num_holders[name] = count
+        else:
+            del self._by_key[self._keys.pop(name)]
+            unlink_segment(name)

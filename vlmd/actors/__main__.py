@@ -19,7 +19,7 @@ def main() -> None:
     # Ctrl-C reaches the whole process group; the supervisor alone decides what it means (a drain,
     # then SIGTERM to every actor), so a first Ctrl-C must not kill the actors under a drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    setup_logging(f"{role}{rank}" if role == "worker" or rank else role)
+    setup_logging(f"{role}{rank}" if role in ("worker", "preprocess") or rank else role)
     launch = read_launch(run_dir)
     if role == "scheduler":
         from vlmd.actors.scheduler import run
@@ -29,6 +29,8 @@ def main() -> None:
         from vlmd.actors.vision import run
     elif role == "http":
         from vlmd.actors.http import run
+    elif role == "preprocess":
+        from vlmd.actors.preprocess import run
     else:
         raise SystemExit(f"unknown actor role {role!r}")
     try:

@@ -28,13 +28,14 @@ from starlette.routing import Route
 from vlmd import ipc, shm
 from vlmd.actors.fetch import ImageFetcher
 from vlmd.actors.gate import Gate
-from vlmd.actors.images import BadImage, CheckedImage, ImageChecker
+from vlmd.actors.images import BadImage, CheckedImage, HeldImages, ImageChecker, NoSharedMemory
 from vlmd.actors.inflight import ClientError, Tracked
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
 from vlmd.actors.lightllm_api import LightLLMApi, error_response
 from vlmd.actors.limits import RETRY_AFTER_S, QueueGate, check_image_count
-from vlmd.actors.metrics import LatencyMetrics, MetricsQueries, render_metrics
+from vlmd.actors.metrics import LatencyMetrics, MetricsQueries, add_preprocess_counts, render_metrics
 from vlmd.actors.openai_api import OpenAIApi
+from vlmd.actors.preprocess import PreprocessPool, connect_workers
 from vlmd.actors.tokenizer import ImageSpan, PromptBuilder, PromptError
 from vlmd.api import ImageInput
 from vlmd.image import TilingConfig
@@ -61,10 +62,10 @@ END_GRACE_S = 2.0
 
 
 class HttpActor:
-    def __init__(self, launch: Launch, channel: ipc.Channel) -> None:
+    def __init__(self, launch: Launch, channel: ipc.Channel, preprocess: list[ipc.Channel] = ()) -> None:
         self.args, self.runtime = launch.args, launch.runtime
         self.channel = channel
-        self.image_bytes = shm.SharedBytes(shm.segment_prefix(self.runtime.server_id))
+        self.held = HeldImages(shm.segment_prefix(self.runtime.server_id))
         self.prompts = PromptBuilder(
             self.args.model_dir,
             self.runtime.image_seq_length,
@@ -77,7 +78,10 @@ class HttpActor:
         fetcher = ImageFetcher(
             self.args.image_fetch_timeout, self.args.max_image_bytes, self.args.allow_private_image_urls
         )
-        self.images = ImageChecker(tiling, fetcher, self.args.max_image_pixels)
+        self.preprocess = PreprocessPool.for_actor(launch, tiling, "http", preprocess)
+        self.images = ImageChecker(
+            tiling, fetcher, self.args.max_image_pixels, self.preprocess, self.held.pixels
+        )
         self.queue = QueueGate(self.args.max_queued_requests)
         self.latency = LatencyMetrics()
         self.inflight: dict[str, Tracked] = {}
@@ -142,6 +146,7 @@ class HttpActor:
         except TimeoutError:
             return error_response(503, f"the scheduler did not answer within {METRICS_TIMEOUT_S:g} s")
         values = {**snapshot.values, "requests_queued": len(self.queue)}
+        add_preprocess_counts(values, self.preprocess.num_images)  # the vision front's are in values
         histograms = {**snapshot.histograms, **self.latency.snapshots()}
         text = render_metrics(values, histograms)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -172,7 +177,8 @@ class HttpActor:
             raise ClientError(400, f"malformed JSON: {exc}") from None
 
     async def check_images(self, images: list[ImageInput]) -> list[CheckedImage]:
-        """Fetch, decode and measure the request's images."""
+        """Fetch the request's images; decode, check and preprocess those not seen before. The
+        caller must `release_checked` them once the request is submitted or refused."""
         if images and not self.args.enable_multimodal:
             raise ClientError(400, "this server runs without --enable_multimodal: images are not accepted")
         if not images:
@@ -182,12 +188,19 @@ class HttpActor:
             checked = await self.images.check_all(images)
         except BadImage as exc:
             raise ClientError(400, str(exc), exc.param) from None
+        except NoSharedMemory:
+            raise _no_shared_memory() from None
         if len({image.md5 for image in checked}) > self.args.cache_capacity:
+            self.release_checked(checked)
             raise ClientError(
                 400,
                 f"the request has more distinct images than --cache_capacity ({self.args.cache_capacity}) holds",
             )
         return checked
+
+    def release_checked(self, checked: list[CheckedImage]) -> None:
+        """Let go of the tiles `check_images` held: submitted requests hold their own."""
+        self.images.release(checked)
 
     async def tokenize(
         self, build: Callable, prompt, checked: list[CheckedImage], param: str | None = None
@@ -232,7 +245,7 @@ class HttpActor:
         request_id = uuid.uuid4().hex
         self.queue.enter(request_id)  # or a 503 with Retry-After
         try:
-            refs, segments = self._hold_images(checked, spans)
+            refs, segments, pixel_segments = self._hold_images(checked, spans)
         except ClientError:
             self.queue.leave(request_id)
             raise
@@ -243,7 +256,7 @@ class HttpActor:
         )
         if updates is not None:
             tracked.updates = updates
-        tracked.segments = segments
+        tracked.segments, tracked.pixel_segments = segments, pixel_segments
         self.inflight[request_id] = tracked
         if self.ending:  # it passed the gate before the drain, and comes too late to run
             self._fail(request_id, tracked, self._ended_error())
@@ -307,32 +320,17 @@ class HttpActor:
 
     def _hold_images(
         self, checked: list[CheckedImage], spans: list[ImageSpan]
-    ) -> tuple[list[ImageRef], list[str]]:
-        """The request's images in shared memory, each segment held for it (shared with any other
-        request of the same image); a 503 if /dev/shm has no room, holding nothing."""
-        segments: list[str] = []
+    ) -> tuple[list[ImageRef], list[str], list[str]]:
+        """The request's images held in shared memory for it; a 503 if /dev/shm has no room."""
         try:
-            for image in checked:
-                segments.append(self.image_bytes.acquire(image.md5, image.data))
+            return self.held.hold(checked, spans)
         except OSError as exc:
             log.warning("no shared memory for an image's bytes: %s", exc)  # the path stays in the log
-            for name in segments:
-                self.image_bytes.release(name)
-            raise ClientError(
-                503,
-                "the server is out of shared memory for images; retry later",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            ) from None
-        refs = [
-            image.ref(name, span.token_offset, span.num_tokens)
-            for image, span, name in zip(checked, spans, segments, strict=True)
-        ]
-        return refs, segments
+            raise _no_shared_memory() from None
 
     def _release_images(self, tracked: Tracked) -> None:
-        for name in tracked.segments:
-            self.image_bytes.release(name)
-        tracked.segments = []
+        self.held.release(tracked.segments, tracked.pixel_segments)
+        tracked.segments, tracked.pixel_segments = [], []
 
     def app(self) -> Starlette:
         routes = [
@@ -342,6 +340,14 @@ class HttpActor:
             *OpenAIApi(self).routes(),
         ]
         return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+
+
+def _no_shared_memory() -> ClientError:
+    return ClientError(
+        503,
+        "the server is out of shared memory for images; retry later",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 def _field_at_fault(validation_message: str) -> str | None:
@@ -373,7 +379,8 @@ class _Server(uvicorn.Server):
 
 async def run(launch: Launch, rank: int) -> None:
     channel = await ipc.connect(launch.socket(SCHEDULER_SOCKET), Hello("http"))
-    actor = HttpActor(launch, channel)
+    preprocess = await connect_workers(launch, "http") if launch.args.enable_multimodal else []
+    actor = HttpActor(launch, channel, preprocess)
     receiver = asyncio.get_running_loop().create_task(actor.receive_loop())
     sock = socket.socket(socket.AF_INET6 if ":" in launch.args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -1,4 +1,5 @@
-"""Fetching and checking request images in the http actor (before anything is scheduled)."""
+"""Fetching, checking and preprocessing request images in the http actor (before anything is
+scheduled)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from vlmd import shm
 from vlmd.actors.fetch import FetchError, ImageFetcher
+from vlmd.actors.preprocess import NO_SHARED_MEMORY, TOO_LARGE, PreprocessPool
 from vlmd.api import ImageInput
-from vlmd.image import ImageError, ImageTooLarge, TilingConfig, decode_image, fit_within, num_tiles
+from vlmd.image import TilingConfig, fit_within, num_tiles
 from vlmd.messages import ImageRef
+from vlmd.shm import SharedBytes, SharedPixels
 
 
 class BadImage(ValueError):
@@ -31,6 +36,7 @@ class CheckedImage:
     num_tiles: int
     resize_to: tuple[int, int] | None = None  # (width, height) the vision actor downscales it to
     max_tiles: int = 0  # the image's tile limit; 0: the server's
+    pixels_shm: str = ""  # its tiles, held for the check (`ImageChecker.release`); "": none here
 
     def ref(self, bytes_shm: str, token_offset: int, num_tokens: int) -> ImageRef:
         """The image as the scheduler and the vision actor see it, its bytes in `bytes_shm`."""
@@ -45,7 +51,40 @@ class CheckedImage:
             width,
             height,
             self.max_tiles,
+            self.pixels_shm,
         )
+
+
+class HeldImages:
+    """The shared-memory segments of submitted requests' images, each shared by every request of
+    its key: the bytes (`SharedBytes`), and the tiles where the check has them (`SharedPixels`)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.bytes = SharedBytes(prefix)
+        self.pixels = SharedPixels()
+
+    def hold(self, checked: list[CheckedImage], spans: list) -> tuple[list[ImageRef], list[str], list[str]]:
+        """Each image's ref (placed at its span) and the segments held for the request: bytes, tiles.
+        OSError if /dev/shm has no room for some bytes: then nothing is held."""
+        segments: list[str] = []
+        try:
+            for image in checked:
+                segments.append(self.bytes.acquire(image.md5, image.data))
+        except OSError:
+            self.release(segments, [])
+            raise
+        pixels = [self.pixels.hold(image.pixels_shm) for image in checked if image.pixels_shm]
+        refs = [
+            image.ref(name, span.token_offset, span.num_tokens)
+            for image, span, name in zip(checked, spans, segments, strict=True)
+        ]
+        return refs, segments, pixels
+
+    def release(self, segments: list[str], pixel_segments: list[str]) -> None:
+        for name in segments:
+            self.bytes.release(name)
+        for name in pixel_segments:
+            self.pixels.release(name)
 
 
 def embed_key(md5: str, resize_to: tuple[int, int] | None = None, max_tiles: int = 0) -> str:
@@ -62,13 +101,23 @@ def embed_key(md5: str, resize_to: tuple[int, int] | None = None, max_tiles: int
     return hashlib.md5(":".join([md5, *settings]).encode()).hexdigest()
 
 
+class NoSharedMemory(Exception):
+    """/dev/shm had no room for an image's tiles: a 503, as for its bytes."""
+
+
 class ImageChecker:
-    """Fetches image bytes, decodes them once to validate and measure them, computes the MD5.
+    """Fetches image bytes, computes the MD5, and has an image it has not seen decoded, checked,
+    tiled and normalised by the preprocess pool, once: the tiles go on to the ViT in shared memory.
 
     An image of more than `max_bytes` bytes (--max_image_bytes, however it came) is refused; one
     of more than `max_pixels` pixels is refused from its header alone, unless the request asks for
-    `resize_to_fit`: then it is decoded and the vision actor downscales it. Sizes are remembered
-    by MD5, so an image sent again is not decoded again here.
+    `resize_to_fit`: then it is decoded and downscaled. Sizes are remembered by MD5, so an image
+    sent again is not decoded again: its embeddings are most likely in the vision actor's cache,
+    and where they are not, the vision front has the bytes preprocessed then (or shares the tiles
+    of a request of the same key that holds them here).
+
+    A checked image may hold its tiles (`CheckedImage.pixels_shm`): the caller lets go of them
+    with `release` once the request is submitted (which takes holds of its own) or refused.
     """
 
     def __init__(
@@ -76,34 +125,68 @@ class ImageChecker:
         tiling: TilingConfig,
         fetcher: ImageFetcher,
         max_pixels: int,
+        pool: PreprocessPool | None = None,
+        pixels: SharedPixels | None = None,
         cache_size: int = 4096,
     ) -> None:
         self.tiling = tiling
         self.fetcher = fetcher
         self.max_bytes = fetcher.max_bytes
         self.max_pixels = max_pixels
+        if pool is None:  # in process: tests
+            pool = PreprocessPool(tiling, f"{shm.segment_prefix(os.getpid())}px-check-")
+        self.pool = pool
+        self.pixels = SharedPixels() if pixels is None else pixels  # an empty one is falsy
         self._size_by_md5: OrderedDict[str, tuple[int, int]] = OrderedDict()  # upright (width, height)
         self._cache_size = cache_size
 
     async def check_all(self, images: list[ImageInput]) -> list[CheckedImage]:
-        return list(await asyncio.gather(*(self.check(i, image) for i, image in enumerate(images))))
+        """Every image checked, or the first error with nothing held (the others are cancelled)."""
+        tasks = [asyncio.ensure_future(self.check(i, image)) for i, image in enumerate(images)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.release([t.result() for t in tasks if not t.cancelled() and t.exception() is None])
+            raise
+
+    def release(self, checked: list[CheckedImage]) -> None:
+        """Let go of the tiles the checked images hold."""
+        for image in checked:
+            if image.pixels_shm:
+                self.pixels.release(image.pixels_shm)
 
     async def check(self, index: int, image: ImageInput) -> CheckedImage:
         max_tiles = self._tile_limit(index, image.max_dynamic_patch)
-        tiling = self.tiling.with_max_tiles(max_tiles)
         data = await self._load_bytes(index, image)
         md5 = hashlib.md5(data).hexdigest()
         size = self._size_by_md5.get(md5)
-        if size is None:
-            try:
-                limit = None if image.resize_to_fit else self.max_pixels
-                decoded = await asyncio.to_thread(decode_image, data, limit)
-            except ImageTooLarge as exc:
-                raise BadImage(self._too_large(index, exc.width, exc.height)) from None
-            except ImageError as exc:
-                raise BadImage(f"image {index}: {exc}") from None
-            size = decoded.size
-            self._remember(md5, size)
+        if size is not None:
+            checked = self._measure(index, image, data, md5, size, max_tiles)
+            return replace(checked, pixels_shm=self.pixels.acquire(checked.md5))
+        answer, name = await self.pool.run(data, self.max_pixels, image.resize_to_fit, max_tiles)
+        if answer.error_kind == TOO_LARGE:
+            raise BadImage(self._too_large(index, answer.width, answer.height))
+        if answer.error_kind == NO_SHARED_MEMORY:
+            raise NoSharedMemory(answer.error)
+        if answer.error_kind:
+            raise BadImage(f"image {index}: {answer.error}")
+        try:
+            checked = self._measure(index, image, data, md5, (answer.width, answer.height), max_tiles)
+            assert checked.num_tiles == answer.num_tiles, "the tile count and the tiles disagree"
+        except BaseException:
+            shm.unlink_segment(name)
+            raise
+        self._remember(md5, (answer.width, answer.height))
+        return replace(checked, pixels_shm=self.pixels.adopt(checked.md5, name))
+
+    def _measure(
+        self, index: int, image: ImageInput, data: bytes, md5: str, size: tuple[int, int], max_tiles: int
+    ) -> CheckedImage:
+        """The image's key and tile count from its upright size, holding no tiles."""
+        tiling = self.tiling.with_max_tiles(max_tiles)
         width, height = size
         if width * height <= self.max_pixels:
             key = embed_key(md5, max_tiles=max_tiles)

@@ -45,6 +45,7 @@ class Tracked:
     top_logprobs: list[TopLogprobs] = field(default_factory=list)  # when the request asked for them
     # Image byte segments it holds: until its first token (its images are encoded by then) or its end.
     segments: list[str] = field(default_factory=list)
+    pixel_segments: list[str] = field(default_factory=list)  # its images' tiles, held as long
     # TokenOut / ClientError, for the consumers that follow tokens; several requests (the choices
     # of one OpenAI request) may share one queue.
     updates: asyncio.Queue = field(default_factory=asyncio.Queue)

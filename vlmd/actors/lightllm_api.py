@@ -53,11 +53,16 @@ class LightLLMApi:
         params = body.parameters
         sampling = self._sampling(body)
         checked = await self.actor.check_images(self._images(body))
-        prompt_ids, spans = await self.actor.tokenize(self.prompts.build, body.inputs, checked)
-        self.actor.check_length(len(prompt_ids), sampling.max_new_tokens)
-        stops = [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
-        stop_token_seqs = self.prompts.stop_token_seqs(stops)
-        return self.actor.submit(prompt_ids, spans, checked, sampling, stop_token_seqs, arrival=arrival)
+        try:
+            prompt_ids, spans = await self.actor.tokenize(self.prompts.build, body.inputs, checked)
+            self.actor.check_length(len(prompt_ids), sampling.max_new_tokens)
+            stops = (
+                [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
+            )
+            stop_token_seqs = self.prompts.stop_token_seqs(stops)
+            return self.actor.submit(prompt_ids, spans, checked, sampling, stop_token_seqs, arrival=arrival)
+        finally:
+            self.actor.release_checked(checked)  # the submitted request holds its images itself
 
     async def _generate(self, body: GenerateBody, request: Request) -> dict:
         request_id, tracked = await self._submit(body)

@@ -17,6 +17,10 @@ from vlmd.messages import GetMetrics, HistogramSnapshot, MetricsSnapshot
 # snapshot key -> (metric name without the _total suffix, help)
 COUNTERS = {
     "vit_images_total": ("vlmd_vit_images", "images the ViT actually encoded"),
+    "images_preprocessed_total": (
+        "vlmd_images_preprocessed",
+        "images decoded, tiled and normalised (by the http actor's and the vision front's requests)",
+    ),
     "embed_cache_hits_total": ("vlmd_embed_cache_hits", "images whose embeddings came from the MD5 cache"),
     "embed_cache_misses_total": ("vlmd_embed_cache_misses", "images that had to be encoded"),
     "embed_cache_evictions_total": ("vlmd_embed_cache_evictions", "embeddings evicted from the MD5 cache"),
@@ -65,6 +69,7 @@ HISTOGRAMS = {
 }
 FINISHED_PREFIX = "requests_finished_"
 VIT_REPLICA_PREFIX = "vit_replica_images_"  # + the replica's number: images that ViT replica encoded
+PREPROCESS_WORKER_PREFIX = "preprocess_worker_images_"  # + the worker's rank: images it preprocessed
 
 TTFT_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30, 60)
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2)
@@ -77,6 +82,15 @@ BUCKETS = {
     "e2e_request_latency_seconds": E2E_BUCKETS_S,
     "vit_batch_size": VIT_BATCH_BUCKETS,
 }
+
+
+def add_preprocess_counts(values: dict[str, float], num_images: list[int]) -> None:
+    """Add one actor's images per preprocess worker (`PreprocessPool.num_images`) to `values`,
+    which may hold another actor's already: both ask the same workers."""
+    for rank, count in enumerate(num_images):
+        key = f"{PREPROCESS_WORKER_PREFIX}{rank}"
+        values[key] = values.get(key, 0.0) + count
+    values["images_preprocessed_total"] = values.get("images_preprocessed_total", 0.0) + sum(num_images)
 
 
 class LatencyMetrics:
@@ -165,6 +179,15 @@ class _Snapshot:
             if key.startswith(VIT_REPLICA_PREFIX):
                 per_replica.add_metric([key.removeprefix(VIT_REPLICA_PREFIX)], value)
         yield per_replica
+        per_worker = CounterMetricFamily(
+            "vlmd_preprocess_worker_images",
+            "images each preprocess worker (--preprocess_workers) decoded, tiled and normalised",
+            labels=["worker"],
+        )
+        for key, value in sorted(self.values.items()):
+            if key.startswith(PREPROCESS_WORKER_PREFIX):
+                per_worker.add_metric([key.removeprefix(PREPROCESS_WORKER_PREFIX)], value)
+        yield per_worker
         for key, (name, help_text) in HISTOGRAMS.items():
             snapshot = self.histograms.get(key) or Histogram(BUCKETS[key]).snapshot()
             yield _histogram_family(name, help_text, snapshot)

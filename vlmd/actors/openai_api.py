@@ -111,9 +111,13 @@ class OpenAIApi:
             top = (body.top_logprobs or 0) if body.logprobs else 0
             sampling, stop = self._sampling(body, max_tokens, top, {"max_new_tokens": max_name})
             checked = await self.actor.check_images(images)
-            prompt = await self.actor.tokenize(self._build_chat, messages, checked, "messages")
-            job = Job(chat=True, logprobs=bool(body.logprobs))
-            self._start(job, [(prompt, checked)], sampling, stop, _given(body.n, 1), max_tokens, max_name)
+            try:
+                prompt = await self.actor.tokenize(self._build_chat, messages, checked, "messages")
+                job = Job(chat=True, logprobs=bool(body.logprobs))
+                n = _given(body.n, 1)
+                self._start(job, [(prompt, checked)], sampling, stop, n, max_tokens, max_name)
+            finally:
+                self.actor.release_checked(checked)  # each submitted choice holds its images itself
         except ClientError as exc:
             return error_response(exc)
         return await self._answer(job, body, request)

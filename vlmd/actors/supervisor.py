@@ -104,7 +104,10 @@ class Supervisor:
         workers = [("worker", rank) for rank in range(self.args.tp)]
         # Vision rank r sits on GPU r: visual_dp replica groups of visual_tp ranks each.
         vision = [("vision", rank) for rank in range(self.args.tp)] if self.args.enable_multimodal else []
-        return [[("scheduler", 0)], workers + vision, [("http", 0)]]
+        # The vision front and the http actor connect to the preprocess workers as they start.
+        num_preprocess = self.args.preprocess_workers if self.args.enable_multimodal else 0
+        preprocess = [("preprocess", rank) for rank in range(num_preprocess)]
+        return [[("scheduler", 0), *preprocess], workers + vision, [("http", 0)]]
 
     async def _start_all(self, launch: Launch) -> bool:
         """Start the actors in dependency order; False if the server is stopping meanwhile."""
@@ -144,7 +147,8 @@ class Supervisor:
         return ready
 
     def _name(self, role: str, rank: int) -> str:
-        return f"{role}{rank}" if role == "worker" or (role == "vision" and self.args.tp > 1) else role
+        numbered = role in ("worker", "preprocess") or (role == "vision" and self.args.tp > 1)
+        return f"{role}{rank}" if numbered else role
 
     async def _watch(self, actor: Actor) -> None:
         code = await actor.process.wait()

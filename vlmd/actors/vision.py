@@ -1,8 +1,9 @@
 """The vision front: MD5 embedding cache, pins, and dispatch of image batches to the ViT replicas.
 
 A cache hit answers at once and pins the entry for the request; misses queue for the encoder.
-The front reserves each image's run in the EmbedStore (pinned while it is encoded), hands up to
---visual_infer_batch_size images to the least loaded ViT replica (`vlmd.actors.vit_replica`),
+The front reserves each image's run in the EmbedStore (pinned while it is encoded), holds the
+images' tiles (preprocessed already, or made by the preprocess pool: `vlmd.actors.pixels`), and
+hands up to --visual_infer_batch_size images to the least loaded ViT replica (`vlmd.actors.vit_replica`),
 whose leader writes the rows straight into the shared store. The same image requested again
 while it is being encoded waits for that one encode instead of running the ViT twice; the encode
 reads the bytes segment both requests share. Image bytes belong to the http actor, which keeps
@@ -21,7 +22,8 @@ from dataclasses import dataclass, field
 
 from vlmd import ipc
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, Stopwatch, announce_ready
-from vlmd.actors.metrics import VIT_BATCH_BUCKETS, VIT_REPLICA_PREFIX
+from vlmd.actors.metrics import VIT_BATCH_BUCKETS, VIT_REPLICA_PREFIX, add_preprocess_counts
+from vlmd.actors.pixels import FrontPixels, HeldBatch, PassThroughPixels
 from vlmd.actors.vit_replica import VISION_FRONT_SOCKET, ReplicaGroup, VisionLayout, ViTRank
 from vlmd.core.embed_index import EmbedIndex, Entry
 from vlmd.core.histogram import Histogram
@@ -99,9 +101,12 @@ class RemoteReplica:
 
 
 class VisionActor:
-    def __init__(self, launch: Launch, channel: ipc.Channel, replicas: list[Replica]) -> None:
+    def __init__(
+        self, launch: Launch, channel: ipc.Channel, replicas: list[Replica], pixels: FrontPixels | None = None
+    ) -> None:
         args, runtime = launch.args, launch.runtime
         self.channel = channel
+        self.pixels = PassThroughPixels() if pixels is None else pixels  # None: tests' stand-ins
         self.batch_size = args.visual_infer_batch_size
         self.index = EmbedIndex(args.cache_capacity, runtime.embed_store_rows)
         self.replicas = replicas
@@ -155,6 +160,7 @@ class VisionActor:
             counters = {**self.counters, "embed_cache_evictions_total": float(self.index.num_evictions)}
             for replica in self.replicas:
                 counters[f"{VIT_REPLICA_PREFIX}{replica.group}"] = float(replica.num_images)
+            add_preprocess_counts(counters, self.pixels.num_images)
             histograms = {"vit_batch_size": self.batch_sizes.snapshot()}
             self.channel.send(ImagesReady(request_id, pending.runs, counters, histograms))
 
@@ -228,11 +234,15 @@ class VisionActor:
         started = time.perf_counter()
         images = [job.image for job, _ in batch]
         runs = [EmbedRun(entry.md5, entry.row_offset, entry.num_rows) for _, entry in batch]
+        held = HeldBatch()
         try:
-            errors = await replica.encode(images, runs)
+            held = await self.pixels.hold(images)
+            errors = await replica.encode(held.images, runs)
         finally:
             replica.busy = False
             self._wake.set()
+            self.pixels.release(held)
+        errors = [mine or theirs for mine, theirs in zip(held.errors, errors, strict=True)]
         num_encoded = sum(1 for error in errors if not error)
         log.debug(
             "replica %d encoded %d image(s) in %.3f s",
@@ -243,10 +253,10 @@ class VisionActor:
         replica.num_images += num_encoded
         self.counters["vit_images_total"] += num_encoded
         self.batch_sizes.observe(len(batch))
-        for (job, entry), error in zip(batch, errors, strict=True):
-            self._finish(job, entry, error)
+        for (job, entry), error, status in zip(batch, errors, held.statuses, strict=True):
+            self._finish(job, entry, error, status)
 
-    def _finish(self, job: Job, entry: Entry, error: str) -> None:
+    def _finish(self, job: Job, entry: Entry, error: str, status: int = 400) -> None:
         """The job's rows are written (or it failed): answer its waiters still here."""
         md5 = job.image.md5
         del self.jobs[md5]
@@ -255,7 +265,7 @@ class VisionActor:
         if error:
             self.index.remove(md5)
             for request_id, _ in waiters:
-                self._fail(request_id, 400, error)
+                self._fail(request_id, status, error)
             if successors:  # they hold the bytes: the encode they get reads them while they wait
                 self.jobs[md5] = Job(job.image, successors)
                 self.queue.append(self.jobs[md5])
@@ -296,7 +306,7 @@ async def _run_front(launch: Launch, layout: VisionLayout) -> None:
         _watch(remote.read_answers())
     for peer in group.peers:
         _watch(_expect_silence(peer))
-    actor = VisionActor(launch, channel, replicas)
+    actor = VisionActor(launch, channel, replicas, await FrontPixels.connect(launch))
     layout_text = f"{layout.visual_dp} replica(s) of {layout.visual_tp} rank(s)"
     await announce_ready(
         launch,

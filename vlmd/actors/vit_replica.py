@@ -1,7 +1,8 @@
 """The ViT ranks: `visual_dp` replicas of the ViT, each a group of `visual_tp` vision processes.
 
 Vision rank r (0 <= r < tp, on GPU r when CUDA, beside LM rank r) belongs to replica group
-g = r // visual_tp. The group's first rank is its leader: it decodes and tiles the images, tells
+g = r // visual_tp. The group's first rank is its leader: it reads the images' tiles (preprocessed
+already, in shared memory: `vlmd.actors.preprocess`, `vlmd.actors.pixels`), tells
 the other ranks of its group how many tiles follow (ForwardTiles, over a Unix socket), broadcasts
 the pixels, and once every rank has run its share of the forward it writes the rows into the
 EmbedStore runs the vision front reserved. The ranks of a group form their own torch.distributed
@@ -22,7 +23,7 @@ import torch
 from vlmd import ipc, shm
 from vlmd.actors.launch import Launch, Stopwatch
 from vlmd.actors.worker import TORCH_DTYPES, TP_TIMEOUT_S, embed_store_view
-from vlmd.image import ImageError, TilingConfig, decode_image, downscale, preprocess
+from vlmd.image import ImageError, TilingConfig
 from vlmd.kernels.vision_attention import make_tile_attention
 from vlmd.kernels.vision_graph import VisionGraphs
 from vlmd.messages import EmbedRun, ForwardTiles, ImageRef
@@ -133,31 +134,30 @@ class ViTRank:
     async def run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def preprocess(self, images: list[ImageRef]) -> tuple[torch.Tensor | None, list[int], list[str]]:
-        """Decode and tile a batch: (pixels [total_tiles, 3, tile, tile] on the device, or None if no
-        image decoded; tiles per image; per image "" or the reason it failed)."""
-        tiles: list[np.ndarray] = []
+    def load_pixels(self, images: list[ImageRef]) -> tuple[torch.Tensor | None, list[int], list[str]]:
+        """A batch's tiles, preprocessed already, from their segments (`ImageRef.pixels_shm`): (pixels
+        [total_tiles, 3, tile, tile] on the device, or None if no image has tiles; tiles per image;
+        per image "" or the reason it failed)."""
+        size = self.tiling.tile_size
+        total = sum(image.num_tiles for image in images if image.pixels_shm)
+        pixels = np.empty((total, 3, size, size), np.float32)  # [total_tiles, C, tile, tile]
         counts: list[int] = []
         errors: list[str] = []
+        offset = 0
         for i, image in enumerate(images):
             try:
-                decoded = decode_image(_read_bytes(image), procedure=self.tiling.procedure)
-                if image.resize_width:  # the client asked to fit --max_image_pixels
-                    decoded = downscale(decoded, image.resize_width, image.resize_height)
-                tiling = self.tiling.with_max_tiles(image.max_tiles)
-                pixels = preprocess(decoded, tiling)  # [num_tiles, 3, tile, tile]
-                assert pixels.shape[0] == image.num_tiles, "http and vision disagree on the tile count"
-                tiles.append(pixels)
-                counts.append(pixels.shape[0])
+                _read_tiles(image, pixels[offset : offset + image.num_tiles])
+                counts.append(image.num_tiles)
                 errors.append("")
+                offset += image.num_tiles
             except ImageError as exc:
                 counts.append(0)
                 errors.append(f"image {i}: {exc}")
-        if not tiles:
+        if not offset:
             return None, counts, errors
-        # Contiguous: one tile's array may come out strided, and a broadcast sends raw storage.
-        pixels = torch.from_numpy(np.concatenate(tiles)).to(self.device, self.dtype).contiguous()
-        return pixels, counts, errors
+        # Contiguous: a broadcast to the group sends raw storage.
+        tensor = torch.from_numpy(pixels[:offset]).to(self.device, self.dtype).contiguous()
+        return tensor, counts, errors
 
     @torch.inference_mode()
     def forward_into_store(self, pixels: torch.Tensor, counts: list[int], runs: list[EmbedRun]) -> None:
@@ -184,14 +184,23 @@ class ViTRank:
         self.model(pixels)
 
 
-def _read_bytes(image: ImageRef) -> bytes:
-    """The image's bytes from the segment the http actor holds for every request that needs them.
-    It is gone only if every such request is gone; the error says so without the segment's path."""
+def _read_tiles(image: ImageRef, out: np.ndarray) -> None:
+    """Copy the image's tiles into `out` [num_tiles, 3, tile, tile] from the segment the vision
+    front holds for this encode; ImageError if it has none."""
+    if not image.pixels_shm:
+        raise ImageError("the image's tiles are not available")
     try:
-        return shm.read_segment(image.bytes_shm, image.num_bytes)
+        segment = shm.SharedSegment.attach(image.pixels_shm)
     except OSError as exc:
-        log.info("cannot read image bytes (no request holds them any more): %s", exc)
-        raise ImageError("the image's bytes are no longer available") from None
+        log.info("cannot read image tiles: %s", exc)
+        raise ImageError("the image's tiles are no longer available") from None
+    try:
+        assert segment.num_bytes == out.nbytes, "the tiles' segment does not fit the image"
+        tiles = np.ndarray(out.shape, np.float32, buffer=segment.buf)
+        out[...] = tiles
+        del tiles  # the mapping closes only once no array exports it
+    finally:
+        segment.close()
 
 
 class ReplicaGroup:
@@ -204,7 +213,7 @@ class ReplicaGroup:
 
     async def encode(self, images: list[ImageRef], runs: list[EmbedRun]) -> list[str]:
         """Encode a batch into its reserved runs; per image "" or why it failed."""
-        pixels, counts, errors = await self.vit.run(self.vit.preprocess, images)
+        pixels, counts, errors = await self.vit.run(self.vit.load_pixels, images)
         if pixels is not None:
             for peer in self.peers:
                 peer.send(ForwardTiles(pixels.shape[0]))
