@@ -399,6 +399,8 @@ def test_bad_chat_parameter_is_a_400_naming_it(client, params, param):
         ({"max_tokens": 0}, "max_tokens"),
         ({"echo": True}, "echo"),
         ({"prompt": []}, "prompt"),
+        ({"prompt": ""}, "prompt"),  # was an AssertionError that took the server down
+        ({"prompt": ["hi", ""]}, "prompt"),
     ],
 )
 def test_bad_completions_parameter_is_a_400_naming_it(client, params, param):

@@ -186,14 +186,18 @@ class HttpActor:
         return checked
 
     async def tokenize(
-        self, build: Callable, prompt, checked: list[CheckedImage], param: str | None = None
+        self, build: Callable, prompt, checked: list[CheckedImage], param: str
     ) -> tuple[list[int], list[ImageSpan]]:
-        """Prompt ids with the images expanded: `build(prompt, tiles_per_image)`, off the event loop."""
+        """Prompt ids with the images expanded: `build(prompt, tiles_per_image)`, off the event loop;
+        `param` is the body field the prompt came from, named by its errors."""
         try:
             # The fast tokenizer releases the GIL: a long prompt does not stall other requests.
-            return await asyncio.to_thread(build, prompt, [image.num_tiles for image in checked])
+            prompt_ids, spans = await asyncio.to_thread(build, prompt, [image.num_tiles for image in checked])
         except PromptError as exc:
             raise ClientError(400, str(exc), param) from None
+        if not prompt_ids:  # nothing to compute a first token from
+            raise ClientError(400, f"parameter `{param}` is empty: the prompt has no tokens", param)
+        return prompt_ids, spans
 
     def check_length(
         self, num_prompt_tokens: int, max_new_tokens: int, param: str = "max_new_tokens"

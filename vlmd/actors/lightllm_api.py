@@ -53,7 +53,7 @@ class LightLLMApi:
         params = body.parameters
         sampling = self._sampling(body)
         checked = await self.actor.check_images(self._images(body))
-        prompt_ids, spans = await self.actor.tokenize(self.prompts.build, body.inputs, checked)
+        prompt_ids, spans = await self.actor.tokenize(self.prompts.build, body.inputs, checked, "inputs")
         self.actor.check_length(len(prompt_ids), sampling.max_new_tokens)
         stops = [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
         stop_token_seqs = self.prompts.stop_token_seqs(stops)

@@ -125,6 +125,11 @@ class SchedulerActor:
             stop_token_seqs=msg.stop_token_seqs,
             eos_token_ids=msg.eos_token_ids,
         )
+        # The http actor refuses both; a request that slipped through must not reach the core,
+        # whose assertions would take the whole server down.
+        if not request.prompt_ids:
+            self.http.send(RequestFailed(msg.request_id, 400, "the prompt has no tokens"))
+            return
         if pages_for(request.max_total_tokens, self.core.config.page_size) > self.core.config.num_pages:
             self.http.send(RequestFailed(msg.request_id, 400, "prompt + max_new_tokens exceed the KV cache"))
             return
