@@ -226,6 +226,7 @@ BAD_BODIES = {
     # Found fuzzing the API: each was a 500, the empty prompt an AssertionError that took the
     # scheduler (and the server) down.
     "empty inputs": ({"inputs": "", "parameters": {"max_new_tokens": 2}}, "inputs"),
+    "top_k beyond 64 bits": ({"inputs": "hi", "parameters": {"top_k": 10**20}}, "top_k"),
 }
 
 

@@ -363,6 +363,7 @@ BAD_CHAT_PARAMS = [
     ({"stop": ["ok", ""]}, "stop"),
     ({"stop": [str(i) for i in range(17)]}, "stop"),
     ({"extra_body": {"top_k": -2}}, "top_k"),
+    ({"extra_body": {"top_k": 10**20}}, "top_k"),  # was a 500: beyond msgpack's 64-bit ints
     ({"extra_body": {"min_p": 1.5}}, "min_p"),
     ({"extra_body": {"min_p": -0.1}}, "min_p"),
     ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),

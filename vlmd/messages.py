@@ -13,6 +13,7 @@ import msgspec
 from msgspec import Meta
 
 MAX_TOP_LOGPROBS = 20
+MAX_TOP_K = 2**31 - 1
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, gc=False):
@@ -29,7 +30,9 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False, frozen=True):
     do_sample: bool = False
     temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 1.0  # 0 is greedy
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Meta(ge=-1)] = -1  # -1 or 0: the whole vocabulary
+    # -1 or 0: the whole vocabulary. Bounded because every int of a message must fit msgpack's
+    # 64 bits; any k beyond the vocabulary keeps all of it anyway.
+    top_k: Annotated[int, Meta(ge=-1, le=MAX_TOP_K)] = -1
     min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = (
         0.0  # keep tokens at least this times as likely as the best
     )
