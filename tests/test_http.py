@@ -245,6 +245,16 @@ def test_malformed_json(mm_server):
     good_request(mm_server)
 
 
+def test_deeply_nested_json_is_a_400(mm_server):
+    """msgspec recurses into (and over) nested values: a RecursionError was a 500."""
+    depth = 100_000
+    for nested in (b"[" * depth + b"]" * depth, b'{"a":' * depth + b"1" + b"}" * depth):
+        raw = b'{"inputs": "hi", "unknown": ' + nested + b"}"
+        response = requests.post(mm_server.url + "/generate", data=raw, timeout=30)
+        assert response.status_code == 400 and "nested too deeply" in response.json()["error"]
+    good_request(mm_server)
+
+
 def test_body_over_the_limit_is_413(mm_server):
     body = with_image({"type": "base64", "data": "A" * (9 * 2**20)})
     response = generate(mm_server, body)

@@ -166,6 +166,8 @@ class HttpActor:
             raise ClientError(400, f"invalid request: {exc}", _field_at_fault(str(exc))) from None
         except msgspec.DecodeError as exc:
             raise ClientError(400, f"malformed JSON: {exc}") from None
+        except RecursionError:  # msgspec decodes (and skips unknown fields) recursively
+            raise ClientError(400, "malformed JSON: nested too deeply") from None
 
     async def check_images(self, images: list[ImageInput]) -> list[CheckedImage]:
         """Fetch, decode and measure the request's images."""
