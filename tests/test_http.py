@@ -227,6 +227,8 @@ BAD_BODIES = {
     # scheduler (and the server) down.
     "empty inputs": ({"inputs": "", "parameters": {"max_new_tokens": 2}}, "inputs"),
     "top_k beyond 64 bits": ({"inputs": "hi", "parameters": {"top_k": 10**20}}, "top_k"),
+    "URL with a bad port": (with_image({"type": "url", "data": "http://[::1"}), "image 0"),
+    "URL with a NUL": (with_image({"type": "url", "data": "http://\x00/"}), "image 0"),
 }
 
 

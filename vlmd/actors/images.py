@@ -153,6 +153,8 @@ class ImageChecker:
                     if len(data) > self.max_bytes:
                         raise BadImage(f"image {index}: {url} is larger than {self.max_bytes} bytes")
                 return bytes(data)
+        except httpx.InvalidURL as exc:  # not an httpx.HTTPError: raised before any request
+            raise BadImage(f"image {index}: invalid URL {url[:64]!r}: {exc}") from None
         except httpx.TimeoutException:
             raise BadImage(f"image {index}: fetching {url} timed out") from None
         except httpx.HTTPError as exc:
