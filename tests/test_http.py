@@ -229,6 +229,10 @@ BAD_BODIES = {
     "top_k beyond 64 bits": ({"inputs": "hi", "parameters": {"top_k": 10**20}}, "top_k"),
     "URL with a bad port": (with_image({"type": "url", "data": "http://[::1"}), "image 0"),
     "URL with a NUL": (with_image({"type": "url", "data": "http://\x00/"}), "image 0"),
+    "too many stop_sequences": (
+        {"inputs": "hi", "parameters": {"stop_sequences": [f"s{i}" for i in range(17)]}},
+        "stop_sequences",
+    ),
 }
 
 

@@ -18,7 +18,7 @@ from vlmd.actors.inflight import ClientError, ClientGone, Tracked
 from vlmd.api import GenerateBody, ImageInput
 from vlmd.detokenizer import IncrementalDetokenizer
 from vlmd.messages import SamplingParams
-from vlmd.sampling import InvalidParameter, make_sampling_params
+from vlmd.sampling import MAX_STOP_STRINGS, InvalidParameter, make_sampling_params
 
 if TYPE_CHECKING:
     from vlmd.actors.http import HttpActor
@@ -56,7 +56,14 @@ class LightLLMApi:
         prompt_ids, spans = await self.actor.tokenize(self.prompts.build, body.inputs, checked, "inputs")
         self.actor.check_length(len(prompt_ids), sampling.max_new_tokens)
         stops = [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
-        stop_token_seqs = self.prompts.stop_token_seqs(stops)
+        if len(stops) > MAX_STOP_STRINGS:  # each is checked after every token, in the scheduler
+            raise ClientError(
+                400,
+                f"parameter `stop_sequences` takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}",
+                "stop_sequences",
+            )
+        # Off the event loop, as the prompt: long stop strings take as long to tokenize.
+        stop_token_seqs = await asyncio.to_thread(self.prompts.stop_token_seqs, stops)
         return self.actor.submit(prompt_ids, spans, checked, sampling, stop_token_seqs, arrival=arrival)
 
     async def _generate(self, body: GenerateBody, request: Request) -> dict:
