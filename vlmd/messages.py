@@ -189,8 +189,16 @@ class EncodeImages(Message):
 class ImagesReady(Message):
     request_id: str
     runs: list[EmbedRun]  # one per image, in request order
-    counters: dict[str, float]  # vision counters after this batch, for /metrics
+    counters: dict[str, float]  # vision counters and gauges after this batch, for /metrics
     histograms: dict[str, HistogramSnapshot] = {}  # vision histograms, likewise
+
+
+class VisionStats(Message):
+    """Vision -> scheduler, whenever pins change without an ImagesReady (a release, the end of a
+    batch): the vision actor's counters and gauges for /metrics, as ImagesReady carries them."""
+
+    counters: dict[str, float]
+    histograms: dict[str, HistogramSnapshot] = {}
 
 
 class ImagesFailed(Message):
@@ -315,6 +323,7 @@ ANY_MESSAGE = (
     | EncodeImages
     | ImagesReady
     | ImagesFailed
+    | VisionStats
     | ReleaseImages
     | EncodeBatch
     | BatchEncoded

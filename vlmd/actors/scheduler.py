@@ -37,6 +37,7 @@ from vlmd.messages import (
     StepPlan,
     StepResult,
     SubmitRequest,
+    VisionStats,
 )
 
 log = logging.getLogger("vlmd.scheduler")
@@ -104,6 +105,9 @@ class SchedulerActor:
             self._vision_histograms = msg.histograms
             self.core.images_ready(msg.request_id, msg.runs)
             self._work.set()
+        elif isinstance(msg, VisionStats):
+            self._vision_counters = msg.counters
+            self._vision_histograms = msg.histograms
         elif isinstance(msg, ImagesFailed):
             self._abort(msg.request_id)
             self.http.send(RequestFailed(msg.request_id, msg.status, msg.message))
