@@ -28,7 +28,7 @@ from starlette.routing import Route
 from vlmd import ipc, shm
 from vlmd.actors.gate import Gate
 from vlmd.actors.images import BadImage, CheckedImage, ImageChecker
-from vlmd.actors.inflight import ClientError, Tracked
+from vlmd.actors.inflight import ClientError, ClientGone, Tracked
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
 from vlmd.actors.lightllm_api import LightLLMApi, error_response
 from vlmd.actors.limits import QueueGate, check_image_count
@@ -148,6 +148,25 @@ class HttpActor:
         """Returns when the client closes the connection (the body has been read already)."""
         while (await request.receive())["type"] != "http.disconnect":
             pass
+
+    async def first_update(self, updates: asyncio.Queue, request: Request) -> TokenOut:
+        """A stream's first update, awaited before its response starts: a request that fails
+        before its first token (an image the ViT refused, a full cache, a drain) is answered with
+        its own status and error body, as any other request, not a 200 and an error event.
+        Raises that ClientError, or ClientGone if the client leaves first."""
+        getting = asyncio.ensure_future(updates.get())
+        gone = asyncio.ensure_future(self.until_disconnect(request))
+        try:
+            await asyncio.wait([getting, gone], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not getting.done():
+            getting.cancel()
+            raise ClientGone()
+        update = getting.result()
+        if isinstance(update, ClientError):
+            raise update
+        return update
 
     async def read_body(self, request: Request, body_type: type):
         """The request body decoded as `body_type`; a ClientError names the field at fault."""

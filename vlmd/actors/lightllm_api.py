@@ -17,7 +17,7 @@ from vlmd.actors.images import BadImage, check_tile_limit
 from vlmd.actors.inflight import ClientError, ClientGone, Tracked
 from vlmd.api import GenerateBody, ImageInput
 from vlmd.detokenizer import IncrementalDetokenizer
-from vlmd.messages import SamplingParams
+from vlmd.messages import SamplingParams, TokenOut
 from vlmd.sampling import MAX_STOP_STRINGS, InvalidParameter, make_sampling_params
 
 if TYPE_CHECKING:
@@ -92,20 +92,29 @@ class LightLLMApi:
         return response
 
     async def generate_stream(self, request: Request) -> Response:
-        """Server-sent events, one per token, as LightLLM emits them; the last carries the text."""
+        """Server-sent events, one per token, as LightLLM emits them; the last carries the text.
+        The response starts with the first token: an error before it has its own status."""
         try:
             request_id, tracked = await self._submit(await self.actor.read_body(request, GenerateBody))
         except ClientError as exc:
             return error_response(exc.status, str(exc), exc.headers)
-        return StreamingResponse(self._events(request_id, tracked), media_type="text/event-stream")
+        try:
+            first = await self.actor.first_update(tracked.updates, request)
+        except (ClientError, ClientGone) as exc:
+            self.actor.forget(request_id, tracked)
+            if isinstance(exc, ClientGone):
+                return Response(status_code=499)  # nobody reads it; the request was aborted
+            return error_response(exc.status, str(exc), exc.headers)
+        events = self._events(request_id, tracked, first)
+        return StreamingResponse(events, media_type="text/event-stream")
 
-    async def _events(self, request_id: str, tracked: Tracked):
+    async def _events(self, request_id: str, tracked: Tracked, first: TokenOut):
         detok = IncrementalDetokenizer(self.prompts.tokenizer)
         special = set(self.prompts.tokenizer.all_special_ids)
         count = 0
+        update = first
         try:
             while True:
-                update = await tracked.updates.get()
                 if isinstance(update, ClientError):
                     yield _sse({"error": str(update), "finished": True, "finish_reason": None})
                     return
@@ -135,6 +144,7 @@ class LightLLMApi:
                     yield _sse(event)
                 if update.finish_reason is not None:
                     return
+                update = await tracked.updates.get()
         finally:
             self.actor.forget(request_id, tracked)
 
