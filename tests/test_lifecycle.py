@@ -57,6 +57,10 @@ def test_bad_loadworker(model_dir):
     assert_one_line_error(serve("--model_dir", str(model_dir), env={"LOADWORKER": "many"}), "LOADWORKER")
 
 
+def test_bad_step_timeout(model_dir):
+    assert_one_line_error(serve("--model_dir", str(model_dir), "--step_timeout", "-1"), "--step_timeout")
+
+
 def test_seed_flags_and_env_are_accepted(model_dir, tmp_path):
     server = start_server(
         model_dir,
@@ -141,3 +145,42 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_stopped_worker_is_found_hung_and_the_server_stops(model_dir, tmp_path):
+    """SIGSTOP the worker mid-stream: past --step_timeout the scheduler fails the request (the
+    client gets an error event naming the timeout), the server exits 1 with the reason logged,
+    and nothing is left behind."""
+    timeout_s = 3.0
+    server = start_server(model_dir, tmp_path, "--step_timeout", str(timeout_s))
+    # A step of each kind first: the first prefill and the first decode may take longer (compiles).
+    body = {"inputs": "hello", "parameters": {"max_new_tokens": 3}}
+    assert requests.post(server.url + "/generate", json=body, timeout=60).status_code == 200
+    worker = server.actor_pid("worker")
+    body = {"inputs": "a long answer please", "parameters": {"max_new_tokens": 3000, "ignore_eos": True}}
+    try:
+        with requests.post(server.url + "/generate_stream", json=body, stream=True, timeout=60) as stream:
+            lines = stream.iter_lines()
+            assert any(next(lines).startswith(b"data:") for _ in range(4))
+            os.kill(worker, signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            events = [json.loads(line[5:]) for line in lines if line.startswith(b"data:")]
+        code = server.process.wait(timeout=timeout_s + 20)
+        took = time.monotonic() - stopped_at
+    finally:
+        _resume(worker)
+    assert code == 1, server.log()
+    assert timeout_s <= took < timeout_s + 10
+    assert "--step_timeout" in events[-1]["error"] and events[-1]["finished"]
+    assert "has not come back from worker0" in server.log() and "a worker is hung" in server.log()
+    deadline = time.monotonic() + 10
+    while server.actor_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.actor_pids() == [] and server.shm_segments() == []
+
+
+def _resume(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass

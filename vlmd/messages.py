@@ -128,6 +128,13 @@ class Drained(Message):
     num_ended: int = 0  # requests still running at the timeout, ended with an error
 
 
+class Fatal(Message):
+    """An actor -> supervisor: the server cannot go on although every actor is alive (a worker
+    hung past --step_timeout); the supervisor stops it as it does when an actor dies."""
+
+    reason: str
+
+
 # --- http <-> scheduler --------------------------------------------------------------------
 
 
@@ -314,6 +321,7 @@ ANY_MESSAGE = (
     | Ready
     | Shutdown
     | Drained
+    | Fatal
     | SubmitRequest
     | TokenOut
     | RequestFailed

@@ -22,7 +22,7 @@ from vlmd import ipc, shm
 from vlmd.actors.launch import SUPERVISOR_SOCKET, Launch, write_launch
 from vlmd.actors.resolve import resolve_runtime, with_kv_pages
 from vlmd.config import ServerArgs
-from vlmd.messages import Drained, Ready, Shutdown
+from vlmd.messages import Drained, Fatal, Ready, Shutdown
 
 log = logging.getLogger("vlmd.supervisor")
 STOP_GRACE_S = 5.0
@@ -159,6 +159,9 @@ class Supervisor:
                         future.set_result(msg)
                 elif isinstance(msg, Drained) and not self._drained.done():
                     self._drained.set_result(msg)
+                elif isinstance(msg, Fatal):
+                    log.error("%s", msg.reason)
+                    self._request_stop(msg.reason, 1)
         except ipc.ChannelClosed:
             pass
 
