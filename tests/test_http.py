@@ -324,3 +324,14 @@ def test_seeded_sampling_through_the_server(mm_server):
 
     assert text(7) == text(7)
     assert text(7) != text(8)
+
+
+def test_a_tiny_temperature_is_greedy_and_the_server_survives(mm_server):
+    """temperature 1e-39 overflowed 1 / temperature in the sampler and crashed the worker, which
+    took the server down (found fuzzing with --long)."""
+    greedy = generate(mm_server, chat_body("hello", max_new_tokens=8, ignore_eos=True)).json()
+    tiny = chat_body("hello", max_new_tokens=8, ignore_eos=True, do_sample=True, temperature=1e-39, top_p=0.5)
+    response = generate(mm_server, tiny)
+    assert response.status_code == 200, response.text
+    assert [t["id"] for t in response.json()["tokens"]] == [t["id"] for t in greedy["tokens"]]
+    good_request(mm_server)

@@ -14,6 +14,7 @@ from msgspec import Meta
 
 MAX_TOP_LOGPROBS = 20
 MAX_TOP_K = 2**31 - 1
+MIN_SAMPLING_TEMPERATURE = 1e-5  # as vLLM's _SAMPLING_EPS: below it, greedy
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, gc=False):
@@ -28,7 +29,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False, frozen=True):
 
     max_new_tokens: Annotated[int, Meta(ge=1)] = 16
     do_sample: bool = False
-    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 1.0  # 0 is greedy
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 1.0  # 0 (or < 1e-5) is greedy
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
     # -1 or 0: the whole vocabulary. Bounded because every int of a message must fit msgpack's
     # 64 bits; any k beyond the vocabulary keeps all of it anyway.
@@ -49,7 +50,9 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False, frozen=True):
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0.0
+        # Below MIN_SAMPLING_TEMPERATURE, 1 / temperature overflows float32 in the sampler (NaN
+        # probabilities); greedy is what sampling tends to as the temperature goes to 0.
+        return not self.do_sample or self.temperature < MIN_SAMPLING_TEMPERATURE
 
 
 class ImageRef(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
