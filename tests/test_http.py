@@ -223,6 +223,7 @@ BAD_BODIES = {
         "placeholder",
     ),
     "placeholder without image": ({"inputs": "<img></img> describe"}, "placeholder"),
+    "placeholder without image names inputs": ({"inputs": "<img></img> describe"}, "`inputs`"),
     # Found fuzzing the API: each was a 500, the empty prompt an AssertionError that took the
     # scheduler (and the server) down.
     "empty inputs": ({"inputs": "", "parameters": {"max_new_tokens": 2}}, "inputs"),
@@ -311,6 +312,10 @@ def test_images_refused_without_multimodal(text_server):
 def test_prompt_longer_than_max_req_total_len(text_server):
     response = generate(text_server, {"inputs": "word " * 2000, "parameters": {"max_new_tokens": 2}})
     assert response.status_code == 400 and "max_req_total_len" in response.json()["error"]
+    assert "`inputs`" in response.json()["error"]  # the field at fault, as the fuzzer requires
+    completion = {"prompt": "word " * 2000, "max_tokens": 2}
+    response = requests.post(text_server.url + "/v1/completions", json=completion, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
     response = generate(text_server, {"inputs": "hello", "parameters": {"max_new_tokens": 2}})
     assert response.status_code == 200
 

@@ -221,13 +221,18 @@ class HttpActor:
         return prompt_ids, spans
 
     def check_length(
-        self, num_prompt_tokens: int, max_new_tokens: int, param: str = "max_new_tokens"
+        self,
+        num_prompt_tokens: int,
+        max_new_tokens: int,
+        param: str = "max_new_tokens",
+        prompt_param: str = "inputs",
     ) -> None:
         limit = self.runtime.max_req_total_len
         if num_prompt_tokens >= limit:
             raise ClientError(
                 400,
                 f"the prompt has {num_prompt_tokens} tokens; max_req_total_len allows at most {limit - 1}",
+                prompt_param,
             )
         if num_prompt_tokens + max_new_tokens > limit:
             raise ClientError(

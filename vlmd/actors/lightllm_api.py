@@ -28,6 +28,14 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def client_error_response(exc: ClientError) -> JSONResponse:
+    """LightLLM's errors are one string: the field at fault goes in it when it is not named yet."""
+    message = str(exc)
+    if exc.param is not None and exc.param not in message:
+        message = f"{message} (parameter `{exc.param}`)"
+    return error_response(exc.status, message, exc.headers)
+
+
 class LightLLMApi:
     def __init__(self, actor: HttpActor) -> None:
         self.actor = actor
@@ -44,7 +52,7 @@ class LightLLMApi:
             body = await self.actor.read_body(request, GenerateBody)
             return JSONResponse(await self._generate(body, request))
         except ClientError as exc:
-            return error_response(exc.status, str(exc), exc.headers)
+            return client_error_response(exc)
         except ClientGone:
             return Response(status_code=499)  # nobody reads it; the request was aborted
 
@@ -97,14 +105,14 @@ class LightLLMApi:
         try:
             request_id, tracked = await self._submit(await self.actor.read_body(request, GenerateBody))
         except ClientError as exc:
-            return error_response(exc.status, str(exc), exc.headers)
+            return client_error_response(exc)
         try:
             first = await self.actor.first_update(tracked.updates, request)
         except (ClientError, ClientGone) as exc:
             self.actor.forget(request_id, tracked)
             if isinstance(exc, ClientGone):
                 return Response(status_code=499)  # nobody reads it; the request was aborted
-            return error_response(exc.status, str(exc), exc.headers)
+            return client_error_response(exc)
         events = self._events(request_id, tracked, first)
         return StreamingResponse(events, media_type="text/event-stream")
 

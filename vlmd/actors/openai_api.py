@@ -189,7 +189,7 @@ class OpenAIApi:
             limit = (
                 self.actor.runtime.max_req_total_len - len(prompt_ids) if max_tokens is None else max_tokens
             )
-            self.actor.check_length(len(prompt_ids), limit, max_name)
+            self.actor.check_length(len(prompt_ids), limit, max_name, "messages" if job.chat else "prompt")
             limits.append(limit)
         job.num_prompt_tokens = sum(len(prompt_ids) for (prompt_ids, _), _ in prompts)
         self.actor.queue.check_room(len(prompts) * n)  # none goes out unless all can
