@@ -82,7 +82,9 @@ class HttpActor:
         self.metric_queries = MetricsQueries(channel.send)
         self.gate = Gate(self.app(), self.args.api_key)
         self.supervisor: ipc.Channel | None = None  # set once the supervisor knows we are ready
-        self.ending = False  # past --shutdown_timeout: requests in flight are ended
+        # Set once requests in flight are ended (past --shutdown_timeout, or the scheduler gone):
+        # what a request that comes to run after that is answered with.
+        self.end_error: ClientError | None = None
         self._drain_task: asyncio.Task | None = None
 
     # --- scheduler side ---------------------------------------------------------------------
@@ -265,8 +267,8 @@ class HttpActor:
         if updates is not None:
             tracked.updates = updates
         self.inflight[request_id] = tracked
-        if self.ending:  # it passed the gate before the drain, and comes too late to run
-            self._fail(request_id, tracked, self._ended_error())
+        if self.end_error is not None:  # it passed the gate before the end, and comes too late
+            self._fail(request_id, tracked, self.end_error)
             return request_id, tracked
         refs = self._image_refs(checked, spans, tracked)
         self.channel.send(
@@ -315,19 +317,22 @@ class HttpActor:
             return 0
         num_running = self.gate.num_active
         log.warning("%d request(s) still running after --shutdown_timeout: ending them", num_running)
-        self.ending = True
-        for request_id, tracked in list(self.inflight.items()):
-            if not tracked.done.done():
-                self._fail(request_id, tracked, self._ended_error())
-                self.channel.send(Abort(request_id))
-        await self.gate.wait_idle(END_GRACE_S)
+        limit = self.args.shutdown_timeout
+        message = f"the server stopped before the request finished (--shutdown_timeout {limit:g} s)"
+        await self.end_all(ClientError(503, message))
         return num_running
 
-    def _ended_error(self) -> ClientError:
-        limit = self.args.shutdown_timeout
-        return ClientError(
-            503, f"the server stopped before the request finished (--shutdown_timeout {limit:g} s)"
-        )
+    async def end_all(self, error: ClientError, abort: bool = True) -> None:
+        """End every request in flight, and any that comes to run later, with `error` (a 503, or
+        an error event that closes a stream); give their answers END_GRACE_S to go out."""
+        self.gate.draining = True
+        self.end_error = error
+        for request_id, tracked in list(self.inflight.items()):
+            if not tracked.done.done():
+                self._fail(request_id, tracked, error)
+                if abort:
+                    self.channel.send(Abort(request_id))
+        await self.gate.wait_idle(END_GRACE_S)
 
     def _image_refs(
         self, checked: list[CheckedImage], spans: list[ImageSpan], tracked: Tracked
@@ -392,6 +397,11 @@ async def run(launch: Launch, rank: int) -> None:
     )
     serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     done, _ = await asyncio.wait([receiver, serving], return_when=asyncio.FIRST_COMPLETED)
+    if receiver in done:
+        # The scheduler is gone (an actor died; the supervisor is stopping the server): answer
+        # the requests in flight with a 503 that says so, not a 500 or a dropped connection.
+        error = ClientError(503, "the server is stopping: its scheduler is gone (see the server log)")
+        await actor.end_all(error, abort=False)
     for task in done:
         task.result()  # the scheduler connection closed, or the server failed: exit non-zero
     raise SystemExit(1)
