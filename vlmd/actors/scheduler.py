@@ -190,13 +190,16 @@ class SchedulerActor:
         """The oldest step's result; past --step_timeout the server stops instead."""
         if self.step_watch is None:
             return await self._results.get()
-        if self._results.empty():
-            timeout_s = max(0.0, self.step_watch.deadline() - time.monotonic())
+        while self._results.empty():  # a result already there is taken, however late
+            now = time.monotonic()
+            if (overdue := self.step_watch.overdue(now)) is not None:
+                await self._hung(overdue)
             try:
-                result = await asyncio.wait_for(self._results.get(), timeout_s)
+                result = await asyncio.wait_for(self._results.get(), self.step_watch.deadline() - now)
+                break
             except TimeoutError:
-                await self._hung(self.step_watch.overdue(time.monotonic()))
-        else:  # taken even past the deadline: wait_for(get(), 0) would time out before taking it
+                pass  # a timer may fire a little early: the deadline is checked again
+        else:
             result = self._results.get_nowait()
         self.step_watch.returned(result.step_id, time.monotonic())
         return result
