@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from PIL import Image
 
 from tests.conftest import free_port, make_image, start_server
 
@@ -250,6 +252,18 @@ def test_malformed_json(mm_server):
     response = requests.post(mm_server.url + "/generate", data=b'{"inputs": "hi",', timeout=10)
     assert response.status_code == 400 and "malformed JSON" in response.json()["error"]
     good_request(mm_server)
+
+
+def test_a_broken_upload_is_no_error_in_the_server_log(mm_server):
+    """PIL logs a TIFF claiming 23,299 samples per pixel at ERROR (found by test_fuzz.py --long)."""
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, "TIFF")
+    samples_per_pixel = b"\x15\x01\x03\x00\x01\x00\x00\x00"  # tag 277, SHORT, 1 value
+    tiff = out.getvalue().replace(samples_per_pixel + b"\x03\x00", samples_per_pixel + b"\x03\x5b")
+    response = generate(mm_server, with_image({"type": "base64", "data": b64(tiff)}))
+    assert response.status_code == 400 and "image 0" in response.json()["error"]
+    good_request(mm_server)
+    assert "samples per pixel" not in mm_server.log()
 
 
 def test_deeply_nested_json_is_a_400(mm_server):
