@@ -37,6 +37,14 @@ def _png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunks
 
 
+def _tiff_samples_per_pixel(count: int) -> bytes:
+    """An 8 x 8 RGB TIFF whose SamplesPerPixel tag (277, one SHORT) says `count`."""
+    entry = b"\x15\x01\x03\x00\x01\x00\x00\x00"
+    return _save(Image.new("RGB", (8, 8)), "TIFF").replace(
+        entry + b"\x03\x00", entry + struct.pack("<H", count)
+    )
+
+
 def _exif_jpeg(orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -98,6 +106,7 @@ def broken_images() -> dict[str, bytes]:
         "png header only": _png_header_only(64, 48),
         "png claiming 100000 x 100000": _png_header_only(100_000, 100_000),
         "png claiming 0 x 0": _png_header_only(0, 0),
+        "tiff claiming 23299 samples per pixel": _tiff_samples_per_pixel(23299),
     }
 
 

@@ -58,6 +58,8 @@ def fuzz(fuzz_server, request):
     # Each case is written here before it is sent: a case that kills the server makes hypothesis'
     # replay fail another way (FlakyFailure), and its report would not show the case.
     cases = fuzz_server.log_path.with_name("fuzz-cases.log")
+    log = LogTail(fuzz_server)
+    first_failure: list[str] = []  # a leak fails every later case too: the first one is the lead
 
     def run(strategy, examples: int) -> None:
         @settings(
@@ -69,23 +71,45 @@ def fuzz(fuzz_server, request):
         )
         @given(case=strategy)
         def check(case: Case) -> None:
+            sent = f"{case.route} {_abridged(case.body)!r}"
             with open(cases, "a") as f:
-                f.write(f"{case.route} {_abridged(case.body)!r}\n")
-            check_case(fuzz_server, case)
-            seen[0] += 1
-            if seen[0] % IDLE_CHECK_EVERY == 0:
-                assert_idle(fuzz_server)
+                f.write(sent + "\n")
+            try:
+                check_case(fuzz_server, case)
+                log.assert_clean()  # after each case, so that a bad line is the case's own
+                seen[0] += 1
+                if seen[0] % IDLE_CHECK_EVERY == 0:
+                    assert_idle(fuzz_server)
+            except BaseException:
+                first_failure[:] = first_failure or [sent]
+                raise
 
         try:
             check()
         except BaseException as exc:
-            if fuzz_server.process.poll() is None:
-                raise
-            last = cases.read_text().splitlines()[-3:]
-            raise AssertionError("the server died; the last cases sent:\n" + "\n".join(last)) from exc
+            if fuzz_server.process.poll() is not None:
+                last = "\n".join(cases.read_text().splitlines()[-3:])
+                raise AssertionError(f"the server died; the last cases sent:\n{last}") from exc
+            raise AssertionError(f"the first case that failed: {first_failure[0]}") from exc
         assert_idle(fuzz_server)
 
     return run
+
+
+class LogTail:
+    """The server log's lines since the last look."""
+
+    def __init__(self, server: Server) -> None:
+        self.path = server.log_path
+        self.offset = self.path.stat().st_size
+
+    def assert_clean(self) -> None:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            raw = f.read()
+        self.offset += len(raw)
+        new = raw.decode(errors="replace")
+        assert not any(failure in new for failure in LOG_FAILURES), new[-5000:]
 
 
 @pytest.mark.parametrize("route", ROUTES)
