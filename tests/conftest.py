@@ -26,6 +26,14 @@ SERVER_START_TIMEOUT_S = 180
 GPU_SERVER_START_TIMEOUT_S = 900
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--long",
+        action="store_true",
+        help="soak mode: many more fuzzing examples (tests/test_fuzz.py), drawn afresh on each run",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

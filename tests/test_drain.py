@@ -134,11 +134,11 @@ def test_requests_past_the_shutdown_timeout_are_ended_and_the_server_stops(model
 class _HeldImage(BaseHTTPRequestHandler):
     """Serves PNG once the test releases it: a request stays in its image fetch meanwhile."""
 
-    requested = threading.Event()
+    requested = threading.Semaphore(0)  # one release per fetch started
     release = threading.Event()
 
     def do_GET(self):
-        self.requested.set()
+        self.requested.release()
         self.release.wait(60)
         self.send_response(200)
         self.send_header("Content-Type", "image/png")
@@ -150,9 +150,9 @@ class _HeldImage(BaseHTTPRequestHandler):
         pass
 
 
-def test_a_request_let_in_before_the_drain_that_comes_to_run_after_the_timeout_is_refused(
-    model_dir, tmp_path
-):
+def test_requests_let_in_before_the_drain_that_come_to_run_after_the_timeout_are_refused(model_dir, tmp_path):
+    """Streams included: a stream ended before its first token is a 503, not a 200 and an
+    error event (its response starts with the first token)."""
     host = ThreadingHTTPServer(("127.0.0.1", 0), _HeldImage)
     threading.Thread(target=host.serve_forever, daemon=True).start()
     server = start_server(
@@ -160,17 +160,26 @@ def test_a_request_let_in_before_the_drain_that_comes_to_run_after_the_timeout_i
     )
     body = chat_body("<img></img> describe", max_new_tokens=3000, ignore_eos=True)
     url = f"http://127.0.0.1:{host.server_address[1]}/image.png"
+    body = chat_body("<img></img> describe", max_new_tokens=3000, ignore_eos=True)
     body["multimodal_params"] = {"images": [{"type": "url", "data": url}]}
+    image_part = {"type": "image_url", "image_url": {"url": url}}
+    chat = {"messages": [{"role": "user", "content": [image_part]}], "max_tokens": 3000, "stream": True}
+    sent = [("/generate", body), ("/generate_stream", body), ("/v1/chat/completions", chat)]
+    pool = ThreadPoolExecutor(len(sent))
     try:
-        pending = ThreadPoolExecutor(1).submit(requests.post, server.url + "/generate", json=body, timeout=60)
-        assert _HeldImage.requested.wait(30)
+        pending = [pool.submit(requests.post, server.url + path, json=b, timeout=60) for path, b in sent]
+        for _ in sent:
+            assert _HeldImage.requested.acquire(timeout=30)
         server.process.send_signal(signal.SIGTERM)
         wait_until(lambda: "still running after --shutdown_timeout" in server.log(), "the timeout")
     finally:
         _HeldImage.release.set()
         host.shutdown()
-    response = pending.result(timeout=30)  # before the process stops, 2 s after the timeout
-    assert response.status_code == 503 and "--shutdown_timeout" in response.json()["error"]
+    plain, stream, openai_stream = (p.result(timeout=30) for p in pending)  # within the 2 s grace
+    for response in (plain, stream):
+        assert response.status_code == 503 and "--shutdown_timeout" in response.json()["error"]
+    assert openai_stream.status_code == 503
+    assert "--shutdown_timeout" in openai_stream.json()["error"]["message"]
     assert_nothing_left(server, exit_timeout_s=10)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from PIL import Image
 
 from tests.conftest import free_port, make_image, start_server
 
@@ -223,6 +225,17 @@ BAD_BODIES = {
         "placeholder",
     ),
     "placeholder without image": ({"inputs": "<img></img> describe"}, "placeholder"),
+    "placeholder without image names inputs": ({"inputs": "<img></img> describe"}, "`inputs`"),
+    # Found fuzzing the API: each was a 500, the empty prompt an AssertionError that took the
+    # scheduler (and the server) down.
+    "empty inputs": ({"inputs": "", "parameters": {"max_new_tokens": 2}}, "inputs"),
+    "top_k beyond 64 bits": ({"inputs": "hi", "parameters": {"top_k": 10**20}}, "top_k"),
+    "URL with a bad port": (with_image({"type": "url", "data": "http://[::1"}), "image 0"),
+    "URL with a NUL": (with_image({"type": "url", "data": "http://\x00/"}), "image 0"),
+    "too many stop_sequences": (
+        {"inputs": "hi", "parameters": {"stop_sequences": [f"s{i}" for i in range(17)]}},
+        "stop_sequences",
+    ),
 }
 
 
@@ -238,6 +251,28 @@ def test_bad_body_gets_4xx_then_server_serves(mm_server, case):
 def test_malformed_json(mm_server):
     response = requests.post(mm_server.url + "/generate", data=b'{"inputs": "hi",', timeout=10)
     assert response.status_code == 400 and "malformed JSON" in response.json()["error"]
+    good_request(mm_server)
+
+
+def test_a_broken_upload_is_no_error_in_the_server_log(mm_server):
+    """PIL logs a TIFF claiming 23,299 samples per pixel at ERROR (found by test_fuzz.py --long)."""
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, "TIFF")
+    samples_per_pixel = b"\x15\x01\x03\x00\x01\x00\x00\x00"  # tag 277, SHORT, 1 value
+    tiff = out.getvalue().replace(samples_per_pixel + b"\x03\x00", samples_per_pixel + b"\x03\x5b")
+    response = generate(mm_server, with_image({"type": "base64", "data": b64(tiff)}))
+    assert response.status_code == 400 and "image 0" in response.json()["error"]
+    good_request(mm_server)
+    assert "samples per pixel" not in mm_server.log()
+
+
+def test_deeply_nested_json_is_a_400(mm_server):
+    """msgspec recurses into (and over) nested values: a RecursionError was a 500."""
+    depth = 100_000
+    for nested in (b"[" * depth + b"]" * depth, b'{"a":' * depth + b"1" + b"}" * depth):
+        raw = b'{"inputs": "hi", "unknown": ' + nested + b"}"
+        response = requests.post(mm_server.url + "/generate", data=raw, timeout=30)
+        assert response.status_code == 400 and "nested too deeply" in response.json()["error"]
     good_request(mm_server)
 
 
@@ -296,6 +331,10 @@ def test_images_refused_without_multimodal(text_server):
 def test_prompt_longer_than_max_req_total_len(text_server):
     response = generate(text_server, {"inputs": "word " * 2000, "parameters": {"max_new_tokens": 2}})
     assert response.status_code == 400 and "max_req_total_len" in response.json()["error"]
+    assert "`inputs`" in response.json()["error"]  # the field at fault, as the fuzzer requires
+    completion = {"prompt": "word " * 2000, "max_tokens": 2}
+    response = requests.post(text_server.url + "/v1/completions", json=completion, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
     response = generate(text_server, {"inputs": "hello", "parameters": {"max_new_tokens": 2}})
     assert response.status_code == 200
 
@@ -309,3 +348,14 @@ def test_seeded_sampling_through_the_server(mm_server):
 
     assert text(7) == text(7)
     assert text(7) != text(8)
+
+
+def test_a_tiny_temperature_is_greedy_and_the_server_survives(mm_server):
+    """temperature 1e-39 overflowed 1 / temperature in the sampler and crashed the worker, which
+    took the server down (found fuzzing with --long)."""
+    greedy = generate(mm_server, chat_body("hello", max_new_tokens=8, ignore_eos=True)).json()
+    tiny = chat_body("hello", max_new_tokens=8, ignore_eos=True, do_sample=True, temperature=1e-39, top_p=0.5)
+    response = generate(mm_server, tiny)
+    assert response.status_code == 200, response.text
+    assert [t["id"] for t in response.json()["tokens"]] == [t["id"] for t in greedy["tokens"]]
+    good_request(mm_server)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -10,12 +11,14 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import pytest
 import requests
 
 from tests import conftest
-from tests.conftest import start_server
+from tests.conftest import make_image, start_server
+from tests.test_http import metrics
 
 
 def serve(*flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -68,6 +71,10 @@ def test_an_embed_store_larger_than_dev_shm_stops_serve_with_advice(model_dir):
     assert_one_line_error(result, "--embed_store_mb")
     line = next(line for line in result.stderr.splitlines() if "error" in line)
     assert "--shm-size" in line and "lower --embed_store_mb" in line and f"needs {too_many_mb} MiB" in line
+
+
+def test_bad_step_timeout(model_dir):
+    assert_one_line_error(serve("--model_dir", str(model_dir), "--step_timeout", "-1"), "--step_timeout")
 
 
 def test_seed_flags_and_env_are_accepted(model_dir, tmp_path):
@@ -126,8 +133,110 @@ def kill_actor_and_expect_clean_stop(server, role: str, rank: int | None = None)
 
 @pytest.mark.parametrize("role", ["worker", "vision", "scheduler", "http", "preprocess"])
 def test_a_killed_actor_takes_the_server_down_cleanly(model_dir, tmp_path, role):
+    """Under load: with 32 requests in flight (text and images, half of them streamed), every
+    client ends within seconds of the kill, none hangs; unless the http actor itself died, each
+    gets an answer (a 503 or a stream's error event), not a dropped connection or a 500."""
     server = start_server(model_dir, tmp_path, "--enable_multimodal")
-    kill_actor_and_expect_clean_stop(server, role)
+    with ThreadPoolExecutor(NUM_CLIENTS) as pool:
+        clients = [pool.submit(client, server, i) for i in range(NUM_CLIENTS)]
+        wait_in_flight(server, clients)
+        killed_at = time.monotonic()
+        kill_actor_and_expect_clean_stop(server, role)
+        done, hung = wait(clients, timeout=max(0.0, killed_at + CLIENT_BOUND_S - time.monotonic()))
+    assert not hung, f"{len(hung)} client(s) still waiting {CLIENT_BOUND_S} s after the kill"
+    outcomes = [future.result() for future in done]
+    # Without its scheduler the http actor answers every request: only its own death drops them.
+    allowed = {"complete", "dropped"} if role == "http" else {"complete", "answered"}
+    assert {outcome for outcome, _ in outcomes} <= allowed, outcomes
+    assert max(ended_at for _, ended_at in outcomes) - killed_at < CLIENT_BOUND_S
+
+
+NUM_CLIENTS = 32
+CLIENT_BOUND_S = 10.0  # from the kill to the last client's end
+IMAGES = [base64.b64encode(make_image(448, 448, seed=seed)).decode() for seed in range(4)]
+
+
+def client(server, i: int) -> tuple[str, float]:
+    """Request i of the load, and how the client saw it end: "complete", "answered" (an error
+    status with a JSON error, or a stream's error event), "dropped" (the connection closed with
+    no answer) or "hang" (nothing for 60 s)."""
+    stream, image, openai_api = i % 2 == 1, IMAGES[i % 4] if i % 4 >= 2 else None, i % 8 >= 4
+    if openai_api:
+        content = [{"type": "text", "text": f"request {i}: a long answer please"}]
+        if image:
+            url = "data:image/png;base64," + image
+            content.append({"type": "image_url", "image_url": {"url": url}})
+        messages = [{"role": "user", "content": content}]
+        body = {"messages": messages, "max_tokens": 2000, "ignore_eos": True, "stream": stream}
+        path = "/v1/chat/completions"
+    else:
+        params = {"max_new_tokens": 2000, "ignore_eos": True}
+        body = {"inputs": ("<img></img>" if image else "") + f"request {i}: a long answer please"}
+        body |= {
+            "parameters": params,
+            "multimodal_params": {"images": [{"type": "base64", "data": image}] if image else []},
+        }
+        path = "/generate_stream" if stream else "/generate"
+    try:
+        with requests.post(server.url + path, json=body, stream=stream, timeout=60) as response:
+            text = (
+                "".join(line.decode() + "\n" for line in response.iter_lines()) if stream else response.text
+            )
+        outcome = _outcome(response.status_code, text, stream)
+    except requests.Timeout:
+        outcome = "hang"
+    except requests.RequestException:
+        outcome = "dropped"
+    return outcome, time.monotonic()
+
+
+def _outcome(status: int, text: str, stream: bool) -> str:
+    if stream and status == 200:
+        payloads = [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
+        last = json.loads(payloads[-1] if payloads[-1] != "[DONE]" else payloads[-2]) if payloads else {}
+        if "error" in last:
+            return "answered"
+        finished = last.get("finished") or last.get("choices", [{}])[0].get("finish_reason")
+        return "complete" if finished else "other"
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return "other"  # e.g. a plain-text 500
+    if status == 200:
+        return "complete"
+    return "answered" if status >= 400 and "error" in body else "other"
+
+
+def wait_in_flight(server, clients: list, timeout_s: float = 60) -> None:
+    """Until every request is running or waiting in the scheduler (none finished yet)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        values = metrics(server)
+        if values["vlmd_requests_running"] + values["vlmd_requests_waiting"] >= len(clients):
+            break
+        time.sleep(0.1)
+    assert not any(future.done() for future in clients), [f.result() for f in clients if f.done()]
+    assert values["vlmd_requests_running"] + values["vlmd_requests_waiting"] >= len(clients), values
+
+
+def test_a_slow_http_actor_still_answers_its_clients_after_a_death(model_dir, tmp_path):
+    """The supervisor stops the http actor last, once it has answered: here it is paused when
+    the scheduler dies, and resumes only after the supervisor has stopped the rest."""
+    server = start_server(model_dir, tmp_path, "--enable_multimodal")
+    with ThreadPoolExecutor(4) as pool:
+        clients = [pool.submit(client, server, i) for i in (0, 1, 4, 5)]  # text, both APIs
+        wait_in_flight(server, clients)
+        http = server.actor_pid("http")
+        os.kill(http, signal.SIGSTOP)
+        try:
+            os.kill(server.actor_pid("scheduler"), signal.SIGKILL)
+            time.sleep(1.0)  # past the supervisor's DEATH_REPORT_GRACE_S
+        finally:
+            _resume(http)
+        outcomes = [future.result(timeout=CLIENT_BOUND_S) for future in clients]
+    assert {outcome for outcome, _ in outcomes} == {"answered"}, outcomes
+    assert server.process.wait(timeout=30) != 0
+    assert server.actor_pids() == [] and server.shm_segments() == []
 
 
 def test_supervisor_killed_takes_actors_with_it(model_dir, tmp_path):
@@ -190,3 +299,10 @@ def test_workers_load_beside_the_vit_and_size_kv_after_it(model_dir, tmp_path):
     assert "weights " in worker and "waiting for the ViT " in worker and "KV cache " in worker, worker
     assert "weights " in ready["vision"]
     assert started[0].stop() == 0 and server.actor_pids() == [] and server.shm_segments() == []
+
+
+def _resume(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass

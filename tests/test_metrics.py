@@ -91,6 +91,24 @@ def test_vit_batch_sizes_add_up_to_the_images_encoded(mm_server):
     assert_well_formed(after, "vlmd_vit_batch_size")
 
 
+def test_embed_cache_pins_show_while_a_request_runs_and_are_gone_when_it_ends(mm_server):
+    image = base64.b64encode(make_image(300, 300, seed=72)).decode()
+    body = chat_body("<img></img> a long answer", max_new_tokens=3000, ignore_eos=True)
+    body["multimodal_params"] = {"images": [{"type": "base64", "data": image}]}
+
+    def pinned() -> float:
+        return scrape(mm_server)["vlmd_embed_cache_pinned_images"][("vlmd_embed_cache_pinned_images", ())]
+
+    with requests.post(mm_server.url + "/generate_stream", json=body, stream=True, timeout=60) as running:
+        lines = running.iter_lines()  # kept: a dropped iterator closes the stream
+        assert any(next(lines).startswith(b"data:") for _ in range(4))
+        assert pinned() == 1
+    deadline = time.monotonic() + 10  # the disconnect aborts the request, which releases the pin
+    while pinned() != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pinned() == 0
+
+
 def test_rendered_histogram_buckets_are_cumulative():
     hist = Histogram([0.1, 1.0])
     for value in (0.05, 0.1, 0.5, 3.0, 4.0):

@@ -363,6 +363,7 @@ BAD_CHAT_PARAMS = [
     ({"stop": ["ok", ""]}, "stop"),
     ({"stop": [str(i) for i in range(17)]}, "stop"),
     ({"extra_body": {"top_k": -2}}, "top_k"),
+    ({"extra_body": {"top_k": 10**20}}, "top_k"),  # was a 500: beyond msgpack's 64-bit ints
     ({"extra_body": {"min_p": 1.5}}, "min_p"),
     ({"extra_body": {"min_p": -0.1}}, "min_p"),
     ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
@@ -399,6 +400,8 @@ def test_bad_chat_parameter_is_a_400_naming_it(client, params, param):
         ({"max_tokens": 0}, "max_tokens"),
         ({"echo": True}, "echo"),
         ({"prompt": []}, "prompt"),
+        ({"prompt": ""}, "prompt"),  # was an AssertionError that took the server down
+        ({"prompt": ["hi", ""]}, "prompt"),
     ],
 )
 def test_bad_completions_parameter_is_a_400_naming_it(client, params, param):

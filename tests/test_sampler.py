@@ -267,6 +267,39 @@ def test_top_k_one_tiny_top_p_and_temperature_zero_are_greedy():
         assert tokens_of(sampler, logits, ids, position) == logits.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("temperature", [1e-39, 5e-324, 1e-6])
+def test_a_temperature_too_small_for_float32_is_greedy(temperature):
+    """1 / temperature overflowed float32: NaN probabilities kept no token, and top-p's index -1
+    crashed the worker (found fuzzing the server, which it took down)."""
+    logits = torch.randn(4, 100)
+    params = [
+        SamplingParams(do_sample=True, temperature=temperature, top_p=0.5),
+        SamplingParams(do_sample=True, temperature=temperature, top_k=5),
+        SamplingParams(do_sample=True, temperature=temperature, min_p=0.1),
+        SamplingParams(do_sample=True, temperature=temperature),
+    ]
+    sampler, ids = sampler_for(params)
+    for position in range(5):
+        assert tokens_of(sampler, logits, ids, position) == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 5e-324])
+def test_a_penalty_that_pushes_logits_to_infinity_still_draws_a_token(penalty):
+    """Positive logits / 1e-300 are inf: probabilities were NaN and top-p gathered index -1,
+    which crashed the worker (found probing the sampler after the fuzzer found the temperature case)."""
+    logits = torch.randn(3, 100)
+    prompt = list(range(0, 100, 2))  # the penalized tokens
+    params = [
+        SamplingParams(do_sample=True, repetition_penalty=penalty, top_p=0.5),
+        SamplingParams(do_sample=True, repetition_penalty=penalty, top_k=3),
+        SamplingParams(do_sample=True, repetition_penalty=penalty),
+    ]
+    sampler, ids = sampler_for(params, prompt_ids=prompt)
+    for position in range(5):
+        tokens = tokens_of(sampler, logits, ids, position)
+        assert all(0 <= token < 100 for token in tokens)
+
+
 def test_top_k_keeps_the_k_best_and_ties_at_the_kth():
     logits = torch.arange(100, dtype=torch.float32)[None].repeat(2, 1)
     logits[1, 90] = 95.0  # ties with the 5th best

@@ -6,6 +6,7 @@ This is the only module that reads vlmd's environment variables.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import msgspec
@@ -69,6 +70,20 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     # Seconds a stopping server (SIGTERM, or one SIGINT) gives requests in flight to finish; as
     # Kubernetes' default grace period, which SIGKILLs a pod that takes longer.
     shutdown_timeout: float = 30.0
+    # Seconds a step may run on the workers before the server stops as hung; 0: never. None: the
+    # device's DEFAULT_STEP_TIMEOUT_S.
+    step_timeout: float | None = None
+
+
+# --step_timeout by device: a GPU step takes milliseconds, so a minute is a hung worker (a stuck
+# collective, a stopped process); a CPU step of a real model over a long prompt can take minutes.
+DEFAULT_STEP_TIMEOUT_S = {"cuda": 60.0, "cpu": 600.0}
+
+
+def step_timeout_s(args: ServerArgs, device: str) -> float | None:
+    """--step_timeout on `device` in seconds, None when it is off."""
+    timeout = DEFAULT_STEP_TIMEOUT_S[device] if args.step_timeout is None else args.step_timeout
+    return timeout if 0 < timeout < math.inf else None
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -217,6 +232,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "at once (default: %(default)s)",
     )
     add(
+        "--step_timeout",
+        type=float,
+        default=None,
+        help="seconds a step may run on the workers (from when it could start) before the server "
+        "stops as hung, with the reason in the log and exit code 1; the first step of each kind "
+        "may take longer while kernels compile; 0: never "
+        f"(default: {DEFAULT_STEP_TIMEOUT_S['cuda']:g} on GPUs, {DEFAULT_STEP_TIMEOUT_S['cpu']:g} on the CPU)",
+    )
+    add(
         "--torch_threads",
         type=int,
         default=None,
@@ -258,6 +282,8 @@ def build_server_args(ns: argparse.Namespace, environ: dict[str, str] | None = N
         raise ConfigError("--image_fetch_timeout", "must be positive")
     if ns.shutdown_timeout < 0:
         raise ConfigError("--shutdown_timeout", f"must be at least 0, got {ns.shutdown_timeout}")
+    if ns.step_timeout is not None and not ns.step_timeout >= 0:  # NaN too
+        raise ConfigError("--step_timeout", f"must be at least 0, got {ns.step_timeout}")
     if ns.api_key == "":
         raise ConfigError("--api_key", "must not be empty")
     if ns.api_key is None:

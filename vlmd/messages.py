@@ -13,6 +13,8 @@ import msgspec
 from msgspec import Meta
 
 MAX_TOP_LOGPROBS = 20
+MAX_TOP_K = 2**31 - 1
+MIN_SAMPLING_TEMPERATURE = 1e-5  # as vLLM's _SAMPLING_EPS: below it, greedy
 
 
 class Message(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, gc=False):
@@ -27,9 +29,11 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False, frozen=True):
 
     max_new_tokens: Annotated[int, Meta(ge=1)] = 16
     do_sample: bool = False
-    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 1.0  # 0 is greedy
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 1.0  # 0 (or < 1e-5) is greedy
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Meta(ge=-1)] = -1  # -1 or 0: the whole vocabulary
+    # -1 or 0: the whole vocabulary. Bounded because every int of a message must fit msgpack's
+    # 64 bits; any k beyond the vocabulary keeps all of it anyway.
+    top_k: Annotated[int, Meta(ge=-1, le=MAX_TOP_K)] = -1
     min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = (
         0.0  # keep tokens at least this times as likely as the best
     )
@@ -46,7 +50,9 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False, frozen=True):
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0.0
+        # Below MIN_SAMPLING_TEMPERATURE, 1 / temperature overflows float32 in the sampler (NaN
+        # probabilities); greedy is what sampling tends to as the temperature goes to 0.
+        return not self.do_sample or self.temperature < MIN_SAMPLING_TEMPERATURE
 
 
 class ImageRef(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -136,6 +142,13 @@ class Drained(Message):
     num_ended: int = 0  # requests still running at the timeout, ended with an error
 
 
+class Fatal(Message):
+    """An actor -> supervisor: the server cannot go on although every actor is alive (a worker
+    hung past --step_timeout); the supervisor stops it as it does when an actor dies."""
+
+    reason: str
+
+
 # --- http <-> scheduler --------------------------------------------------------------------
 
 
@@ -197,8 +210,16 @@ class EncodeImages(Message):
 class ImagesReady(Message):
     request_id: str
     runs: list[EmbedRun]  # one per image, in request order
-    counters: dict[str, float]  # vision counters after this batch, for /metrics
+    counters: dict[str, float]  # vision counters and gauges after this batch, for /metrics
     histograms: dict[str, HistogramSnapshot] = {}  # vision histograms, likewise
+
+
+class VisionStats(Message):
+    """Vision -> scheduler, whenever pins change without an ImagesReady (a release, the end of a
+    batch): the vision actor's counters and gauges for /metrics, as ImagesReady carries them."""
+
+    counters: dict[str, float]
+    histograms: dict[str, HistogramSnapshot] = {}
 
 
 class ImagesFailed(Message):
@@ -342,6 +363,7 @@ ANY_MESSAGE = (
     | VisionLoaded
     | Shutdown
     | Drained
+    | Fatal
     | SubmitRequest
     | TokenOut
     | RequestFailed
@@ -351,6 +373,7 @@ ANY_MESSAGE = (
     | EncodeImages
     | ImagesReady
     | ImagesFailed
+    | VisionStats
     | ReleaseImages
     | EncodeBatch
     | BatchEncoded

@@ -29,7 +29,7 @@ from vlmd import ipc, shm
 from vlmd.actors.fetch import ImageFetcher
 from vlmd.actors.gate import Gate
 from vlmd.actors.images import BadImage, CheckedImage, HeldImages, ImageChecker, NoSharedMemory
-from vlmd.actors.inflight import ClientError, Tracked
+from vlmd.actors.inflight import ClientError, ClientGone, Tracked
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
 from vlmd.actors.lightllm_api import LightLLMApi, error_response
 from vlmd.actors.limits import RETRY_AFTER_S, QueueGate, check_image_count
@@ -88,7 +88,9 @@ class HttpActor:
         self.metric_queries = MetricsQueries(channel.send)
         self.gate = Gate(self.app(), self.args.api_key)
         self.supervisor: ipc.Channel | None = None  # set once the supervisor knows we are ready
-        self.ending = False  # past --shutdown_timeout: requests in flight are ended
+        # Set once requests in flight are ended (past --shutdown_timeout, or the scheduler gone):
+        # what a request that comes to run after that is answered with.
+        self.end_error: ClientError | None = None
         self._drain_task: asyncio.Task | None = None
 
     # --- scheduler side ---------------------------------------------------------------------
@@ -158,6 +160,25 @@ class HttpActor:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
+    async def first_update(self, updates: asyncio.Queue, request: Request) -> TokenOut:
+        """A stream's first update, awaited before its response starts: a request that fails
+        before its first token (an image the ViT refused, a full cache, a drain) is answered with
+        its own status and error body, as any other request, not a 200 and an error event.
+        Raises that ClientError, or ClientGone if the client leaves first."""
+        getting = asyncio.ensure_future(updates.get())
+        gone = asyncio.ensure_future(self.until_disconnect(request))
+        try:
+            await asyncio.wait([getting, gone], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not getting.done():
+            getting.cancel()
+            raise ClientGone()
+        update = getting.result()
+        if isinstance(update, ClientError):
+            raise update
+        return update
+
     async def read_body(self, request: Request, body_type: type):
         """The request body decoded as `body_type`; a ClientError names the field at fault."""
         limit = self.args.max_body_bytes
@@ -175,6 +196,8 @@ class HttpActor:
             raise ClientError(400, f"invalid request: {exc}", _field_at_fault(str(exc))) from None
         except msgspec.DecodeError as exc:
             raise ClientError(400, f"malformed JSON: {exc}") from None
+        except RecursionError:  # msgspec decodes (and skips unknown fields) recursively
+            raise ClientError(400, "malformed JSON: nested too deeply") from None
 
     async def check_images(self, images: list[ImageInput]) -> list[CheckedImage]:
         """Fetch the request's images; decode, check and preprocess those not seen before. The
@@ -203,23 +226,32 @@ class HttpActor:
         self.images.release(checked)
 
     async def tokenize(
-        self, build: Callable, prompt, checked: list[CheckedImage], param: str | None = None
+        self, build: Callable, prompt, checked: list[CheckedImage], param: str
     ) -> tuple[list[int], list[ImageSpan]]:
-        """Prompt ids with the images expanded: `build(prompt, tiles_per_image)`, off the event loop."""
+        """Prompt ids with the images expanded: `build(prompt, tiles_per_image)`, off the event loop;
+        `param` is the body field the prompt came from, named by its errors."""
         try:
             # The fast tokenizer releases the GIL: a long prompt does not stall other requests.
-            return await asyncio.to_thread(build, prompt, [image.num_tiles for image in checked])
+            prompt_ids, spans = await asyncio.to_thread(build, prompt, [image.num_tiles for image in checked])
         except PromptError as exc:
             raise ClientError(400, str(exc), param) from None
+        if not prompt_ids:  # nothing to compute a first token from
+            raise ClientError(400, f"parameter `{param}` is empty: the prompt has no tokens", param)
+        return prompt_ids, spans
 
     def check_length(
-        self, num_prompt_tokens: int, max_new_tokens: int, param: str = "max_new_tokens"
+        self,
+        num_prompt_tokens: int,
+        max_new_tokens: int,
+        param: str = "max_new_tokens",
+        prompt_param: str = "inputs",
     ) -> None:
         limit = self.runtime.max_req_total_len
         if num_prompt_tokens >= limit:
             raise ClientError(
                 400,
                 f"the prompt has {num_prompt_tokens} tokens; max_req_total_len allows at most {limit - 1}",
+                prompt_param,
             )
         if num_prompt_tokens + max_new_tokens > limit:
             raise ClientError(
@@ -258,8 +290,8 @@ class HttpActor:
             tracked.updates = updates
         tracked.segments, tracked.pixel_segments = segments, pixel_segments
         self.inflight[request_id] = tracked
-        if self.ending:  # it passed the gate before the drain, and comes too late to run
-            self._fail(request_id, tracked, self._ended_error())
+        if self.end_error is not None:  # it passed the gate before the end, and comes too late
+            self._fail(request_id, tracked, self.end_error)
             return request_id, tracked
         self.channel.send(
             SubmitRequest(
@@ -304,19 +336,22 @@ class HttpActor:
             return 0
         num_running = self.gate.num_active
         log.warning("%d request(s) still running after --shutdown_timeout: ending them", num_running)
-        self.ending = True
-        for request_id, tracked in list(self.inflight.items()):
-            if not tracked.done.done():
-                self._fail(request_id, tracked, self._ended_error())
-                self.channel.send(Abort(request_id))
-        await self.gate.wait_idle(END_GRACE_S)
+        limit = self.args.shutdown_timeout
+        message = f"the server stopped before the request finished (--shutdown_timeout {limit:g} s)"
+        await self.end_all(ClientError(503, message))
         return num_running
 
-    def _ended_error(self) -> ClientError:
-        limit = self.args.shutdown_timeout
-        return ClientError(
-            503, f"the server stopped before the request finished (--shutdown_timeout {limit:g} s)"
-        )
+    async def end_all(self, error: ClientError, abort: bool = True) -> None:
+        """End every request in flight, and any that comes to run later, with `error` (a 503, or
+        an error event that closes a stream); give their answers END_GRACE_S to go out."""
+        self.gate.draining = True
+        self.end_error = error
+        for request_id, tracked in list(self.inflight.items()):
+            if not tracked.done.done():
+                self._fail(request_id, tracked, error)
+                if abort:
+                    self.channel.send(Abort(request_id))
+        await self.gate.wait_idle(END_GRACE_S)
 
     def _hold_images(
         self, checked: list[CheckedImage], spans: list[ImageSpan]
@@ -394,6 +429,11 @@ async def run(launch: Launch, rank: int) -> None:
     )
     serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     done, _ = await asyncio.wait([receiver, serving], return_when=asyncio.FIRST_COMPLETED)
+    if receiver in done:
+        # The scheduler is gone (an actor died; the supervisor is stopping the server): answer
+        # the requests in flight with a 503 that says so, not a 500 or a dropped connection.
+        error = ClientError(503, "the server is stopping: its scheduler is gone (see the server log)")
+        await actor.end_all(error, abort=False)
     for task in done:
         task.result()  # the scheduler connection closed, or the server failed: exit non-zero
     raise SystemExit(1)

@@ -75,6 +75,9 @@ def setup_logging(role: str) -> logging.Logger:
         format=f"%(asctime)s {role:>9} %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    # PIL's plugins log what is wrong with an uploaded file (a TIFF's absurd samples per pixel at
+    # ERROR): the client gets it as a 400, and a client must not be able to write server errors.
+    logging.getLogger("PIL").setLevel(logging.CRITICAL)
     return logging.getLogger(f"vlmd.{role}")
 
 

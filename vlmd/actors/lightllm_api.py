@@ -17,8 +17,8 @@ from vlmd.actors.images import BadImage, check_tile_limit
 from vlmd.actors.inflight import ClientError, ClientGone, Tracked
 from vlmd.api import GenerateBody, ImageInput
 from vlmd.detokenizer import IncrementalDetokenizer
-from vlmd.messages import SamplingParams
-from vlmd.sampling import InvalidParameter, make_sampling_params
+from vlmd.messages import SamplingParams, TokenOut
+from vlmd.sampling import MAX_STOP_STRINGS, InvalidParameter, make_sampling_params
 
 if TYPE_CHECKING:
     from vlmd.actors.http import HttpActor
@@ -26,6 +26,14 @@ if TYPE_CHECKING:
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def client_error_response(exc: ClientError) -> JSONResponse:
+    """LightLLM's errors are one string: the field at fault goes in it when it is not named yet."""
+    message = str(exc)
+    if exc.param is not None and exc.param not in message:
+        message = f"{message} (parameter `{exc.param}`)"
+    return error_response(exc.status, message, exc.headers)
 
 
 class LightLLMApi:
@@ -44,7 +52,7 @@ class LightLLMApi:
             body = await self.actor.read_body(request, GenerateBody)
             return JSONResponse(await self._generate(body, request))
         except ClientError as exc:
-            return error_response(exc.status, str(exc), exc.headers)
+            return client_error_response(exc)
         except ClientGone:
             return Response(status_code=499)  # nobody reads it; the request was aborted
 
@@ -54,12 +62,19 @@ class LightLLMApi:
         sampling = self._sampling(body)
         checked = await self.actor.check_images(self._images(body))
         try:
-            prompt_ids, spans = await self.actor.tokenize(self.prompts.build, body.inputs, checked)
+            prompt_ids, spans = await self.actor.tokenize(self.prompts.build, body.inputs, checked, "inputs")
             self.actor.check_length(len(prompt_ids), sampling.max_new_tokens)
             stops = (
                 [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
             )
-            stop_token_seqs = self.prompts.stop_token_seqs(stops)
+            if len(stops) > MAX_STOP_STRINGS:  # each is checked after every token, in the scheduler
+                raise ClientError(
+                    400,
+                    f"parameter `stop_sequences` takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}",
+                    "stop_sequences",
+                )
+            # Off the event loop, as the prompt: long stop strings take as long to tokenize.
+            stop_token_seqs = await asyncio.to_thread(self.prompts.stop_token_seqs, stops)
             return self.actor.submit(prompt_ids, spans, checked, sampling, stop_token_seqs, arrival=arrival)
         finally:
             self.actor.release_checked(checked)  # the submitted request holds its images itself
@@ -90,20 +105,29 @@ class LightLLMApi:
         return response
 
     async def generate_stream(self, request: Request) -> Response:
-        """Server-sent events, one per token, as LightLLM emits them; the last carries the text."""
+        """Server-sent events, one per token, as LightLLM emits them; the last carries the text.
+        The response starts with the first token: an error before it has its own status."""
         try:
             request_id, tracked = await self._submit(await self.actor.read_body(request, GenerateBody))
         except ClientError as exc:
-            return error_response(exc.status, str(exc), exc.headers)
-        return StreamingResponse(self._events(request_id, tracked), media_type="text/event-stream")
+            return client_error_response(exc)
+        try:
+            first = await self.actor.first_update(tracked.updates, request)
+        except (ClientError, ClientGone) as exc:
+            self.actor.forget(request_id, tracked)
+            if isinstance(exc, ClientGone):
+                return Response(status_code=499)  # nobody reads it; the request was aborted
+            return client_error_response(exc)
+        events = self._events(request_id, tracked, first)
+        return StreamingResponse(events, media_type="text/event-stream")
 
-    async def _events(self, request_id: str, tracked: Tracked):
+    async def _events(self, request_id: str, tracked: Tracked, first: TokenOut):
         detok = IncrementalDetokenizer(self.prompts.tokenizer)
         special = set(self.prompts.tokenizer.all_special_ids)
         count = 0
+        update = first
         try:
             while True:
-                update = await tracked.updates.get()
                 if isinstance(update, ClientError):
                     yield _sse({"error": str(update), "finished": True, "finish_reason": None})
                     return
@@ -133,6 +157,7 @@ class LightLLMApi:
                     yield _sse(event)
                 if update.finish_reason is not None:
                     return
+                update = await tracked.updates.get()
         finally:
             self.actor.forget(request_id, tracked)
 

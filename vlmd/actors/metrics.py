@@ -48,6 +48,10 @@ GAUGES = {
         "KV cache pages no request holds, kept for the prefix cache (evicted when pages run out)",
     ),
     "kv_pages_total": ("vlmd_kv_pages_total", "KV cache pages in the pool"),
+    "embed_cache_pinned_images": (
+        "vlmd_embed_cache_pinned_images",
+        "images in the MD5 cache pinned by requests in flight or an encode (never evicted)",
+    ),
     "requests_running": ("vlmd_requests_running", "requests in the running batch"),
     "requests_waiting": ("vlmd_requests_waiting", "requests waiting for images or KV pages"),
     "requests_queued": (

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from vlmd.actors.images import CheckedImage
-from vlmd.actors.inflight import ClientError, Tracked
+from vlmd.actors.inflight import ClientError, ClientGone, Tracked
 from vlmd.actors.tokenizer import ImageSpan
 from vlmd.api import ImageInput
 from vlmd.detokenizer import StopStringText
@@ -193,7 +193,7 @@ class OpenAIApi:
             limit = (
                 self.actor.runtime.max_req_total_len - len(prompt_ids) if max_tokens is None else max_tokens
             )
-            self.actor.check_length(len(prompt_ids), limit, max_name)
+            self.actor.check_length(len(prompt_ids), limit, max_name, "messages" if job.chat else "prompt")
             limits.append(limit)
         job.num_prompt_tokens = sum(len(prompt_ids) for (prompt_ids, _), _ in prompts)
         self.actor.queue.check_room(len(prompts) * n)  # none goes out unless all can
@@ -212,8 +212,15 @@ class OpenAIApi:
 
     async def _answer(self, job: Job, body: SamplingFields, request: Request) -> Response:
         if body.stream:
+            # The stream starts with the first token: an error before it has its own status.
+            try:
+                first = await self.actor.first_update(job.updates, request)
+            except (ClientError, ClientGone) as exc:
+                self._forget(job)
+                return Response(status_code=499) if isinstance(exc, ClientGone) else error_response(exc)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(job, include_usage), media_type="text/event-stream")
+            stream = self._stream(job, include_usage, first)
+            return StreamingResponse(stream, media_type="text/event-stream")
         finishing = asyncio.ensure_future(self._drain(job))
         gone = asyncio.ensure_future(self.actor.until_disconnect(request))
         try:
@@ -233,13 +240,13 @@ class OpenAIApi:
         async for _ in self._progress(job):
             pass
 
-    async def _stream(self, job: Job, include_usage: bool) -> AsyncIterator[bytes]:
+    async def _stream(self, job: Job, include_usage: bool, first: TokenOut) -> AsyncIterator[bytes]:
         try:
             try:
                 if job.chat:
                     for choice in job.choices:
                         yield _sse(self._chunk(job, choice.index, {"role": "assistant", "content": ""}))
-                async for delta in self._progress(job):
+                async for delta in self._progress(job, first):
                     if delta.text or delta.tokens and job.logprobs or delta.finish_reason:
                         yield _sse(self._delta_chunk(job, delta, include_usage))
                 if include_usage:
@@ -250,10 +257,11 @@ class OpenAIApi:
         finally:
             self._forget(job)
 
-    async def _progress(self, job: Job) -> AsyncIterator[Delta]:
-        """What each update from the scheduler adds to a choice, until every choice has finished."""
+    async def _progress(self, job: Job, first: TokenOut | None = None) -> AsyncIterator[Delta]:
+        """What each update from the scheduler (after `first`, already taken from the queue)
+        adds to a choice, until every choice has finished."""
         while any(choice.finish_reason is None for choice in job.choices):
-            update = await job.updates.get()
+            update, first = (first, None) if first is not None else (await job.updates.get(), None)
             if isinstance(update, ClientError):
                 raise update
             choice = next((c for c in job.choices if c.request_id == update.request_id), None)

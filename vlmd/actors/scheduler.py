@@ -13,18 +13,22 @@ import asyncio
 import logging
 import os
 import random
+import time
 from collections import Counter, deque
 
 import msgspec
 
 from vlmd import ipc
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
+from vlmd.config import step_timeout_s
 from vlmd.core.page_allocator import pages_for
 from vlmd.core.request import Request
 from vlmd.core.scheduler import Scheduler, SchedulerConfig
+from vlmd.core.step_watch import Overdue, StepWatch
 from vlmd.messages import (
     Abort,
     EncodeImages,
+    Fatal,
     FlushStep,
     GetMetrics,
     Hello,
@@ -37,17 +41,23 @@ from vlmd.messages import (
     StepPlan,
     StepResult,
     SubmitRequest,
+    VisionStats,
 )
 
 log = logging.getLogger("vlmd.scheduler")
 
 # The step the workers run, and the next one, planned meanwhile (see the module docstring).
 MAX_STEPS_IN_FLIGHT = 2
+# After telling the supervisor that a worker hung: exit if nobody has stopped us by then.
+HUNG_EXIT_BACKSTOP_S = 30.0
 
 
 class SchedulerActor:
     def __init__(self, launch: Launch) -> None:
         self.args = launch.args
+        timeout_s = step_timeout_s(launch.args, launch.runtime.device)
+        self.step_watch = StepWatch(timeout_s) if timeout_s else None
+        self.supervisor: ipc.Channel | None = None  # set once the supervisor knows we are ready
         self.core: Scheduler | None = None  # built once every worker has said how many KV pages it has
         self._worker_pages: dict[int, int] = {}
         self.http: ipc.Channel | None = None
@@ -104,6 +114,9 @@ class SchedulerActor:
             self._vision_histograms = msg.histograms
             self.core.images_ready(msg.request_id, msg.runs)
             self._work.set()
+        elif isinstance(msg, VisionStats):
+            self._vision_counters = msg.counters
+            self._vision_histograms = msg.histograms
         elif isinstance(msg, ImagesFailed):
             self._abort(msg.request_id)
             self.http.send(RequestFailed(msg.request_id, msg.status, msg.message))
@@ -125,6 +138,11 @@ class SchedulerActor:
             stop_token_seqs=msg.stop_token_seqs,
             eos_token_ids=msg.eos_token_ids,
         )
+        # The http actor refuses both; a request that slipped through must not reach the core,
+        # whose assertions would take the whole server down.
+        if not request.prompt_ids:
+            self.http.send(RequestFailed(msg.request_id, 400, "the prompt has no tokens"))
+            return
         if pages_for(request.max_total_tokens, self.core.config.page_size) > self.core.config.num_pages:
             self.http.send(RequestFailed(msg.request_id, 400, "prompt + max_new_tokens exceed the KV cache"))
             return
@@ -165,10 +183,46 @@ class SchedulerActor:
                 # Workers hold their newest step until the next plan comes; none will now.
                 self._to_workers(FlushStep())
                 flushed = True
-            result = await self._results.get()
+            result = await self._next_result()
             self._apply(in_flight.popleft(), result)
 
+    async def _next_result(self) -> StepResult:
+        """The oldest step's result; past --step_timeout the server stops instead."""
+        if self.step_watch is None:
+            return await self._results.get()
+        while self._results.empty():  # a result already there is taken, however late
+            now = time.monotonic()
+            if (overdue := self.step_watch.overdue(now)) is not None:
+                await self._hung(overdue)
+            try:
+                result = await asyncio.wait_for(self._results.get(), self.step_watch.deadline() - now)
+                break
+            except TimeoutError:
+                pass  # a timer may fire a little early: the deadline is checked again
+        else:
+            result = self._results.get_nowait()
+        self.step_watch.returned(result.step_id, time.monotonic())
+        return result
+
+    async def _hung(self, overdue: Overdue) -> None:
+        """A worker is hung: fail every request (their clients get a 503 at once, not a closed
+        connection) and have the supervisor stop the server. Never returns."""
+        workers = "worker0" if self.num_workers == 1 else f"one of worker0..worker{self.num_workers - 1}"
+        reason = (
+            f"step {overdue.step_id} has not come back from {workers} in {overdue.running_s:.1f} s "
+            f"(--step_timeout allows {overdue.allowed_s:g} s): a worker is hung"
+        )
+        log.error("%s; stopping the server", reason)
+        for request_id in list(self.core.requests):
+            self.http.send(RequestFailed(request_id, 503, f"the server is stopping: {reason}"))
+        self.supervisor.send(Fatal(reason))
+        await asyncio.sleep(HUNG_EXIT_BACKSTOP_S)  # the supervisor stops every actor meanwhile
+        logging.shutdown()
+        os._exit(1)
+
     def _to_workers(self, msg) -> None:
+        if isinstance(msg, StepPlan) and self.step_watch is not None:
+            self.step_watch.sent(msg, time.monotonic())
         for worker in self.workers.values():
             worker.send(msg)
 
@@ -208,6 +262,6 @@ class SchedulerActor:
 async def run(launch: Launch, rank: int) -> None:
     actor = SchedulerActor(launch)
     server = await ipc.serve(launch.socket(SCHEDULER_SOCKET), actor.on_channel)
-    await announce_ready(launch, "scheduler")
+    actor.supervisor = await announce_ready(launch, "scheduler")
     async with server:
         await actor.step_loop()

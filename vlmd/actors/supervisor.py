@@ -11,6 +11,7 @@ supervisor is killed (PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import shutil
@@ -23,12 +24,15 @@ from vlmd import ipc, shm
 from vlmd.actors.launch import SUPERVISOR_SOCKET, Launch, RuntimeInfo, write_launch
 from vlmd.actors.resolve import DTYPE_BYTES, resolve_runtime, with_kv_pages
 from vlmd.config import ConfigError, ServerArgs
-from vlmd.messages import Drained, Hello, Ready, Shutdown, VisionLoaded
+from vlmd.messages import Drained, Fatal, Hello, Ready, Shutdown, VisionLoaded
 
 log = logging.getLogger("vlmd.supervisor")
 STOP_GRACE_S = 5.0
 START_TIMEOUT_S = 600.0
 DEATH_REPORT_GRACE_S = 0.3
+# After an actor's death, how long the http actor may take to answer its requests in flight (a 503
+# each, http.END_GRACE_S at most) and exit by itself before it is stopped.
+HTTP_ANSWER_GRACE_S = 3.0
 # How long past --shutdown_timeout to wait for the http actor's Drained before stopping anyway:
 # it gives the requests it ends 2 s (http.END_GRACE_S) to send their errors.
 DRAIN_BACKSTOP_S = 5.0
@@ -171,6 +175,9 @@ class Supervisor:
                         future.set_result(msg)
                 elif isinstance(msg, Drained) and not self._drained.done():
                     self._drained.set_result(msg)
+                elif isinstance(msg, Fatal):
+                    log.error("%s", msg.reason)
+                    self._request_stop(msg.reason, 1)
         except ipc.ChannelClosed:
             pass
 
@@ -223,14 +230,26 @@ class Supervisor:
             await asyncio.sleep(DEATH_REPORT_GRACE_S)
         self._terminating = True
         self._stop.set()
-        for actor in self.actors:
+        http = [actor for actor in self.actors if actor.role == "http" and self._exit_code]
+        await self._terminate([actor for actor in self.actors if actor not in http])
+        if http:
+            # After a death: without its scheduler the http actor answers the requests in flight
+            # with a 503 and exits by itself; stopped last, it has the time to. (A drain answered
+            # them already; a second signal stops everything at once.)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(http[0].process.wait(), HTTP_ANSWER_GRACE_S)
+            await self._terminate(http)
+
+    async def _terminate(self, actors: list[Actor]) -> None:
+        """SIGTERM, then SIGKILL what is still running STOP_GRACE_S later."""
+        for actor in actors:
             if actor.process.returncode is None:
                 actor.process.send_signal(signal.SIGTERM)
-        waits = [actor.process.wait() for actor in self.actors]
+        waits = [actor.process.wait() for actor in actors]
         try:
             await asyncio.wait_for(asyncio.gather(*waits), STOP_GRACE_S)
         except TimeoutError:
-            for actor in self.actors:
+            for actor in actors:
                 if actor.process.returncode is None:
                     log.warning("actor %s did not stop in %.0f s: killing it", actor.name, STOP_GRACE_S)
                     actor.process.kill()

@@ -34,10 +34,12 @@ from vlmd.messages import (
     EncodeImages,
     ForwardTiles,
     Hello,
+    HistogramSnapshot,
     ImageRef,
     ImagesFailed,
     ImagesReady,
     ReleaseImages,
+    VisionStats,
 )
 
 log = logging.getLogger("vlmd.vision")
@@ -152,17 +154,29 @@ class VisionActor:
         self.pending.pop(request_id, None)
         self.index.unpin(request_id, self.pinned.pop(request_id, []))
         self._wake.set()  # room may have opened for a queued image
+        self._send_stats()
 
     def _reply_if_complete(self, request_id: str) -> None:
         pending = self.pending.get(request_id)
         if pending is not None and all(run is not None for run in pending.runs):
             del self.pending[request_id]
-            counters = {**self.counters, "embed_cache_evictions_total": float(self.index.num_evictions)}
-            for replica in self.replicas:
-                counters[f"{VIT_REPLICA_PREFIX}{replica.group}"] = float(replica.num_images)
-            add_preprocess_counts(counters, self.pixels.num_images)
-            histograms = {"vit_batch_size": self.batch_sizes.snapshot()}
+            counters, histograms = self._stats()
             self.channel.send(ImagesReady(request_id, pending.runs, counters, histograms))
+
+    def _stats(self) -> tuple[dict[str, float], dict[str, HistogramSnapshot]]:
+        counters = {
+            **self.counters,
+            "embed_cache_evictions_total": float(self.index.num_evictions),
+            "embed_cache_pinned_images": float(self.index.num_pinned),
+        }
+        for replica in self.replicas:
+            counters[f"{VIT_REPLICA_PREFIX}{replica.group}"] = float(replica.num_images)
+        add_preprocess_counts(counters, self.pixels.num_images)
+        return counters, {"vit_batch_size": self.batch_sizes.snapshot()}
+
+    def _send_stats(self) -> None:
+        """/metrics shows pins as they are once idle (a leaked pin stays visible)."""
+        self.channel.send(VisionStats(*self._stats()))
 
     def _fail(self, request_id: str, status: int, message: str) -> None:
         if self.pending.pop(request_id, None) is not None:
@@ -255,6 +269,7 @@ class VisionActor:
         self.batch_sizes.observe(len(batch))
         for (job, entry), error, status in zip(batch, errors, held.statuses, strict=True):
             self._finish(job, entry, error, status)
+        self._send_stats()  # the encode's own pins are gone, whether or not a waiter is left
 
     def _finish(self, job: Job, entry: Entry, error: str, status: int = 400) -> None:
         """The job's rows are written (or it failed): answer its waiters still here."""

@@ -76,6 +76,11 @@ class EmbedIndex:
     def __contains__(self, md5: str) -> bool:
         return md5 in self._entries
 
+    @property
+    def num_pinned(self) -> int:
+        """Entries some request (or an encode in flight) pins: none once the server is idle."""
+        return sum(1 for entry in self._entries.values() if entry.pinned_by)
+
     def lookup(self, md5: str, pin_for: str) -> Entry | None:
         """A hit pins the entry for `pin_for` and marks it most recently used."""
         entry = self._entries.get(md5)

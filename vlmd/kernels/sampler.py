@@ -222,7 +222,11 @@ def keep_thresholds(logits: torch.Tensor, knobs: torch.Tensor, num_candidates: i
     probs = torch.softmax((values * inv_temperature).masked_fill(~in_top_k, float("-inf")), dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs
     keep = in_top_k & ((mass_before < top_p) | (top_p >= 1.0))
-    last = keep.sum(dim=-1, keepdim=True) - 1  # the first token is always kept
+    # The best token is always kept: so by construction, since probabilities may be NaN where
+    # penalties pushed logits to infinity (a repetition_penalty of 1e-300), and an index of -1
+    # below would crash the worker.
+    keep[:, 0] = True
+    last = keep.sum(dim=-1, keepdim=True) - 1
     thresholds = values.gather(1, last)
     limited = ((top_k < vocab) | (top_p < 1.0)) & (inv_temperature > 0)
     thresholds = torch.where(limited, thresholds, float("-inf"))
