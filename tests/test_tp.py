@@ -49,7 +49,8 @@ def tp2_server(model_dir, tmp_path_factory):
 def test_tp2_greedy_tokens_equal_transformers(tp2_server, reference, case):
     prompt, _, images = CASES[case]
     assert vlmd_generate(tp2_server, prompt, images) == reference.generate(hf_prompt(prompt), images)
-    assert len(tp2_server.actor_pids()) == 6  # scheduler, two workers, two vision ranks (one ViT), http
+    # scheduler, two workers, two vision ranks (one ViT), a preprocess worker, http
+    assert len(tp2_server.actor_pids()) == 7
 
 
 def test_tp2_seeded_sampling_draws_the_single_rank_tokens(tp2_server, text_server):
