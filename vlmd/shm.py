@@ -128,10 +128,7 @@ class SharedBytes:
         return name
 
     def release(self, name: str) -> None:
-        count = self._num_holders.pop(name) - 1
-        if count:
-            self._num_holders[name] = count
-        else:
+        if _last_release(self._num_holders, name):
             unlink_segment(name)
 
 
@@ -169,9 +166,14 @@ class SharedPixels:
         return name
 
     def release(self, name: str) -> None:
-        count = self._num_holders.pop(name) - 1
-        if count:
-            self._num_holders[name] = count
-        else:
+        if _last_release(self._num_holders, name):
             del self._by_key[self._keys.pop(name)]
             unlink_segment(name)
+
+
+def _last_release(num_holders: dict[str, int], name: str) -> bool:
+    """One holder of `name` lets go; True when it was the last (its count is gone then)."""
+    count = num_holders.pop(name) - 1
+    if count:
+        num_holders[name] = count
+    return count == 0

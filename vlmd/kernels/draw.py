@@ -24,7 +24,6 @@ import torch
 from vlmd.kernels.probe import built_or_fallback, require_triton, tl, triton
 
 MASK32 = 0xFFFFFFFF
-MASK64 = 0xFFFFFFFFFFFFFFFF
 # fmix32, the finaliser of MurmurHash3: a bijection of 32-bit words with full avalanche.
 FMIX_1, FMIX_2 = 0x85EBCA6B, 0xC2B2AE35
 GOLDEN32 = 0x9E3779B1  # spreads consecutive token indices over the 32-bit words

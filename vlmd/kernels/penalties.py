@@ -88,8 +88,11 @@ class PenaltyTable:
         """Count the tokens just drawn (one per row) as generated."""
         self.history.index_put_((rows, tokens), self._generated, accumulate=True)
 
-    def check_integrity(self) -> None:
-        assert len(set(self._free)) == len(self._free) and all(0 <= r < self._num_rows for r in self._free)
+    def check_integrity(self, held_rows: list[int]) -> None:
+        """`held_rows`: the rows of the requests still running, each held once and not free."""
+        free = set(self._free)
+        assert len(free) == len(self._free) and all(0 <= r < self._num_rows for r in free)
+        assert len(set(held_rows)) == len(held_rows) and not free & set(held_rows)
 
 
 def penalize(

@@ -200,9 +200,7 @@ class Sampler:
     def check_integrity(self) -> None:
         slots = [s.slot for s in self.states.values()]
         assert len(set(slots)) == len(slots) and not set(slots) & set(self._free_slots)
-        rows = [s.penalty_row for s in self.states.values() if s.penalty_row >= 0]
-        assert len(set(rows)) == len(rows) and not set(rows) & set(self.penalties._free)
-        self.penalties.check_integrity()
+        self.penalties.check_integrity([s.penalty_row for s in self.states.values() if s.penalty_row >= 0])
 
 
 def keep_thresholds(logits: torch.Tensor, knobs: torch.Tensor, num_candidates: int) -> torch.Tensor:
