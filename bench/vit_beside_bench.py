@@ -1,0 +1,212 @@
+"""Where should the ViT run so that decoding does not stall? Decode steps while a ViT encodes back
+to back, with the ViT placed each way vlmd could place it, all in one run on one GPU.
+
+    python bench/vit_beside_bench.py [--batch_sizes 1 16] [--vit_batch 7] [--json PATH]
+    python bench/vit_beside_bench.py --tiny   # the tiny model on the CPU: checks the script only
+
+The InternVL3-8B-shaped model of `bench/gpu_bench.py` (random bf16 weights, CUDA graphs as
+`vlmd serve` captures them). For each decode batch size, the median, p99 and longest decode step
+and the ViT's tiles per second, with the ViT:
+
+- alone: no ViT (decode steps on a high-priority stream, as the worker placement runs them);
+- process: in another process on the same device (today's vision actor beside the LM worker: the
+  two CUDA contexts time-share the GPU);
+- thread_low: in a thread of the decoding process on a low-priority stream, decode on a
+  high-priority one (the ViT in the worker's process);
+- thread_equal: the same with both streams at the default priority.
+
+The ViT alone (no decode) gives the tiles/s the others are compared with. Each ViT forward is
+`--vit_batch` tiles (7: one 1344x896 image) and waits for its rows, as an encode does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import logging
+import shlex
+import statistics
+import sys
+import threading
+import time
+
+import gpu_bench
+import torch
+from gpu_bench import Bench, add_text_requests, full_batch_decode, run_steps, sync
+
+log = logging.getLogger("vit_beside_bench")
+
+PLACEMENTS = ("alone", "process", "thread_low", "thread_equal")
+
+
+class ViTThread:
+    """ViT forwards of `pixels` back to back on `stream`, in a thread, until stopped."""
+
+    def __init__(self, vision, pixels: torch.Tensor, stream: torch.cuda.Stream | None) -> None:
+        self.vision, self.pixels, self.stream = vision, pixels, stream
+        self.stop = threading.Event()
+        self.tiles_per_s = 0.0
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> ViTThread:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    @torch.inference_mode()
+    def _loop(self) -> None:
+        device = self.pixels.device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            torch.cuda.set_stream(self.stream)
+        started, done = time.perf_counter(), 0
+        while not done or not self.stop.is_set():  # at least one forward, however short the decode
+            self.vision(self.pixels)
+            sync_stream(self.stream)  # an encode waits for its rows before it writes them out
+            done += self.pixels.shape[0]
+        self.tiles_per_s = done / (time.perf_counter() - started)
+
+
+def sync_stream(stream: torch.cuda.Stream | None) -> None:
+    if stream is not None:
+        stream.synchronize()
+
+
+def streams(
+    device: torch.device, placement: str
+) -> tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]:
+    """(decode stream, ViT stream) for a placement; None, None on the CPU."""
+    if device.type != "cuda":
+        return None, None
+    low, high = torch.cuda.Stream.priority_range()  # (least, greatest): a lower number runs first
+    if placement == "thread_equal":
+        return torch.cuda.Stream(device, priority=low), torch.cuda.Stream(device, priority=low)
+    return torch.cuda.Stream(device, priority=high), torch.cuda.Stream(device, priority=low)
+
+
+def step_stats(steps, batch: int) -> dict:
+    intervals = sorted(s.interval_s * 1e3 for s in full_batch_decode(steps, batch))
+    p99 = intervals[min(len(intervals) - 1, round(0.99 * (len(intervals) - 1)))]
+    return {"step_ms": statistics.median(intervals), "p99_step_ms": p99, "longest_step_ms": intervals[-1]}
+
+
+def decode_with(bench: Bench, batch: int, placement: str, pixels: torch.Tensor) -> dict:
+    """Decode steps at `batch` with the ViT placed as `placement` (see the module docstring)."""
+    if placement == "process":
+        row = bench.decode_beside_vit(batch)
+        return {k: row[k] for k in ("step_ms", "longest_step_ms", "vit_tiles_per_s")} | {
+            "p99_step_ms": None  # gpu_bench reports the median and the longest only
+        }
+    decode_stream, vit_stream = streams(bench.device, placement)
+    prompts = torch.randint(0, bench.shape.num_text_ids, (batch, bench.args.prompt_len), generator=bench.gen)
+    add_text_requests(bench.scheduler, prompts, bench.args.new_tokens, f"{placement}{batch}")
+    sync(bench.device)
+    with torch.cuda.stream(decode_stream) if decode_stream is not None else contextlib.nullcontext():
+        if placement == "alone":
+            return step_stats(run_steps(bench.runner, bench.scheduler), batch) | {"vit_tiles_per_s": None}
+        with ViTThread(bench.vision, pixels, vit_stream) as vit:
+            steps = run_steps(bench.runner, bench.scheduler)
+    sync(bench.device)
+    return step_stats(steps, batch) | {"vit_tiles_per_s": vit.tiles_per_s}
+
+
+def vit_alone(bench: Bench, pixels: torch.Tensor, seconds: float) -> float:
+    """The ViT's tiles/s in its thread on a low-priority stream with nothing else running."""
+    _, vit_stream = streams(bench.device, "thread_low")
+    with ViTThread(bench.vision, pixels, vit_stream) as vit:
+        time.sleep(seconds)
+    return vit.tiles_per_s
+
+
+def measure(args: argparse.Namespace) -> dict:
+    bench = Bench(args)
+    side = bench.arch.image_size
+    pixels = torch.randn(args.vit_batch, 3, side, side, generator=bench.gen).to(bench.device, bench.dtype)
+    warmup = torch.randint(
+        0, bench.shape.num_text_ids, (max(args.batch_sizes), args.prompt_len), generator=bench.gen
+    )
+    add_text_requests(bench.scheduler, warmup, 3, "warmup")
+    run_steps(bench.runner, bench.scheduler)
+    out = {"vit_alone_tiles_per_s": vit_alone(bench, pixels, 2.0 if bench.device.type == "cuda" else 0.1)}
+    out["rows"] = []
+    for batch in args.batch_sizes:
+        for placement in args.placements:
+            log.info("decode at batch %d, ViT %s", batch, placement)
+            out["rows"].append(
+                {"batch": batch, "placement": placement} | decode_with(bench, batch, placement, pixels)
+            )
+    bench.scheduler.check_integrity()
+    return out
+
+
+def report(meta: dict, out: dict) -> str:
+    lines = [
+        f"# ViT placement beside decoding, {meta['device']}, {meta['date']}",
+        f"command: `{meta['command']}`; {meta['versions']}",
+        f"ViT alone: {out['vit_alone_tiles_per_s']:.0f} tiles/s ({meta['vit_batch']} tiles per forward)",
+        "",
+        "| batch | ViT placement | step median ms | step p99 ms | longest ms | ViT tiles/s (x alone) |",
+        "|---|---|---|---|---|---|",
+    ]
+    alone = out["vit_alone_tiles_per_s"]
+    for row in out["rows"]:
+        vit = row["vit_tiles_per_s"]
+        vit_text = "-" if vit is None else f"{vit:.0f} ({vit / alone:.2f}x)"
+        p99 = "-" if row["p99_step_ms"] is None else f"{row['p99_step_ms']:.2f}"
+        lines.append(
+            f"| {row['batch']} | {row['placement']} | {row['step_ms']:.2f} | {p99} | "
+            f"{row['longest_step_ms']:.2f} | {vit_text} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny float32 model on the CPU (checks the script)"
+    )
+    parser.add_argument("--batch_sizes", type=int, nargs="+")
+    parser.add_argument(
+        "--vit_batch", type=int, default=7, help="tiles per ViT forward (7: one 1344x896 image)"
+    )
+    parser.add_argument("--new_tokens", type=int, help="tokens per request: the decode run's length")
+    parser.add_argument("--placements", nargs="+", choices=PLACEMENTS, default=list(PLACEMENTS))
+    parser.add_argument("--json", help="also write every figure to this file")
+    args = parser.parse_args(argv)
+    # gpu_bench's settings, but batches 1 and 16 and enough decode steps beside the ViT for a p99.
+    defaults = gpu_bench.TINY if args.tiny else gpu_bench.FULL | {"batch_sizes": [1, 16], "new_tokens": 256}
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.graph_max_batch_size = 64
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(relativeCreated)7.0f ms %(name)s: %(message)s")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    out = measure(args)
+    device = torch.device(args.device)
+    meta = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": shlex.join(["python", *sys.argv]),
+        "versions": f"torch {torch.__version__}",
+        "vit_batch": args.vit_batch,
+    }
+    print(report(meta, out))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"meta": meta, **out}, f, indent=2)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
