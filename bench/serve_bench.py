@@ -8,8 +8,11 @@ scenario beside its baseline in one command (issues 15 and 16):
   later turns with the prefix cache and with --disable_prefix_cache.
 - long_answers: 64 streams that declare max_tokens 4096 and hang up after 128 tokens, against 64
   that ask for 128, on a pool of 64 x 1k tokens; output tokens/s of each.
-- images: one text stream's inter-token latency alone, and while 1344x896 PNG images (7 tiles)
-  arrive 4 at a time; the image requests' latency.
+- images: one text stream's inter-token latency alone, and while new 7-tile (1344x896) and
+  13-tile (1792x1344) PNGs arrive back to back, four at a time; the 13-tile images' rate with and
+  without a text stream decoding; end-to-end images/s of new 1-tile and 13-tile JPEGs and PNGs
+  against the ViT's own tiles/s on the same weights (measured in this process once the server
+  is gone).
 
     python bench/serve_bench.py --model_dir .cache/internvl3-8b --write_model --scenarios all
 
@@ -21,6 +24,7 @@ table and, with --output_json, to a file.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -37,6 +41,9 @@ SCENARIOS = ("sampling", "prefix", "long_answers", "images")
 SAMPLED = ["--temperature", "0.7", "--top_p", "0.9", "--top_k", "50", "--repetition_penalty", "1.05"]
 TOP_P_ONLY = ["--temperature", "0.7", "--top_p", "0.9"]
 START_TIMEOUT_S = 1200  # a cold start compiles FlashInfer's kernels
+# Every `vlmd bench` run draws its prompts and images from a seed of its own: a seed drawn twice
+# would send the same text and image bytes again, prefix and embedding cache hits.
+RUN_SEEDS = itertools.count(1000)
 
 
 @contextmanager
@@ -114,6 +121,8 @@ def streams(args, output_len: int, *flags: str) -> list[str]:
         args.model_dir,
         "--output_len",
         str(output_len),
+        "--seed",
+        str(next(RUN_SEEDS)),
         *flags,
     ]
 
@@ -158,49 +167,124 @@ def long_answers(args, log_dir: Path) -> list[tuple[str, str, float]]:
     return rows
 
 
+# (name, width, height, tiles): InternVL's dynamic tiling of each size, with the thumbnail.
+IMAGE_SIZES = (
+    ("1-tile 448x448", 448, 448, 1),
+    ("7-tile 1344x896", 1344, 896, 7),
+    ("13-tile 1792x1344", 1792, 1344, 13),
+)
+
+
+def image_load(width: int, height: int, image_format: str, concurrency: int, num_prompts: int) -> list[str]:
+    """Requests of one new image each and one new token."""
+    seed = ["--seed", str(next(RUN_SEEDS))]
+    size = ["--image_width", str(width), "--image_height", str(height), "--image_format", image_format]
+    counts = ["--max_concurrency", str(concurrency), "--num_prompts", str(num_prompts)]
+    return ["--images_per_request", "1", *size, "--output_len", "1", "--input_len", "16", *counts, *seed]
+
+
+def text_stream(args, output_len: int) -> list[str]:
+    """One streaming client: a 512-token prompt, `output_len` tokens, three times over."""
+    flags = ["--num_prompts", "3", "--max_concurrency", "1", "--input_len", "512"]
+    return [*flags, "--tokenizer", args.model_dir, "--output_len", str(output_len)]
+
+
+@contextmanager
+def in_background(url: str, *flags: str):
+    """A `vlmd bench` load running until the block ends."""
+    load, out = bench_in_background(url, *flags)
+    try:
+        yield load
+    finally:
+        load.kill()
+        load.wait(60)
+        os.unlink(out)
+
+
 def images(args, log_dir: Path) -> list[tuple[str, str, float]]:
-    text = [
-        "--num_prompts",
-        "3",
-        "--max_concurrency",
-        "1",
-        "--input_len",
-        "512",
-        "--tokenizer",
-        args.model_dir,
-    ]
-    text += ["--output_len", str(args.long_output // 4)]
-    image_load = ["--images_per_request", "1", "--image_width", "1344", "--image_height", "896"]
-    image_load += [
-        "--image_format",
-        "png",
-        "--output_len",
-        "1",
-        "--max_concurrency",
-        "4",
-        "--num_prompts",
-        "200",
-    ]
+    """Text inter-token latency while 7- and 13-tile PNGs arrive back to back, four at a time (two
+    of each size); the 13-tile images' rate with and without a text stream decoding; then images
+    per second end to end, each size and format, against the ViT's own tiles per second."""
     rows = []
-    with serve(args.model_dir, args.port, "--enable_multimodal", log_dir=log_dir) as url:
-        alone = bench(url, *text)
+    _, w7, h7, _ = IMAGE_SIZES[1]
+    _, w13, h13, _ = IMAGE_SIZES[2]
+    n = args.image_prompts
+    with serve(args.model_dir, args.port, "--enable_multimodal", *args.serve_flags, log_dir=log_dir) as url:
+        alone = bench(url, *text_stream(args, args.long_output // 4))
         rows.append(("images", "text stream alone: ITL p99 ms", alone["itl_ms"]["p99"]))
         rows.append(("images", "text stream alone: ITL median ms", alone["itl_ms"]["median"]))
-        load, out = bench_in_background(url, *image_load)
-        try:
-            wait_for_vit(url)  # the load's images drawn and on their way
-            beside = bench(url, *text)
-        finally:
-            load.kill()
-            load.wait(60)
-        rows.append(("images", "text stream beside images: ITL p99 ms", beside["itl_ms"]["p99"]))
-        rows.append(("images", "text stream beside images: ITL median ms", beside["itl_ms"]["median"]))
-        alone_images = bench(url, *image_load[:-2], "--num_prompts", str(args.streams))
-        name = "1344x896 PNG requests, 4 at a time"
-        rows.append(("images", f"{name}: latency median ms", alone_images["e2e_latency_ms"]["median"]))
-        rows.append(("images", f"{name}: requests/s", alone_images["request_throughput"]))
-        os.unlink(out)
+        with in_background(url, *image_load(w7, h7, "png", 2, 100 * n)):
+            with in_background(url, *image_load(w13, h13, "png", 2, 100 * n)):
+                wait_for_vit(url)  # the loads' images drawn and on their way
+                beside = bench(url, *text_stream(args, args.long_output // 4))
+        rows.append(("images", "text stream beside 7+13-tile images: ITL p99 ms", beside["itl_ms"]["p99"]))
+        rows.append(
+            ("images", "text stream beside 7+13-tile images: ITL median ms", beside["itl_ms"]["median"])
+        )
+        thirteen = image_load(w13, h13, "png", 4, n)
+        images_alone = bench(url, *thirteen)["request_throughput"]
+        with in_background(url, *text_stream(args, 1 << 14)):
+            time.sleep(2)  # the text stream decoding
+            images_beside = bench(url, *thirteen)["request_throughput"]
+        rows.append(("images", "13-tile PNGs 4 at a time, no text: images/s", images_alone))
+        rows.append(("images", "13-tile PNGs 4 at a time, beside a text stream: images/s", images_beside))
+        rows.append(("images", "  ratio (target >= 0.8)", images_beside / images_alone))
+    return rows + image_throughput(args, log_dir)
+
+
+def image_throughput(args, log_dir: Path) -> list[tuple[str, str, float]]:
+    """End-to-end images/s of new 1-tile and 13-tile JPEGs and PNGs (one new token each, many at a
+    time, ViT batches of up to --vit_batch images), then, with the server gone, the ViT's own
+    tiles/s on the same weights in one process."""
+    rows, tiles_per_s = [], {}
+    flags = ["--enable_multimodal", "--visual_infer_batch_size", str(args.vit_batch), *args.serve_flags]
+    with serve(args.model_dir, args.port, *flags, log_dir=log_dir) as url:
+        for name, width, height, tiles in (IMAGE_SIZES[0], IMAGE_SIZES[2]):
+            for image_format in ("jpeg", "png"):
+                count = args.image_prompts * (8 if tiles == 1 else 1)
+                rate = bench(url, *image_load(width, height, image_format, 32, count))["request_throughput"]
+                rows.append(("images", f"{name} {image_format.upper()}, 32 at a time: images/s", rate))
+                tiles_per_s[(name, image_format)] = rate * tiles
+    for name, _, _, tiles in (IMAGE_SIZES[0], IMAGE_SIZES[2]):
+        batch = args.vit_batch * tiles if tiles == 1 else tiles
+        vit = vit_tiles_per_s(args.model_dir, batch)
+        rows.append(("images", f"ViT alone, {batch} tiles per forward: tiles/s", vit))
+        for image_format in ("jpeg", "png"):
+            ratio = tiles_per_s[(name, image_format)] / vit
+            rows.append(
+                ("images", f"  {name} {image_format.upper()} end to end / ViT (target >= 0.9)", ratio)
+            )
     return rows
+
+
+def vit_tiles_per_s(model_dir: str, num_tiles: int, repeats: int = 30) -> float:
+    """The vision tower and projector as the vision actor runs them (its attention, a CUDA graph
+    per tile count), forwards of `num_tiles` random tiles back to back."""
+    import torch
+
+    from vlmd.kernels.vision_attention import make_tile_attention
+    from vlmd.kernels.vision_graph import VisionGraphs
+    from vlmd.models.loader import load_vision
+
+    cuda = torch.cuda.is_available()
+    device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
+    vision = load_vision(model_dir, dtype, device, num_threads=8)
+    vision.set_tile_attention(make_tile_attention("auto", device, dtype, vision.arch.vision_head_dim))
+    side = vision.arch.image_size
+    if cuda:
+        vision = VisionGraphs(vision, num_tiles, side)
+        vision.capture()
+    pixels = torch.randn(num_tiles, 3, side, side, device=device, dtype=dtype)
+    with torch.inference_mode():
+        vision(pixels)
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            vision(pixels)
+        if cuda:
+            torch.cuda.synchronize()
+    return repeats * num_tiles / (time.perf_counter() - started)
 
 
 RUNS = {"sampling": sampling, "prefix": prefix, "long_answers": long_answers, "images": images}
@@ -218,8 +302,16 @@ def main(argv: list[str] | None = None) -> None:
         "--long_output", type=int, default=4096, help="max_tokens the long-answer clients declare"
     )
     parser.add_argument("--streams", type=int, default=64, help="concurrent streams (fewer: a smoke run)")
+    parser.add_argument("--image_prompts", type=int, default=64, help="image requests per images/s figure")
+    parser.add_argument(
+        "--vit_batch", type=int, default=12, help="--visual_infer_batch_size for the images/s runs"
+    )
+    parser.add_argument(
+        "--serve_flags", default="", help="more `vlmd serve` flags for the images scenario (one string)"
+    )
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
+    args.serve_flags = args.serve_flags.split()
     if args.write_model and not (Path(args.model_dir) / "config.json").exists():
         cmd = [sys.executable, "-m", "vlmd", "demo-model", "--size", "internvl3-8b", args.model_dir]
         started = time.perf_counter()
