@@ -2,8 +2,8 @@
 before the forward, and how many images per second the preprocess pool supplies.
 
 - leader: the old path decoded, tiled and normalised each image on the ViT's thread
-  (`decode_image` + `preprocess`); the new one copies the tiles a preprocess worker wrote into
-  shared memory (`ViTRank.load_pixels`' read).
+  (`decode_image` + `preprocess`); the new one copies the uint8 tiles a preprocess worker wrote
+  into shared memory (`ViTRank.load_pixels`' read; it normalises them on the ViT's device after).
 - pool: images per second through `PreprocessPool` with 0 (a thread of the caller), 1 and 2
   worker processes, `--concurrency` images in flight, PNGs of one size.
 
@@ -51,9 +51,9 @@ def leader_ms(data: bytes, repeats: int) -> tuple[float, float]:
             preprocess(decode_image(data), TILING)
             old.append(time.perf_counter() - start)
             start = time.perf_counter()
-            out = np.empty((answer.num_tiles, 3, size, size), np.float32)
+            out = np.empty((answer.num_tiles, 3, size, size), np.uint8)
             segment = shm.SharedSegment.attach(name)
-            out[...] = np.ndarray(out.shape, np.float32, buffer=segment.buf)
+            out[...] = np.ndarray(out.shape, np.uint8, buffer=segment.buf)
             segment.close()
             new.append(time.perf_counter() - start)
     finally:

@@ -1,6 +1,7 @@
 """Image preprocessing in the pool (--preprocess_workers): each image decoded once per request path,
-tiles handed to the ViT through shared memory, bit for bit what `vlmd.image.preprocess` makes,
-and nothing left behind, whatever happens to the request."""
+tiles handed to the ViT through shared memory, bit for bit what `vlmd.image.tile_image` cuts (the
+ViT normalises them: tests/test_vit_parallel.py), and nothing left behind, whatever happens to the
+request."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from vlmd.actors.images import BadImage, ImageChecker, NoSharedMemory
 from vlmd.actors.pixels import BYTES_GONE, FrontPixels
 from vlmd.actors.preprocess import BAD_IMAGE, TOO_LARGE, PreprocessPool, preprocess_job
 from vlmd.api import ImageInput
-from vlmd.image import TilingConfig, decode_image, downscale, fit_within, preprocess
+from vlmd.image import TilingConfig, decode_image, downscale, fit_within, tile_image
 from vlmd.messages import ImageRef, PreprocessImage
 
 TILING = TilingConfig()
@@ -40,7 +41,7 @@ def read_tiles(name: str, num_tiles: int) -> np.ndarray:
     segment = shm.SharedSegment.attach(name)
     try:
         size = TILING.tile_size
-        return np.ndarray((num_tiles, 3, size, size), np.float32, buffer=segment.buf).copy()
+        return np.ndarray((num_tiles, 3, size, size), np.uint8, buffer=segment.buf).copy()
     finally:
         segment.close()
 
@@ -61,7 +62,7 @@ def my_segments() -> list[str]:
         (900, 600, 0, 200_000, True),  # resize_to_fit
     ],
 )
-def test_worker_tiles_are_bit_identical_to_preprocess(width, height, max_tiles, max_pixels, resize):
+def test_worker_tiles_are_bit_identical_to_tile_image(width, height, max_tiles, max_pixels, resize):
     data = make_image(width, height, seed=width)
     name = f"{PREFIX}{width}"
     answer = preprocess_job(PreprocessImage(1, data, name, max_pixels, resize, max_tiles), TILING, 3)
@@ -70,7 +71,7 @@ def test_worker_tiles_are_bit_identical_to_preprocess(width, height, max_tiles, 
         image = decode_image(data)
         if resize:
             image = downscale(image, *fit_within(width, height, max_pixels))
-        want = preprocess(image, TILING.with_max_tiles(max_tiles))
+        want = tile_image(image, TILING.with_max_tiles(max_tiles))
         assert answer.num_tiles == want.shape[0]
         assert np.array_equal(read_tiles(name, answer.num_tiles), want)  # the same bits
     finally:
@@ -157,7 +158,7 @@ def test_shared_pixels_count_holders_per_key():
 
 def test_the_vision_front_links_the_tiles_or_has_the_bytes_preprocessed():
     data = make_image(800, 500, seed=11)
-    want = preprocess(decode_image(data), TILING)
+    want = tile_image(decode_image(data), TILING)
 
     async def scenario() -> None:
         pool = PreprocessPool(TILING, PREFIX)

@@ -7,6 +7,7 @@ import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -29,7 +30,7 @@ from vlmd import shm
 from vlmd.actors.preprocess import preprocess_job
 from vlmd.actors.vit_replica import VisionLayout, ViTRank
 from vlmd.demo import write_demo_model
-from vlmd.image import TilingConfig, num_tiles
+from vlmd.image import TilingConfig, decode_image, num_tiles, preprocess
 from vlmd.messages import EmbedRun, ImageRef, PreprocessImage
 from vlmd.models.loader import load_vision
 from vlmd.models.tensor_parallel import SINGLE_RANK, TPGroup, end_rank_process
@@ -108,6 +109,24 @@ def _image_refs(model_dir, image_bytes: shm.SharedBytes) -> tuple[list[ImageRef]
         runs.append(EmbedRun(f"md5-{i}", offset, rows))
         offset += rows
     return refs, runs
+
+
+def test_tiles_reach_the_vit_normalised_as_preprocess_makes_them(model_dir):
+    """Tiles travel as uint8 and are normalised by the ViT's rank: the float32 pixels it runs on
+    are the bits `vlmd.image.preprocess` gives (transformers' and OpenGVLab's normalisation)."""
+    prefix = f"vlmd-{os.getpid()}-test-norm-"
+    image_bytes = shm.SharedBytes(prefix)
+    refs, _ = _image_refs(model_dir, image_bytes)
+    tiling = TilingConfig.from_model_dir(model_dir)
+    try:
+        vit = ViTRank(load_vision(model_dir, torch.float32, "cpu"), tiling)
+        pixels, counts, errors = vit.load_pixels(refs)
+        want = np.concatenate([preprocess(decode_image(data), tiling) for data in IMAGES])
+        assert counts == [ref.num_tiles for ref in refs] and errors == ["", "", ""]
+        assert pixels.dtype == torch.float32 and pixels.is_contiguous()
+        assert np.array_equal(pixels.numpy(), want)  # the same bits
+    finally:
+        shm.unlink_all(prefix)
 
 
 def _store(segment: shm.SharedSegment, hidden: int) -> torch.Tensor:

@@ -133,7 +133,7 @@ class SharedBytes:
 
 
 class SharedPixels:
-    """Segments of an image's normalised tiles, by embed key, held by reference count as
+    """Segments of an image's tiles (uint8, before normalisation), by embed key, held by reference count as
     SharedBytes holds bytes: every request of the key shares the one segment, the last release
     unlinks it. A preprocess worker writes the segment; `adopt` makes it the key's (or unlinks it,
     when another request's tiles of the key are held already). One event loop uses it."""

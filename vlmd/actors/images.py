@@ -107,7 +107,7 @@ class NoSharedMemory(Exception):
 
 class ImageChecker:
     """Fetches image bytes, computes the MD5, and has an image it has not seen decoded, checked,
-    tiled and normalised by the preprocess pool, once: the tiles go on to the ViT in shared memory.
+    tiled by the preprocess pool, once: the tiles go on to the ViT in shared memory.
 
     An image of more than `max_bytes` bytes (--max_image_bytes, however it came) is refused; one
     of more than `max_pixels` pixels is refused from its header alone, unless the request asks for

@@ -1,9 +1,9 @@
 """Image preprocessing off the actors' event loops: a pool of `--preprocess_workers` processes.
 
 A preprocess worker decodes an image's bytes (fully: that is what finds a truncated file), checks
-its size against --max_image_pixels, downscales it if the request asked to fit, cuts and
-normalises its tiles (`vlmd.image.preprocess`) and writes them, float32 `[num_tiles, 3, tile, tile]`,
-into a new shared-memory segment whose name the caller chose. Decoding, tiling and normalising
+its size against --max_image_pixels, downscales it if the request asked to fit, cuts its tiles
+(`vlmd.image.tile_image`) and writes them, uint8 `[num_tiles, 3, tile, tile]` (the ViT normalises
+them on its device), into a new shared-memory segment whose name the caller chose. Decoding and tiling
 an image costs tens of milliseconds of one core, so one Python process would bound the server's
 image throughput; N processes do N images at a time, beside the ViT.
 
@@ -32,7 +32,7 @@ from vlmd.image import (
     decode_image,
     downscale,
     fit_within,
-    preprocess,
+    tile_image,
 )
 from vlmd.messages import Hello, ImagePreprocessed, PreprocessImage
 
@@ -49,7 +49,7 @@ def worker_socket(rank: int) -> str:
 
 
 def preprocess_job(job: PreprocessImage, tiling: TilingConfig, worker: int = -1) -> ImagePreprocessed:
-    """Decode, check, tile and normalise one image into the segment `job.pixels_shm` (created here,
+    """Decode, check and tile one image into the segment `job.pixels_shm` (created here,
     owned by the caller from the answer on). Errors are answers, never exceptions."""
     limit = None if job.resize_to_fit else job.max_pixels
     try:
@@ -57,7 +57,7 @@ def preprocess_job(job: PreprocessImage, tiling: TilingConfig, worker: int = -1)
         width, height = image.size
         if width * height > job.max_pixels:  # only with resize_to_fit: decode_image refused the rest
             image = downscale(image, *fit_within(width, height, job.max_pixels))
-        pixels = preprocess(image, tiling.with_max_tiles(job.max_tiles))  # [num_tiles, 3, tile, tile]
+        pixels = tile_image(image, tiling.with_max_tiles(job.max_tiles))  # [num_tiles, 3, tile, tile] uint8
     except ImageTooLarge as exc:
         return ImagePreprocessed(job.job_id, worker, exc.width, exc.height, error_kind=TOO_LARGE)
     except ImageError as exc:
@@ -79,10 +79,10 @@ def preprocess_job(job: PreprocessImage, tiling: TilingConfig, worker: int = -1)
 
 def write_pixels(name: str, pixels: np.ndarray) -> None:
     """A new segment `name` holding `pixels`; OSError (ENOSPC) when /dev/shm is full, creating nothing."""
-    assert pixels.dtype == np.float32  # a one-tile image's array may be strided: copied to order
+    assert pixels.dtype == np.uint8
     segment = shm.SharedSegment.create(name, pixels.nbytes)
     try:
-        view = np.ndarray(pixels.shape, np.float32, buffer=segment.buf)
+        view = np.ndarray(pixels.shape, np.uint8, buffer=segment.buf)
         view[...] = pixels
         del view  # the mapping closes only once no array exports it
     finally:

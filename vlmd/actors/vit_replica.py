@@ -23,7 +23,7 @@ import torch
 from vlmd import ipc, shm
 from vlmd.actors.launch import Launch, Stopwatch
 from vlmd.actors.worker import TORCH_DTYPES, TP_TIMEOUT_S, embed_store_view
-from vlmd.image import ImageError, TilingConfig
+from vlmd.image import ImageError, TilingConfig, normalize_lut
 from vlmd.kernels.vision_attention import make_tile_attention
 from vlmd.kernels.vision_graph import VisionGraphs
 from vlmd.messages import EmbedRun, ForwardTiles, ImageRef
@@ -89,6 +89,7 @@ class ViTRank:
         self.store = store  # the EmbedStore (leaders only)
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
+        self.lut = torch.tensor(normalize_lut(tiling), device=self.device)  # [3, 256] float32
         # All device work runs on one thread, which knows this rank's GPU as its current device.
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="vit")
 
@@ -135,18 +136,18 @@ class ViTRank:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def load_pixels(self, images: list[ImageRef]) -> tuple[torch.Tensor | None, list[int], list[str]]:
-        """A batch's tiles, preprocessed already, from their segments (`ImageRef.pixels_shm`): (pixels
-        [total_tiles, 3, tile, tile] on the device, or None if no image has tiles; tiles per image;
-        per image "" or the reason it failed)."""
+        """A batch's tiles, cut already, from their segments (`ImageRef.pixels_shm`), normalised on
+        the device: (pixels [total_tiles, 3, tile, tile] in the model's dtype, or None if no image
+        has tiles; tiles per image; per image "" or the reason it failed)."""
         size = self.tiling.tile_size
         total = sum(image.num_tiles for image in images if image.pixels_shm)
-        pixels = np.empty((total, 3, size, size), np.float32)  # [total_tiles, C, tile, tile]
+        tiles = np.empty((total, 3, size, size), np.uint8)  # [total_tiles, C, tile, tile]
         counts: list[int] = []
         errors: list[str] = []
         offset = 0
         for i, image in enumerate(images):
             try:
-                _read_tiles(image, pixels[offset : offset + image.num_tiles])
+                _read_tiles(image, tiles[offset : offset + image.num_tiles])
                 counts.append(image.num_tiles)
                 errors.append("")
                 offset += image.num_tiles
@@ -155,9 +156,16 @@ class ViTRank:
                 errors.append(f"image {i}: {exc}")
         if not offset:
             return None, counts, errors
-        # Contiguous: a broadcast to the group sends raw storage.
-        tensor = torch.from_numpy(pixels[:offset]).to(self.device, self.dtype).contiguous()
-        return tensor, counts, errors
+        return self._normalize(torch.from_numpy(tiles[:offset]).to(self.device)), counts, errors
+
+    def _normalize(self, tiles: torch.Tensor) -> torch.Tensor:
+        """uint8 [n, 3, tile, tile] -> the model's dtype, through the float32 table of every value
+        (`vlmd.image.normalize_lut`): the bits `vlmd.image.preprocess` gives, then one rounding.
+        Contiguous: a broadcast to the group sends raw storage."""
+        out = torch.empty(tiles.shape, dtype=self.dtype, device=self.device)  # [n, 3, tile, tile]
+        for channel in range(3):
+            out[:, channel] = self.lut[channel][tiles[:, channel].int()]
+        return out
 
     @torch.inference_mode()
     def forward_into_store(self, pixels: torch.Tensor, counts: list[int], runs: list[EmbedRun]) -> None:
@@ -185,7 +193,7 @@ class ViTRank:
 
 
 def _read_tiles(image: ImageRef, out: np.ndarray) -> None:
-    """Copy the image's tiles into `out` [num_tiles, 3, tile, tile] from the segment the vision
+    """Copy the image's uint8 tiles into `out` [num_tiles, 3, tile, tile] from the segment the vision
     front holds for this encode; ImageError if it has none."""
     if not image.pixels_shm:
         raise ImageError("the image's tiles are not available")
@@ -196,7 +204,7 @@ def _read_tiles(image: ImageRef, out: np.ndarray) -> None:
         raise ImageError("the image's tiles are no longer available") from None
     try:
         assert segment.num_bytes == out.nbytes, "the tiles' segment does not fit the image"
-        tiles = np.ndarray(out.shape, np.float32, buffer=segment.buf)
+        tiles = np.ndarray(out.shape, np.uint8, buffer=segment.buf)
         out[...] = tiles
         del tiles  # the mapping closes only once no array exports it
     finally:
