@@ -8,7 +8,8 @@ from collections.abc import Awaitable, Callable
 
 import torch
 
-from vlmd import ipc, shm
+from vlmd import ipc
+from vlmd.actors.device import TORCH_DTYPES, TP_TIMEOUT_S, embed_store_view
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, Stopwatch, announce_ready, connect_supervisor
 from vlmd.core.page_allocator import pages_for
 from vlmd.kernels.attention import KVCacheSpec
@@ -25,8 +26,6 @@ from vlmd.runner import ModelRunner
 log = logging.getLogger("vlmd.worker")
 
 TP_RENDEZVOUS_FILE = "tp-rendezvous"
-# A collective that waits longer than this raises instead of hanging the rank forever.
-TP_TIMEOUT_S = 600
 # --tp_all_reduce symm_mem: tensors up to this size (a 64-row decode step of a 3584-wide model
 # is 458 KB in bf16) are summed by one symmetric-memory kernel, larger ones by NCCL.
 SYMM_MEM_ALL_REDUCE_BYTES = 1 << 20
@@ -34,21 +33,9 @@ SYMM_MEM_ALL_REDUCE_BYTES = 1 << 20
 # row-parallel outputs inside the add-RMSNorm after them; longer ones use NCCL.
 FUSED_ALL_REDUCE_MAX_TOKENS = 256
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Device memory kept out of the KV pool for what the profiling step does not see (attention
 # workspaces, CUDA graphs, allocator fragmentation).
 GPU_HEADROOM_BYTES = 512 * 2**20
-
-
-def embed_store_view(launch: Launch) -> torch.Tensor | None:
-    """The shared EmbedStore as a [rows, hidden] tensor (no copy), or None without images."""
-    runtime = launch.runtime
-    if not runtime.embed_store:
-        return None
-    segment = shm.SharedSegment.attach(runtime.embed_store)
-    count = runtime.embed_store_rows * runtime.hidden_size
-    store = torch.frombuffer(segment.buf, dtype=TORCH_DTYPES[runtime.dtype], count=count)
-    return store.view(runtime.embed_store_rows, runtime.hidden_size)
 
 
 def make_runner(
