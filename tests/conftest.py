@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,17 @@ class Server:
                     pass
         return pids
 
+    def actor_roles(self) -> Counter[str]:
+        """How many live actors of each role this server runs."""
+        roles: Counter[str] = Counter()
+        for pid in self.actor_pids():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    roles[f.read().split(b"\0")[3].decode()] += 1  # python -m vlmd.actors ROLE ...
+            except (OSError, IndexError):
+                pass
+        return roles
+
     def actor_pid(self, role: str) -> int:
         """The pid of the actor of this role (of rank 0): `python -m vlmd.actors ROLE RUN_DIR RANK`."""
         for pid in self.actor_pids():
@@ -188,21 +200,32 @@ def _stop_every_server():
             os.unlink(f"/dev/shm/{name}")
 
 
+MM_FLAGS = (
+    "--enable_multimodal",
+    "--visual_infer_batch_size",
+    "4",
+    "--max_body_bytes",
+    str(8 * 2**20),
+    "--image_fetch_timeout",
+    "2",
+    "--allow_private_image_urls",  # the tests' image hosts listen on loopback
+)
+
+
 @pytest.fixture(scope="session")
 def mm_server(model_dir, tmp_path_factory):
     """One multimodal server shared by the tests that only send requests to it."""
-    server = start_server(
-        model_dir,
-        tmp_path_factory.mktemp("logs"),
-        "--enable_multimodal",
-        "--visual_infer_batch_size",
-        "4",
-        "--max_body_bytes",
-        str(8 * 2**20),
-        "--image_fetch_timeout",
-        "2",
-        "--allow_private_image_urls",  # the tests' image hosts listen on loopback
-    )
+    yield from _serve_until_session_end(model_dir, tmp_path_factory, *MM_FLAGS)
+
+
+@pytest.fixture(scope="session")
+def mm_worker_server(model_dir, tmp_path_factory):
+    """mm_server with the ViT inside the LM worker (--vit_placement worker)."""
+    yield from _serve_until_session_end(model_dir, tmp_path_factory, *MM_FLAGS, "--vit_placement", "worker")
+
+
+def _serve_until_session_end(model_dir, tmp_path_factory, *flags: str):
+    server = start_server(model_dir, tmp_path_factory.mktemp("logs"), *flags)
     yield server
     assert server.stop() == 0, server.log()
     assert server.actor_pids() == [] and server.shm_segments() == []

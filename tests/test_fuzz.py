@@ -44,15 +44,27 @@ LOG_FAILURES = ("Traceback", "AssertionError", " ERROR ")
 
 @pytest.fixture(scope="module")
 def fuzz_server(model_dir, tmp_path_factory):
-    server = start_server(model_dir, tmp_path_factory.mktemp("fuzz"), *FUZZ_FLAGS)
+    yield from _serve(model_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fuzz_worker_server(model_dir, tmp_path_factory):
+    """fuzz_server with the ViT inside the LM worker (--vit_placement worker)."""
+    yield from _serve(model_dir, tmp_path_factory, "--vit_placement", "worker")
+
+
+def _serve(model_dir, tmp_path_factory, *flags: str):
+    server = start_server(model_dir, tmp_path_factory.mktemp("fuzz"), *FUZZ_FLAGS, *flags)
     yield server
     assert server.stop() == 0, server.log()
     assert server.actor_pids() == [] and server.shm_segments() == []
 
 
 @pytest.fixture
-def fuzz(fuzz_server, request):
-    """fuzz(strategy, examples): check that many cases of `strategy` on the server."""
+def fuzz(request):
+    """fuzz(strategy, examples): check that many cases of `strategy` on fuzz_server (or on the
+    server fixture an indirect parameter names)."""
+    fuzz_server = request.getfixturevalue(getattr(request, "param", "fuzz_server"))
     long = request.config.getoption("--long")
     seen = [0]
     # Each case is written here before it is sent: a case that kills the server makes hypothesis'
@@ -130,6 +142,13 @@ def test_fuzz_raw_bodies(fuzz):
 
 def test_fuzz_images(fuzz):
     fuzz(image_cases(), examples=200)
+
+
+@pytest.mark.parametrize("fuzz", ["fuzz_worker_server"], indirect=True, ids=["vit_in_worker"])
+def test_fuzz_images_with_the_vit_in_the_worker(fuzz):
+    """The adversarial images again, the ViT in the LM worker: an image that cannot be encoded
+    fails alone, and the worker goes on serving steps."""
+    fuzz(image_cases(), examples=100)
 
 
 def _abridged(body: bytes) -> bytes:

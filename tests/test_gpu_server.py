@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -54,6 +55,64 @@ def test_serves_text_and_images_on_cuda(model_dir, tmp_path, tp):
             assert "tp 2: decode-sized all-reduces: fused into the add-RMSNorm" in log
         kv_tokens = int(re.search(r"KV cache (\d+) tokens", log)[1])
         assert kv_tokens > 100_000  # half an H100 holds millions of the demo model's tokens
+    finally:
+        assert server.stop() == 0
+    assert server.actor_pids() == [] and server.shm_segments() == []
+
+
+def test_vit_in_the_worker_queues_on_a_stream_of_least_priority(model_dir, tmp_path):
+    """--vit_placement worker: images and text served side by side, the worker's thread queuing
+    decode steps on a stream of the device's greatest priority and the ViT's thread on one of the
+    least; no vision process but the front, and the ViT's start-up phases in the worker's line."""
+    server = start_server(
+        model_dir,
+        tmp_path,
+        "--enable_multimodal",
+        "--mem_fraction",
+        "0.5",
+        "--device",
+        "cuda",
+        "--vit_placement",
+        "worker",
+    )
+    try:
+        prompt = "<|im_start|>user\n<img></img>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n"
+        images = [base64.b64encode(make_image(900, 600, seed=seed)).decode() for seed in (1, 2, 3)]
+        bodies = [
+            {
+                "inputs": prompt,
+                "parameters": {"max_new_tokens": 32, "ignore_eos": True},
+                "multimodal_params": {"images": [{"type": "base64", "data": image}]},
+            }
+            for image in images
+        ]
+        bodies += [
+            {"inputs": f"hello {i}", "parameters": {"max_new_tokens": 64, "ignore_eos": True}}
+            for i in range(3)
+        ]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            first = list(
+                pool.map(lambda body: requests.post(server.url + "/generate", json=body, timeout=300), bodies)
+            )
+        assert all(response.status_code == 200 for response in first), [r.text for r in first]
+        again = requests.post(server.url + "/generate", json=bodies[0], timeout=300)
+        assert again.json() == first[0].json() and again.json()["count_output_tokens"] == 32
+        log = server.log()
+        streams = re.search(
+            r"rank 0: decode steps on a CUDA stream of priority (-?\d+), the ViT on one of priority "
+            r"(-?\d+) \(greatest (-?\d+), least (-?\d+)\)",
+            log,
+        )
+        assert streams, log
+        decode, vit, greatest, least = map(int, streams.groups())
+        assert greatest < least and (decode, vit) == (greatest, least)
+        assert "vision CUDA graphs" in log and "captured" in log
+        worker = next(line for line in log.splitlines() if "worker0 ready" in line)
+        assert all(phase in worker for phase in ("ViT weights", "ViT largest batch", "ViT CUDA graphs")), (
+            worker
+        )
+        assert server.actor_roles()["vision"] == 1
+        assert int(re.search(r"KV cache (\d+) tokens", log)[1]) > 100_000
     finally:
         assert server.stop() == 0
     assert server.actor_pids() == [] and server.shm_segments() == []

@@ -131,12 +131,20 @@ def kill_actor_and_expect_clean_stop(server, role: str, rank: int | None = None)
     assert server.actor_pids() == [] and server.shm_segments() == []
 
 
-@pytest.mark.parametrize("role", ["worker", "vision", "scheduler", "http", "preprocess"])
-def test_a_killed_actor_takes_the_server_down_cleanly(model_dir, tmp_path, role):
+@pytest.mark.parametrize(
+    ("role", "placement"),
+    [
+        *[(role, "process") for role in ("worker", "vision", "scheduler", "http", "preprocess")],
+        ("worker", "worker"),  # the LM worker and the ViT replica it hosts
+        ("vision", "worker"),  # the front, whose replica leaders are the workers
+    ],
+)
+def test_a_killed_actor_takes_the_server_down_cleanly(model_dir, tmp_path, role, placement):
     """Under load: with 32 requests in flight (text and images, half of them streamed), every
     client ends within seconds of the kill, none hangs; unless the http actor itself died, each
-    gets an answer (a 503 or a stream's error event), not a dropped connection or a 500."""
-    server = start_server(model_dir, tmp_path, "--enable_multimodal")
+    gets an answer (a 503 or a stream's error event), not a dropped connection or a 500. With
+    --vit_placement worker too."""
+    server = start_server(model_dir, tmp_path, "--enable_multimodal", "--vit_placement", placement)
     with ThreadPoolExecutor(NUM_CLIENTS) as pool:
         clients = [pool.submit(client, server, i) for i in range(NUM_CLIENTS)]
         wait_in_flight(server, clients)

@@ -101,15 +101,22 @@ def hf_prompt(prompt: str) -> str:
     return prompt.replace("<img></img>", "<IMG_CONTEXT>").replace("<image>", "<IMG_CONTEXT>")
 
 
+@pytest.fixture(params=["process", "worker"], ids=lambda placement: f"vit_in_{placement}")
+def placed_server(request):
+    """The multimodal server with each --vit_placement: the ViT in a vision process of its own,
+    or in the LM worker's process on a thread (and on a GPU a stream) of its own."""
+    return request.getfixturevalue("mm_server" if request.param == "process" else "mm_worker_server")
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_greedy_tokens_equal_transformers(mm_server, reference, case):
+def test_greedy_tokens_equal_transformers(placed_server, reference, case):
     prompt, _, images = CASES[case]
     expected = reference.generate(hf_prompt(prompt), images)
     assert len(set(expected)) >= 8, "the test model must not repeat itself, or this test proves little"
-    assert vlmd_generate(mm_server, prompt, images) == expected
+    assert vlmd_generate(placed_server, prompt, images) == expected
 
 
-def test_concurrent_requests_match_one_at_a_time(mm_server, reference):
+def test_concurrent_requests_match_one_at_a_time(placed_server, reference):
     requests_ = [
         (chat("Hi."), [], 32),
         (chat("<img></img> Describe."), [IMG_C], 33),
@@ -122,7 +129,7 @@ def test_concurrent_requests_match_one_at_a_time(mm_server, reference):
     ]
     expected = [reference.generate(hf_prompt(p), imgs, n) for p, imgs, n in requests_]
     with ThreadPoolExecutor(len(requests_)) as pool:
-        got = list(pool.map(lambda r: vlmd_generate(mm_server, *r), requests_))
+        got = list(pool.map(lambda r: vlmd_generate(placed_server, *r), requests_))
     for i, (want, have) in enumerate(zip(expected, got, strict=True)):
         assert have == want, f"request {i} differs when batched"
 

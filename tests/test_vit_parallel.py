@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import argparse
+import base64
 import io
 import os
+import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import requests
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -29,6 +34,7 @@ from tests.test_parity import (
 from vlmd import shm
 from vlmd.actors.preprocess import preprocess_job
 from vlmd.actors.vit_replica import VisionLayout, ViTRank
+from vlmd.config import add_serve_arguments, build_server_args
 from vlmd.demo import write_demo_model
 from vlmd.image import TilingConfig, decode_image, num_tiles, preprocess
 from vlmd.messages import EmbedRun, ImageRef, PreprocessImage
@@ -208,8 +214,13 @@ def test_every_vit_layout_writes_the_single_rank_rows(model_dir, visual_tp, visu
 # --- through the real server ---------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", params=["process", "worker"], ids=lambda placement: f"vit_in_{placement}")
+def dp2_placement(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def vit_dp2_server(model_dir, tmp_path_factory):
+def vit_dp2_server(model_dir, tmp_path_factory, dp2_placement):
     server = start_server(
         model_dir,
         tmp_path_factory.mktemp("vit_dp2"),
@@ -222,6 +233,8 @@ def vit_dp2_server(model_dir, tmp_path_factory):
         "--enable_multimodal",
         "--preprocess_workers",
         "1",
+        "--vit_placement",
+        dp2_placement,
     )
     yield server
     assert server.stop() == 0
@@ -229,11 +242,13 @@ def vit_dp2_server(model_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["one_image", "two_images"])
-def test_vit_dp2_greedy_tokens_equal_transformers(vit_dp2_server, reference, case):
+def test_vit_dp2_greedy_tokens_equal_transformers(vit_dp2_server, dp2_placement, reference, case):
     prompt, _, images = CASES[case]
     assert vlmd_generate(vit_dp2_server, prompt, images) == reference.generate(hf_prompt(prompt), images)
-    # scheduler, two workers, two vision ranks, http, a preprocess worker
-    assert len(vit_dp2_server.actor_pids()) == 7
+    # With the ViT in the LM workers the one vision process is the front, which holds no ViT.
+    num_vision = {"process": 2, "worker": 1}[dp2_placement]
+    roles = {"scheduler": 1, "worker": 2, "vision": num_vision, "http": 1, "preprocess": 1}
+    assert vit_dp2_server.actor_roles() == roles
 
 
 def test_vit_dp2_both_replicas_encode(vit_dp2_server, reference):
@@ -265,6 +280,18 @@ def test_inconsistent_vit_layouts_are_refused(model_dir, flags):
     assert_one_line_error(serve("--model_dir", str(model_dir), "--enable_multimodal", *flags), "--visual_")
 
 
+def test_vit_in_the_workers_needs_one_whole_replica_per_worker(model_dir):
+    flags = ("--model_dir", str(model_dir), "--enable_multimodal", "--vit_placement", "worker")
+    result = serve(*flags, "--tp", "2", "--visual_tp", "2")
+    assert_one_line_error(result, "--vit_placement")
+    assert "--visual_tp 1" in result.stderr
+    # Without a layout given, worker placement means one replica per worker (not one split ViT).
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = build_server_args(parser.parse_args([*flags, "--tp", "2"]), environ={})
+    assert (args.visual_dp, args.visual_tp, args.vit_in_workers) == (2, 1, True)
+
+
 def test_visual_tp_that_does_not_divide_the_vit_heads_is_refused(tmp_path):
     write_demo_model(tmp_path, seed=0, vision_config={"num_attention_heads": 2})
     result = serve("--model_dir", str(tmp_path), "--enable_multimodal", "--tp", "4")  # visual_tp 4
@@ -276,3 +303,50 @@ def test_visual_tp_that_does_not_divide_the_vit_heads_is_refused(tmp_path):
 def test_a_dead_vision_rank_stops_the_server_cleanly(model_dir, tmp_path, layout):
     server = start_server(model_dir, tmp_path, "--tp", "2", "--enable_multimodal", *layout)
     kill_actor_and_expect_clean_stop(server, "vision", 1)
+
+
+def test_a_dead_worker_hosting_a_replica_stops_the_server_cleanly(model_dir, tmp_path):
+    """--vit_placement worker: LM worker 1, leader of replica 1, is killed while images are being
+    encoded; the server stops, every client gets an answer and nothing is left (no process, no
+    EmbedStore, no image bytes or tiles in /dev/shm). The front is held stopped until every
+    request is in the scheduler (preprocessing is slower than this ViT: the encodes would be
+    over), then let go, and the worker killed once the first batch is done."""
+    server = start_server(
+        model_dir, tmp_path, "--tp", "2", "--enable_multimodal", "--vit_placement", "worker"
+    )
+    images = [make_image(900, 600, seed=seed) for seed in range(100, 124)]  # 7 tiles each
+    front = server.actor_pid("vision")
+    os.kill(front, signal.SIGSTOP)
+    with ThreadPoolExecutor(len(images)) as pool:
+        try:
+            clients = [pool.submit(_ask_about, server, image) for image in images]
+            _wait_for_metrics(
+                server, lambda v: v["vlmd_requests_running"] + v["vlmd_requests_waiting"] == len(images)
+            )
+        finally:
+            os.kill(front, signal.SIGCONT)
+        values = _wait_for_metrics(server, lambda v: v.get("vlmd_vit_images_total", 0) > 0)
+        kill_actor_and_expect_clean_stop(server, "worker", 1)
+        statuses = [client.result(timeout=30) for client in clients]
+    assert values["vlmd_vit_images_total"] < len(images), "the encodes were over before the kill"
+    assert set(statuses) <= {200, 503}, statuses
+
+
+def _wait_for_metrics(server, condition, timeout_s: float = 60) -> dict[str, float]:
+    deadline = time.monotonic() + timeout_s
+    while not condition(values := metrics(server)):
+        assert time.monotonic() < deadline, values
+        time.sleep(0.02)
+    return values
+
+
+def _ask_about(server, image: bytes) -> int | str:
+    body = {
+        "inputs": "<img></img> Describe.",
+        "parameters": {"max_new_tokens": 4},
+        "multimodal_params": {"images": [{"type": "base64", "data": base64.b64encode(image).decode()}]},
+    }
+    try:
+        return requests.post(server.url + "/generate", json=body, timeout=60).status_code
+    except requests.RequestException as exc:
+        return type(exc).__name__

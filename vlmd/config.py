@@ -38,6 +38,10 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     cache_capacity: int = 200
     visual_dp: int = 1
     visual_tp: int = 1
+    # "process": each ViT rank is a vision process of its own beside its GPU's LM worker. "worker":
+    # the ViT replica of group g runs inside LM worker g, on a low-priority CUDA stream, so that the
+    # device runs the decode steps' kernels first (needs visual_tp 1).
+    vit_placement: str = "process"
     max_total_token_num: int | None = None
     max_req_total_len: int | None = None
     data_type: str = "auto"
@@ -73,6 +77,11 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     # Seconds a step may run on the workers before the server stops as hung; 0: never. None: the
     # device's DEFAULT_STEP_TIMEOUT_S.
     step_timeout: float | None = None
+
+    @property
+    def vit_in_workers(self) -> bool:
+        """The LM workers host the ViT replicas and load them themselves (no VisionLoaded)."""
+        return self.enable_multimodal and self.vit_placement == "worker"
 
 
 # --step_timeout by device: a GPU step takes milliseconds, so a minute is a hung worker (a stuck
@@ -114,6 +123,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="ViT tensor-parallel degree (default: tp / visual_dp, so tensor parallel over all GPUs)",
+    )
+    add(
+        "--vit_placement",
+        default=_default("vit_placement"),
+        choices=["process", "worker"],
+        help="where each ViT replica runs: a vision process of its own beside each LM worker "
+        "(process), or inside the LM worker of its GPU, on a CUDA stream of lower priority than the "
+        "decode steps' (worker: one whole replica per GPU, --visual_tp 1, which is then the default) "
+        "(default: %(default)s)",
     )
     add(
         "--max_total_token_num", type=int, default=None, help="KV cache size in tokens (default: from memory)"
@@ -317,13 +335,15 @@ def default_preprocess_workers() -> int:
 
 def _resolve_vision_layout(ns: argparse.Namespace) -> None:
     """Fill in visual_dp / visual_tp: the ViT is tensor parallel over all `tp` GPUs unless told
-    otherwise, and every GPU must carry one ViT share (visual_dp * visual_tp == tp)."""
+    otherwise (with --vit_placement worker: one replica per GPU, the only layout it can run), and
+    every GPU must carry one ViT share (visual_dp * visual_tp == tp)."""
     for name in ("visual_dp", "visual_tp"):
         value = getattr(ns, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name}", f"must be at least 1, got {value}")
+    in_workers = ns.vit_placement == "worker"
     if ns.visual_dp is None and ns.visual_tp is None:
-        ns.visual_dp, ns.visual_tp = 1, ns.tp
+        ns.visual_dp, ns.visual_tp = (ns.tp, 1) if in_workers else (1, ns.tp)
     elif ns.visual_tp is None:
         ns.visual_tp = max(1, ns.tp // ns.visual_dp)
     elif ns.visual_dp is None:
@@ -332,6 +352,14 @@ def _resolve_vision_layout(ns: argparse.Namespace) -> None:
         raise ConfigError(
             "--visual_dp/--visual_tp",
             f"visual_dp * visual_tp must equal tp ({ns.visual_dp} * {ns.visual_tp} != {ns.tp})",
+        )
+    if in_workers and ns.visual_tp != 1:
+        # A worker hosts its group's whole replica: the ranks of a split ViT would be LM workers
+        # meeting in a second torch.distributed world, and waiting on each other between steps.
+        raise ConfigError(
+            "--vit_placement",
+            f"worker runs one whole ViT replica in each LM worker: it needs --visual_tp 1 "
+            f"(got --visual_tp {ns.visual_tp}); use --vit_placement process for a split ViT",
         )
 
 

@@ -94,6 +94,12 @@ class Stopwatch:
         self.phases.append((phase, now - self._last))
         self._last = now
 
+    def absorb(self, other: Stopwatch, prefix: str) -> None:
+        """Take the phases `other` timed, each named with `prefix`; `other` started right after this
+        one's last lap (the ViT's phases in the Ready line of the LM worker that hosts it)."""
+        self.phases += [(prefix + phase, seconds) for phase, seconds in other.phases]
+        self._last = other._last
+
     def __str__(self) -> str:
         return ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.phases)
 

@@ -104,14 +104,22 @@ class Supervisor:
     def _stages(self) -> list[list[tuple[str, int]]]:
         """Actors to start, stage by stage; each stage waits for the previous one to be ready.
         Workers and vision ranks load and compile side by side; a worker sizes its KV cache from
-        free device memory only once every vision rank is ready (`VisionLoaded`)."""
+        free device memory only once every vision rank is ready (`VisionLoaded`). With the ViT in
+        the workers, each loads its own before sizing its KV cache, and the one vision process,
+        the front, is ready once every worker has joined it as its replica's leader."""
         workers = [("worker", rank) for rank in range(self.args.tp)]
-        # Vision rank r sits on GPU r: visual_dp replica groups of visual_tp ranks each.
-        vision = [("vision", rank) for rank in range(self.args.tp)] if self.args.enable_multimodal else []
+        vision = [("vision", rank) for rank in range(self._num_vision_processes())]
         # The vision front and the http actor connect to the preprocess workers as they start.
         num_preprocess = self.args.preprocess_workers if self.args.enable_multimodal else 0
         preprocess = [("preprocess", rank) for rank in range(num_preprocess)]
         return [[("scheduler", 0), *preprocess], workers + vision, [("http", 0)]]
+
+    def _num_vision_processes(self) -> int:
+        """Vision rank r sits on GPU r: visual_dp replica groups of visual_tp ranks each. With the
+        ViT in the workers only rank 0, the front, is a process."""
+        if not self.args.enable_multimodal:
+            return 0
+        return 1 if self.args.vit_in_workers else self.args.tp
 
     async def _start_all(self, launch: Launch) -> bool:
         """Start the actors in dependency order; False if the server is stopping meanwhile."""
@@ -151,7 +159,7 @@ class Supervisor:
         return ready
 
     def _name(self, role: str, rank: int) -> str:
-        numbered = role in ("worker", "preprocess") or (role == "vision" and self.args.tp > 1)
+        numbered = role in ("worker", "preprocess") or (role == "vision" and self._num_vision_processes() > 1)
         return f"{role}{rank}" if numbered else role
 
     async def _watch(self, actor: Actor) -> None:
@@ -165,7 +173,7 @@ class Supervisor:
         try:
             while True:
                 msg = await channel.recv()
-                if isinstance(msg, Hello) and msg.role == "worker":
+                if isinstance(msg, Hello) and msg.role == "worker" and not self.args.vit_in_workers:
                     self._background.add(asyncio.ensure_future(self._release_worker(channel)))
                 elif isinstance(msg, Ready):
                     log.info("%s ready %s", self._name(msg.role, msg.rank), msg.detail)
@@ -186,7 +194,8 @@ class Supervisor:
             self._vision_loaded.set_result(None)
 
     async def _release_worker(self, channel: ipc.Channel) -> None:
-        """Tell a worker once every vision rank holds its device memory (at once without images)."""
+        """Tell a worker once every vision rank holds its device memory (at once without images;
+        never to workers that host the ViT)."""
         await self._vision_loaded
         channel.send(VisionLoaded())
 

@@ -8,7 +8,9 @@ whose leader writes the rows straight into the shared store. The same image requ
 while it is being encoded waits for that one encode instead of running the ViT twice; the encode
 reads the bytes segment both requests share. Image bytes belong to the http actor, which keeps
 each segment until no request needs it: the front and the replicas only read them. Vision rank 0
-is the front and the leader of replica 0; the leaders of the other replicas are remote.
+is the front and the leader of replica 0; the leaders of the other replicas are remote. With
+--vit_placement worker every leader is remote: the LM workers host the replicas, and the front
+holds no ViT.
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ from vlmd import ipc
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, Stopwatch, announce_ready
 from vlmd.actors.metrics import VIT_BATCH_BUCKETS, VIT_REPLICA_PREFIX, add_preprocess_counts
 from vlmd.actors.pixels import FrontPixels, HeldBatch, PassThroughPixels
-from vlmd.actors.vit_replica import VISION_FRONT_SOCKET, ReplicaGroup, VisionLayout, ViTRank
+from vlmd.actors.vit_replica import (
+    CONNECT_TIMEOUT_S,
+    VISION_FRONT_SOCKET,
+    ReplicaGroup,
+    VisionLayout,
+    ViTRank,
+    connect_front,
+    serve_batches,
+)
 from vlmd.core.embed_index import EmbedIndex, Entry
 from vlmd.core.histogram import Histogram
 from vlmd.messages import (
@@ -45,7 +55,6 @@ from vlmd.messages import (
 log = logging.getLogger("vlmd.vision")
 
 ENCODING = "\0encoding"  # pins an entry whose rows a replica is still writing (never a request id)
-CONNECT_TIMEOUT_S = 600.0  # the supervisor's start-up timeout bounds it anyway
 
 
 @dataclass
@@ -309,25 +318,13 @@ async def run(launch: Launch, rank: int) -> None:
 
 async def _run_front(launch: Launch, layout: VisionLayout) -> None:
     channel = await ipc.connect(launch.socket(SCHEDULER_SOCKET), Hello("vision"))
-    leaders = await _accept(launch.socket(VISION_FRONT_SOCKET), layout.leaders)
-    peers = await _accept(launch.socket(layout.group_socket()), layout.peers)
-    clock = Stopwatch()
-    vit = ViTRank.from_launch(launch, layout, clock)
-    group = ReplicaGroup(vit, [await channel_ for channel_ in peers])
-    replicas = [Replica(0, group.encode)]
-    for g, leader in enumerate(leaders, start=1):
-        remote = RemoteReplica(await leader)
-        replicas.append(Replica(g, remote.encode))
-        _watch(remote.read_answers())
-    for peer in group.peers:
-        _watch(_expect_silence(peer))
+    if launch.args.vit_in_workers:
+        replicas, detail = await _replicas_in_workers(launch, layout)
+    else:
+        replicas, detail = await _replicas_in_vision_ranks(launch, layout)
     actor = VisionActor(launch, channel, replicas, await FrontPixels.connect(launch))
-    layout_text = f"{layout.visual_dp} replica(s) of {layout.visual_tp} rank(s)"
     await announce_ready(
-        launch,
-        "vision",
-        0,
-        detail=f"({clock}; ViT {layout_text}, EmbedStore {launch.runtime.embed_store_rows} rows)",
+        launch, "vision", 0, detail=f"({detail}, EmbedStore {launch.runtime.embed_store_rows} rows)"
     )
     _watch(actor.dispatch_loop())
     while True:
@@ -338,6 +335,40 @@ async def _run_front(launch: Launch, layout: VisionLayout) -> None:
             actor.on_release(msg.request_id)
 
 
+async def _replicas_in_vision_ranks(launch: Launch, layout: VisionLayout) -> tuple[list[Replica], str]:
+    """--vit_placement process: this rank leads replica 0 (its own ViT share and its group's
+    peers); the leaders of the other groups connect."""
+    leaders = await _accept(launch.socket(VISION_FRONT_SOCKET), layout.leaders)
+    peers = await _accept(launch.socket(layout.group_socket()), layout.peers)
+    clock = Stopwatch()
+    vit = ViTRank.from_launch(launch, layout, clock)
+    group = ReplicaGroup(vit, [await channel_ for channel_ in peers])
+    for peer in group.peers:
+        _watch(_expect_silence(peer))
+    replicas = [Replica(0, group.encode), *await _remote_replicas(leaders, first_group=1)]
+    return replicas, f"{clock}; ViT {layout.visual_dp} replica(s) of {layout.visual_tp} rank(s)"
+
+
+async def _replicas_in_workers(launch: Launch, layout: VisionLayout) -> tuple[list[Replica], str]:
+    """--vit_placement worker: no ViT here and no GPU touched; LM worker g leads replica g
+    (visual_tp 1: vision rank g), and connects once its ViT is loaded."""
+    clock = Stopwatch()
+    leaders = await _accept(launch.socket(VISION_FRONT_SOCKET), list(range(layout.visual_dp)))
+    replicas = await _remote_replicas(leaders, first_group=0)
+    clock.lap("waiting for the LM workers' ViTs")
+    return replicas, f"{clock}; ViT {layout.visual_dp} replica(s) in the LM workers"
+
+
+async def _remote_replicas(leaders: list[asyncio.Future], first_group: int) -> list[Replica]:
+    """The replicas whose leaders connect to this front, numbered from `first_group`."""
+    replicas = []
+    for g, leader in enumerate(leaders, start=first_group):
+        remote = RemoteReplica(await leader)
+        replicas.append(Replica(g, remote.encode))
+        _watch(remote.read_answers())
+    return replicas
+
+
 async def _run_leader(launch: Launch, layout: VisionLayout) -> None:
     peers = await _accept(launch.socket(layout.group_socket()), layout.peers)
     clock = Stopwatch()
@@ -345,15 +376,11 @@ async def _run_leader(launch: Launch, layout: VisionLayout) -> None:
     group = ReplicaGroup(vit, [await peer for peer in peers])
     for peer in group.peers:
         _watch(_expect_silence(peer))
-    hello = Hello("vision", layout.rank)
-    front = await ipc.connect_when_listening(launch.socket(VISION_FRONT_SOCKET), hello, CONNECT_TIMEOUT_S)
+    front = await connect_front(launch, layout)
     await announce_ready(
         launch, "vision", layout.rank, detail=f"({clock}; ViT replica {layout.group} leader)"
     )
-    while True:
-        msg = await front.recv()
-        assert isinstance(msg, EncodeBatch), f"a replica leader expects EncodeBatch, got {type(msg).__name__}"
-        front.send(BatchEncoded(msg.batch_id, await group.encode(msg.images, msg.runs)))
+    await serve_batches(front, group)
 
 
 async def _run_peer(launch: Launch, layout: VisionLayout) -> None:

@@ -8,11 +8,16 @@ the pixels, and once every rank has run its share of the forward it writes the r
 EmbedStore runs the vision front reserved. The ranks of a group form their own torch.distributed
 world (gloo on the CPU, NCCL on GPUs) through a rendezvous file of their own, apart from the LM
 workers' world. Rank 0 is also the vision front (see `vlmd.actors.vision`).
+
+With --vit_placement worker (visual_tp 1) no vision rank is a process of its own: LM worker g
+hosts replica g and leads it from its event loop (`vlmd.actors.worker`), its device work queued
+on a low-priority CUDA stream; only the front runs as vision rank 0, with no ViT.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,18 +26,19 @@ import numpy as np
 import torch
 
 from vlmd import ipc, shm
+from vlmd.actors.device import TORCH_DTYPES, TP_TIMEOUT_S, embed_store_view
 from vlmd.actors.launch import Launch, Stopwatch
-from vlmd.actors.worker import TORCH_DTYPES, TP_TIMEOUT_S, embed_store_view
 from vlmd.image import ImageError, TilingConfig, normalize_lut
 from vlmd.kernels.vision_attention import make_tile_attention
 from vlmd.kernels.vision_graph import VisionGraphs
-from vlmd.messages import EmbedRun, ForwardTiles, ImageRef
+from vlmd.messages import BatchEncoded, EmbedRun, EncodeBatch, ForwardTiles, Hello, ImageRef
 from vlmd.models.loader import load_vision
 from vlmd.models.tensor_parallel import SINGLE_RANK, TPGroup
 
 log = logging.getLogger("vlmd.vision")
 
-VISION_FRONT_SOCKET = "vision-front.sock"  # leaders of groups 1.. connect to the front
+VISION_FRONT_SOCKET = "vision-front.sock"  # the replica leaders but the front's own connect to it
+CONNECT_TIMEOUT_S = 600.0  # the supervisor's start-up timeout bounds it anyway
 
 
 @dataclass(frozen=True)
@@ -94,41 +100,29 @@ class ViTRank:
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="vit")
 
     @classmethod
-    def from_launch(cls, launch: Launch, layout: VisionLayout, clock: Stopwatch) -> ViTRank:
+    def from_launch(
+        cls, launch: Launch, layout: VisionLayout, clock: Stopwatch, stream: torch.cuda.Stream | None = None
+    ) -> ViTRank:
         """Load this rank's share of the ViT; on a GPU run its largest batch once (compiling its
-        kernels) and capture its graphs; `clock` times each phase."""
-        args, runtime = launch.args, launch.runtime
-        cuda = runtime.device == "cuda"
+        kernels) and capture its graphs; `clock` times each phase. With `stream` (the ViT inside
+        an LM worker), that work and every later batch run on it: the largest batch's memory stays
+        cached for the stream the batches allocate from, and the graphs replay on it."""
+        args = launch.args
+        cuda = launch.runtime.device == "cuda"
         device = torch.device("cuda", layout.rank) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(device)
         else:
             torch.set_num_threads(args.torch_threads)
         tp = join_vision_group(launch, layout, cuda)
-        dtype = TORCH_DTYPES[runtime.dtype]
-        model = load_vision(args.model_dir, dtype, device, args.load_workers, tp=tp)
-        clock.lap("weights")
-        model.set_tile_attention(
-            make_tile_attention(args.vit_attention, device, dtype, model.arch.vision_head_dim)
-        )
-        tiling = TilingConfig.from_model_dir(
-            args.model_dir, min_tiles=args.min_tiles, max_tiles=args.max_tiles
-        )
-        if cuda:
-            _reserve_peak_memory(model, args.visual_infer_batch_size * tiling.max_tiles_per_image, tiling)
-            clock.lap("largest batch (kernel compile)")
-            # A tensor-parallel ViT runs op by op: capturing its all-reduces in CUDA graphs has not
-            # been checked on GPUs, and every rank of a group would have to replay in lockstep.
-            if not args.disable_cudagraph and tp.size == 1:
-                model = VisionGraphs(model, tiling.max_tiles_per_image, tiling.tile_size)
-                model.capture()
-                clock.lap("CUDA graphs")
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            model, tiling = _build_model(launch, device, tp, clock)
         store = embed_store_view(launch) if layout.is_leader else None
         executor = ThreadPoolExecutor(
             1,
             thread_name_prefix="vit",
-            initializer=torch.cuda.set_device if cuda else None,
-            initargs=(device,) if cuda else (),
+            initializer=_bind_thread if cuda else None,
+            initargs=(device, stream) if cuda else (),
         )
         return cls(model, tiling, tp, store, executor)
 
@@ -192,6 +186,37 @@ class ViTRank:
         self.model(pixels)
 
 
+def _build_model(launch: Launch, device: torch.device, tp: TPGroup, clock: Stopwatch):
+    """The ViT with its tile attention, and the tiling it reads; on a GPU warmed up and, unless
+    split or told not to, captured in CUDA graphs."""
+    args = launch.args
+    dtype = TORCH_DTYPES[launch.runtime.dtype]
+    model = load_vision(args.model_dir, dtype, device, args.load_workers, tp=tp)
+    clock.lap("weights")
+    model.set_tile_attention(
+        make_tile_attention(args.vit_attention, device, dtype, model.arch.vision_head_dim)
+    )
+    tiling = TilingConfig.from_model_dir(args.model_dir, min_tiles=args.min_tiles, max_tiles=args.max_tiles)
+    if device.type == "cuda":
+        _reserve_peak_memory(model, args.visual_infer_batch_size * tiling.max_tiles_per_image, tiling)
+        clock.lap("largest batch (kernel compile)")
+        # A tensor-parallel ViT runs op by op: capturing its all-reduces in CUDA graphs has not
+        # been checked on GPUs, and every rank of a group would have to replay in lockstep.
+        if not args.disable_cudagraph and tp.size == 1:
+            model = VisionGraphs(model, tiling.max_tiles_per_image, tiling.tile_size)
+            model.capture()
+            clock.lap("CUDA graphs")
+    return model, tiling
+
+
+def _bind_thread(device: torch.device, stream: torch.cuda.Stream | None) -> None:
+    """The ViT thread's GPU, and the stream it queues its work on: in an LM worker, a stream of
+    the least priority (the device runs the decode steps' kernels first); else the default one."""
+    torch.cuda.set_device(device)
+    if stream is not None:
+        torch.cuda.set_stream(stream)
+
+
 def _read_tiles(image: ImageRef, out: np.ndarray) -> None:
     """Copy the image's uint8 tiles into `out` [num_tiles, 3, tile, tile] from the segment the vision
     front holds for this encode; ImageError if it has none."""
@@ -229,6 +254,22 @@ class ReplicaGroup:
         return errors
 
 
+async def connect_front(launch: Launch, layout: VisionLayout) -> ipc.Channel:
+    """A replica leader's channel to the vision front, which may not be listening yet."""
+    hello = Hello("vision", layout.rank)
+    return await ipc.connect_when_listening(launch.socket(VISION_FRONT_SOCKET), hello, CONNECT_TIMEOUT_S)
+
+
+async def serve_batches(front: ipc.Channel, group: ReplicaGroup) -> None:
+    """A replica leader's work, in a vision process or an LM worker: encode each batch the front
+    sends and answer once its rows are in the EmbedStore. One batch at a time (the front sends
+    the next after the answer). ChannelClosed when the front is gone: the server is stopping."""
+    while True:
+        msg = await front.recv()
+        assert isinstance(msg, EncodeBatch), f"a replica leader expects EncodeBatch, got {type(msg).__name__}"
+        front.send(BatchEncoded(msg.batch_id, await group.encode(msg.images, msg.runs)))
+
+
 def join_vision_group(launch: Launch, layout: VisionLayout, cuda: bool) -> TPGroup:
     """The ranks of one replica group meet through their own rendezvous file in the run directory;
     their world is theirs alone (the LM workers and the other groups have their own)."""
@@ -239,7 +280,7 @@ def join_vision_group(launch: Launch, layout: VisionLayout, cuda: bool) -> TPGro
 @torch.inference_mode()
 def _reserve_peak_memory(model, num_tiles: int, tiling: TilingConfig) -> None:
     """Run the largest batch once so its activations stay in this process's allocator cache: the
-    LLM workers, which start after the vision ranks, size their KV cache from what is left. Every
+    LLM workers size their KV cache from what is left once the ViT is loaded. Every
     rank of a group runs it at the same point of its start, so their collectives pair up."""
     weight = next(model.parameters())
     size = tiling.tile_size

@@ -1,14 +1,18 @@
-"""A TP rank worker: holds the language model and its KV cache, executes step plans."""
+"""A TP rank worker: holds the language model and its KV cache, executes step plans; with
+--vit_placement worker it also hosts its GPU's ViT replica (`vlmd.actors.hosted_vit`)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 
 import torch
 
-from vlmd import ipc, shm
+from vlmd import ipc
+from vlmd.actors.device import TORCH_DTYPES, TP_TIMEOUT_S, embed_store_view
+from vlmd.actors.hosted_vit import HostedViT
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, Stopwatch, announce_ready, connect_supervisor
 from vlmd.core.page_allocator import pages_for
 from vlmd.kernels.attention import KVCacheSpec
@@ -25,8 +29,6 @@ from vlmd.runner import ModelRunner
 log = logging.getLogger("vlmd.worker")
 
 TP_RENDEZVOUS_FILE = "tp-rendezvous"
-# A collective that waits longer than this raises instead of hanging the rank forever.
-TP_TIMEOUT_S = 600
 # --tp_all_reduce symm_mem: tensors up to this size (a 64-row decode step of a 3584-wide model
 # is 458 KB in bf16) are summed by one symmetric-memory kernel, larger ones by NCCL.
 SYMM_MEM_ALL_REDUCE_BYTES = 1 << 20
@@ -34,21 +36,9 @@ SYMM_MEM_ALL_REDUCE_BYTES = 1 << 20
 # row-parallel outputs inside the add-RMSNorm after them; longer ones use NCCL.
 FUSED_ALL_REDUCE_MAX_TOKENS = 256
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Device memory kept out of the KV pool for what the profiling step does not see (attention
 # workspaces, CUDA graphs, allocator fragmentation).
 GPU_HEADROOM_BYTES = 512 * 2**20
-
-
-def embed_store_view(launch: Launch) -> torch.Tensor | None:
-    """The shared EmbedStore as a [rows, hidden] tensor (no copy), or None without images."""
-    runtime = launch.runtime
-    if not runtime.embed_store:
-        return None
-    segment = shm.SharedSegment.attach(runtime.embed_store)
-    count = runtime.embed_store_rows * runtime.hidden_size
-    store = torch.frombuffer(segment.buf, dtype=TORCH_DTYPES[runtime.dtype], count=count)
-    return store.view(runtime.embed_store_rows, runtime.hidden_size)
 
 
 def make_runner(
@@ -172,6 +162,8 @@ def join_tp_group(launch: Launch, rank: int, arch: InternVLArch) -> TPGroup:
         symm_mem_bytes,
         fused_norm,
         fused_required=mode == "fused",
+        # The ViT shares this process's GPU: NCCL's own streams must not queue behind it either.
+        high_priority=launch.args.vit_in_workers,
     )
     if cuda and tp.size > 1 and rank == 0:
         how = "NCCL"
@@ -184,10 +176,11 @@ def join_tp_group(launch: Launch, rank: int, arch: InternVLArch) -> TPGroup:
 
 
 async def build_runner(
-    launch: Launch, rank: int, clock: Stopwatch, vision_loaded: Callable[[], Awaitable[None]]
+    launch: Launch, rank: int, clock: Stopwatch, vision_loaded: Callable[[Stopwatch], Awaitable[None]]
 ) -> ModelRunner:
-    """Load the model, run its first step, and once `vision_loaded()` returns (the ViT holds its
-    device memory) size the KV cache from what is left and capture the decode graphs."""
+    """Load the model, run its first step, and once `vision_loaded(clock)` returns (the ViT holds
+    its device memory; it laps `clock`) size the KV cache from what is left and capture the decode
+    graphs."""
     args, runtime = launch.args, launch.runtime
     device = torch.device(runtime.device, rank) if runtime.device == "cuda" else torch.device("cpu")
     if device.type == "cpu":
@@ -202,9 +195,8 @@ async def build_runner(
     if not runtime.num_kv_pages:
         profile = profile_step(model, arch, launch)
         clock.lap("first step (kernel compile, profiling)")
-    log.info("rank %d: %s; waiting for the ViT before sizing the KV cache", rank, clock)
-    await vision_loaded()
-    clock.lap("waiting for the ViT")
+    log.info("rank %d: %s; the KV cache is sized once the ViT holds its memory", rank, clock)
+    await vision_loaded(clock)
     num_pages = runtime.num_kv_pages or gpu_kv_pages(model, arch, launch, profile)
     if num_pages < 1:
         raise SystemExit("--mem_fraction leaves no device memory for the KV cache")
@@ -224,19 +216,42 @@ async def build_runner(
 async def run(launch: Launch, rank: int) -> None:
     clock = Stopwatch()
     supervisor = await connect_supervisor(launch, "worker", rank)
+    args = launch.args
+    hosted = HostedViT(launch, rank) if args.vit_in_workers else None
 
-    async def vision_loaded() -> None:
+    async def vision_loaded(clock: Stopwatch) -> None:
         msg = await supervisor.recv()
         assert isinstance(msg, VisionLoaded), f"a worker expects VisionLoaded, got {type(msg).__name__}"
+        clock.lap("waiting for the ViT")
 
-    runner = await build_runner(launch, rank, clock, vision_loaded)
+    runner = await build_runner(launch, rank, clock, hosted.load if hosted else vision_loaded)
     num_pages = runner.attn.spec.num_pages - (
         1 if runner.graphs else 0
     )  # the padding page is not the scheduler's
     channel = await ipc.connect(launch.socket(SCHEDULER_SOCKET), Hello("worker", rank, num_pages))
-    detail = f"({clock}; KV cache {num_pages * launch.args.page_size} tokens in {num_pages} pages)"
-    await announce_ready(launch, "worker", rank, detail, num_pages, channel=supervisor)
-    await serve_steps(runner, channel, send_results=rank == 0)
+    detail = f"{clock}; KV cache {num_pages * args.page_size} tokens in {num_pages} pages"
+    if hosted is not None:
+        await hosted.connect()
+        detail += f"; ViT replica {rank}"
+    await announce_ready(launch, "worker", rank, f"({detail})", num_pages, channel=supervisor)
+    steps = serve_steps(runner, channel, send_results=rank == 0)
+    if hosted is None:
+        await steps
+    else:
+        await _until_one_fails(steps, hosted.serve())
+
+
+async def _until_one_fails(*loops: Coroutine) -> None:
+    """Run loops that end only by failing (a peer gone) side by side on the event loop; the first
+    failure stops the others and is raised."""
+    tasks = [asyncio.ensure_future(loop) for loop in loops]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+    for task in done:
+        task.result()
 
 
 async def serve_steps(

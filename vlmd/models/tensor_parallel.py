@@ -72,6 +72,7 @@ class TPGroup:
         symm_mem_bytes: int = 0,
         fused_norm: tuple[int, int, torch.dtype] | None = None,
         fused_required: bool = True,
+        high_priority: bool = False,
     ) -> TPGroup:
         """Become `rank` of a world of `size` processes (NCCL between GPUs, gloo on the CPU);
         a collective waiting longer than `timeout_s` raises instead of hanging. With
@@ -79,15 +80,21 @@ class TPGroup:
         with `fused_norm` = (max tokens, hidden size, dtype) (CUDA only), those of up to that many
         rows are fused into the add-RMSNorm that follows them. Where the fusion cannot start,
         `fused_required` stops the rank with the reason; otherwise every rank falls back to NCCL
-        when any rank could not start it (the ranks must sum the same way)."""
+        when any rank could not start it (the ranks must sum the same way). With `high_priority`
+        (CUDA only), NCCL runs the collectives on streams of the device's greatest priority, as
+        the steps that wait for them."""
         if size == 1:
             return SINGLE_RANK
+        options = None
+        if cuda and high_priority:
+            options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
         dist.init_process_group(
             "nccl" if cuda else "gloo",
             init_method=init_method,
             rank=rank,
             world_size=size,
             timeout=datetime.timedelta(seconds=timeout_s),
+            pg_options=options,
         )
         small = fused = None
         if cuda and symm_mem_bytes > 0:
