@@ -159,6 +159,29 @@ def test_a_killed_actor_takes_the_server_down_cleanly(model_dir, tmp_path, role,
     assert max(ended_at for _, ended_at in outcomes) - killed_at < CLIENT_BOUND_S
 
 
+def test_a_request_waiting_on_a_dead_preprocess_worker_gets_a_503(model_dir, tmp_path):
+    """The http actor is waiting for a preprocess worker's tiles when the worker dies: the client
+    gets a JSON 503 saying the server is stopping, not a plain-text 500 or a dropped connection."""
+    server = start_server(model_dir, tmp_path, "--enable_multimodal", "--preprocess_workers", "1")
+    worker = server.actor_pid("preprocess")
+    os.kill(worker, signal.SIGSTOP)  # the job waits in its socket
+    image = base64.b64encode(make_image(640, 480, seed=99)).decode()
+    body = {"inputs": "<img></img>describe", "parameters": {"max_new_tokens": 2}}
+    body["multimodal_params"] = {"images": [{"type": "base64", "data": image}]}
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(requests.post, server.url + "/generate", json=body, timeout=60)
+        time.sleep(1.0)  # the request reaches the http actor's wait for the stopped worker
+        os.kill(worker, signal.SIGKILL)
+        response = answer.result()
+    assert response.status_code == 503, response.text
+    assert "preprocessing worker is gone" in response.json()["error"]
+    assert server.process.wait(timeout=60) != 0
+    deadline = time.monotonic() + 10
+    while server.actor_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.actor_pids() == [] and server.shm_segments() == []
+
+
 NUM_CLIENTS = 32
 CLIENT_BOUND_S = 10.0  # from the kill to the last client's end
 IMAGES = [base64.b64encode(make_image(448, 448, seed=seed)).decode() for seed in range(4)]

@@ -35,7 +35,7 @@ from vlmd.actors.lightllm_api import LightLLMApi, error_response
 from vlmd.actors.limits import RETRY_AFTER_S, QueueGate, check_image_count
 from vlmd.actors.metrics import LatencyMetrics, MetricsQueries, add_preprocess_counts, render_metrics
 from vlmd.actors.openai_api import OpenAIApi
-from vlmd.actors.preprocess import PreprocessPool, connect_workers
+from vlmd.actors.preprocess import PreprocessPool, PreprocessWorkerGone, connect_workers
 from vlmd.actors.tokenizer import ImageSpan, PromptBuilder, PromptError
 from vlmd.api import ImageInput
 from vlmd.image import TilingConfig
@@ -213,6 +213,8 @@ class HttpActor:
             raise ClientError(400, str(exc), exc.param) from None
         except NoSharedMemory:
             raise _no_shared_memory() from None
+        except PreprocessWorkerGone:
+            raise ClientError(503, "the server is stopping: an image preprocessing worker is gone") from None
         if len({image.md5 for image in checked}) > self.args.cache_capacity:
             self.release_checked(checked)
             raise ClientError(

@@ -23,7 +23,7 @@ import msgspec
 
 from vlmd import shm
 from vlmd.actors.launch import Launch
-from vlmd.actors.preprocess import NO_SHARED_MEMORY, PreprocessPool, connect_workers
+from vlmd.actors.preprocess import NO_SHARED_MEMORY, PreprocessPool, PreprocessWorkerGone, connect_workers
 from vlmd.image import TilingConfig
 from vlmd.messages import ImageRef
 
@@ -117,7 +117,10 @@ class FrontPixels:
             log.info("cannot read image bytes (no request holds them any more): %s", exc)
             return "", BYTES_GONE, 400
         resized = image.resize_width > 0
-        answer, name = await self.pool.run(data, self.max_pixels, resized, image.max_tiles)
+        try:
+            answer, name = await self.pool.run(data, self.max_pixels, resized, image.max_tiles)
+        except PreprocessWorkerGone:
+            return "", "the server is stopping: an image preprocessing worker is gone", 503
         if answer.error_kind == NO_SHARED_MEMORY:
             return "", "the server is out of shared memory for images; retry later", 503
         if answer.error_kind:  # the http actor decoded these bytes once already

@@ -44,6 +44,11 @@ TOO_LARGE = "too_large"  # a 400: width x height beyond max_pixels (found from t
 NO_SHARED_MEMORY = "no_shm"  # a 503: /dev/shm had no room for the tiles
 
 
+class PreprocessWorkerGone(Exception):
+    """A preprocess worker died with jobs outstanding: the server is stopping (the supervisor stops
+    every actor when one dies), so the callers answer 503 instead of waiting for ever."""
+
+
 def worker_socket(rank: int) -> str:
     return f"preprocess-{rank}.sock"
 
@@ -142,11 +147,19 @@ class PreprocessPool:
         return result, name
 
     async def _read(self, channel: ipc.Channel) -> None:
-        while True:
-            msg = await channel.recv()  # ChannelClosed: a worker died, and the server with it
-            assert isinstance(msg, ImagePreprocessed), f"a preprocess worker answered {type(msg).__name__}"
-            self.num_outstanding[msg.worker] -= 1
-            self._answers.pop(msg.job_id).set_result(msg)
+        try:
+            while True:
+                msg = await channel.recv()
+                assert isinstance(msg, ImagePreprocessed), (
+                    f"a preprocess worker answered {type(msg).__name__}"
+                )
+                self.num_outstanding[msg.worker] -= 1
+                self._answers.pop(msg.job_id).set_result(msg)
+        except ipc.ChannelClosed:  # a worker died, and the server with it: no answer is coming
+            for answer in self._answers.values():  # a job may have gone to another worker: as dead soon
+                if not answer.done():
+                    answer.set_exception(PreprocessWorkerGone("an image preprocessing worker is gone"))
+            self._answers.clear()
 
 
 async def connect_workers(launch: Launch, role: str) -> list[ipc.Channel]:
