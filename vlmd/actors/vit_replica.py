@@ -198,13 +198,16 @@ def _build_model(launch: Launch, device: torch.device, tp: TPGroup, clock: Stopw
     )
     tiling = TilingConfig.from_model_dir(args.model_dir, min_tiles=args.min_tiles, max_tiles=args.max_tiles)
     if device.type == "cuda":
-        _reserve_peak_memory(model, args.visual_infer_batch_size * tiling.max_tiles_per_image, tiling)
+        largest = args.visual_infer_batch_size * tiling.max_tiles_per_image
+        _reserve_peak_memory(model, largest, tiling)
         clock.lap("largest batch (kernel compile)")
         # A tensor-parallel ViT runs op by op: capturing its all-reduces in CUDA graphs has not
         # been checked on GPUs, and every rank of a group would have to replay in lockstep.
         if not args.disable_cudagraph and tp.size == 1:
             model = VisionGraphs(model, tiling.max_tiles_per_image, tiling.tile_size)
-            model.capture()
+            model.capture()  # torch empties the allocator's cache before a capture
+            if largest > tiling.max_tiles_per_image:  # batches beyond the graphs run op by op
+                _reserve_peak_memory(model.vision, largest, tiling)
             clock.lap("CUDA graphs")
     return model, tiling
 
