@@ -15,21 +15,18 @@ from tests.conftest import make_image, start_server
 pytestmark = pytest.mark.gpu
 
 
+def _cuda_server(model_dir, tmp_path, *flags: str):
+    """The demo model served with images on CUDA, in half the device's memory."""
+    return start_server(
+        model_dir, tmp_path, "--enable_multimodal", "--mem_fraction", "0.5", "--device", "cuda", *flags
+    )
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_serves_text_and_images_on_cuda(model_dir, tmp_path, tp):
     if torch.cuda.device_count() < tp:
         pytest.skip(f"needs {tp} CUDA devices")
-    server = start_server(
-        model_dir,
-        tmp_path,
-        "--enable_multimodal",
-        "--mem_fraction",
-        "0.5",
-        "--device",
-        "cuda",
-        "--tp",
-        str(tp),
-    )
+    server = _cuda_server(model_dir, tmp_path, "--tp", str(tp))
     try:
         prompt = "<|im_start|>user\n<img></img>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n"
         image = base64.b64encode(make_image(900, 600, seed=1)).decode()
@@ -64,17 +61,7 @@ def test_vit_in_the_worker_queues_on_a_stream_of_least_priority(model_dir, tmp_p
     """--vit_placement worker: images and text served side by side, the worker's thread queuing
     decode steps on a stream of the device's greatest priority and the ViT's thread on one of the
     least; no vision process but the front, and the ViT's start-up phases in the worker's line."""
-    server = start_server(
-        model_dir,
-        tmp_path,
-        "--enable_multimodal",
-        "--mem_fraction",
-        "0.5",
-        "--device",
-        "cuda",
-        "--vit_placement",
-        "worker",
-    )
+    server = _cuda_server(model_dir, tmp_path, "--vit_placement", "worker")
     try:
         prompt = "<|im_start|>user\n<img></img>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n"
         images = [base64.b64encode(make_image(900, 600, seed=seed)).decode() for seed in (1, 2, 3)]
