@@ -8,8 +8,9 @@ scenario beside its baseline in one command (issues 15 and 16):
   later turns with the prefix cache and with --disable_prefix_cache.
 - long_answers: 64 streams that declare max_tokens 4096 and hang up after 128 tokens, against 64
   that ask for 128, on a pool of 64 x 1k tokens; output tokens/s of each.
-- images: one text stream's inter-token latency alone, and while new 7-tile (1344x896) and
-  13-tile (1792x1344) PNGs arrive back to back, four at a time; the 13-tile images' rate with and
+- images: under each ViT placement (--vit_placements, default process then worker), one text
+  stream's inter-token latency alone, and while new 7-tile (1344x896) and 13-tile (1792x1344)
+  PNGs arrive back to back, four at a time; the 13-tile images' rate with and
   without a text stream decoding; end-to-end images/s of new 1-tile and 13-tile JPEGs and PNGs
   against the ViT's own tiles/s on the same weights (measured in this process once the server
   is gone).
@@ -203,33 +204,54 @@ def in_background(url: str, *flags: str):
 
 
 def images(args, log_dir: Path) -> list[tuple[str, str, float]]:
-    """Text inter-token latency while 7- and 13-tile PNGs arrive back to back, four at a time (two
-    of each size); the 13-tile images' rate with and without a text stream decoding; then images
-    per second end to end, each size and format, against the ViT's own tiles per second."""
+    """For each --vit_placements: text inter-token latency while 7- and 13-tile PNGs arrive back
+    to back, four at a time (two of each size), and the 13-tile images' rate with and without a
+    text stream decoding; then images per second end to end, each size and format, against the
+    ViT's own tiles per second (the first placement)."""
+    rows = []
+    for placement in args.vit_placements:
+        rows += images_beside_text(args, log_dir, placement)
+    return rows + image_throughput(args, log_dir)
+
+
+def images_beside_text(args, log_dir: Path, placement: str) -> list[tuple[str, str, float]]:
     rows = []
     _, w7, h7, _ = IMAGE_SIZES[1]
     _, w13, h13, _ = IMAGE_SIZES[2]
     n = args.image_prompts
-    with serve(args.model_dir, args.port, "--enable_multimodal", *args.serve_flags, log_dir=log_dir) as url:
+    flags = ["--enable_multimodal", "--vit_placement", placement, *args.serve_flags]
+    with serve(args.model_dir, args.port, *flags, log_dir=log_dir) as url:
         alone = bench(url, *text_stream(args, args.long_output // 4))
-        rows.append(("images", "text stream alone: ITL p99 ms", alone["itl_ms"]["p99"]))
-        rows.append(("images", "text stream alone: ITL median ms", alone["itl_ms"]["median"]))
         with in_background(url, *image_load(w7, h7, "png", 2, 100 * n)):
             with in_background(url, *image_load(w13, h13, "png", 2, 100 * n)):
                 wait_for_vit(url)  # the loads' images drawn and on their way
                 beside = bench(url, *text_stream(args, args.long_output // 4))
-        rows.append(("images", "text stream beside 7+13-tile images: ITL p99 ms", beside["itl_ms"]["p99"]))
-        rows.append(
-            ("images", "text stream beside 7+13-tile images: ITL median ms", beside["itl_ms"]["median"])
-        )
         images_alone = bench(url, *image_load(w13, h13, "png", 4, n))["request_throughput"]
         with in_background(url, *text_stream(args, args.long_output)):
             time.sleep(2)  # the text stream decoding
             images_beside = bench(url, *image_load(w13, h13, "png", 4, n))["request_throughput"]
-        rows.append(("images", "13-tile PNGs 4 at a time, no text: images/s", images_alone))
-        rows.append(("images", "13-tile PNGs 4 at a time, beside a text stream: images/s", images_beside))
-        rows.append(("images", "  ratio (target >= 0.8)", images_beside / images_alone))
-    return rows + image_throughput(args, log_dir)
+    for name, report in (("alone", alone), ("beside 7+13-tile images", beside)):
+        for stat in ("p99", "median"):
+            rows.append(
+                ("images", f"ViT {placement}: text stream {name}: ITL {stat} ms", report["itl_ms"][stat])
+            )
+    rows.append(
+        (
+            "images",
+            f"ViT {placement}:   ITL p99 beside / alone (target <= 1.5)",
+            beside["itl_ms"]["p99"] / alone["itl_ms"]["p99"],
+        )
+    )
+    rows.append(("images", f"ViT {placement}: 13-tile PNGs 4 at a time, no text: images/s", images_alone))
+    rows.append(
+        (
+            "images",
+            f"ViT {placement}: 13-tile PNGs 4 at a time, beside a text stream: images/s",
+            images_beside,
+        )
+    )
+    rows.append(("images", f"ViT {placement}:   ratio (target >= 0.8)", images_beside / images_alone))
+    return rows
 
 
 def image_throughput(args, log_dir: Path) -> list[tuple[str, str, float]]:
@@ -240,7 +262,8 @@ def image_throughput(args, log_dir: Path) -> list[tuple[str, str, float]]:
     and then the prefill of its rows on the same GPU, so its bound is 1 / (ViT time + prefill
     time); both ratios are reported."""
     rows, images_per_s, prefill_per_s = [], {}, {}
-    flags = ["--enable_multimodal", "--visual_infer_batch_size", str(args.vit_batch), *args.serve_flags]
+    flags = ["--enable_multimodal", "--visual_infer_batch_size", str(args.vit_batch)]
+    flags += ["--vit_placement", args.vit_placements[0], *args.serve_flags]
     with serve(args.model_dir, args.port, *flags, log_dir=log_dir) as url:
         for name, width, height, tiles in (IMAGE_SIZES[0], IMAGE_SIZES[2]):
             count = args.image_prompts * (8 if tiles == 1 else 1)
@@ -317,11 +340,17 @@ def main(argv: list[str] | None = None) -> None:
         "--vit_batch", type=int, default=12, help="--visual_infer_batch_size for the images/s runs"
     )
     parser.add_argument(
+        "--vit_placements",
+        default="process,worker",
+        help="the images scenario runs under each (comma-separated)",
+    )
+    parser.add_argument(
         "--serve_flags", default="", help="more `vlmd serve` flags for the images scenario (one string)"
     )
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     args.serve_flags = args.serve_flags.split()
+    args.vit_placements = args.vit_placements.split(",")
     if args.write_model and not (Path(args.model_dir) / "config.json").exists():
         cmd = [sys.executable, "-m", "vlmd", "demo-model", "--size", "internvl3-8b", args.model_dir]
         started = time.perf_counter()
