@@ -452,7 +452,7 @@ class Bench:
             out["num_decode_steps"] = len(decode)
         return out
 
-    def decode_beside_vit(self, batch: int) -> dict:
+    def decode_beside_vit(self, batch: int, ready_timeout_s: float = 900) -> dict:
         """Decode steps at `batch` while another process on the same device runs ViT forwards of
         --vit_batch tiles back to back, as the vision actor does beside the LM worker: the
         median and the longest step, and the tiles per second the ViT kept up meanwhile."""
@@ -462,7 +462,7 @@ class Bench:
         vit = ctx.Process(target=vit_beside, args=(*config, ready, go, stop, rates), daemon=True)
         vit.start()
         try:
-            if not ready.wait(timeout=900):
+            if not ready.wait(timeout=ready_timeout_s):
                 raise RuntimeError("the ViT process did not get ready")
             prompts = torch.randint(
                 0, self.shape.num_text_ids, (batch, self.args.prompt_len), generator=self.gen
