@@ -14,7 +14,7 @@ and the ViT's tiles per second, with the ViT:
 - thread_low: in a thread of the decoding process on a low-priority stream, decode on a
   high-priority one (the ViT in the worker's process);
 - thread_equal: the same with both streams at the default priority;
-- thread_green: the ViT in a thread on a CUDA green context of `--vit_sms` SMs (op by op: graphs
+- thread_green: the ViT in a thread on a CUDA green context of each `--vit_sms` count of SMs (op by op: graphs
   captured in the primary context do not replay in another), decode on the primary context; the
   ViT's blocks can then hold only those SMs. Skipped where torch has no green contexts.
 
@@ -105,8 +105,9 @@ def step_stats(steps, batch: int) -> dict:
     return {"step_ms": statistics.median(intervals), "p99_step_ms": p99, "longest_step_ms": intervals[-1]}
 
 
-def decode_with(bench: Bench, batch: int, placement: str, pixels: torch.Tensor) -> dict:
-    """Decode steps at `batch` with the ViT placed as `placement` (see the module docstring)."""
+def decode_with(bench: Bench, batch: int, placement: str, pixels: torch.Tensor, num_sms: int = 0) -> dict:
+    """Decode steps at `batch` with the ViT placed as `placement` (see the module docstring);
+    thread_green on `num_sms` SMs."""
     if placement == "process":
         try:
             row = bench.decode_beside_vit(batch, ready_timeout_s=180)
@@ -126,9 +127,7 @@ def decode_with(bench: Bench, batch: int, placement: str, pixels: torch.Tensor) 
     with torch.cuda.stream(decode_stream) if decode_stream is not None else contextlib.nullcontext():
         if placement == "alone":
             return step_stats(run_steps(bench.runner, bench.scheduler), batch) | {"vit_tiles_per_s": None}
-        vision, num_sms = bench.vision, 0
-        if placement == "thread_green":
-            vision, num_sms = getattr(bench.vision, "vision", bench.vision), bench.args.vit_sms
+        vision = getattr(bench.vision, "vision", bench.vision) if num_sms else bench.vision
         with ViTThread(vision, pixels, vit_stream, num_sms) as vit:
             steps = run_steps(bench.runner, bench.scheduler)
     sync(bench.device)
@@ -161,10 +160,11 @@ def measure(args: argparse.Namespace) -> dict:
     out["rows"] = []
     for batch in args.batch_sizes:
         for placement in args.placements:
-            log.info("decode at batch %d, ViT %s", batch, placement)
-            out["rows"].append(
-                {"batch": batch, "placement": placement} | decode_with(bench, batch, placement, pixels)
-            )
+            for num_sms in args.vit_sms if placement == "thread_green" else [0]:
+                name = f"{placement} ({num_sms} SMs)" if num_sms else placement
+                log.info("decode at batch %d, ViT %s", batch, name)
+                row = decode_with(bench, batch, placement, pixels, num_sms)
+                out["rows"].append({"batch": batch, "placement": name} | row)
     bench.scheduler.check_integrity()
     return out
 
@@ -205,7 +205,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new_tokens", type=int, help="tokens per request: the decode run's length")
     parser.add_argument("--placements", nargs="+", choices=PLACEMENTS, default=list(PLACEMENTS))
     parser.add_argument(
-        "--vit_sms", type=int, default=66, help="SMs of the ViT's green context (thread_green)"
+        "--vit_sms",
+        type=int,
+        nargs="+",
+        default=[33, 66, 99],
+        help="SMs of the ViT's green context (thread_green)",
     )
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args(argv)
