@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import io
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -165,6 +167,7 @@ def start_server(
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
             start_new_session=new_session,
+            preexec_fn=_stop_with_pytest if threading.current_thread() is threading.main_thread() else None,
         )
     server = Server(f"http://127.0.0.1:{port}", process, log_path)
     _started.append(server)
@@ -184,6 +187,15 @@ def start_server(
 
 
 _started: list[Server] = []
+
+
+def _stop_with_pytest() -> None:
+    """In the server's process before it runs: SIGTERM (an orderly stop) when pytest dies. A
+    pytest killed by `timeout` on the device runs no finalizer, and a server left behind kept the
+    GPU and FlashInfer's compile locks from the commands after it. The signal comes when the
+    forking thread ends, so only servers started on pytest's main thread ask for it."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @pytest.fixture(scope="session", autouse=True)
