@@ -16,7 +16,10 @@ and the ViT's tiles per second, with the ViT:
 - thread_equal: the same with both streams at the default priority;
 - thread_green: the ViT in a thread on a CUDA green context of each `--vit_sms` count of SMs (op by op: graphs
   captured in the primary context do not replay in another), decode on the primary context; the
-  ViT's blocks can then hold only those SMs. Skipped where torch has no green contexts.
+  ViT's blocks can then hold only those SMs. Skipped where torch has no green contexts;
+- thread_sliced: the ViT in a thread, `--slice_tiles` tiles at a time, each slice queued on the
+  decode steps' own stream once a step has been collected: every step waits for at most one
+  slice (an encoder budget per step; the ViT's rate then follows the step rate).
 
 The ViT alone (no decode) gives the tiles/s the others are compared with. Each ViT forward is
 `--vit_batch` tiles (7: one 1344x896 image) and waits for its rows, as an encode does.
@@ -37,21 +40,29 @@ import time
 
 import gpu_bench
 import torch
-from gpu_bench import Bench, add_text_requests, full_batch_decode, run_steps, sync
+from gpu_bench import Bench, Step, add_text_requests, full_batch_decode, run_steps, sync
+
+from vlmd.runner import run_in_process
 
 log = logging.getLogger("vit_beside_bench")
 
-PLACEMENTS = ("alone", "process", "thread_low", "thread_equal", "thread_green")
+PLACEMENTS = ("alone", "process", "thread_low", "thread_equal", "thread_green", "thread_sliced")
 
 
 class ViTThread:
     """ViT forwards of `pixels` back to back on `stream`, in a thread, until stopped."""
 
     def __init__(
-        self, vision, pixels: torch.Tensor, stream: torch.cuda.Stream | None, num_sms: int = 0
+        self,
+        vision,
+        pixels: torch.Tensor,
+        stream: torch.cuda.Stream | None,
+        num_sms: int = 0,
+        turn: threading.Semaphore | None = None,
     ) -> None:
         self.vision, self.pixels, self.stream = vision, pixels, stream
         self.num_sms = num_sms  # > 0: on a green context of that many SMs (stream ignored)
+        self.turn = turn  # given: one forward per release (a decode step collected)
         self.stop = threading.Event()
         self.tiles_per_s = 0.0
         self.thread = threading.Thread(target=self._loop, daemon=True)
@@ -76,6 +87,8 @@ class ViTThread:
             torch.cuda.set_stream(self.stream)
         started, done = time.perf_counter(), 0
         while not done or not self.stop.is_set():  # at least one forward, however short the decode
+            if self.turn is not None and not self.turn.acquire(timeout=0.05):
+                continue
             self.vision(self.pixels)
             sync_stream(self.stream)  # an encode waits for its rows before it writes them out
             done += self.pixels.shape[0]
@@ -105,9 +118,11 @@ def step_stats(steps, batch: int) -> dict:
     return {"step_ms": statistics.median(intervals), "p99_step_ms": p99, "longest_step_ms": intervals[-1]}
 
 
-def decode_with(bench: Bench, batch: int, placement: str, pixels: torch.Tensor, num_sms: int = 0) -> dict:
+def decode_with(
+    bench: Bench, batch: int, placement: str, pixels: torch.Tensor, num_sms: int = 0, slice_tiles: int = 0
+) -> dict:
     """Decode steps at `batch` with the ViT placed as `placement` (see the module docstring);
-    thread_green on `num_sms` SMs."""
+    thread_green on `num_sms` SMs, thread_sliced `slice_tiles` tiles a step."""
     if placement == "process":
         try:
             row = bench.decode_beside_vit(batch, ready_timeout_s=180)
@@ -128,10 +143,26 @@ def decode_with(bench: Bench, batch: int, placement: str, pixels: torch.Tensor, 
         if placement == "alone":
             return step_stats(run_steps(bench.runner, bench.scheduler), batch) | {"vit_tiles_per_s": None}
         vision = getattr(bench.vision, "vision", bench.vision) if num_sms else bench.vision
-        with ViTThread(vision, pixels, vit_stream, num_sms) as vit:
-            steps = run_steps(bench.runner, bench.scheduler)
+        turn = None
+        if placement == "thread_sliced":
+            pixels, vit_stream, turn = pixels[:slice_tiles], decode_stream, threading.Semaphore(0)
+        with ViTThread(vision, pixels, vit_stream, num_sms, turn) as vit:
+            steps = run_steps_releasing(bench, turn)
     sync(bench.device)
     return step_stats(steps, batch) | {"vit_tiles_per_s": vit.tiles_per_s}
+
+
+def run_steps_releasing(bench: Bench, turn: threading.Semaphore | None) -> list[Step]:
+    """gpu_bench's `run_steps`, releasing `turn` once per step collected (thread_sliced)."""
+    if turn is None:
+        return run_steps(bench.runner, bench.scheduler)
+    steps, last = [], time.perf_counter()
+    for plan, _ in run_in_process(bench.scheduler, bench.runner, 2):
+        now = time.perf_counter()
+        steps.append(Step(plan, now - last))
+        last = now
+        turn.release()
+    return steps
 
 
 def green_contexts() -> bool:
@@ -160,13 +191,21 @@ def measure(args: argparse.Namespace) -> dict:
     out["rows"] = []
     for batch in args.batch_sizes:
         for placement in args.placements:
-            for num_sms in args.vit_sms if placement == "thread_green" else [0]:
-                name = f"{placement} ({num_sms} SMs)" if num_sms else placement
+            for name, num_sms, slice_tiles in variants(args, placement):
                 log.info("decode at batch %d, ViT %s", batch, name)
-                row = decode_with(bench, batch, placement, pixels, num_sms)
+                row = decode_with(bench, batch, placement, pixels, num_sms, slice_tiles)
                 out["rows"].append({"batch": batch, "placement": name} | row)
     bench.scheduler.check_integrity()
     return out
+
+
+def variants(args: argparse.Namespace, placement: str) -> list[tuple[str, int, int]]:
+    """(row name, SMs, tiles per slice) of each row a placement gives."""
+    if placement == "thread_green":
+        return [(f"{placement} ({n} SMs)", n, 0) for n in args.vit_sms]
+    if placement == "thread_sliced":
+        return [(f"{placement} ({n} tiles a step)", 0, n) for n in args.slice_tiles]
+    return [(placement, 0, 0)]
 
 
 def report(meta: dict, out: dict) -> str:
@@ -210,6 +249,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=[33, 66, 99],
         help="SMs of the ViT's green context (thread_green)",
+    )
+    parser.add_argument(
+        "--slice_tiles", type=int, nargs="+", default=[1, 2, 4], help="tiles per step (thread_sliced)"
     )
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args(argv)
