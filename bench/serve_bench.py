@@ -8,9 +8,9 @@ scenario beside its baseline in one command (issues 15 and 16):
   later turns with the prefix cache and with --disable_prefix_cache.
 - long_answers: 64 streams that declare max_tokens 4096 and hang up after 128 tokens, against 64
   that ask for 128, on a pool of 64 x 1k tokens; output tokens/s of each.
-- images: under each ViT placement (--vit_placements, default process then worker), one text
-  stream's inter-token latency alone, and while new 7-tile (1344x896) and 13-tile (1792x1344)
-  PNGs arrive back to back, four at a time; the 13-tile images' rate with and
+- images: under each ViT placement (--vit_placements: process, worker, and worker with 2 tiles
+  a step), one text stream's inter-token latency alone, and while new 7-tile (1344x896) and
+  13-tile (1792x1344) PNGs arrive back to back, four at a time; the 13-tile images' rate with and
   without a text stream decoding; end-to-end images/s of new 1-tile and 13-tile JPEGs and PNGs
   against the ViT's own tiles/s on the same weights (measured in this process once the server
   is gone).
@@ -219,7 +219,10 @@ def images_beside_text(args, log_dir: Path, placement: str) -> list[tuple[str, s
     _, w7, h7, _ = IMAGE_SIZES[1]
     _, w13, h13, _ = IMAGE_SIZES[2]
     n = args.image_prompts
-    flags = ["--enable_multimodal", "--vit_placement", placement, *args.serve_flags]
+    # "worker:N": the ViT in the workers, N tiles a step while steps run (--vit_step_tiles).
+    where, _, step_tiles = placement.partition(":")
+    flags = ["--enable_multimodal", "--vit_placement", where, "--vit_step_tiles", step_tiles or "0"]
+    flags += args.serve_flags
     with serve(args.model_dir, args.port, *flags, log_dir=log_dir) as url:
         alone = bench(url, *text_stream(args, args.long_output // 4))
         with in_background(url, *image_load(w7, h7, "png", 2, 100 * n)):
@@ -263,7 +266,8 @@ def image_throughput(args, log_dir: Path) -> list[tuple[str, str, float]]:
     time); both ratios are reported."""
     rows, images_per_s, prefill_per_s = [], {}, {}
     flags = ["--enable_multimodal", "--visual_infer_batch_size", str(args.vit_batch)]
-    flags += ["--vit_placement", args.vit_placements[0], *args.serve_flags]
+    where, _, step_tiles = args.vit_placements[0].partition(":")
+    flags += ["--vit_placement", where, "--vit_step_tiles", step_tiles or "0", *args.serve_flags]
     with serve(args.model_dir, args.port, *flags, log_dir=log_dir) as url:
         for name, width, height, tiles in (IMAGE_SIZES[0], IMAGE_SIZES[2]):
             count = args.image_prompts * (8 if tiles == 1 else 1)

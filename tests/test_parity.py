@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,7 +13,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, InternVLForConditionalGeneration
 
-from tests.conftest import make_image
+from tests.conftest import MM_FLAGS, make_image, start_server
+from tests.test_http import metrics
 
 NUM_TOKENS = 32
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -114,6 +116,40 @@ def test_greedy_tokens_equal_transformers(placed_server, reference, case):
     expected = reference.generate(hf_prompt(prompt), images)
     assert len(set(expected)) >= 8, "the test model must not repeat itself, or this test proves little"
     assert vlmd_generate(placed_server, prompt, images) == expected
+
+
+@pytest.fixture(scope="module")
+def sliced_server(model_dir, tmp_path_factory):
+    """The ViT in the LM worker, encoding one tile per decode step while steps run."""
+    flags = (*MM_FLAGS, "--vit_placement", "worker", "--vit_step_tiles", "1")
+    server = start_server(model_dir, tmp_path_factory.mktemp("sliced"), *flags)
+    yield server
+    assert server.stop() == 0, server.log()
+    assert server.actor_pids() == [] and server.shm_segments() == []
+
+
+def test_vit_between_steps_gives_the_same_tokens(sliced_server, reference):
+    """--vit_step_tiles 1: images encoded a tile per step while long text answers decode still
+    give transformers' tokens, text and images alike, and are encoded while the text decodes (the
+    ViT takes its turns between steps; it does not wait for the steps to end)."""
+    long_text = [(chat(f"Text {i}: count slowly."), [], 400) for i in range(2)]
+    with_images = [
+        (chat("<img></img> Describe."), [IMG_A], 16),
+        (chat("<img></img><img></img> two"), [IMG_B, IMG_C], 16),
+    ]
+    expected = [reference.generate(hf_prompt(p), imgs, n) for p, imgs, n in long_text + with_images]
+    with ThreadPoolExecutor(4) as pool:
+        text = [pool.submit(vlmd_generate, sliced_server, *r) for r in long_text]
+        time.sleep(0.5)  # the text decoding when the images come
+        encoded = metrics(sliced_server).get("vlmd_vit_images_total", 0)
+        images = [pool.submit(vlmd_generate, sliced_server, *r) for r in with_images]
+        deadline = time.monotonic() + 60
+        while metrics(sliced_server).get("vlmd_vit_images_total", 0) < encoded + 3:
+            assert time.monotonic() < deadline, "the images were never encoded"
+            time.sleep(0.05)
+        assert not any(future.done() for future in text), "the ViT waited for the text to end"
+        got = [future.result() for future in text + images]
+    assert got == expected
 
 
 def test_concurrent_requests_match_one_at_a_time(placed_server, reference):

@@ -292,6 +292,16 @@ def test_vit_in_the_workers_needs_one_whole_replica_per_worker(model_dir):
     assert (args.visual_dp, args.visual_tp, args.vit_in_workers) == (2, 1, True)
 
 
+def test_vit_step_tiles_needs_the_vit_in_the_workers(model_dir):
+    flags = ("--model_dir", str(model_dir), "--enable_multimodal", "--vit_step_tiles", "2")
+    assert_one_line_error(serve(*flags), "--vit_step_tiles")
+    assert_one_line_error(serve(*flags[:-1], "-1", "--vit_placement", "worker"), "--vit_step_tiles")
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = build_server_args(parser.parse_args([*flags, "--vit_placement", "worker"]), environ={})
+    assert (args.vit_step_tiles, args.vit_in_workers) == (2, True)
+
+
 def test_visual_tp_that_does_not_divide_the_vit_heads_is_refused(tmp_path):
     write_demo_model(tmp_path, seed=0, vision_config={"num_attention_heads": 2})
     result = serve("--model_dir", str(tmp_path), "--enable_multimodal", "--tp", "4")  # visual_tp 4

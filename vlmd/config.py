@@ -42,6 +42,9 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     # the ViT replica of group g runs inside LM worker g, on a low-priority CUDA stream, so that the
     # device runs the decode steps' kernels first (needs visual_tp 1).
     vit_placement: str = "process"
+    # With vit_placement "worker": 0, the ViT runs beside the decode steps on its low-priority stream;
+    # N > 0, while steps run the ViT encodes at most N tiles per step, between steps, on their stream.
+    vit_step_tiles: int = 0
     max_total_token_num: int | None = None
     max_req_total_len: int | None = None
     data_type: str = "auto"
@@ -132,6 +135,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "(process), or inside the LM worker of its GPU, on a CUDA stream of lower priority than the "
         "decode steps' (worker: one whole replica per GPU, --visual_tp 1, which is then the default) "
         "(default: %(default)s)",
+    )
+    add(
+        "--vit_step_tiles",
+        type=int,
+        default=_default("vit_step_tiles"),
+        help="with --vit_placement worker: while decode steps run, encode at most this many tiles per "
+        "step, between steps (a bound on what images add to a token's latency); 0: no bound, the ViT "
+        "runs beside the steps (default: %(default)s)",
     )
     add(
         "--max_total_token_num", type=int, default=None, help="KV cache size in tokens (default: from memory)"
@@ -352,6 +363,12 @@ def _resolve_vision_layout(ns: argparse.Namespace) -> None:
         raise ConfigError(
             "--visual_dp/--visual_tp",
             f"visual_dp * visual_tp must equal tp ({ns.visual_dp} * {ns.visual_tp} != {ns.tp})",
+        )
+    if ns.vit_step_tiles < 0 or (ns.vit_step_tiles and not in_workers):
+        raise ConfigError(
+            "--vit_step_tiles",
+            f"must be 0, or at least 1 with --vit_placement worker (got {ns.vit_step_tiles} with "
+            f"--vit_placement {ns.vit_placement})",
         )
     if in_workers and ns.visual_tp != 1:
         # A worker hosts its group's whole replica: the ranks of a split ViT would be LM workers

@@ -8,11 +8,17 @@ dispatches a step's kernels ahead of the ViT's waiting blocks. The worker leads 
 vision ranks' leaders do (`serve_batches`, beside its step loop); the vision front keeps the
 cache, the pins and the preprocessing in a process of its own, with no ViT. On the CPU there are
 no streams: the ViT still runs on its own thread, never on the event loop.
+
+With --vit_step_tiles N the ViT does not run beside the steps but between them: while steps run,
+it encodes N tiles per step collected (`StepTurns`), queued on the steps' own stream, so a step
+waits for at most one slice; while the worker is idle it encodes freely.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 
 import torch
 
@@ -21,6 +27,37 @@ from vlmd.actors.launch import Launch, Stopwatch
 from vlmd.actors.vit_replica import ReplicaGroup, VisionLayout, ViTRank, connect_front, serve_batches
 
 log = logging.getLogger("vlmd.worker")
+
+
+class StepTurns:
+    """The ViT thread's turns between decode steps: while steps run, one turn per step collected
+    (an unused turn is not kept: the ViT never bunches slices); while the worker is idle, always."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._stepping = False
+        self._turn = False
+
+    def step_launched(self) -> None:
+        with self._changed:
+            self._stepping = True
+
+    def step_collected(self) -> None:
+        with self._changed:
+            self._turn = True
+            self._changed.notify_all()
+
+    def idle(self) -> None:
+        """No step follows (FlushStep): the ViT may run freely."""
+        with self._changed:
+            self._stepping = False
+            self._changed.notify_all()
+
+    def wait(self) -> None:
+        """On the ViT's thread, before a slice: until a step is collected or the worker idles."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._turn or not self._stepping)
+            self._turn = False
 
 
 class HostedViT:
@@ -35,12 +72,16 @@ class HostedViT:
         self.vit: ViTRank | None = None
         self.front: ipc.Channel | None = None
         self.vit_stream: torch.cuda.Stream | None = None  # None on the CPU
+        self.step_stream: torch.cuda.Stream | None = None  # the decode steps' (None on the CPU)
+        self.slice_tiles = launch.args.vit_step_tiles
+        self.turns = StepTurns() if self.slice_tiles else None
         if launch.runtime.device == "cuda":
             device = torch.device("cuda", rank)
             torch.cuda.set_device(device)  # first: a query on another GPU would open a context there
             least, greatest = torch.cuda.Stream.priority_range()  # a lower number runs first
             self.vit_stream = torch.cuda.Stream(device, priority=least)
-            torch.cuda.set_stream(torch.cuda.Stream(device, priority=greatest))
+            self.step_stream = torch.cuda.Stream(device, priority=greatest)
+            torch.cuda.set_stream(self.step_stream)
 
     async def load(self, clock: Stopwatch) -> None:
         """Load the ViT, run its largest batch and capture its graphs, all on its stream: called
@@ -68,7 +109,15 @@ class HostedViT:
 
     async def serve(self) -> None:
         """Encode the batches the front sends, on the ViT's thread, until the front is gone."""
-        await serve_batches(self.front, ReplicaGroup(self.vit, []))
+        forward = self._forward_between_steps if self.turns is not None else None
+        await serve_batches(self.front, ReplicaGroup(self.vit, [], forward))
+
+    def _forward_between_steps(self, pixels, counts, runs) -> None:
+        """On the ViT's thread: the batch in slices of --vit_step_tiles tiles, one per turn, on the
+        decode steps' stream (between two steps, not beside them)."""
+        on_steps = torch.cuda.stream(self.step_stream) if self.step_stream else contextlib.nullcontext()
+        with on_steps:
+            self.vit.forward_in_slices(pixels, counts, runs, self.slice_tiles, self.turns.wait)
 
 
 def _current_priority() -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -178,6 +179,30 @@ class ViTRank:
                 offset += run.num_rows
 
     @torch.inference_mode()
+    def forward_in_slices(
+        self,
+        pixels: torch.Tensor,
+        counts: list[int],
+        runs: list[EmbedRun],
+        slice_tiles: int,
+        wait_turn: Callable[[], None],
+    ) -> None:
+        """`forward_into_store` for a one-rank replica, `slice_tiles` tiles at a time, each slice
+        once `wait_turn()` returns (tiles are encoded independently: the rows are the same)."""
+        assert self.tp.size == 1, "a split ViT forwards its whole batch at once, in step with its group"
+        destinations = []  # per tile of the batch: its image's run, and the tile's index in it
+        for count, run in zip(counts, runs, strict=True):
+            destinations += [(run, t, count) for t in range(count)]
+        for start in range(0, pixels.shape[0], slice_tiles):
+            wait_turn()
+            embeds = self.model(pixels[start : start + slice_tiles])  # [n * image_seq_length, hidden]
+            rows = embeds.shape[0] // min(slice_tiles, pixels.shape[0] - start)  # per tile
+            for i, (run, t, count) in enumerate(destinations[start : start + slice_tiles]):
+                assert run.num_rows == count * rows, "the reserved run does not fit the image"
+                row = run.row_offset + t * rows
+                self.store[row : row + rows] = embeds[i * rows : (i + 1) * rows]
+
+    @torch.inference_mode()
     def follow(self, num_tiles: int) -> None:
         """Another rank of the group: receive the leader's tiles and run this rank's share."""
         size = self.tiling.tile_size
@@ -240,12 +265,14 @@ def _read_tiles(image: ImageRef, out: np.ndarray) -> None:
 
 
 class ReplicaGroup:
-    """A ViT replica as its leader drives it: this process's ViTRank and the other ranks' sockets."""
+    """A ViT replica as its leader drives it: this process's ViTRank and the other ranks' sockets.
+    `forward(pixels, counts, runs)` runs on the ViT's thread (default: the whole batch at once)."""
 
-    def __init__(self, vit: ViTRank, peers: list[ipc.Channel]) -> None:
+    def __init__(self, vit: ViTRank, peers: list[ipc.Channel], forward: Callable | None = None) -> None:
         assert len(peers) == vit.tp.size - 1, "a leader drives every other rank of its group"
         self.vit = vit
         self.peers = peers
+        self.forward = forward or vit.forward_into_store
 
     async def encode(self, images: list[ImageRef], runs: list[EmbedRun]) -> list[str]:
         """Encode a batch into its reserved runs; per image "" or why it failed."""
@@ -253,7 +280,7 @@ class ReplicaGroup:
         if pixels is not None:
             for peer in self.peers:
                 peer.send(ForwardTiles(pixels.shape[0]))
-            await self.vit.run(self.vit.forward_into_store, pixels, counts, runs)
+            await self.vit.run(self.forward, pixels, counts, runs)
         return errors
 
 

@@ -12,7 +12,7 @@ import torch
 
 from vlmd import ipc
 from vlmd.actors.device import TORCH_DTYPES, TP_TIMEOUT_S, embed_store_view
-from vlmd.actors.hosted_vit import HostedViT
+from vlmd.actors.hosted_vit import HostedViT, StepTurns
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, Stopwatch, announce_ready, connect_supervisor
 from vlmd.core.page_allocator import pages_for
 from vlmd.kernels.attention import KVCacheSpec
@@ -234,7 +234,8 @@ async def run(launch: Launch, rank: int) -> None:
         await hosted.connect()
         detail += f"; ViT replica {rank}"
     await announce_ready(launch, "worker", rank, f"({detail})", num_pages, channel=supervisor)
-    steps = serve_steps(runner, channel, send_results=rank == 0)
+    turns = hosted.turns if hosted is not None else None
+    steps = serve_steps(runner, channel, send_results=rank == 0, turns=turns)
     if hosted is None:
         await steps
     else:
@@ -255,7 +256,11 @@ async def _until_one_fails(*loops: Coroutine) -> None:
 
 
 async def serve_steps(
-    runner: ModelRunner, channel: ipc.Channel, send_results: bool, overlap: bool | None = None
+    runner: ModelRunner,
+    channel: ipc.Channel,
+    send_results: bool,
+    overlap: bool | None = None,
+    turns: StepTurns | None = None,
 ) -> None:
     """Execute the scheduler's plans in order. On a GPU a step is launched before the previous
     one is collected, so the device runs the next step while the host reads back and reports
@@ -272,14 +277,20 @@ async def serve_steps(
         held = None
         if send_results:
             channel.send(result)
+        if turns is not None:  # the hosted ViT may queue a slice before the next step
+            turns.step_collected()
 
     while True:
         msg = await channel.recv()
         if isinstance(msg, FlushStep):
             if held is not None:
                 report()
+            if turns is not None:
+                turns.idle()
             continue
         assert isinstance(msg, StepPlan), f"worker expects StepPlan, got {type(msg).__name__}"
+        if turns is not None:
+            turns.step_launched()
         launched = runner.launch(msg)
         if held is not None:
             report()
