@@ -16,7 +16,6 @@ waits for at most one slice; while the worker is idle it encodes freely.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 
@@ -115,8 +114,14 @@ class HostedViT:
     def _forward_between_steps(self, pixels, counts, runs) -> None:
         """On the ViT's thread: the batch in slices of --vit_step_tiles tiles, one per turn, on the
         decode steps' stream (between two steps, not beside them)."""
-        on_steps = torch.cuda.stream(self.step_stream) if self.step_stream else contextlib.nullcontext()
-        with on_steps:
+        if self.step_stream is None:  # the CPU
+            self.vit.forward_in_slices(pixels, counts, runs, self.slice_tiles, self.turns.wait)
+            return
+        # The pixels were copied and normalised on the ViT's stream: the steps' stream reads them
+        # after that. The slices' copies out to the store wait for them, so the pixels are not
+        # freed (back to the ViT stream's pool) before the last slice has read them.
+        self.step_stream.wait_stream(self.vit_stream)
+        with torch.cuda.stream(self.step_stream):
             self.vit.forward_in_slices(pixels, counts, runs, self.slice_tiles, self.turns.wait)
 
 
