@@ -97,6 +97,8 @@ class ViTRank:
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         self.lut = torch.tensor(normalize_lut(tiling), device=self.device)  # [3, 256] float32
+        if self.device.type == "cuda":  # copied on this thread's stream; the ViT's thread reads it
+            torch.cuda.current_stream(self.device).synchronize()
         # All device work runs on one thread, which knows this rank's GPU as its current device.
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="vit")
 
