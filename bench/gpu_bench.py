@@ -241,15 +241,20 @@ class Step:
     interval_s: float  # wall time since the step before was collected: the step's share of the run
 
 
-def run_steps(runner, scheduler: Scheduler, max_steps: int | None = None, overlap: bool = True) -> list[Step]:
+def run_steps(
+    runner, scheduler: Scheduler, max_steps: int | None = None, overlap: bool = True, on_step=None
+) -> list[Step]:
     """Drive scheduler and runner as the serving loop does (with overlap, the next step is
-    launched before the last one's tokens are read back), timing each step's interval."""
+    launched before the last one's tokens are read back), timing each step's interval;
+    `on_step()`, if given, after each step is collected."""
     steps: list[Step] = []
     last = time.perf_counter()
     for plan, _ in run_in_process(scheduler, runner, 2 if overlap else 1, max_steps):
         now = time.perf_counter()
         steps.append(Step(plan, now - last))
         last = now
+        if on_step is not None:
+            on_step()
     return steps
 
 

@@ -214,15 +214,19 @@ def images(args, log_dir: Path) -> list[tuple[str, str, float]]:
     return rows + image_throughput(args, log_dir)
 
 
+def placement_flags(placement: str) -> list[str]:
+    """`vlmd serve` flags of a --vit_placements entry: "process", "worker", or "worker:N" (the ViT
+    in the workers, N tiles a step while steps run: --vit_step_tiles)."""
+    where, _, step_tiles = placement.partition(":")
+    return ["--vit_placement", where, "--vit_step_tiles", step_tiles or "0"]
+
+
 def images_beside_text(args, log_dir: Path, placement: str) -> list[tuple[str, str, float]]:
     rows = []
     _, w7, h7, _ = IMAGE_SIZES[1]
     _, w13, h13, _ = IMAGE_SIZES[2]
     n = args.image_prompts
-    # "worker:N": the ViT in the workers, N tiles a step while steps run (--vit_step_tiles).
-    where, _, step_tiles = placement.partition(":")
-    flags = ["--enable_multimodal", "--vit_placement", where, "--vit_step_tiles", step_tiles or "0"]
-    flags += args.serve_flags
+    flags = ["--enable_multimodal", *placement_flags(placement), *args.serve_flags]
     with serve(args.model_dir, args.port, *flags, log_dir=log_dir) as url:
         alone = bench(url, *text_stream(args, args.long_output // 4))
         with in_background(url, *image_load(w7, h7, "png", 2, 100 * n)):
@@ -266,8 +270,7 @@ def image_throughput(args, log_dir: Path) -> list[tuple[str, str, float]]:
     time); both ratios are reported."""
     rows, images_per_s, prefill_per_s = [], {}, {}
     flags = ["--enable_multimodal", "--visual_infer_batch_size", str(args.vit_batch)]
-    where, _, step_tiles = args.vit_placements[0].partition(":")
-    flags += ["--vit_placement", where, "--vit_step_tiles", step_tiles or "0", *args.serve_flags]
+    flags += [*placement_flags(args.vit_placements[0]), *args.serve_flags]
     with serve(args.model_dir, args.port, *flags, log_dir=log_dir) as url:
         for name, width, height, tiles in (IMAGE_SIZES[0], IMAGE_SIZES[2]):
             count = args.image_prompts * (8 if tiles == 1 else 1)

@@ -40,9 +40,7 @@ import time
 
 import gpu_bench
 import torch
-from gpu_bench import Bench, Step, add_text_requests, full_batch_decode, run_steps, sync
-
-from vlmd.runner import run_in_process
+from gpu_bench import Bench, add_text_requests, full_batch_decode, run_steps, sync
 
 log = logging.getLogger("vit_beside_bench")
 
@@ -147,22 +145,10 @@ def decode_with(
         if placement == "thread_sliced":
             pixels, vit_stream, turn = pixels[:slice_tiles], decode_stream, threading.Semaphore(0)
         with ViTThread(vision, pixels, vit_stream, num_sms, turn) as vit:
-            steps = run_steps_releasing(bench, turn)
+            on_step = turn.release if turn is not None else None  # thread_sliced: a slice a step
+            steps = run_steps(bench.runner, bench.scheduler, on_step=on_step)
     sync(bench.device)
     return step_stats(steps, batch) | {"vit_tiles_per_s": vit.tiles_per_s}
-
-
-def run_steps_releasing(bench: Bench, turn: threading.Semaphore | None) -> list[Step]:
-    """gpu_bench's `run_steps`, releasing `turn` once per step collected (thread_sliced)."""
-    if turn is None:
-        return run_steps(bench.runner, bench.scheduler)
-    steps, last = [], time.perf_counter()
-    for plan, _ in run_in_process(bench.scheduler, bench.runner, 2):
-        now = time.perf_counter()
-        steps.append(Step(plan, now - last))
-        last = now
-        turn.release()
-    return steps
 
 
 def green_contexts() -> bool:

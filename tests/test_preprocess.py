@@ -38,12 +38,10 @@ def b64(data: bytes) -> str:
 
 
 def read_tiles(name: str, num_tiles: int) -> np.ndarray:
-    segment = shm.SharedSegment.attach(name)
-    try:
-        size = TILING.tile_size
-        return np.ndarray((num_tiles, 3, size, size), np.uint8, buffer=segment.buf).copy()
-    finally:
-        segment.close()
+    size = TILING.tile_size
+    out = np.empty((num_tiles, 3, size, size), np.uint8)
+    shm.read_array(name, out)
+    return out
 
 
 def my_segments() -> list[str]:

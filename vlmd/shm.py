@@ -13,6 +13,8 @@ from __future__ import annotations
 import mmap
 import os
 
+import numpy as np
+
 SHM_DIR = "/dev/shm"
 
 
@@ -95,6 +97,31 @@ def read_segment(name: str, num_bytes: int) -> bytes:
     segment = SharedSegment.attach(name)
     try:
         return bytes(segment.buf[:num_bytes])
+    finally:
+        segment.close()
+
+
+def write_array(name: str, array: np.ndarray) -> None:
+    """A new segment `name` holding `array`'s bytes; OSError (ENOSPC) when /dev/shm is full,
+    creating nothing."""
+    segment = SharedSegment.create(name, array.nbytes)
+    try:
+        view = np.ndarray(array.shape, array.dtype, buffer=segment.buf)
+        view[...] = array  # a strided array (a one-tile image's) lands in order
+        del view  # the mapping closes only once no array exports it
+    finally:
+        segment.close()
+
+
+def read_array(name: str, out: np.ndarray) -> None:
+    """Fill `out` from segment `name`, written by `write_array` with out's shape and dtype; OSError
+    if the segment is gone."""
+    segment = SharedSegment.attach(name)
+    try:
+        assert segment.num_bytes == out.nbytes, "the segment does not hold an array of that shape"
+        view = np.ndarray(out.shape, out.dtype, buffer=segment.buf)
+        out[...] = view
+        del view
     finally:
         segment.close()
 

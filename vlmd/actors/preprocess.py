@@ -83,15 +83,10 @@ def preprocess_job(job: PreprocessImage, tiling: TilingConfig, worker: int = -1)
 
 
 def write_pixels(name: str, pixels: np.ndarray) -> None:
-    """A new segment `name` holding `pixels`; OSError (ENOSPC) when /dev/shm is full, creating nothing."""
+    """A new segment `name` holding an image's uint8 tiles; OSError (ENOSPC) when /dev/shm is
+    full, creating nothing."""
     assert pixels.dtype == np.uint8
-    segment = shm.SharedSegment.create(name, pixels.nbytes)
-    try:
-        view = np.ndarray(pixels.shape, np.uint8, buffer=segment.buf)
-        view[...] = pixels
-        del view  # the mapping closes only once no array exports it
-    finally:
-        segment.close()
+    shm.write_array(name, pixels)
 
 
 class PreprocessPool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -169,16 +170,7 @@ class ViTRank:
         """Leader: share the pixels with the group, run the ViT, write each image's rows into its run
         (images with no tiles failed and are skipped)."""
         self.tp.broadcast(pixels)
-        embeds = self.model(pixels)  # [total_tiles * image_seq_length, hidden]
-        rows_per_tile = embeds.shape[0] // pixels.shape[0]
-        offset = 0
-        for count, run in zip(counts, runs, strict=True):
-            if count:
-                assert run.num_rows == count * rows_per_tile, "the reserved run does not fit the image"
-                self.store[run.row_offset : run.row_offset + run.num_rows] = embeds[
-                    offset : offset + run.num_rows
-                ]
-                offset += run.num_rows
+        self._write_rows(self.model(pixels), _tiles_of(counts, runs))
 
     @torch.inference_mode()
     def forward_in_slices(
@@ -192,17 +184,24 @@ class ViTRank:
         """`forward_into_store` for a one-rank replica, `slice_tiles` tiles at a time, each slice
         once `wait_turn()` returns (tiles are encoded independently: the rows are the same)."""
         assert self.tp.size == 1, "a split ViT forwards its whole batch at once, in step with its group"
-        destinations = []  # per tile of the batch: its image's run, and the tile's index in it
-        for count, run in zip(counts, runs, strict=True):
-            destinations += [(run, t, count) for t in range(count)]
+        tiles = _tiles_of(counts, runs)
         for start in range(0, pixels.shape[0], slice_tiles):
             wait_turn()
             embeds = self.model(pixels[start : start + slice_tiles])  # [n * image_seq_length, hidden]
-            rows = embeds.shape[0] // min(slice_tiles, pixels.shape[0] - start)  # per tile
-            for i, (run, t, count) in enumerate(destinations[start : start + slice_tiles]):
-                assert run.num_rows == count * rows, "the reserved run does not fit the image"
-                row = run.row_offset + t * rows
-                self.store[row : row + rows] = embeds[i * rows : (i + 1) * rows]
+            self._write_rows(embeds, tiles[start : start + slice_tiles])
+
+    def _write_rows(self, embeds: torch.Tensor, tiles: list[tuple[EmbedRun, int, int]]) -> None:
+        """embeds [len(tiles) * rows per tile, hidden] into the store: each tile's rows where its
+        image's run keeps them, the consecutive tiles of one image in one copy."""
+        rows = embeds.shape[0] // len(tiles)  # per tile
+        done = 0
+        for _, group in itertools.groupby(tiles, key=lambda tile: id(tile[0])):
+            group = list(group)
+            run, first, count = group[0]
+            assert run.num_rows == count * rows, "the reserved run does not fit the image"
+            start, num_rows = run.row_offset + first * rows, len(group) * rows
+            self.store[start : start + num_rows] = embeds[done : done + num_rows]
+            done += num_rows
 
     @torch.inference_mode()
     def follow(self, num_tiles: int) -> None:
@@ -239,6 +238,12 @@ def _build_model(launch: Launch, device: torch.device, tp: TPGroup, clock: Stopw
     return model, tiling
 
 
+def _tiles_of(counts: list[int], runs: list[EmbedRun]) -> list[tuple[EmbedRun, int, int]]:
+    """Per tile of a batch, in order: its image's run, its index in the image, the image's tiles
+    (images with no tiles have none)."""
+    return [(run, t, count) for count, run in zip(counts, runs, strict=True) for t in range(count)]
+
+
 def _bind_thread(device: torch.device, stream: torch.cuda.Stream | None) -> None:
     """The ViT thread's GPU, and the stream it queues its work on: in an LM worker, a stream of
     the least priority (the device runs the decode steps' kernels first); else the default one."""
@@ -253,17 +258,10 @@ def _read_tiles(image: ImageRef, out: np.ndarray) -> None:
     if not image.pixels_shm:
         raise ImageError("the image's tiles are not available")
     try:
-        segment = shm.SharedSegment.attach(image.pixels_shm)
+        shm.read_array(image.pixels_shm, out)
     except OSError as exc:
         log.info("cannot read image tiles: %s", exc)
         raise ImageError("the image's tiles are no longer available") from None
-    try:
-        assert segment.num_bytes == out.nbytes, "the tiles' segment does not fit the image"
-        tiles = np.ndarray(out.shape, np.uint8, buffer=segment.buf)
-        out[...] = tiles
-        del tiles  # the mapping closes only once no array exports it
-    finally:
-        segment.close()
 
 
 class ReplicaGroup:
