@@ -142,7 +142,9 @@ def measure(args: argparse.Namespace, bandwidth: float | None = None) -> dict:
     warmup = torch.randint(0, vocab, (max_batch, args.prompt_len), generator=gen)
     for layout, (runner, scheduler) in serving.items():
         log.info("warm-up of the %s layout", layout)
-        decode_ms(runner, scheduler, warmup, 3, f"warmup-{layout}")
+        # As long as a timed run: the prompts prefill in chunks, and a short warm-up's first
+        # requests would finish before its last ones prefill (no step at the full batch).
+        decode_ms(runner, scheduler, warmup, args.new_tokens, f"warmup-{layout}")
     rows = []
     for batch in args.batch_sizes:
         prompts = torch.randint(0, vocab, (batch, args.prompt_len), generator=gen)

@@ -210,8 +210,15 @@ def images(args, log_dir: Path) -> list[tuple[str, str, float]]:
     ViT's own tiles per second (the first placement)."""
     rows = []
     for placement in args.vit_placements:
-        rows += images_beside_text(args, log_dir, placement)
-    return rows + image_throughput(args, log_dir)
+        rows += emit(images_beside_text(args, log_dir, placement))
+    return rows + emit(image_throughput(args, log_dir))
+
+
+def emit(rows: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
+    """Print rows of the figures table as soon as they are measured (a run cut short keeps them)."""
+    for scenario, measure, value in rows:
+        print(f"| {scenario} | {measure} | {'-' if value is None else f'{value:.2f}'} |", flush=True)
+    return rows
 
 
 def placement_flags(placement: str) -> list[str]:
@@ -364,14 +371,12 @@ def main(argv: list[str] | None = None) -> None:
         subprocess.run(cmd, check=True)
         print(f"model written in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     names = SCENARIOS if args.scenarios == "all" else args.scenarios.split(",")
+    print("| scenario | measure | value |\n|---|---|---|", flush=True)
     log_dir = Path(tempfile.mkdtemp(prefix="serve_bench-"))
     rows = []
     for name in names:
-        rows += RUNS[name](args, log_dir)
-        print(f"{name} done", file=sys.stderr, flush=True)
-    print("| scenario | measure | value |\n|---|---|---|")
-    for scenario, measure, value in rows:
-        print(f"| {scenario} | {measure} | {'-' if value is None else f'{value:.2f}'} |")
+        scenario_rows = RUNS[name](args, log_dir)
+        rows += scenario_rows if name == "images" else emit(scenario_rows)  # images: as measured
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(rows, indent=1))
 
