@@ -3,6 +3,8 @@ the stream parsers on recorded streams; the dataset and the percentiles."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import free_port
 from tests.test_metrics import histogram, scrape
@@ -33,7 +36,7 @@ def test_bench_against_the_demo_server(mm_server, tmp_path):
     result = bench(
         *("--base_url", mm_server.url, "--num_prompts", "6", "--input_len", "16", "--output_len", "5"),
         *("--images_per_request", "1", "--image_reuse_fraction", "0.5", "--num_warmups", "1"),
-        *("--seed", "123", "--output_json", str(out)),
+        *("--image_pixel_pool", "1", "--seed", "123", "--output_json", str(out)),
     )
     assert result.returncode == 0, result.stderr
     assert "Time to first token" in result.stdout and "Embed-cache hit rate" in result.stdout
@@ -50,7 +53,8 @@ def test_bench_against_the_demo_server(mm_server, tmp_path):
         stats = report[key]
         assert set(stats) == {"mean", "median", "p90", "p99"}
         assert 0 < stats["median"] <= stats["p90"] <= stats["p99"], (key, stats)
-    # 3 of the 6 requests send an image of an earlier one again: 3 hits, 3 misses.
+    # 3 of the 6 requests send an image of an earlier one again: 3 hits, 3 misses (the new ones
+    # share their pixels, a pool of one, but each is a file of its own).
     assert report["embed_cache_hits"] == 3 and report["embed_cache_misses"] == 3
     assert report["embed_cache_hit_rate"] == 0.5
     # The server saw each request (warm-up included) once.
@@ -274,11 +278,34 @@ def test_image_reuse_is_exact_and_never_first():
         seen: set[bytes] = set()
         fresh = 0
         for request in requests:
-            fresh += not seen.intersection(request.images)
-            seen.update(request.images)
+            files = {bytes(image) for image in request.images}
+            fresh += not seen.intersection(files)
+            seen.update(files)
         assert fresh == unique_requests and len(seen) == 2 * unique_requests
-        assert requests[0].images[0] != requests[0].images[1]
+        assert bytes(requests[0].images[0]) != bytes(requests[0].images[1])
     assert build_requests(config) == build_requests(config)  # a pure function of the seed
+
+
+@pytest.mark.parametrize("image_format", ["png", "jpeg"])
+def test_new_images_are_new_files_of_the_pools_pixels(image_format):
+    """Past the pool, new images repeat its pixels in files of their own: every MD5 distinct, every
+    file a valid image whose decoded pixels are its pool entry's."""
+    config = DatasetConfig(
+        num_requests=7, input_len=4, output_len=2, images_per_request=1, image_width=40,
+        image_height=24, image_format=image_format, image_pixel_pool=3,
+    )  # fmt: skip
+    images = [request.images[0] for request in build_requests(config)]
+    files = [bytes(image) for image in images]
+    assert len({hashlib.md5(f).hexdigest() for f in files}) == 7
+    pixels = []
+    for image, data in zip(images, files, strict=True):
+        with Image.open(io.BytesIO(data)) as decoded:
+            assert decoded.format == image_format.upper() and decoded.size == (40, 24)
+            pixels.append(np.asarray(decoded.convert("RGB")))
+        with Image.open(io.BytesIO(image.pixels)) as pool_entry:
+            assert np.array_equal(pixels[-1], np.asarray(pool_entry.convert("RGB")))
+    assert len({p.tobytes() for p in pixels}) == 3
+    assert np.array_equal(pixels[0], pixels[3]) and np.array_equal(pixels[1], pixels[4])
 
 
 def test_percentiles_match_numpy():

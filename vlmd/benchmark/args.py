@@ -37,6 +37,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="share of requests that send images of earlier requests again (embed-cache hits)",
     )
     add(
+        "--image_pixel_pool",
+        type=int,
+        default=8,
+        help="distinct pixel images drawn per run; each new image is still a file of its own (its "
+        "serial number in a metadata chunk), so the server's caches miss it",
+    )
+    add(
         "--turns",
         type=int,
         default=1,
@@ -94,6 +101,8 @@ def validate(ns: argparse.Namespace) -> None:
         raise BenchError("--disconnect_after must be at least 1")
     if not 0.0 <= ns.image_reuse_fraction <= 1.0:
         raise BenchError("--image_reuse_fraction must be in [0, 1]")
+    if ns.image_pixel_pool < 1:
+        raise BenchError("--image_pixel_pool must be at least 1")
     if not 0.0 <= ns.range_ratio < 1.0:
         raise BenchError("--range_ratio must be in [0, 1)")
     if ns.request_rate <= 0 or (ns.max_concurrency is not None and ns.max_concurrency < 1):

@@ -94,7 +94,8 @@ def vlmd_body(request: BenchRequest, model: str | None, ignore_eos: bool, sampli
         },
         "multimodal_params": {
             "images": [
-                {"type": "base64", "data": base64.b64encode(image).decode()} for image in request.images
+                {"type": "base64", "data": base64.b64encode(bytes(image)).decode()}
+                for image in request.images
             ]
         },
     }
@@ -127,7 +128,7 @@ def openai_chat_body(request: BenchRequest, model: str | None, ignore_eos: bool,
         {
             "type": "image_url",
             "image_url": {
-                "url": f"data:image/{request.image_format};base64,{base64.b64encode(image).decode()}"
+                "url": f"data:image/{request.image_format};base64,{base64.b64encode(bytes(image)).decode()}"
             },
         }
         for image in request.images

@@ -1,6 +1,13 @@
 """Synthetic benchmark requests: random-word prompts, fixed output lengths, generated images of
 one resolution, a given fraction of requests reusing images sent by earlier ones (embed-cache hits).
 
+A new image is a new file: its bytes, and so its MD5 (the server's embedding and prefix cache key),
+are its own. The pixels come from a small pool drawn once per run (`image_pixel_pool`), and each
+file carries its serial number in a metadata chunk (PNG tEXt, JPEG COM): the server decodes, tiles
+and encodes it as any image it has not seen, while the client neither spends seconds encoding
+each 13-tile PNG nor holds thousands of them in memory (a background load of thousands of
+requests would otherwise take minutes to draw before its first request).
+
 Everything is a pure function of the seed, so two runs send the same requests.
 """
 
@@ -8,6 +15,8 @@ from __future__ import annotations
 
 import io
 import random
+import struct
+import zlib
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -25,11 +34,31 @@ WORDS = (
 
 
 @dataclass(frozen=True)
+class BenchImage:
+    """An image file: one of the pool's encodings with a metadata chunk naming `serial`, built
+    when it is sent (`bytes(image)`)."""
+
+    pixels: bytes  # one of the pool's encoded files
+    serial: int  # distinct per new image of a run
+    image_format: str  # "png" | "jpeg"
+
+    def __bytes__(self) -> bytes:
+        note = f"vlmd bench image {self.serial}".encode()
+        if self.image_format == "png":  # a tEXt chunk before IEND (the file's last 12 bytes)
+            data = b"Comment\0" + note
+            chunk = struct.pack(">I", len(data)) + b"tEXt" + data
+            chunk += struct.pack(">I", zlib.crc32(b"tEXt" + data))
+            return self.pixels[:-12] + chunk + self.pixels[-12:]
+        # a COM segment after SOI (the file's first 2 bytes)
+        return self.pixels[:2] + b"\xff\xfe" + struct.pack(">H", len(note) + 2) + note + self.pixels[2:]
+
+
+@dataclass(frozen=True)
 class BenchRequest:
     prompt: str  # the user's text; the backend adds the chat format and one placeholder per image
     prompt_len: int  # tokens of `prompt`: exact with a tokenizer, else its number of words
     output_len: int  # tokens asked for (max_new_tokens / max_tokens)
-    images: tuple[bytes, ...]  # encoded image files
+    images: tuple[BenchImage, ...]  # `bytes(image)`: the file
     image_format: str  # "png" | "jpeg"
     # A later turn of a conversation: the user messages after `prompt` so far, and the answers
     # before each of them (answers[j] came before turns[j]); the images go with the first.
@@ -57,6 +86,7 @@ class DatasetConfig:
     image_height: int = 448
     image_format: str = "jpeg"
     image_reuse_fraction: float = 0.0  # of the requests, those whose images were all sent before
+    image_pixel_pool: int = 8  # distinct pixel images drawn; every new image is still a new file
     seed: int = 0
     turns: int = 1  # turns per conversation (each request is a conversation's first turn)
     turn_input_len: int = 32  # words of each later user message
@@ -64,7 +94,7 @@ class DatasetConfig:
     def __post_init__(self) -> None:
         assert self.num_requests >= 0 and self.input_len >= 1 and self.output_len >= 1
         assert 0.0 <= self.range_ratio < 1.0 and 0.0 <= self.image_reuse_fraction <= 1.0
-        assert self.image_format in ("png", "jpeg")
+        assert self.image_format in ("png", "jpeg") and self.image_pixel_pool >= 1
 
 
 def make_image(width: int, height: int, rng: np.random.Generator, image_format: str) -> bytes:
@@ -89,17 +119,21 @@ def build_requests(config: DatasetConfig, tokenizer=None) -> list[BenchRequest]:
     n = config.num_requests
     num_reusers = min(round(config.image_reuse_fraction * n), max(n - 1, 0))
     reusers = set(rng.sample(range(1, n), num_reusers)) if num_reusers else set()
-    sent: list[bytes] = []
+    sent: list[BenchImage] = []
+    pool: list[bytes] = []
     requests = []
     for i in range(n):
         if config.images_per_request and i in reusers:
             images = [rng.choice(sent) for _ in range(config.images_per_request)]
         else:
-            images = [
-                make_image(config.image_width, config.image_height, pixels_rng, config.image_format)
-                for _ in range(config.images_per_request)
-            ]
-            sent += images
+            images = []
+            for _ in range(config.images_per_request):
+                if len(pool) < config.image_pixel_pool:
+                    pool.append(
+                        make_image(config.image_width, config.image_height, pixels_rng, config.image_format)
+                    )
+                images.append(BenchImage(pool[len(sent) % len(pool)], len(sent), config.image_format))
+                sent.append(images[-1])
         prompt, prompt_len = random_prompt(_vary(config.input_len, config.range_ratio, rng), rng, tokenizer)
         output_len = _vary(config.output_len, config.range_ratio, rng)
         followups = tuple(

@@ -92,6 +92,7 @@ def _datasets(ns: argparse.Namespace) -> tuple[list[BenchRequest], list[BenchReq
         image_width=ns.image_width,
         image_height=ns.image_height,
         image_format=ns.image_format,
+        image_pixel_pool=ns.image_pixel_pool,
         turns=ns.turns,
         turn_input_len=ns.turn_input_len,
     )
