@@ -201,9 +201,15 @@ def test_ctrl_c_drains_and_a_second_one_stops_at_once(model_dir, tmp_path):
         )  # the request in flight goes on
         signalled = time.monotonic()
         os.killpg(server.process.pid, signal.SIGINT)
-        with pytest.raises(requests.RequestException):
-            for _ in received:  # the connection closes mid-stream
-                pass
+        # The stream ends unfinished: dropped mid-stream where the http actor is stopped first,
+        # or with an error event where it first sees the scheduler gone (both happen: a race).
+        dropped, last = False, None
+        try:
+            for event in received:
+                last = event
+        except requests.RequestException:
+            dropped = True
+        assert dropped or "error" in last, last
     assert_nothing_left(server, exit_timeout_s=10)
     assert time.monotonic() - signalled < 8
     assert "received SIGINT again" in server.log()
