@@ -110,8 +110,9 @@ def test_tiny_bench_prints_every_metric_and_writes_json(tmp_path: Path) -> None:
 
     stdout = proc.stdout
     for line in (
-        "| batch | vlmd ms/step | vlmd ms/step, no overlap | vlmd kernel ms | GPU idle share "
-        "| transformers ms/step | roofline ms | vlmd / roofline | transformers / roofline | vlmd tokens/s |",
+        "| batch | vlmd ms/step | vlmd ms/step, no overlap | vlmd ms/step, sampled | vlmd kernel ms "
+        "| GPU idle share | transformers ms/step | roofline ms | vlmd / roofline | transformers / roofline "
+        "| vlmd tokens/s |",
         "| metric | vlmd | transformers | vlmd / transformers |",
         "| target | measured | goal | result |",
         "| batch | OpenGVLab ms/step | HF-native ms/step | OpenGVLab / HF-native | roofline ms ",
@@ -132,6 +133,7 @@ def test_tiny_bench_prints_every_metric_and_writes_json(tmp_path: Path) -> None:
         "batch-64 step / roofline",
         "ViT tiles/s, vlmd / transformers",
         "TTFT, vlmd / transformers",
+        "batch-64 step, every row sampled / greedy",
     ):
         assert f"| {name} |" in stdout, stdout
     # The decode table's rows and the layout table's (its first and last batch).
@@ -154,12 +156,14 @@ def test_tiny_bench_prints_every_metric_and_writes_json(tmp_path: Path) -> None:
         for key in (
             "vlmd_step_ms",
             "vlmd_serial_step_ms",
+            "vlmd_sampled_step_ms",
             "transformers_step_ms",
             "roofline_ms",
             "vlmd_over_roofline",
         ):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
         assert math.isclose(row["vlmd_over_roofline"], row["vlmd_step_ms"] / row["roofline_ms"])
+        assert math.isclose(row["sampled_over_greedy"], row["vlmd_sampled_step_ms"] / row["vlmd_step_ms"])
     assert all(
         data["ttft_ms"][side] > 0 and data["vit_tiles_per_s"][side] > 0 for side in ("vlmd", "transformers")
     )
@@ -168,8 +172,9 @@ def test_tiny_bench_prints_every_metric_and_writes_json(tmp_path: Path) -> None:
     assert beside["batch"] == 1 and beside["vit_tiles_per_s"] > 0
     assert 0 < beside["step_ms"] <= beside["longest_step_ms"] and beside["alone_step_ms"] > 0
     targets = {t["name"]: t for t in data["targets"]}
-    assert len(targets) == 4
-    assert targets["batch-64 step / roofline"]["pass"] is None  # batch 64 was not run
+    assert len(targets) == 5
+    for name in ("batch-64 step / roofline", "batch-64 step, every row sampled / greedy"):
+        assert targets[name]["pass"] is None  # batch 64 was not run
     assert isinstance(targets["batch-1 step / roofline"]["pass"], bool)
 
 
