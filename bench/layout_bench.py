@@ -43,8 +43,7 @@ from vlmd.core.page_allocator import pages_for  # noqa: E402
 from vlmd.core.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from vlmd.demo_opengvlab import opengvlab_config, opengvlab_weights  # noqa: E402
 from vlmd.models.config import InternVLArch  # noqa: E402
-from vlmd.models.llama import LlamaForCausalLM  # noqa: E402
-from vlmd.models.loader import language_model_from_state_dict  # noqa: E402
+from vlmd.models.loader import LANGUAGE_MODELS, language_model_from_state_dict  # noqa: E402
 
 TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "head_dim", "vocab_size")  # fmt: skip
@@ -75,14 +74,17 @@ def hf_config(tiny: bool) -> dict:
 @torch.no_grad()
 def random_hub_state(arch: InternVLArch, device: torch.device, dtype: torch.dtype) -> dict:
     """The language model's random weights under transformers' hub keys: matrices N(0, 0.02),
-    norm gains 1."""
+    norm gains 1, biases 0."""
     with torch.device("meta"):
-        names = [(name, p.shape) for name, p in LlamaForCausalLM(arch).named_parameters()]
+        names = [(name, p.shape) for name, p in LANGUAGE_MODELS[arch.text_family](arch).named_parameters()]
     gen = torch.Generator(device=device).manual_seed(0)
     state = {}
     for name, shape in names:
         tensor = torch.empty(shape, device=device, dtype=dtype)
-        tensor.normal_(0.0, 0.02, generator=gen) if len(shape) >= 2 else tensor.fill_(1.0)
+        if len(shape) >= 2:
+            tensor.normal_(0.0, 0.02, generator=gen)
+        else:
+            tensor.fill_(0.0 if name.endswith(".bias") else 1.0)
         key = (
             "lm_head.weight" if name == "lm_head.weight" else "model.language_model." + name[len("model.") :]
         )
