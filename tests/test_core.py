@@ -307,3 +307,52 @@ def test_index_evicts_to_make_room_in_the_arena():
     entry = index.insert("d", 20, pin_for="r")
     assert entry is not None and entry.row_offset == 0
     index.check_integrity()
+
+
+def test_prompt_chunks_beside_decode_rows_are_capped():
+    """--decode_step_prefill_tokens 3: while a request decodes, a step carries at most 3 prompt
+    tokens beside it; with nobody decoding, a prompt takes the whole budget."""
+    sched = make_scheduler(num_pages=32, budget=16, decode_step_prefill_tokens=3, enable_prefix_cache=False)
+    sched.add(make_request("a", prompt_len=10, max_new=20))
+    plan, _, _ = run_step(sched)
+    assert [len(i.token_ids) for i in plan.items] == [10]  # nobody decodes: the whole budget
+    sched.add(make_request("b", prompt_len=11, max_new=2))
+    sched.add(make_request("c", prompt_len=4, max_new=2))
+    chunks = []
+    while sched.requests["b"].num_computed < 11:
+        plan, _, _ = run_step(sched)
+        spans = {i.request_id: len(i.token_ids) for i in plan.items}
+        assert spans["a"] == 1  # the decode row runs every step
+        assert sum(n for r, n in spans.items() if r != "a") <= 3
+        chunks.append(spans.get("b", 0))
+    assert chunks == [3, 3, 3, 2]  # b's 11 tokens 3 at a time; c waits behind them
+    assert sched.stats.capped_steps == 4  # the last: b's 2 tokens and c's first
+    plan, _, _ = run_step(sched)
+    assert {i.request_id: len(i.token_ids) for i in plan.items} == {"a": 1, "b": 1, "c": 3}
+
+
+def test_without_the_cap_a_prompt_fills_the_budget_beside_decode_rows():
+    sched = make_scheduler(num_pages=32, budget=16, enable_prefix_cache=False)
+    sched.add(make_request("a", prompt_len=10, max_new=20))
+    run_step(sched)
+    sched.add(make_request("b", prompt_len=11, max_new=2))
+    plan, _, _ = run_step(sched)
+    assert {i.request_id: len(i.token_ids) for i in plan.items} == {"a": 1, "b": 11}
+    assert sched.stats.capped_steps == 0
+
+
+def test_the_flag_reaches_the_server_args_and_must_be_positive(tmp_path):
+    import argparse
+
+    from vlmd.config import ConfigError, add_serve_arguments, build_server_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+
+    def args(*flags: str):
+        return build_server_args(parser.parse_args(["--model_dir", str(tmp_path), *flags]), environ={})
+
+    assert args().decode_step_prefill_tokens is None
+    assert args("--decode_step_prefill_tokens", "256").decode_step_prefill_tokens == 256
+    with pytest.raises(ConfigError, match="decode_step_prefill_tokens"):
+        args("--decode_step_prefill_tokens", "0")

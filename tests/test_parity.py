@@ -152,6 +152,37 @@ def test_vit_between_steps_gives_the_same_tokens(sliced_server, reference):
     assert got == expected
 
 
+@pytest.fixture(scope="module")
+def capped_server(model_dir, tmp_path_factory):
+    """At most 8 prompt tokens in a step where requests decode."""
+    flags = (*MM_FLAGS, "--decode_step_prefill_tokens", "8")
+    server = start_server(model_dir, tmp_path_factory.mktemp("capped"), *flags)
+    yield server
+    assert server.stop() == 0, server.log()
+    assert server.actor_pids() == [] and server.shm_segments() == []
+
+
+def test_prompts_prefilled_8_tokens_a_step_beside_decoding_give_the_same_tokens(capped_server, reference):
+    """--decode_step_prefill_tokens 8: prompts with images that arrive while text decodes are
+    prefilled 8 tokens a step (chunk boundaries inside the images' rows) and still give
+    transformers' tokens, as do the decoding requests."""
+    long_text = [(chat(f"Text {i}: count slowly."), [], 200) for i in range(2)]
+    with_images = [
+        (chat("<img></img> Describe."), [IMG_A], 16),
+        (chat("<img></img><img></img> two"), [IMG_B, IMG_C], 16),
+    ]
+    expected = [reference.generate(hf_prompt(p), imgs, n) for p, imgs, n in long_text + with_images]
+    capped_before = metrics(capped_server).get("vlmd_decode_steps_prefill_capped_total", 0)
+    with ThreadPoolExecutor(4) as pool:
+        text = [pool.submit(vlmd_generate, capped_server, *r) for r in long_text]
+        time.sleep(0.5)  # the text decoding when the images come
+        images = [pool.submit(vlmd_generate, capped_server, *r) for r in with_images]
+        got = [future.result() for future in text + images]
+    assert got == expected
+    # The image prompts (about 130 tokens together) went in chunks held to 8 (16 steps seen).
+    assert metrics(capped_server)["vlmd_decode_steps_prefill_capped_total"] - capped_before >= 10
+
+
 def test_concurrent_requests_match_one_at_a_time(placed_server, reference):
     requests_ = [
         (chat("Hi."), [], 32),

@@ -81,6 +81,7 @@ def simulate(seed: int, num_ops: int = 120) -> Scheduler:
         num_pages,
         page_size,
         max_num_batched_tokens=rng.choice([3, 8, 64]),
+        decode_step_prefill_tokens=rng.choice([None, None, 1, 2, 5]),
         max_running_requests=rng.choice([2, 4, 16]),
         enable_prefix_cache=rng.random() < 0.85,
     )

@@ -50,6 +50,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     data_type: str = "auto"
     page_size: int = 16
     max_num_batched_tokens: int = 8192
+    decode_step_prefill_tokens: int | None = None
     max_running_requests: int = 256
     disable_prefix_cache: bool = False
     max_body_bytes: int = 64 * 1024 * 1024
@@ -157,6 +158,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the models run")
     add("--page_size", type=int, default=16, help="tokens per KV page")
     add("--max_num_batched_tokens", type=int, default=8192, help="token budget of one step")
+    add(
+        "--decode_step_prefill_tokens",
+        type=int,
+        default=None,
+        help="in a step where requests decode, prefill at most this many prompt tokens beside them "
+        "(default: the step budget): a shorter inter-token latency while prompts and images arrive, "
+        "a slower prefill (bench/mixed_step_bench.py measures both)",
+    )
     add("--max_running_requests", type=int, default=256)
     add(
         "--disable_prefix_cache",
@@ -303,7 +312,13 @@ def build_server_args(ns: argparse.Namespace, environ: dict[str, str] | None = N
     _check_positive(ns, "max_queued_requests", "max_image_bytes")
     if not 0.0 < ns.mem_fraction <= 1.0:
         raise ConfigError("--mem_fraction", f"must be in (0, 1], got {ns.mem_fraction}")
-    for flag in ("max_total_token_num", "max_req_total_len", "min_tiles", "max_tiles"):
+    for flag in (
+        "max_total_token_num",
+        "max_req_total_len",
+        "min_tiles",
+        "max_tiles",
+        "decode_step_prefill_tokens",
+    ):
         value = getattr(ns, flag)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag}", f"must be at least 1, got {value}")

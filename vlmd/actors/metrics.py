@@ -40,6 +40,10 @@ COUNTERS = {
         "vlmd_preemptions",
         "running requests sent back to the queue (KV freed) for an older one's pages",
     ),
+    "decode_steps_prefill_capped_total": (
+        "vlmd_decode_steps_prefill_capped",
+        "steps whose prompt tokens beside decode rows were held to --decode_step_prefill_tokens",
+    ),
 }
 GAUGES = {
     "kv_pages_used": ("vlmd_kv_pages_used", "KV cache pages requests hold"),

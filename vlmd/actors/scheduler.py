@@ -88,6 +88,7 @@ class SchedulerActor:
                         num_pages=min(self._worker_pages.values()),
                         page_size=self.args.page_size,
                         max_num_batched_tokens=self.args.max_num_batched_tokens,
+                        decode_step_prefill_tokens=self.args.decode_step_prefill_tokens,
                         max_running_requests=self.args.max_running_requests,
                         enable_prefix_cache=not self.args.disable_prefix_cache,
                     )
@@ -247,6 +248,7 @@ class SchedulerActor:
             "prefix_cache_queried_tokens_total": stats.queried_tokens,
             "prefix_cache_hit_tokens_total": stats.hit_tokens,
             "preemptions_total": stats.preemptions,
+            "decode_steps_prefill_capped_total": stats.capped_steps,
             "prefix_cache_evicted_pages_total": self.core.cache.num_evicted,
             "kv_pages_cached": self.core.cache.num_unreferenced,
             "kv_pages_total": self.core.config.num_pages,

@@ -38,6 +38,10 @@ class SchedulerConfig:
     num_pages: int
     page_size: int
     max_num_batched_tokens: int = 8192  # token budget of one step (prefill chunk size)
+    # In a step where requests decode (one token left to compute), prompt tokens beyond this
+    # wait for later steps: a smaller chunk beside the decode rows, a shorter inter-token latency
+    # while prompts and images arrive, a slower prefill. None: the step budget alone.
+    decode_step_prefill_tokens: int | None = None
     max_running_requests: int = 256
     enable_prefix_cache: bool = True
     # Admission leaves this share of the pool free for the running requests' next tokens, so that
@@ -58,6 +62,7 @@ class SchedulerStats:
     queried_tokens: int = 0  # known tokens looked up in the prefix cache at admission
     hit_tokens: int = 0  # of those, found cached
     preemptions: int = 0
+    capped_steps: int = 0  # steps whose prompt tokens beside decode rows reached the cap
 
 
 class Scheduler:
@@ -120,6 +125,7 @@ class Scheduler:
 
     def schedule(self) -> StepPlan | None:
         budget = self.config.max_num_batched_tokens
+        prefill_budget = self._prefill_budget(budget)  # tokens of spans longer than one
         items: list[StepItem] = []
         new_requests: list[NewRequest] = []
         for request in list(self.running):  # oldest first; preemption removes from the end
@@ -127,20 +133,27 @@ class Scheduler:
                 break
             if request.status is not Status.RUNNING or not request.can_schedule():
                 continue
-            item = self._schedule_span(request, budget)
+            decodes = _decodes(request)
+            if not decodes and prefill_budget == 0:
+                continue  # its next chunk waits; the decode rows after it run
+            item = self._schedule_span(request, budget if decodes else min(budget, prefill_budget))
             if item is None:
                 break  # it was the newest and preempted itself: nothing after it runs
             items.append(item)
             budget -= len(item.token_ids)
-        while budget > 0 and self._can_admit():
+            prefill_budget -= 0 if decodes else len(item.token_ids)
+        while budget > 0 and prefill_budget > 0 and self._can_admit():
             request = self._admit()
             if not request.sent_to_workers:
                 new_requests.append(NewRequest(request.request_id, request.sampling, request.prompt_ids))
                 request.sent_to_workers = True
-            item = self._schedule_span(request, budget)
+            item = self._schedule_span(request, min(budget, prefill_budget))
             assert item is not None, "an admitted request's first span fits"
             items.append(item)
             budget -= len(item.token_ids)
+            prefill_budget -= len(item.token_ids)
+        if prefill_budget == 0 < budget:
+            self.stats.capped_steps += 1
         if not items:
             return None  # what was preempted and finished goes out with the next plan
         self._step_id += 1
@@ -244,6 +257,15 @@ class Scheduler:
 
     # --- internals --------------------------------------------------------------------------
 
+    def _prefill_budget(self, budget: int) -> int:
+        """The step's budget for spans of more than one token: the cap where a running request
+        decodes this step, else the whole budget."""
+        cap = self.config.decode_step_prefill_tokens
+        if cap is None or cap >= budget:
+            return budget
+        running = (r for r in self.running if r.status is Status.RUNNING and r.can_schedule())
+        return cap if any(_decodes(r) for r in running) else budget
+
     def _schedule_span(self, request: Request, budget: int) -> StepItem | None:
         start = request.num_scheduled
         end = min(request.num_known_after_inflight, start + budget)
@@ -335,3 +357,8 @@ def _embed_slices(request: Request, start: int, end: int) -> list[EmbedSlice]:
         if lo < hi:
             slices.append(EmbedSlice(run.row_offset + lo - image.token_offset, hi - lo, lo - start))
     return slices
+
+
+def _decodes(request: Request) -> bool:
+    """One token left to compute: the request decodes (or ends its prompt) this step."""
+    return request.num_known_after_inflight - request.num_scheduled == 1
