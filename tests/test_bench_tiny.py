@@ -95,6 +95,17 @@ def test_tiny_vit_layout_bench_reports_every_layout(tmp_path: Path) -> None:
     assert "# batch 2: visual_" in proc.stdout and "| visual_dp=2 |" in proc.stdout
 
 
+def test_tiny_mixed_step_bench_times_every_chunk(tmp_path: Path) -> None:
+    out = tmp_path / "mixed.json"
+    proc = _run_script("bench/mixed_step_bench.py", "--tiny", "--json", str(out))
+    data = json.loads(out.read_text())
+    assert [(r["batch"], r["chunk"]) for r in data["rows"]] == [(b, c) for b in (1, 4) for c in (0, 8, 32)]
+    assert all(r["step_ms"] > 0 and r["steps"] >= 1 for r in data["rows"])
+    assert all(r["over_decode"] == 1.0 for r in data["rows"] if r["chunk"] == 0)
+    assert data["prefill_alone_tokens_per_s"] > 0
+    assert "| decode rows | chunk tokens | step ms |" in proc.stdout
+
+
 def test_tiny_bench_prints_every_metric_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
