@@ -8,8 +8,9 @@ scenario beside its baseline in one command (issues 15 and 16):
   later turns with the prefix cache and with --disable_prefix_cache.
 - long_answers: 64 streams that declare max_tokens 4096 and hang up after 128 tokens, against 64
   that ask for 128, on a pool of 64 x 1k tokens; output tokens/s of each.
-- images: under each ViT placement (--vit_placements: process, worker, and worker with 2 tiles
-  a step), one text stream's inter-token latency alone, and while new 7-tile (1344x896) and
+- images: under each ViT placement (--vit_placements, by default: the ViT in a process of its
+  own, the same with prompt chunks of at most 256 tokens beside decode rows, and the ViT in the
+  worker 2 tiles a step between steps), one text stream's inter-token latency alone, and while new 7-tile (1344x896) and
   13-tile (1792x1344) PNGs arrive back to back, four at a time; the 13-tile images' rate with and
   without a text stream decoding; end-to-end images/s of new 1-tile and 13-tile JPEGs and PNGs
   against the ViT's own tiles/s on the same weights (measured in this process once the server
@@ -223,9 +224,12 @@ def emit(rows: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
 
 def placement_flags(placement: str) -> list[str]:
     """`vlmd serve` flags of a --vit_placements entry: "process", "worker", or "worker:N" (the ViT
-    in the workers, N tiles a step while steps run: --vit_step_tiles)."""
+    in the workers, N tiles a step while steps run: --vit_step_tiles); a suffix "/C" caps the
+    prompt tokens of a step where requests decode at C (--decode_step_prefill_tokens)."""
+    placement, _, cap = placement.partition("/")
     where, _, step_tiles = placement.partition(":")
-    return ["--vit_placement", where, "--vit_step_tiles", step_tiles or "0"]
+    flags = ["--vit_placement", where, "--vit_step_tiles", step_tiles or "0"]
+    return flags + (["--decode_step_prefill_tokens", cap] if cap else [])
 
 
 def images_beside_text(args, log_dir: Path, placement: str) -> list[tuple[str, str, float]]:
@@ -355,8 +359,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--vit_placements",
-        default="process,worker",
-        help="the images scenario runs under each (comma-separated)",
+        default="process,process/256,worker:2",
+        help="the images scenario runs under each (comma-separated): process, worker or worker:N "
+        "(--vit_step_tiles N), each with an optional /C (--decode_step_prefill_tokens C)",
     )
     parser.add_argument(
         "--serve_flags", default="", help="more `vlmd serve` flags for the images scenario (one string)"

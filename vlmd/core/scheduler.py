@@ -2,7 +2,9 @@
 
 A step is a list of (request, token span) items under one token budget: running requests
 first, oldest first (a decode token, or the next chunk of a long prompt), then waiting
-requests in arrival order while their KV fits. Pages are allocated as tokens arrive.
+requests in arrival order while their KV fits. Pages are allocated as tokens arrive. With
+`decode_step_prefill_tokens`, a step in which requests decode carries at most that many prompt
+tokens beside them: the prompts wait, the decode rows never do.
 
 Admission takes what a request needs now, not what it may need: its known tokens not found in
 the prefix cache (`vlmd.core.prefix_cache`), plus a small watermark of the pool. When a running
