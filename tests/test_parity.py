@@ -132,7 +132,8 @@ def test_vit_between_steps_gives_the_same_tokens(sliced_server, reference):
     """--vit_step_tiles 1: images encoded a tile per step while long text answers decode still
     give transformers' tokens, text and images alike, and are encoded while the text decodes (the
     ViT takes its turns between steps; it does not wait for the steps to end)."""
-    long_text = [(chat(f"Text {i}: count slowly."), [], 400) for i in range(2)]
+    # Long past the images: 400 tokens each raced their encoding (about 1 s on 2 cores) and lost.
+    long_text = [(chat(f"Text {i}: count slowly."), [], 1200) for i in range(2)]
     with_images = [
         (chat("<img></img> Describe."), [IMG_A], 16),
         (chat("<img></img><img></img> two"), [IMG_B, IMG_C], 16),
