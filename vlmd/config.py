@@ -72,6 +72,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     preprocess_workers: int = 1
     graph_max_batch_size: int = 64
     disable_cudagraph: bool = False
+    disable_kernel_precompile: bool = False
     tp_all_reduce: str = "auto"  # "auto" | "nccl" | "symm_mem" | "fused": how the LM ranks sum on GPUs
     vit_attention: str = "auto"  # "auto" | "sdpa" | "flashinfer": the ViT's attention kernel on GPUs
     api_key: str | None = None  # --api_key or VLMD_API_KEY: every route but /health and /metrics needs it
@@ -238,6 +239,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--graph_max_batch_size", type=int, default=64, help="largest decode batch replayed from a CUDA graph"
     )
     add("--disable_cudagraph", action="store_true", help="run decode steps op by op")
+    add(
+        "--disable_kernel_precompile",
+        action="store_true",
+        help="compile FlashInfer's modules where first used, one after another (default on CUDA: "
+        "in parallel processes while the weights load; see vlmd.kernels.warm)",
+    )
     add(
         "--tp_all_reduce",
         default="auto",

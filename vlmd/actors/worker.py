@@ -17,9 +17,14 @@ from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, Stopwatch, announce_rea
 from vlmd.core.page_allocator import pages_for
 from vlmd.kernels.attention import KVCacheSpec
 from vlmd.kernels.cuda_graph import DecodeGraphs
-from vlmd.kernels.flashinfer_backend import FlashInferBackend
+from vlmd.kernels.flashinfer_backend import (
+    SUPPORTED_HEAD_DIMS,
+    FlashInferBackend,
+    flashinfer_unsupported_reason,
+)
 from vlmd.kernels.ops import make_ops
 from vlmd.kernels.registry import make_attention_backend
+from vlmd.kernels.warm import Precompile, model_jobs
 from vlmd.messages import FlushStep, Hello, NewRequest, SamplingParams, StepItem, StepPlan, VisionLoaded
 from vlmd.models.config import InternVLArch
 from vlmd.models.loader import load_language_model
@@ -175,6 +180,26 @@ def join_tp_group(launch: Launch, rank: int, arch: InternVLArch) -> TPGroup:
     return tp
 
 
+def start_precompile(
+    launch: Launch, rank: int, arch: InternVLArch, device: torch.device
+) -> Precompile | None:
+    """On CUDA with FlashInfer, rank 0 compiles the model's FlashInfer modules (the ViT's
+    attention too) in parallel processes while the weights load (vlmd.kernels.warm)."""
+    args, dtype = launch.args, TORCH_DTYPES[launch.runtime.dtype]
+    if rank != 0 or device.type != "cuda" or args.disable_kernel_precompile:
+        return None
+    heads = (arch.head_dim, arch.num_attention_heads, arch.num_key_value_heads)
+    if flashinfer_unsupported_reason(*heads, dtype, device) is not None:
+        return None  # make_attention_backend says why once it picks torch
+    vit_flashinfer = args.enable_multimodal and args.vit_attention != "sdpa"
+    vit_head_dim = (
+        arch.vision_head_dim if vit_flashinfer and arch.vision_head_dim in SUPPORTED_HEAD_DIMS else None
+    )
+    jobs = model_jobs(*heads, dtype, vit_head_dim)
+    log.info("compiling FlashInfer's modules ahead, %d processes: %s", len(jobs), ", ".join(jobs))
+    return Precompile(jobs)
+
+
 async def build_runner(
     launch: Launch, rank: int, clock: Stopwatch, vision_loaded: Callable[[Stopwatch], Awaitable[None]]
 ) -> ModelRunner:
@@ -186,15 +211,23 @@ async def build_runner(
     if device.type == "cpu":
         torch.set_num_threads(args.torch_threads)
     arch = InternVLArch.from_model_dir(args.model_dir)
-    tp = join_tp_group(launch, rank, arch)
-    model = load_language_model(
-        args.model_dir, TORCH_DTYPES[runtime.dtype], device, num_threads=args.load_workers, tp=tp
-    )
-    clock.lap("weights")
-    profile = None
-    if not runtime.num_kv_pages:
-        profile = profile_step(model, arch, launch)
-        clock.lap("first step (kernel compile, profiling)")
+    precompile = start_precompile(launch, rank, arch, device)
+    try:
+        tp = join_tp_group(launch, rank, arch)
+        model = load_language_model(
+            args.model_dir, TORCH_DTYPES[runtime.dtype], device, num_threads=args.load_workers, tp=tp
+        )
+        clock.lap("weights")
+        profile = None
+        if not runtime.num_kv_pages:
+            profile = profile_step(model, arch, launch)
+            clock.lap("first step (kernel compile, profiling)")
+        if precompile is not None:  # their CUDA contexts gone before the KV cache is sized
+            log.info("rank %d: FlashInfer modules compiled ahead: %s", rank, precompile.wait())
+            clock.lap("kernel precompile")
+    finally:
+        if precompile is not None:
+            precompile.stop()
     log.info("rank %d: %s; the KV cache is sized once the ViT holds its memory", rank, clock)
     await vision_loaded(clock)
     num_pages = runtime.num_kv_pages or gpu_kv_pages(model, arch, launch, profile)
