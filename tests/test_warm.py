@@ -40,10 +40,31 @@ def test_a_failed_job_is_logged_and_the_others_still_reported(caplog):
     precompile.stop()  # reaped already: nothing to kill
 
 
+def test_jobs_past_the_timeout_are_killed_and_reported(caplog):
+    caplog.set_level(logging.WARNING, logger="vlmd.kernels")
+    precompile = Precompile(["ops"])
+    assert precompile.wait(timeout_s=0) == "ops failed"
+    assert precompile.jobs[0].process.returncode == -9  # killed, not ended by its own failure
+    assert "failed (exit -9)" in caplog.records[0].getMessage()
+
+
 def test_stop_kills_jobs_still_running():
     precompile = Precompile(["ops"])
     precompile.stop()
     assert all(job.process.returncode is not None for job in precompile.jobs)
+
+
+def test_a_job_ends_with_the_process_that_started_it(tmp_path):
+    """A job asked to watch a process that is gone already ends at once."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "vlmd.kernels.warm", "--one", "ops", "--parent", "1"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and b"Traceback" not in done.stderr
 
 
 def test_the_worker_precompiles_on_rank_0_what_its_model_needs(monkeypatch, model_dir):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -43,6 +44,7 @@ DEFAULT_JOBS = (
     "ops",
 )  # fmt: skip
 PAGE_SIZE = 16
+WAIT_TIMEOUT_S = 900  # a cold compile of one module took minutes at most on an H100
 log = logging.getLogger("vlmd.kernels")
 
 
@@ -100,12 +102,14 @@ def run_job(job: str) -> None:
     run_attention(kind, DTYPES[dtype], int(head_dim))
 
 
-def _die_with_parent() -> None:
-    """In the child: end when the process that started the jobs ends, however it ends."""
+def _die_with_parent(parent: int) -> None:
+    """In a job's process: end when the process that started it ends, however it ends."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    if os.getppid() != parent:
+        sys.exit(1)  # it ended before the request took hold
 
 
 @dataclass
@@ -125,21 +129,23 @@ class Precompile:
         for name in jobs:
             stderr = tempfile.TemporaryFile()
             process = subprocess.Popen(
-                [sys.executable, "-m", "vlmd.kernels.warm", "--one", name],
+                [sys.executable, "-m", "vlmd.kernels.warm", "--one", name, "--parent", str(os.getpid())],
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
-                preexec_fn=_die_with_parent,
             )
             self.jobs.append(Job(name, process, stderr))
 
-    def wait(self) -> str:
-        """Until every job has ended; what each took, for the start-up log. A job that failed is
-        logged with the end of its output and costs nothing else: its module is compiled where it
-        is first used, as without this."""
+    def wait(self, timeout_s: float = WAIT_TIMEOUT_S) -> str:
+        """Until every job has ended (those still running after `timeout_s` are killed); what
+        each took, for the start-up log. A job that failed is logged with the end of its output
+        and costs nothing else: its module is compiled where it is first used, as without this."""
         while any(job.ended is None for job in self.jobs):
             for job in self.jobs:
                 if job.ended is None and job.process.poll() is not None:
                     job.ended = time.perf_counter()
+            if time.perf_counter() - self.started > timeout_s:
+                self.stop()
+                continue
             time.sleep(0.05)
         done = []
         for job in self.jobs:
@@ -153,19 +159,22 @@ class Precompile:
         return ", ".join(done)
 
     def stop(self) -> None:
+        """Kill the jobs still running."""
         for job in self.jobs:
             if job.process.poll() is None:
                 job.process.kill()
                 job.process.wait()
-            job.stderr.close()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", nargs="+", default=list(DEFAULT_JOBS))
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: run this job
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a job's process: run this job
+    parser.add_argument("--parent", type=int, help=argparse.SUPPRESS)  # ... started by this process
     args = parser.parse_args(argv)
     if args.one:
+        if args.parent is not None:
+            _die_with_parent(args.parent)
         return run_job(args.one)
     started = time.perf_counter()
     precompile = Precompile(args.jobs)
