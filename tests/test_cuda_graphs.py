@@ -20,13 +20,16 @@ NUM_PAGES = 4096
 
 
 def generate(
-    runner, prompts: list[list[int]], num_tokens: int, max_in_flight: int = 2
+    runner, prompts: list[list[int]], num_tokens: int, max_in_flight: int = 2, sampling: dict | None = None
 ) -> tuple[dict[str, list[int]], int]:
-    """Greedy tokens per request, driven by the real scheduler with steps planned ahead as the
-    server does; also how many steps replayed a graph."""
+    """Tokens per request (greedy, or sampled with `sampling` and seed i for request i), driven by
+    the real scheduler with steps planned ahead as the server does; also how many steps replayed
+    a graph."""
     scheduler = Scheduler(SchedulerConfig(NUM_PAGES, PAGE_SIZE))
     for i, prompt in enumerate(prompts):
-        scheduler.add(Request(f"r{i}", prompt, SamplingParams(max_new_tokens=num_tokens, ignore_eos=True)))
+        knobs = {} if sampling is None else sampling | {"seed": i}
+        params = SamplingParams(max_new_tokens=num_tokens, ignore_eos=True, **knobs)
+        scheduler.add(Request(f"r{i}", prompt, params))
     tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
     replays = 0
     for plan, outputs in run_in_process(scheduler, runner, max_in_flight):
@@ -74,6 +77,26 @@ def test_graphs_on_and_off_give_identical_tokens(model_and_arch, batch, lengths)
         assert unsplit == (31 if lengths == (100, 120) else 0)
     else:
         assert unsplit == 0
+
+
+@pytest.mark.parametrize("batch", [1, 16, 64])
+def test_graphs_on_and_off_give_the_same_sampled_tokens(model_and_arch, batch):
+    """Seeded requests sampled as most clients sample draw the same tokens whether the decode
+    steps replay graphs or run op by op (the sampler runs after the graph, on its output)."""
+    model, arch = model_and_arch
+    generator = torch.Generator().manual_seed(batch)
+    prompts = [
+        torch.randint(0, 990, (int(n),), generator=generator).tolist()
+        for n in torch.randint(5, 200, (batch,), generator=generator)
+    ]
+    sampling = {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.05}
+    eager = make_runner(model, arch, num_pages=NUM_PAGES, page_size=PAGE_SIZE)
+    graphed = make_runner(model, arch, num_pages=NUM_PAGES, page_size=PAGE_SIZE, graph_max_batch_size=64)
+    want, _ = generate(eager, prompts, 32, max_in_flight=1, sampling=sampling)
+    got, replays = generate(graphed, prompts, 32, sampling=sampling)
+    assert got == want and replays == 31
+    greedy, _ = generate(eager, prompts, 32, max_in_flight=1)
+    assert sum(want[r] != greedy[r] for r in want) >= max(1, batch // 2)  # it did sample
 
 
 def test_vision_graphs_match_eager(model_dir):
