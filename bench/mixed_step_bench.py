@@ -47,7 +47,7 @@ log = logging.getLogger("mixed_step_bench")
 
 def measure_steps(lm, arch, batch: int, chunk: int, args) -> dict:
     """Median ms of the steps in which all `batch` requests decode beside a `chunk`-token prompt
-    chunk (chunk 0: the decode steps alone), and the prompt tokens each step prefilled."""
+    chunk (chunk 0: the decode steps alone), and how many such steps were timed."""
     prompt_len = IMAGE_PROMPT["tiny" if args.tiny else "full"]
     budget = batch + chunk if chunk else FULL_STEP  # no chunk: no prompts queued beside the rows
     num_prompts = 0 if chunk == 0 else -(-args.steps * chunk // prompt_len) + 1
