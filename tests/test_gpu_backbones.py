@@ -23,7 +23,14 @@ from vlmd.models.loader import load_language_model
 pytestmark = pytest.mark.gpu
 
 # (backbone, the layout the server loads); the reference is transformers on the HF-native dir.
-CASES = [("llama", "hf"), ("qwen3", "hf"), ("internlm2", "opengvlab"), ("qwen3", "opengvlab")]
+CASES = [
+    ("llama", "hf"),
+    ("qwen3", "hf"),
+    ("qwen2", "opengvlab"),
+    ("internlm2", "opengvlab"),
+    ("llama", "opengvlab"),
+    ("qwen3", "opengvlab"),
+]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{b}-{layout}" for b, layout in CASES])
