@@ -249,7 +249,7 @@ def run_steps(
 ) -> list[Step]:
     """Drive scheduler and runner as the serving loop does (with overlap, the next step is
     launched before the last one's tokens are read back), timing each step's interval;
-    `on_step()`, if given, after each step is collected."""
+    `on_step(step)`, if given, after each step is collected (it may add requests)."""
     steps: list[Step] = []
     last = time.perf_counter()
     for plan, _ in run_in_process(scheduler, runner, 2 if overlap else 1, max_steps):
@@ -257,7 +257,7 @@ def run_steps(
         steps.append(Step(plan, now - last))
         last = now
         if on_step is not None:
-            on_step()
+            on_step(steps[-1])
     return steps
 
 

@@ -23,12 +23,11 @@ import logging
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_bench import PAGE_SIZE, Step, model_shape  # noqa: E402
+from gpu_bench import PAGE_SIZE, Step, model_shape, run_steps  # noqa: E402
 from layout_bench import random_hub_state  # noqa: E402
 
 from vlmd.actors.worker import make_runner  # noqa: E402
@@ -38,7 +37,6 @@ from vlmd.core.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from vlmd.messages import SamplingParams  # noqa: E402
 from vlmd.models.config import InternVLArch  # noqa: E402
 from vlmd.models.loader import language_model_from_state_dict  # noqa: E402
-from vlmd.runner import run_in_process  # noqa: E402
 
 IMAGE_PROMPT = {"full": 3328, "tiny": 96}  # a 13-tile image's rows (+ a little text on the GPU)
 FULL_STEP = 8192  # the server's default step budget (--max_num_batched_tokens)
@@ -68,19 +66,15 @@ def measure_steps(lm, arch, batch: int, chunk: int, args) -> dict:
         ids = torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist()
         scheduler.add(Request(f"decode-{i}", ids, decode_params))
     prompts_added = False
-    steps: list[Step] = []
-    last = time.perf_counter()
-    for plan, _ in run_in_process(scheduler, runner):
-        now = time.perf_counter()
-        steps.append(Step(plan, now - last))
-        last = now
-        decoding = sum(len(item.token_ids) == 1 for item in plan.items)
-        if not prompts_added and decoding == batch:  # every decode row past its prefill
-            prompt_params = SamplingParams(max_new_tokens=1, ignore_eos=True)
-            for i in range(num_prompts):
-                ids = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
-                scheduler.add(Request(f"prompt-{i}", ids, prompt_params))
+
+    def add_prompts(step: Step) -> None:
+        """Once every decode row is past its prefill, queue the prompts."""
+        nonlocal prompts_added
+        if not prompts_added and sum(len(item.token_ids) == 1 for item in step.plan.items) == batch:
+            add_prompts_to(scheduler, num_prompts, prompt_len, vocab, gen)
             prompts_added = True
+
+    steps = run_steps(runner, scheduler, on_step=add_prompts)
     chunk_tokens = [
         sum(len(item.token_ids) for item in s.plan.items if len(item.token_ids) > 1) for s in steps
     ]
@@ -93,7 +87,7 @@ def measure_steps(lm, arch, batch: int, chunk: int, args) -> dict:
     assert wanted, f"no step ran {batch} decode rows beside a {chunk}-token chunk"
     scheduler.check_integrity()
     step_ms = statistics.median(s.interval_s for s in wanted) * 1e3
-    del runner, scheduler
+    del runner  # its KV cache
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -110,20 +104,20 @@ def prefill_only(lm, arch, args) -> float:
     scheduler = Scheduler(
         SchedulerConfig(num_pages, PAGE_SIZE, max_num_batched_tokens=budget, enable_prefix_cache=False)
     )
-    gen = torch.Generator().manual_seed(7)
+    add_prompts_to(scheduler, num_prompts, prompt_len, arch.vocab_size - 16, torch.Generator().manual_seed(7))
+    full = [s for s in run_steps(runner, scheduler) if sum(len(i.token_ids) for i in s.plan.items) == budget]
+    del runner, scheduler
+    return budget / statistics.median(s.interval_s for s in full[1:] or full)
+
+
+def add_prompts_to(
+    scheduler: Scheduler, num_prompts: int, prompt_len: int, vocab: int, gen: torch.Generator
+) -> None:
+    """Queue `num_prompts` random prompts of `prompt_len` tokens that want one new token each."""
     params = SamplingParams(max_new_tokens=1, ignore_eos=True)
     for i in range(num_prompts):
-        ids = torch.randint(0, arch.vocab_size - 16, (prompt_len,), generator=gen).tolist()
+        ids = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
         scheduler.add(Request(f"prompt-{i}", ids, params))
-    rates, last = [], time.perf_counter()
-    for plan, _ in run_in_process(scheduler, runner):
-        now = time.perf_counter()
-        tokens = sum(len(item.token_ids) for item in plan.items)
-        if tokens == budget:
-            rates.append(tokens / (now - last))
-        last = now
-    del runner, scheduler
-    return statistics.median(rates[1:] or rates)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -145,7 +145,9 @@ def decode_with(
         if placement == "thread_sliced":
             pixels, vit_stream, turn = pixels[:slice_tiles], decode_stream, threading.Semaphore(0)
         with ViTThread(vision, pixels, vit_stream, num_sms, turn) as vit:
-            on_step = turn.release if turn is not None else None  # thread_sliced: a slice a step
+            on_step = (
+                (lambda _: turn.release()) if turn is not None else None
+            )  # thread_sliced: a slice a step
             steps = run_steps(bench.runner, bench.scheduler, on_step=on_step)
     sync(bench.device)
     return step_stats(steps, batch) | {"vit_tiles_per_s": vit.tiles_per_s}

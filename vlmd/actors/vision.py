@@ -339,12 +339,8 @@ async def _replicas_in_vision_ranks(launch: Launch, layout: VisionLayout) -> tup
     """--vit_placement process: this rank leads replica 0 (its own ViT share and its group's
     peers); the leaders of the other groups connect."""
     leaders = await _accept(launch.socket(VISION_FRONT_SOCKET), layout.leaders)
-    peers = await _accept(launch.socket(layout.group_socket()), layout.peers)
     clock = Stopwatch()
-    vit = ViTRank.from_launch(launch, layout, clock)
-    group = ReplicaGroup(vit, [await channel_ for channel_ in peers])
-    for peer in group.peers:
-        _watch(_expect_silence(peer))
+    group = await _lead_group(launch, layout, clock)
     replicas = [Replica(0, group.encode), *await _remote_replicas(leaders, first_group=1)]
     return replicas, f"{clock}; ViT {layout.visual_dp} replica(s) of {layout.visual_tp} rank(s)"
 
@@ -369,13 +365,20 @@ async def _remote_replicas(leaders: list[asyncio.Future], first_group: int) -> l
     return replicas
 
 
-async def _run_leader(launch: Launch, layout: VisionLayout) -> None:
+async def _lead_group(launch: Launch, layout: VisionLayout, clock: Stopwatch) -> ReplicaGroup:
+    """This rank's ViT share (loaded on `clock`) leading its replica group, once the group's
+    other ranks have connected (they send nothing back but their death)."""
     peers = await _accept(launch.socket(layout.group_socket()), layout.peers)
-    clock = Stopwatch()
     vit = ViTRank.from_launch(launch, layout, clock)
     group = ReplicaGroup(vit, [await peer for peer in peers])
     for peer in group.peers:
         _watch(_expect_silence(peer))
+    return group
+
+
+async def _run_leader(launch: Launch, layout: VisionLayout) -> None:
+    clock = Stopwatch()
+    group = await _lead_group(launch, layout, clock)
     front = await connect_front(launch, layout)
     await announce_ready(
         launch, "vision", layout.rank, detail=f"({clock}; ViT replica {layout.group} leader)"
