@@ -377,16 +377,25 @@ def test_sampling_agrees_on_cpu_and_gpu():
     assert tokens["cpu"] == tokens["cuda"]
 
 
+def triton_inputs(
+    make, kernel_class, rows: int, vocab: int
+) -> tuple[torch.device, torch.Tensor, torch.Generator]:
+    """After checking that `make` builds the Triton kernel on CUDA: random logits whose rows are
+    strided, as a slice of a captured graph's padded output, and the generator (seeded by `rows`)
+    that drew them, for the test's other draws."""
+    cuda = torch.device("cuda")
+    assert isinstance(make(cuda), kernel_class)
+    generator = torch.Generator(device=cuda).manual_seed(rows)
+    wide = torch.randn(rows, vocab + 64, device=cuda, generator=generator) * 4
+    return cuda, wide[:, :vocab], generator
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows,vocab", [(1, 151674), (64, 151674), (5, 1000)])
 def test_triton_draw_matches_torch(rows, vocab):
     from vlmd.kernels.draw import TritonDraw, make_draw
 
-    cuda = torch.device("cuda")
-    assert isinstance(make_draw(cuda), TritonDraw)
-    generator = torch.Generator(device=cuda).manual_seed(rows)
-    wide = torch.randn(rows, vocab + 64, device=cuda, generator=generator) * 4
-    logits = wide[:, :vocab]  # rows strided, as a slice of a captured graph's padded output
+    cuda, logits, generator = triton_inputs(make_draw, TritonDraw, rows, vocab)
     inv_t = torch.rand(rows, device=cuda, generator=generator) * 2
     inv_t[0] = 0.0  # a greedy row
     thresholds = torch.where(torch.rand(rows, device=cuda) < 0.5, 0.5, float("-inf"))
@@ -409,24 +418,62 @@ def test_row_stats_give_the_first_argmax_and_log_softmax():
     assert torch.allclose(logits[:, :1] - stats.logsumexp[:, None], log_softmax[:, :1])
 
 
-def test_row_stats_kernels_fall_back_to_torch_off_cuda(caplog):
-    from vlmd.kernels.row_stats import make_row_stats
+@pytest.mark.parametrize(
+    "module,make,reference,what",
+    [
+        (
+            "row_stats",
+            "make_row_stats",
+            "torch_row_stats",
+            "sampling's argmax + logsumexp run (Triton's kernels failed)",
+        ),
+        ("draw", "make_draw", "torch_draw", "sampling's token draw runs (Triton's kernels failed)"),
+        ("penalties", "make_penalize", "torch_penalize", "sampling's penalties run"),
+    ],
+)
+def test_sampling_kernels_fall_back_to_torch_off_cuda(caplog, module, make, reference, what):
+    import importlib
 
+    kernels = importlib.import_module(f"vlmd.kernels.{module}")
+    make, reference = getattr(kernels, make), getattr(kernels, reference)
     caplog.set_level("WARNING")
-    assert make_row_stats(CPU) is torch_row_stats and caplog.text == ""
+    assert make(CPU) is reference and caplog.text == ""
     if not torch.cuda.is_available():  # no CUDA (or no Triton): the kernels cannot build or run
-        assert make_row_stats(torch.device("cuda")) is torch_row_stats
-        assert "sampling's argmax + logsumexp run (Triton's kernels failed) op by op (" in caplog.text
+        assert make(torch.device("cuda")) is reference
+        assert f"{what} op by op (" in caplog.text
 
 
-def test_draw_kernels_fall_back_to_torch_off_cuda(caplog):
-    from vlmd.kernels.draw import make_draw
+def test_penalties_leave_the_rows_without_a_history_row_as_they_are():
+    table = PenaltyTable(CPU)
+    row = table.add([1, 2], repetition=True)
+    logits = torch.tensor([[0.5, 2.0, -2.0, 1.0]] * 3)
+    values = torch.tensor([[2.0, 1.0, 1.0], [2.0, 0.0, 0.0], [2.0, 1.0, 1.0]])  # -1 wins over values
+    got = table.apply(logits, torch.tensor([-1, row, -1]), values)
+    assert torch.equal(got[0], logits[0]) and torch.equal(got[2], logits[2])
+    assert got[1].tolist() == [0.5, 1.0, -4.0, 1.0]  # the prompt's tokens 1 and 2 penalized
 
-    caplog.set_level("WARNING")
-    assert make_draw(CPU) is torch_draw and caplog.text == ""
-    if not torch.cuda.is_available():
-        assert make_draw(torch.device("cuda")) is torch_draw
-        assert "sampling's token draw runs (Triton's kernels failed) op by op (" in caplog.text
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,vocab", [(1, 151674), (64, 151674), (5, 1000)])
+def test_triton_penalties_match_torch(rows, vocab):
+    from vlmd.kernels.penalties import TritonPenalize, make_penalize, torch_penalize
+
+    cuda, logits, generator = triton_inputs(make_penalize, TritonPenalize, rows, vocab)
+    history = torch.randint(0, 9, (rows + 3, vocab), dtype=torch.int32, device=cuda, generator=generator)
+    history_rows = torch.randperm(rows + 3, device=cuda, generator=generator)[:rows]
+    history_rows[::3] = -1  # rows without penalties
+    shape = (rows, 1)
+    values = torch.cat(
+        [
+            0.5 + torch.rand(shape, device=cuda, generator=generator),  # repetition 0.5 to 1.5
+            torch.randn(shape, device=cuda, generator=generator),  # presence
+            torch.randn(shape, device=cuda, generator=generator),  # frequency
+        ],
+        dim=1,
+    )
+    got = TritonPenalize()(logits, history, history_rows, values)
+    assert torch.equal(got, torch_penalize(logits, history, history_rows, values))
+    assert torch.equal(got[0], logits[0])
 
 
 @pytest.mark.gpu
@@ -434,11 +481,7 @@ def test_draw_kernels_fall_back_to_torch_off_cuda(caplog):
 def test_triton_row_stats_match_torch(rows, vocab):
     from vlmd.kernels.row_stats import TritonRowStats, make_row_stats
 
-    cuda = torch.device("cuda")
-    assert isinstance(make_row_stats(cuda), TritonRowStats)
-    generator = torch.Generator(device=cuda).manual_seed(rows)
-    wide = torch.randn(rows, vocab + 64, device=cuda, generator=generator) * 4
-    logits = wide[:, :vocab]  # rows strided, as a slice of a captured graph's padded output
+    cuda, logits, generator = triton_inputs(make_row_stats, TritonRowStats, rows, vocab)
     logits[0, vocab // 2] = logits[0, vocab - 1] = 60.0  # a tie across chunks: the first wins
     if rows > 1:
         logits[1, : min(4096, vocab // 2)] = float("-inf")  # a masked chunk adds nothing

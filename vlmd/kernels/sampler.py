@@ -2,11 +2,12 @@
 repetition / presence / frequency penalties, seeds, and the top logprobs at each position.
 
 A step samples in a fixed number of batched operations whatever the batch holds: the row
-statistics (argmax and log-sum-exp, `vlmd.kernels.row_stats`), the penalties of the penalized
-rows (`vlmd.kernels.penalties`), one threshold per row for top-k / top-p / min-p, and one draw
-for every row (`vlmd.kernels.draw`: an exponential race whose noise is keyed by the request's
-seed and the token's position, so a seeded request draws the same tokens in any batch). Nothing
-waits for the device; the runner reads the results back once per step.
+statistics (argmax and log-sum-exp, `vlmd.kernels.row_stats`), the penalties
+(`vlmd.kernels.penalties`: one pass over the batch, each penalized row reading its history), one
+threshold per row for top-k / top-p / min-p, and one draw for every row (`vlmd.kernels.draw`:
+an exponential race whose noise is keyed by the request's seed and the token's position, so a
+seeded request draws the same tokens in any batch). Nothing waits for the device; the runner
+reads the results back once per step.
 
 Order of the logits processors, as transformers applies them: penalties, temperature, top-k,
 top-p (over the top-k tokens, renormalised), min-p (relative to the most likely token).
@@ -155,28 +156,29 @@ class Sampler:
             if self._unwritten:
                 self._write_knobs()
             n, num_reqs = len(penalized_rows), len(states)
-            # One copy: every row's slot and position, the penalized rows and their history rows.
+            # One copy: every row's slot, position and history row (-1: none), and the
+            # penalized rows.
             index = to_device(
                 [state.slot for state in states]
                 + positions
-                + penalized_rows
-                + [states[i].penalty_row for i in penalized_rows],
+                + [state.penalty_row for state in states]
+                + penalized_rows,
                 torch.long,
                 self.device,
             )
             knobs = self.knobs[index[:num_reqs]]  # [num_reqs, len(KNOB_COLUMNS)]
             processed = logits
             if n:
-                rows, history_rows = index[2 * num_reqs : 2 * num_reqs + n], index[2 * num_reqs + n :]
-                penalties = self.penalties.apply(logits[rows], history_rows, knobs[rows, 4:7].float())
-                processed = logits.index_copy(0, rows, penalties)
+                history_rows = index[2 * num_reqs : 3 * num_reqs]
+                processed = self.penalties.apply(logits, history_rows, knobs[:, 4:7].float())
             if greedy:
                 tokens = torch.argmax(processed, dim=-1)
             else:
                 positions_ = index[num_reqs : 2 * num_reqs]
                 tokens = self._draw(processed, knobs, positions_, max(s.num_candidates for s in states))
             if n:
-                self.penalties.observe(history_rows, tokens[rows])
+                rows = index[3 * num_reqs :]
+                self.penalties.observe(history_rows[rows], tokens[rows])
             chosen = logits.gather(1, tokens[:, None])[:, 0] - stats.logsumexp
         num_top = max(state.params.top_logprobs for state in states)
         top = None
