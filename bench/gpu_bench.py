@@ -14,6 +14,8 @@ built from the same tensors (shared, not copied), so both sides run identical we
   tokens are read back, as `vlmd serve` does; median over the decode steps at the full batch;
   also one step at a time, for comparison), against transformers' `generate`
   ((t(N new) - t(1 new)) / (N - 1));
+- kernel profiles (CUDA): the GPU kernels of a greedy decode step at each batch, and of a step
+  with every row sampled at the largest batch (what sampling adds);
 - roofline: (LM weight bytes read per step + KV bytes read per step) / copy bandwidth, where
   the weights are every LM parameter except the input embedding table (the LM head is read);
 - time to first token of one tile + text: vlmd = ViT + prefill with the image rows + first
@@ -301,15 +303,22 @@ LONG_GAP_US = 20
 
 
 def profile_decode(
-    runner, scheduler: Scheduler, prompts: torch.Tensor, num_steps: int, tag: str, profiled: bool = True
+    runner,
+    scheduler: Scheduler,
+    prompts: torch.Tensor,
+    num_steps: int,
+    tag: str,
+    profiled: bool = True,
+    sampling: dict | None = None,
 ) -> DecodeProfile | None:
-    """Profile `num_steps` decode steps at the full batch of fresh requests for `prompts`, then
-    finish them. With `profiled` off the same steps run unprofiled (the other ranks of a group)."""
+    """Profile `num_steps` decode steps at the full batch of fresh requests for `prompts` (greedy,
+    or sampled with `sampling`'s knobs), then finish them. With `profiled` off the same steps run
+    unprofiled (the other ranks of a group)."""
     from torch.profiler import ProfilerActivity, profile
 
     # Prompts prefill in waves (the step token budget): early requests decode meanwhile, so
     # every request gets tokens to spare, and the profiled steps run at the full batch.
-    add_text_requests(scheduler, prompts, num_steps + 32, tag)
+    add_text_requests(scheduler, prompts, num_steps + 32, tag, sampling)
     try:
         while scheduler.waiting or any(r.num_computed < len(r.prompt_ids) for r in scheduler.running):
             run_steps(runner, scheduler, max_steps=1)
@@ -390,8 +399,10 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.kernel_breakdown: dict[int, list[tuple[str, float]]] = {}  # batch -> top kernels, ms/step
-        self.gaps: dict[int, str] = {}  # batch -> the profile's summary line (kernels, idle gaps)
+        self.kernel_breakdown: dict[
+            str, list[tuple[str, float]]
+        ] = {}  # "batch[, sampled]" -> top kernels, ms/step
+        self.gaps: dict[str, str] = {}  # the same keys -> the profile's summary line (kernels, idle gaps)
         self.profiles: dict[str, dict | None] = {}  # one profiled call of the TTFT and ViT paths
         self.device, self.dtype = torch.device(args.device), getattr(torch, args.dtype)
         self.shape = model_shape(args.tiny)
@@ -438,6 +449,8 @@ class Bench:
         prompts = torch.randint(0, self.shape.num_text_ids, (batch, args.prompt_len), generator=self.gen)
         row = {"batch": batch} | self.vlmd_decode(prompts)
         row["vlmd_kernel_ms"] = self.vlmd_kernel_ms(prompts)
+        if batch == max(args.batch_sizes):  # where sampling costs the most: what it spends
+            row["vlmd_sampled_kernel_ms"] = self.vlmd_kernel_ms(prompts, SAMPLED)
         row["transformers_step_ms"] = self.hf_decode_ms(prompts.to(self.device))
         avg_context = args.prompt_len + args.new_tokens / 2  # decode steps read prompt+1 .. prompt+new-1
         elem = torch.empty((), dtype=self.dtype).element_size()
@@ -504,20 +517,27 @@ class Bench:
             "vit_tiles_per_s": tiles_per_s,
         }
 
-    def vlmd_kernel_ms(self, prompts: torch.Tensor) -> float | None:
+    def vlmd_kernel_ms(self, prompts: torch.Tensor, sampling: dict | None = None) -> float | None:
         """GPU time per decode step summed over the profiler's kernels and copies: the step
-        with no host overhead. None on the CPU, when off, or if the profiler fails."""
+        with no host overhead (greedy, or sampled with `sampling`'s knobs). None on the CPU,
+        when off, or if the profiler fails."""
         if self.device.type != "cuda" or self.args.profile_steps < 1:
             return None
+        what = f"{prompts.shape[0]}" + (", every row sampled" if sampling else "")
         try:
             prof = profile_decode(
-                self.runner, self.scheduler, prompts, self.args.profile_steps, f"profile{prompts.shape[0]}"
+                self.runner,
+                self.scheduler,
+                prompts,
+                self.args.profile_steps,
+                f"profile{what}",
+                sampling=sampling,
             )
         except Exception as exc:  # an optional figure: never lose the run over it
             log.warning("kernel time not measured: %s: %s", type(exc).__name__, exc)
             return None
-        self.kernel_breakdown[prompts.shape[0]] = prof.top
-        self.gaps[prompts.shape[0]] = prof.summary()
+        self.kernel_breakdown[what] = prof.top
+        self.gaps[what] = prof.summary()
         return prof.kernel_ms
 
     def hf_decode_ms(self, prompts: torch.Tensor) -> float:
