@@ -1,5 +1,5 @@
 """/metrics through a real server: latency histograms from the http actor, ViT batch sizes from the
-vision actor, parsed with prometheus_client's own text parser."""
+vision actor, the image stages' times, parsed with prometheus_client's own text parser."""
 
 from __future__ import annotations
 
@@ -89,6 +89,34 @@ def test_vit_batch_sizes_add_up_to_the_images_encoded(mm_server):
     grew = [le for (le, a), (_, b) in zip(buckets_before, buckets_after, strict=True) if b > a]
     assert grew[0] == 2.0
     assert_well_formed(after, "vlmd_vit_batch_size")
+
+
+def test_image_stages_are_timed_within_the_time_to_first_token(mm_server):
+    """One request with an image: its preprocessing (http actor) and its wait for the ViT
+    (scheduler) are counted once each and fit, one after the other, in its time to first token;
+    a text request counts in neither."""
+    stages = ("vlmd_image_preprocess_seconds", "vlmd_image_wait_seconds")
+    image = base64.b64encode(make_image(900, 600, seed=73)).decode()
+    body = chat_body("<img></img> what is it", max_new_tokens=1)
+    body["multimodal_params"] = {"images": [{"type": "base64", "data": image}]}
+    before = scrape(mm_server)
+    assert generate(mm_server, body).status_code == 200
+    assert generate(mm_server, chat_body("and text", max_new_tokens=1)).status_code == 200
+    after = scrape(mm_server)
+    counts, sums = {}, {}
+    for name in (*stages, "vlmd_time_to_first_token_seconds"):
+        assert_well_formed(after, name)
+        (_, count_before, sum_before), (_, count_after, sum_after) = (
+            histogram(before, name),
+            histogram(after, name),
+        )
+        counts[name], sums[name] = count_after - count_before, sum_after - sum_before
+    assert counts == dict.fromkeys(stages, 1) | {"vlmd_time_to_first_token_seconds": 2}
+    assert all(sums[name] > 0 for name in stages)
+    assert (
+        sums["vlmd_image_preprocess_seconds"] + sums["vlmd_image_wait_seconds"]
+        <= sums["vlmd_time_to_first_token_seconds"]
+    )
 
 
 def test_embed_cache_pins_show_while_a_request_runs_and_are_gone_when_it_ends(mm_server):

@@ -207,6 +207,7 @@ class HttpActor:
         if not images:
             return []
         check_image_count(len(images), self.args.max_images_per_request)
+        started = time.perf_counter()
         try:
             checked = await self.images.check_all(images)
         except BadImage as exc:
@@ -221,6 +222,7 @@ class HttpActor:
                 400,
                 f"the request has more distinct images than --cache_capacity ({self.args.cache_capacity}) holds",
             )
+        self.latency.image_preprocess.observe(time.perf_counter() - started)
         return checked
 
     def release_checked(self, checked: list[CheckedImage]) -> None:

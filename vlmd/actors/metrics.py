@@ -1,5 +1,6 @@
 """/metrics: Prometheus text rendering of the scheduler's snapshot (which carries the vision
-actor's counters and histograms) and of the http actor's own latency histograms."""
+actor's counters and histograms, and the scheduler's wait for images) and of the http actor's own
+latency histograms (its image preprocessing among them)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,14 @@ HISTOGRAMS = {
         "from the parsed request to its last token",
     ),
     "vit_batch_size": ("vlmd_vit_batch_size", "images per ViT batch"),
+    "image_preprocess_seconds": (
+        "vlmd_image_preprocess_seconds",
+        "a request's images loaded (base64 or URL), decoded, tiled and normalised, in the http actor",
+    ),
+    "image_wait_seconds": (
+        "vlmd_image_wait_seconds",
+        "from a request with images reaching the scheduler to its embeddings ready (ViT queue and forward)",
+    ),
 }
 FINISHED_PREFIX = "requests_finished_"
 VIT_REPLICA_PREFIX = "vit_replica_images_"  # + the replica's number: images that ViT replica encoded
@@ -83,12 +92,15 @@ TTFT_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5,
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2)
 E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 VIT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+IMAGE_STAGE_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
 # A histogram nobody has reported yet (no image encoded so far) renders empty with these bounds.
 BUCKETS = {
     "time_to_first_token_seconds": TTFT_BUCKETS_S,
     "inter_token_latency_seconds": ITL_BUCKETS_S,
     "e2e_request_latency_seconds": E2E_BUCKETS_S,
     "vit_batch_size": VIT_BATCH_BUCKETS,
+    "image_preprocess_seconds": IMAGE_STAGE_BUCKETS_S,
+    "image_wait_seconds": IMAGE_STAGE_BUCKETS_S,
 }
 
 
@@ -108,6 +120,7 @@ class LatencyMetrics:
         self.ttft = Histogram(TTFT_BUCKETS_S)
         self.itl = Histogram(ITL_BUCKETS_S)
         self.e2e = Histogram(E2E_BUCKETS_S)
+        self.image_preprocess = Histogram(IMAGE_STAGE_BUCKETS_S)
 
     def on_tokens(self, arrival: float, last_token_at: float | None, num_tokens: int, now: float) -> None:
         """`num_tokens` arrived at `now` for a request that arrived at `arrival` and last received a
@@ -127,6 +140,7 @@ class LatencyMetrics:
             "time_to_first_token_seconds": self.ttft.snapshot(),
             "inter_token_latency_seconds": self.itl.snapshot(),
             "e2e_request_latency_seconds": self.e2e.snapshot(),
+            "image_preprocess_seconds": self.image_preprocess.snapshot(),
         }
 
 

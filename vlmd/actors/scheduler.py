@@ -20,7 +20,9 @@ import msgspec
 
 from vlmd import ipc
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
+from vlmd.actors.metrics import IMAGE_STAGE_BUCKETS_S
 from vlmd.config import step_timeout_s
+from vlmd.core.histogram import Histogram
 from vlmd.core.page_allocator import pages_for
 from vlmd.core.request import Request
 from vlmd.core.scheduler import Scheduler, SchedulerConfig
@@ -71,6 +73,8 @@ class SchedulerActor:
         self._vision_histograms: dict[str, HistogramSnapshot] = {}
         self._finished = Counter()
         self._with_images: set[str] = set()  # requests whose images the vision actor has pinned
+        self._images_asked_at: dict[str, float] = {}  # request id -> when its images went to the ViT
+        self._image_wait = Histogram(IMAGE_STAGE_BUCKETS_S)
 
     async def on_channel(self, channel: ipc.Channel) -> None:
         hello = await channel.recv()
@@ -113,6 +117,8 @@ class SchedulerActor:
         elif isinstance(msg, ImagesReady):
             self._vision_counters = msg.counters
             self._vision_histograms = msg.histograms
+            if (asked_at := self._images_asked_at.pop(msg.request_id, None)) is not None:
+                self._image_wait.observe(time.monotonic() - asked_at)
             self.core.images_ready(msg.request_id, msg.runs)
             self._work.set()
         elif isinstance(msg, VisionStats):
@@ -122,7 +128,8 @@ class SchedulerActor:
             self._abort(msg.request_id)
             self.http.send(RequestFailed(msg.request_id, msg.status, msg.message))
         elif isinstance(msg, GetMetrics):
-            self.http.send(MetricsSnapshot(msg.query_id, self._metrics(), self._vision_histograms))
+            histograms = {**self._vision_histograms, "image_wait_seconds": self._image_wait.snapshot()}
+            self.http.send(MetricsSnapshot(msg.query_id, self._metrics(), histograms))
         else:
             log.warning("unexpected message %r", type(msg).__name__)
 
@@ -150,11 +157,13 @@ class SchedulerActor:
         self.core.add(request)
         if msg.images:
             self._with_images.add(msg.request_id)
+            self._images_asked_at[msg.request_id] = time.monotonic()
             self.vision.send(EncodeImages(msg.request_id, msg.images))
         self._work.set()
 
     def _abort(self, request_id: str) -> None:
         self.core.abort(request_id)
+        self._images_asked_at.pop(request_id, None)
         self._release_images(request_id)
         self._check_if_idle()
         self._work.set()
@@ -241,6 +250,9 @@ class SchedulerActor:
         cache node referenced, with no request left) fails the check the moment it happens."""
         if self.core.idle:
             self.core.check_integrity()
+            assert not self._images_asked_at, (
+                f"waits for images of requests gone: {list(self._images_asked_at)}"
+            )
 
     def _metrics(self) -> dict[str, float]:
         stats = self.core.stats
