@@ -178,6 +178,35 @@ IMAGE_SIZES = (
 )
 
 
+# /metrics histograms of an image request's stages, each inside its time to first token.
+STAGES = {
+    "preprocessing": "vlmd_image_preprocess_seconds",
+    "waiting for the ViT": "vlmd_image_wait_seconds",
+    "time to first token": "vlmd_time_to_first_token_seconds",
+}
+
+
+def stage_totals(url: str) -> dict[str, tuple[float, float]]:
+    """(count, sum) of each STAGES histogram, as /metrics shows them now."""
+    totals = {}
+    for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
+        for name in STAGES.values():
+            for suffix, index in (("_count ", 0), ("_sum ", 1)):
+                if line.startswith(name + suffix):
+                    totals.setdefault(name, [0.0, 0.0])[index] = float(line.split()[1])
+    return {name: tuple(value) for name, value in totals.items()}
+
+
+def stage_rows(label: str, before: dict, after: dict) -> list[tuple[str, str, float]]:
+    """The mean ms of each stage over the requests between two `stage_totals`."""
+    rows = []
+    for stage, name in STAGES.items():
+        count = after[name][0] - before[name][0]
+        mean_ms = (after[name][1] - before[name][1]) / count * 1e3 if count else None
+        rows.append(("images", f"  {label}: {stage}, mean ms", mean_ms))
+    return rows
+
+
 def image_load(width: int, height: int, image_format: str, concurrency: int, num_prompts: int) -> list[str]:
     """Requests of one new image each and one new token."""
     seed = ["--seed", str(next(RUN_SEEDS))]
@@ -244,7 +273,9 @@ def images_beside_text(args, log_dir: Path, placement: str) -> list[tuple[str, s
             with in_background(url, *image_load(w13, h13, "png", 2, 100 * n)):
                 wait_for_vit(url)  # the loads' images drawn and on their way
                 beside = bench(url, *text_stream(args, args.long_output // 4))
+        before = stage_totals(url)
         images_alone = bench(url, *image_load(w13, h13, "png", 4, n))["request_throughput"]
+        stages = stage_rows(f"ViT {placement}: 13-tile PNGs 4 at a time, no text", before, stage_totals(url))
         with in_background(url, *text_stream(args, args.long_output)):
             time.sleep(2)  # the text stream decoding
             images_beside = bench(url, *image_load(w13, h13, "png", 4, n))["request_throughput"]
@@ -261,6 +292,7 @@ def images_beside_text(args, log_dir: Path, placement: str) -> list[tuple[str, s
         )
     )
     rows.append(("images", f"ViT {placement}: 13-tile PNGs 4 at a time, no text: images/s", images_alone))
+    rows += stages
     rows.append(
         (
             "images",
@@ -286,8 +318,10 @@ def image_throughput(args, log_dir: Path) -> list[tuple[str, str, float]]:
         for name, width, height, tiles in (IMAGE_SIZES[0], IMAGE_SIZES[2]):
             count = args.image_prompts * (8 if tiles == 1 else 1)
             for image_format in ("jpeg", "png"):
+                before = stage_totals(url)
                 rate = bench(url, *image_load(width, height, image_format, 32, count))["request_throughput"]
                 rows.append(("images", f"{name} {image_format.upper()}, 32 at a time: images/s", rate))
+                rows += stage_rows(f"{name} {image_format.upper()}", before, stage_totals(url))
                 images_per_s[(name, image_format)] = rate
             text = ["--input_len", str(IMAGE_TOKENS_PER_TILE * tiles + 16), "--tokenizer", args.model_dir]
             counts = ["--max_concurrency", "32", "--num_prompts", str(count), "--seed", str(next(RUN_SEEDS))]
