@@ -50,12 +50,13 @@ IMAGE_TOKENS_PER_TILE = 256  # InternVL: 448 px tiles, 14 px patches, pixel shuf
 
 
 @contextmanager
-def serve(model_dir: str, port: int, *flags: str, log_dir: Path):
-    """`vlmd serve` on loopback until the block ends (SIGTERM, then its exit)."""
+def serve(model_dir: str, port: int, *flags: str, log_dir: Path, env: dict[str, str] | None = None):
+    """`vlmd serve` on loopback (in `env`, else this process's environment) until the block ends
+    (SIGTERM, then its exit)."""
     log_path = log_dir / f"serve-{port}-{int(time.time())}.log"
     cmd = [sys.executable, "-m", "vlmd", "serve", "--model_dir", model_dir, "--port", str(port), *flags]
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -71,7 +72,7 @@ def serve(model_dir: str, port: int, *flags: str, log_dir: Path):
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError("vlmd serve did not start in time")
-            time.sleep(1)
+            time.sleep(0.25)
         ready = [line for line in log_path.read_text().splitlines() if " ready " in line]
         print("\n".join(ready), file=sys.stderr, flush=True)
         yield url

@@ -106,6 +106,19 @@ def test_tiny_mixed_step_bench_times_every_chunk(tmp_path: Path) -> None:
     assert "| decode rows | chunk tokens | step ms |" in proc.stdout
 
 
+def test_cold_start_bench_times_each_start_on_its_own_caches(tmp_path: Path, model_dir: Path) -> None:
+    out = tmp_path / "cold.json"
+    flags = ["--modes", "cold,cold_no_precompile,warm", "--port", "8457", "--json", str(out)]
+    proc = _run_script("bench/cold_start_bench.py", "--model_dir", str(model_dir), *flags)
+    data = json.loads(out.read_text())
+    assert list(data) == ["cold", "cold_no_precompile", "warm"]
+    for result in data.values():
+        assert result["start_s"] > 0
+        assert {"http", "vision", "worker0"} <= set(result["phases"]), result["phases"]
+        assert "weights" in result["phases"]["worker0"]
+    assert "| cold_no_precompile |" in proc.stdout and "| worker0 | weights" in proc.stdout
+
+
 def test_tiny_bench_prints_every_metric_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

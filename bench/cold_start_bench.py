@@ -1,0 +1,80 @@
+"""Start-up of `vlmd serve` (issue 16, item 4): from the command to /health answering, on kernel
+caches that start empty, with the kernel precompile (the default: FlashInfer's modules compiled
+side by side while the weights load) and without it (`--disable_kernel_precompile`: each module
+compiled where it is first used, one after another), in one command; then a warm start on the
+caches the first start filled. Each start gets fresh FlashInfer and Triton cache folders
+(FLASHINFER_WORKSPACE_BASE, TRITON_CACHE_DIR); the rest of the environment (LOADWORKER, for one)
+passes through. The actors' "ready" lines say what each start spent its time on.
+
+    python bench/cold_start_bench.py --model_dir /tmp/internvl3-8b [--modes cold,cold_no_precompile,warm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_bench import serve  # noqa: E402
+
+MODES = ("cold", "cold_no_precompile", "warm")
+READY = re.compile(r"supervisor INFO (\w+) ready \((.*)\)$")
+
+
+def start(model_dir: str, port: int, caches: Path, flags: list[str], log_dir: Path) -> dict:
+    """One start on the kernel caches under `caches`: seconds to /health, and each actor's
+    ready line (role -> what it spent its time on)."""
+    env = {
+        **os.environ,
+        "FLASHINFER_WORKSPACE_BASE": str(caches / "flashinfer"),
+        "TRITON_CACHE_DIR": str(caches / "triton"),
+    }
+    log_dir.mkdir(parents=True)
+    started = time.perf_counter()
+    with serve(model_dir, port, *flags, log_dir=log_dir, env=env):
+        seconds = time.perf_counter() - started
+    (log,) = log_dir.iterdir()
+    phases = {m[1]: m[2] for line in log.read_text().splitlines() if (m := READY.search(line))}
+    return {"start_s": seconds, "phases": phases}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_dir", required=True)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated of {MODES}")
+    parser.add_argument("--port", type=int, default=8441)
+    parser.add_argument(
+        "--serve_flags", default="--enable_multimodal", help="`vlmd serve` flags (one string)"
+    )
+    parser.add_argument("--json", help="also write every figure to this file")
+    args = parser.parse_args(argv)
+    modes = args.modes.split(",")
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        parser.error(f"unknown modes {sorted(unknown)}; pick from {MODES}")
+    work = Path(tempfile.mkdtemp(prefix="cold_start-"))
+    flags = args.serve_flags.split()
+    results = {}
+    for mode in modes:
+        # "warm" reuses the caches "cold" filled (empty ones, if "cold" did not run first).
+        caches = work / ("cold" if mode == "warm" else mode) / "caches"
+        extra = ["--disable_kernel_precompile"] if mode == "cold_no_precompile" else []
+        results[mode] = start(args.model_dir, args.port, caches, flags + extra, work / mode / "log")
+        print(f"{mode}: {results[mode]['start_s']:.1f} s", file=sys.stderr, flush=True)
+    print("| start | seconds to /health | actor | what it spent its time on |\n|---|---|---|---|")
+    for mode, result in results.items():
+        for i, (role, phases) in enumerate(sorted(result["phases"].items())):
+            seconds = f"{result['start_s']:.1f}" if i == 0 else ""
+            print(f"| {mode if i == 0 else ''} | {seconds} | {role} | {phases} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
