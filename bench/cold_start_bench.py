@@ -25,11 +25,13 @@ from serve_bench import serve  # noqa: E402
 
 MODES = ("cold", "cold_no_precompile", "warm")
 READY = re.compile(r"supervisor INFO (\w+) ready \((.*)\)$")
+# The worker's precompile: its jobs' times, or a job's failure.
+PRECOMPILE = re.compile(r"(FlashInfer modules compiled ahead: .*|kernel precompile \S+ failed.*)$")
 
 
 def start(model_dir: str, port: int, caches: Path, flags: list[str], log_dir: Path) -> dict:
-    """One start on the kernel caches under `caches`: seconds to /health, and each actor's
-    ready line (role -> what it spent its time on)."""
+    """One start on the kernel caches under `caches`: seconds to /health, each actor's ready
+    line (role -> what it spent its time on), and the precompile's lines."""
     env = {
         **os.environ,
         "FLASHINFER_WORKSPACE_BASE": str(caches / "flashinfer"),
@@ -40,8 +42,10 @@ def start(model_dir: str, port: int, caches: Path, flags: list[str], log_dir: Pa
     with serve(model_dir, port, *flags, log_dir=log_dir, env=env):
         seconds = time.perf_counter() - started
     (log,) = log_dir.iterdir()
-    phases = {m[1]: m[2] for line in log.read_text().splitlines() if (m := READY.search(line))}
-    return {"start_s": seconds, "phases": phases}
+    lines = log.read_text().splitlines()
+    phases = {m[1]: m[2] for line in lines if (m := READY.search(line))}
+    precompile = [m[1] for line in lines if (m := PRECOMPILE.search(line))]
+    return {"start_s": seconds, "phases": phases, "precompile": precompile}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         for i, (role, phases) in enumerate(sorted(result["phases"].items())):
             seconds = f"{result['start_s']:.1f}" if i == 0 else ""
             print(f"| {mode if i == 0 else ''} | {seconds} | {role} | {phases} |")
+        for line in result["precompile"]:
+            print(f"|  |  | worker (precompile) | {line} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
