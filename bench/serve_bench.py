@@ -73,7 +73,9 @@ def serve(model_dir: str, port: int, *flags: str, log_dir: Path, env: dict[str, 
             if time.monotonic() > deadline:
                 raise RuntimeError("vlmd serve did not start in time")
             time.sleep(0.25)
-        ready = [line for line in log_path.read_text().splitlines() if " ready " in line]
+        # What the start spent its time on: the actors' ready lines, the kernel precompile's.
+        keys = (" ready ", "compiled ahead", "kernel precompile")
+        ready = [line for line in log_path.read_text().splitlines() if any(key in line for key in keys)]
         print("\n".join(ready), file=sys.stderr, flush=True)
         yield url
     finally:
