@@ -8,6 +8,7 @@ import base64
 import io
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -360,3 +361,32 @@ def _ask_about(server, image: bytes) -> int | str:
         return requests.post(server.url + "/generate", json=body, timeout=60).status_code
     except requests.RequestException as exc:
         return type(exc).__name__
+
+
+def test_step_turns_slice_the_vit_only_while_requests_decode():
+    """--vit_step_tiles: the ViT's thread waits for a collected step before each slice while the
+    newest step has decode rows; steps of prompt chunks only, and an idle worker, let it run."""
+    from vlmd.actors.hosted_vit import StepTurns
+
+    turns = StepTurns()
+
+    def start_waiting() -> threading.Event:
+        returned = threading.Event()
+        threading.Thread(target=lambda: (turns.wait(), returned.set()), daemon=True).start()
+        return returned
+
+    assert start_waiting().wait(5)  # idle: at once
+    turns.step_launched(decoding=True)
+    waiting = start_waiting()
+    assert not waiting.wait(0.2)  # a decode step runs: the slice waits for it
+    turns.step_collected()
+    assert waiting.wait(5)
+    waiting = start_waiting()
+    assert not waiting.wait(0.2)  # the turn was used: the next slice waits for the next step
+    turns.step_launched(decoding=False)  # a step of prompt chunks only: free
+    assert waiting.wait(5) and start_waiting().wait(5)
+    turns.step_launched(decoding=True)
+    waiting = start_waiting()
+    assert not waiting.wait(0.2)
+    turns.idle()
+    assert waiting.wait(5)

@@ -9,9 +9,11 @@ vision ranks' leaders do (`serve_batches`, beside its step loop); the vision fro
 cache, the pins and the preprocessing in a process of its own, with no ViT. On the CPU there are
 no streams: the ViT still runs on its own thread, never on the event loop.
 
-With --vit_step_tiles N the ViT does not run beside the steps but between them: while steps run,
-it encodes N tiles per step collected (`StepTurns`), queued on the steps' own stream, so a step
-waits for at most one slice; while the worker is idle it encodes freely.
+With --vit_step_tiles N the ViT does not run beside the steps but between them: while requests
+decode, it encodes N tiles per step collected (`StepTurns`), queued on the steps' own stream, so a
+decode step waits for at most one slice; while the steps only prefill prompts, or the worker is
+idle, it encodes freely (a prompt's first token waits for a whole prefill step anyway, and the
+images' own prompts are prefilled in such steps).
 """
 
 from __future__ import annotations
@@ -29,17 +31,21 @@ log = logging.getLogger("vlmd.worker")
 
 
 class StepTurns:
-    """The ViT thread's turns between decode steps: while steps run, one turn per step collected
-    (an unused turn is not kept: the ViT never bunches slices); while the worker is idle, always."""
+    """The ViT thread's turns between decode steps: while the newest step launched has decode rows,
+    one turn per step collected (an unused turn is not kept: the ViT never bunches slices); while
+    it has none (only prompt chunks), or the worker is idle, always."""
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
-        self._stepping = False
+        self._decoding = False
         self._turn = False
 
-    def step_launched(self) -> None:
+    def step_launched(self, decoding: bool) -> None:
+        """A step was launched; `decoding`: some request in it decodes (a one-token span)."""
         with self._changed:
-            self._stepping = True
+            self._decoding = decoding
+            if not decoding:
+                self._changed.notify_all()
 
     def step_collected(self) -> None:
         with self._changed:
@@ -49,13 +55,13 @@ class StepTurns:
     def idle(self) -> None:
         """No step follows (FlushStep): the ViT may run freely."""
         with self._changed:
-            self._stepping = False
+            self._decoding = False
             self._changed.notify_all()
 
     def wait(self) -> None:
         """On the ViT's thread, before a slice: until a step is collected or the worker idles."""
         with self._changed:
-            self._changed.wait_for(lambda: self._turn or not self._stepping)
+            self._changed.wait_for(lambda: self._turn or not self._decoding)
             self._turn = False
 
 

@@ -323,7 +323,7 @@ async def serve_steps(
             continue
         assert isinstance(msg, StepPlan), f"worker expects StepPlan, got {type(msg).__name__}"
         if turns is not None:
-            turns.step_launched()
+            turns.step_launched(decoding=any(len(item.token_ids) == 1 for item in msg.items))
         launched = runner.launch(msg)
         if held is not None:
             report()
