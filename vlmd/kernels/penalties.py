@@ -8,9 +8,10 @@ kernels whatever the batch. Rows are reused; the table doubles when full (a copy
 doubling).
 
 `torch_penalize` is the contract op by op (the CPU, and the reference of the tests). Op by op, a
-batch of 64 rows over a 151,674-token vocabulary moves about 1.4 GB through the GPU's memory
-(a dozen [rows, vocab] temporaries); `TritonPenalize` reads the logits and the history rows once
-and writes the result once (about 0.12 GB), with the same float32 results.
+batch of 64 rows over a 151,674-token vocabulary moves about 1.4 GB through the GPU's memory by a
+count of its reads and writes (a dozen [rows, vocab] temporaries); `TritonPenalize` reads the
+logits and the history rows once and writes the result once (about 0.12 GB), with the same
+float32 results.
 """
 
 from __future__ import annotations
