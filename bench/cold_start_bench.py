@@ -2,11 +2,14 @@
 caches that start empty, with the kernel precompile (the default: FlashInfer's modules compiled
 side by side while the weights load) and without it (`--disable_kernel_precompile`: each module
 compiled where it is first used, one after another), in one command; then a warm start on the
-caches the first start filled. Each start gets fresh FlashInfer and Triton cache folders
-(FLASHINFER_WORKSPACE_BASE, TRITON_CACHE_DIR); the rest of the environment (LOADWORKER, for one)
-passes through. The actors' "ready" lines say what each start spent its time on.
+caches the first start filled. Each of those starts gets fresh FlashInfer and Triton cache folders
+(FLASHINFER_WORKSPACE_BASE, TRITON_CACHE_DIR); the mode `as_is` starts on the environment's own
+caches instead, and `--load_workers` repeats every mode for each LOADWORKER given (threads
+reading the weights; the rest of the environment passes through). The actors' "ready" lines say
+what each start spent its time on.
 
     python bench/cold_start_bench.py --model_dir /tmp/internvl3-8b [--modes cold,cold_no_precompile,warm]
+    python bench/cold_start_bench.py --model_dir /tmp/internvl3-8b --modes as_is --load_workers 1 8
 """
 
 from __future__ import annotations
@@ -23,20 +26,21 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from serve_bench import serve  # noqa: E402
 
-MODES = ("cold", "cold_no_precompile", "warm")
+MODES = ("cold", "cold_no_precompile", "warm", "as_is")
 READY = re.compile(r"supervisor INFO (\w+) ready \((.*)\)$")
 # The worker's precompile: its jobs' times, or a job's failure.
 PRECOMPILE = re.compile(r"(FlashInfer modules compiled ahead: .*|kernel precompile \S+ failed.*)$")
 
 
-def start(model_dir: str, port: int, caches: Path, flags: list[str], log_dir: Path) -> dict:
-    """One start on the kernel caches under `caches`: seconds to /health, each actor's ready
-    line (role -> what it spent its time on), and the precompile's lines."""
-    env = {
-        **os.environ,
-        "FLASHINFER_WORKSPACE_BASE": str(caches / "flashinfer"),
-        "TRITON_CACHE_DIR": str(caches / "triton"),
-    }
+def start(model_dir: str, port: int, caches: Path | None, flags: list[str], log_dir: Path, env: dict) -> dict:
+    """One start in `env`, on the kernel caches under `caches` (None: the environment's own):
+    seconds to /health, each actor's ready line (role -> what it spent its time on), and the
+    precompile's lines."""
+    if caches is not None:
+        env = env | {
+            "FLASHINFER_WORKSPACE_BASE": str(caches / "flashinfer"),
+            "TRITON_CACHE_DIR": str(caches / "triton"),
+        }
     log_dir.mkdir(parents=True)
     started = time.perf_counter()
     with serve(model_dir, port, *flags, log_dir=log_dir, env=env):
@@ -54,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated of {MODES}")
     parser.add_argument("--port", type=int, default=8441)
     parser.add_argument(
+        "--load_workers", nargs="+", default=[], help="LOADWORKER values: every mode runs once with each"
+    )
+    parser.add_argument(
         "--serve_flags", default="--enable_multimodal", help="`vlmd serve` flags (one string)"
     )
     parser.add_argument("--json", help="also write every figure to this file")
@@ -65,12 +72,16 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="cold_start-"))
     flags = args.serve_flags.split()
     results = {}
-    for mode in modes:
-        # "warm" reuses the caches "cold" filled (empty ones, if "cold" did not run first).
-        caches = work / ("cold" if mode == "warm" else mode) / "caches"
-        extra = ["--disable_kernel_precompile"] if mode == "cold_no_precompile" else []
-        results[mode] = start(args.model_dir, args.port, caches, flags + extra, work / mode / "log")
-        print(f"{mode}: {results[mode]['start_s']:.1f} s", file=sys.stderr, flush=True)
+    for workers in args.load_workers or [None]:
+        env = dict(os.environ) if workers is None else os.environ | {"LOADWORKER": workers}
+        for mode in modes:
+            name = mode if workers is None else f"{mode}, LOADWORKER={workers}"
+            # "warm" reuses the caches "cold" filled (empty ones, if "cold" did not run first).
+            caches = None if mode == "as_is" else work / ("cold" if mode == "warm" else mode) / "caches"
+            extra = ["--disable_kernel_precompile"] if mode == "cold_no_precompile" else []
+            log_dir = work / name.replace(", ", "-").replace("=", "") / "log"
+            results[name] = start(args.model_dir, args.port, caches, flags + extra, log_dir, env)
+            print(f"{name}: {results[name]['start_s']:.1f} s", file=sys.stderr, flush=True)
     print("| start | seconds to /health | actor | what it spent its time on |\n|---|---|---|---|")
     for mode, result in results.items():
         for i, (role, phases) in enumerate(sorted(result["phases"].items())):
