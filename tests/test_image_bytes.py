@@ -35,7 +35,10 @@ def sliced(text: str, slice_bytes: int) -> bytes | None:
 @given(
     st.one_of(
         st.binary(max_size=40).map(lambda raw: base64.b64encode(raw).decode()),  # valid
-        st.text(alphabet="AQgw+/=", max_size=24),  # padding anywhere, lengths of every remainder
+        st.tuples(st.binary(max_size=40), st.integers(0, 6)).map(  # more padding than needed
+            lambda case: base64.b64encode(case[0]).decode().rstrip("=") + "=" * case[1]
+        ),
+        st.text(alphabet="AQgw+/=", max_size=40),  # padding anywhere, lengths of every remainder
         st.text(alphabet="Ab9=\n -é", max_size=12),  # characters outside the alphabet
     ),
     st.sampled_from([3, 6, 9, 3 << 16]),
@@ -50,6 +53,14 @@ def test_sliced_base64_decodes_and_rejects_as_the_one_call(text, slice_bytes, da
 def test_padding_between_slices_is_rejected():
     text = base64.b64encode(b"ab").decode() + base64.b64encode(b"cd").decode()  # "YWI=Y2Q="
     assert one_call(text) is None and sliced(text, 3) is None
+
+
+@pytest.mark.parametrize(
+    "text", ["AAAA=", "AAAA====", "AAAAAAAA=", "AAAAAAAAAAAA===", "AAAAAAAAA", "AAAAAAAAAAAAA=", "AAAA=A"]
+)
+def test_what_follows_the_last_quantum_is_judged_as_the_one_call_judges_it(text):
+    """Padding or a partial quantum after whole quanta, at every place a slice could end."""
+    assert [sliced(text, 3), sliced(text, 6)] == [one_call(text)] * 2
 
 
 @pytest.mark.parametrize("size", [0, 1, 5, 3 << 10, (3 << 10) + 7])

@@ -259,15 +259,21 @@ async def decode_base64(index: int, text: str, slice_bytes: int = SLICE_BYTES) -
     if text.startswith("data:"):
         text = text.partition(",")[2]
     step = slice_bytes // 3 * 4  # base64 characters per slice
-    # Padding may only end the text: a slice ending in it, with more to come, would decode alone.
-    if "=" in text[: max(0, len(text) - 2)]:
+    # Padding may only end the text (as the one call checks: any '=' before the final run of them
+    # is rejected). Every slice but the last is whole quanta without padding, so the decoder
+    # starts each slice afresh; the last slice keeps the final run of '=' and at least 8 of the
+    # characters before it, so that what follows the last whole quantum (a partial one, the
+    # padding) is judged as the one call judges it.
+    body = len(text.rstrip("="))
+    if "=" in text[:body]:
         raise BadImage(f"image {index}: invalid base64 data")
-    pieces = []
+    pieces, start = [], 0
     try:
-        for start in range(0, len(text), step):
-            if start:
-                await asyncio.sleep(0)
+        while start + step <= body - 8:
             pieces.append(base64.b64decode(text[start : start + step], validate=True))
+            start += step
+            await asyncio.sleep(0)
+        pieces.append(base64.b64decode(text[start:], validate=True))
     except (binascii.Error, ValueError):
         raise BadImage(f"image {index}: invalid base64 data") from None
     return b"".join(pieces)
