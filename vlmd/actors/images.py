@@ -265,7 +265,7 @@ async def decode_base64(index: int, text: str, slice_bytes: int = SLICE_BYTES) -
     # characters before it, so that what follows the last whole quantum (a partial one, the
     # padding) is judged as the one call judges it.
     body = len(text.rstrip("="))
-    if "=" in text[:body]:
+    if text.find("=", 0, body) != -1:
         raise BadImage(f"image {index}: invalid base64 data")
     pieces, start = [], 0
     try:
