@@ -59,7 +59,8 @@ class StepTurns:
             self._changed.notify_all()
 
     def wait(self) -> None:
-        """On the ViT's thread, before a slice: until a step is collected or the worker idles."""
+        """On the ViT's thread, before a slice: until a step is collected, or none of the newest
+        step's requests decodes, or the worker idles."""
         with self._changed:
             self._changed.wait_for(lambda: self._turn or not self._decoding)
             self._turn = False
