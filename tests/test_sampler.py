@@ -429,6 +429,12 @@ def test_row_stats_give_the_first_argmax_and_log_softmax():
         ),
         ("draw", "make_draw", "torch_draw", "sampling's token draw runs (Triton's kernels failed)"),
         ("penalties", "make_penalize", "torch_penalize", "sampling's penalties run"),
+        (
+            "thresholds",
+            "make_thresholds",
+            "torch_thresholds",
+            "sampling's top-k / top-p / min-p thresholds run",
+        ),
     ],
 )
 def test_sampling_kernels_fall_back_to_torch_off_cuda(caplog, module, make, reference, what):
@@ -474,6 +480,28 @@ def test_triton_penalties_match_torch(rows, vocab):
     got = TritonPenalize()(logits, history, history_rows, values)
     assert torch.equal(got, torch_penalize(logits, history, history_rows, values))
     assert torch.equal(got[0], logits[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,candidates", [(1, 50), (64, 50), (64, 1024), (5, 3)])
+def test_triton_thresholds_keep_the_tokens_torch_keeps(rows, candidates):
+    from vlmd.kernels.thresholds import TritonThresholds, make_thresholds, torch_thresholds
+
+    vocab = 151674
+    cuda, logits, generator = triton_inputs(make_thresholds, TritonThresholds, rows, vocab)
+    values = torch.topk(logits, candidates, dim=-1).values
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(rows, device=cuda, generator=generator)
+
+    top_k = torch.where(uniform(0, 1) < 0.5, torch.floor(uniform(1, candidates + 1)), 2.0**31)
+    knobs = torch.stack(
+        [uniform(0.2, 3), uniform(0.05, 1.2).clamp(max=1), uniform(-0.2, 0.3).clamp(min=0), top_k], 1
+    )
+    knobs[0, 0] = 0.0  # a greedy row
+    got, want = TritonThresholds()(values, knobs, vocab), torch_thresholds(values, knobs, vocab)
+    assert torch.equal((logits >= got[:, None]).sum(1), (logits >= want[:, None]).sum(1))
+    assert torch.allclose(got, want, rtol=1e-6, atol=0.0) and got[0] == float("-inf")
 
 
 @pytest.mark.gpu

@@ -4,10 +4,10 @@ repetition / presence / frequency penalties, seeds, and the top logprobs at each
 A step samples in a fixed number of batched operations whatever the batch holds: the row
 statistics (argmax and log-sum-exp, `vlmd.kernels.row_stats`), the penalties
 (`vlmd.kernels.penalties`: one pass over the batch, each penalized row reading its history), one
-threshold per row for top-k / top-p / min-p, and one draw for every row (`vlmd.kernels.draw`:
-an exponential race whose noise is keyed by the request's seed and the token's position, so a
-seeded request draws the same tokens in any batch). Nothing waits for the device; the runner
-reads the results back once per step.
+threshold per row for top-k / top-p / min-p (`vlmd.kernels.thresholds`), and one draw for
+every row (`vlmd.kernels.draw`: an exponential race whose noise is keyed by the request's seed
+and the token's position, so a seeded request draws the same tokens in any batch). Nothing waits
+for the device; the runner reads the results back once per step.
 
 Order of the logits processors, as transformers applies them: penalties, temperature, top-k,
 top-p (over the top-k tokens, renormalised), min-p (relative to the most likely token).
@@ -23,6 +23,7 @@ import torch
 from vlmd.kernels.draw import make_draw
 from vlmd.kernels.penalties import PenaltyTable, penalized
 from vlmd.kernels.row_stats import make_row_stats
+from vlmd.kernels.thresholds import make_thresholds
 from vlmd.kernels.transfer import to_device
 from vlmd.messages import SamplingParams, TopLogprobs
 
@@ -97,11 +98,13 @@ class Sampler:
     Each request's knobs are one row of a device table, written once when it arrives; a step
     gathers its rows with one index, so the host work per step is a list of slots."""
 
-    def __init__(self, device: torch.device, row_stats=None, draw=None) -> None:
-        """row_stats, draw: the kernels (`make_row_stats` and `make_draw` for the device by default)."""
+    def __init__(self, device: torch.device, row_stats=None, draw=None, thresholds=None) -> None:
+        """row_stats, draw, thresholds: the kernels (`make_row_stats`, `make_draw` and
+        `make_thresholds` for the device by default)."""
         self.device = device
         self.row_stats = row_stats or make_row_stats(device)
         self.draw = draw or make_draw(device)
+        self.thresholds = thresholds or make_thresholds(device)
         self.penalties = PenaltyTable(device)
         self.states: dict[str, SamplerState] = {}
         self.knobs = torch.zeros(0, len(KNOB_COLUMNS), dtype=torch.float64, device=device)
@@ -193,7 +196,9 @@ class Sampler:
         thresholds_knobs = knobs[:, :4].float()  # inverse temperature, top-p, min-p, top-k
         inv_temperature = thresholds_knobs[:, 0].contiguous()
         if num_candidates:
-            thresholds = keep_thresholds(logits, thresholds_knobs, min(num_candidates, logits.shape[-1]))
+            thresholds = keep_thresholds(
+                logits, thresholds_knobs, min(num_candidates, logits.shape[-1]), self.thresholds
+            )
         else:
             thresholds = torch.full_like(inv_temperature, float("-inf"))
         seeds = knobs[:, 7:9].long()  # [num_reqs, 2]: the seed's low and high words
@@ -205,36 +210,21 @@ class Sampler:
         self.penalties.check_integrity([s.penalty_row for s in self.states.values() if s.penalty_row >= 0])
 
 
-def keep_thresholds(logits: torch.Tensor, knobs: torch.Tensor, num_candidates: int) -> torch.Tensor:
+def keep_thresholds(
+    logits: torch.Tensor, knobs: torch.Tensor, num_candidates: int, thresholds
+) -> torch.Tensor:
     """The smallest logit each row keeps [num_reqs]: -inf for a row that keeps every token.
 
     logits [num_reqs, vocab] (penalties applied); knobs [num_reqs, 4]: inverse temperature
     (0: greedy), top-p, min-p, top-k (the vocabulary size: none). `num_candidates` is at least
-    every limited row's top-k, or the vocabulary. Thresholds keep ties: a token whose logit
-    equals the k-th largest is kept, as transformers' top-k keeps it."""
+    every limited row's top-k, or the vocabulary. `thresholds`: `vlmd.kernels.thresholds`' op,
+    which finds them among each row's best logits."""
     vocab = logits.shape[-1]
     if num_candidates >= vocab:
         values = torch.sort(logits, dim=-1, descending=True).values  # [num_reqs, vocab]
     else:
         values = torch.topk(logits, num_candidates, dim=-1).values  # [num_reqs, num_candidates]
-    inv_temperature, top_p, min_p, top_k = (column[:, None] for column in knobs.unbind(1))
-    in_top_k = torch.arange(values.shape[-1], device=values.device)[None, :] < top_k
-    probs = torch.softmax((values * inv_temperature).masked_fill(~in_top_k, float("-inf")), dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    keep = in_top_k & ((mass_before < top_p) | (top_p >= 1.0))
-    # The best token is always kept: so by construction, since probabilities may be NaN where
-    # penalties pushed logits to infinity (a repetition_penalty of 1e-300), and an index of -1
-    # below would crash the worker.
-    keep[:, 0] = True
-    last = keep.sum(dim=-1, keepdim=True) - 1
-    thresholds = values.gather(1, last)
-    limited = ((top_k < vocab) | (top_p < 1.0)) & (inv_temperature > 0)
-    thresholds = torch.where(limited, thresholds, float("-inf"))
-    # min-p: probability at least min_p times the best one's, i.e. a logit at least
-    # best + T * log(min_p).
-    floor = values[:, :1] + torch.log(min_p) / inv_temperature.clamp(min=1e-30)
-    floor = torch.where((min_p > 0) & (inv_temperature > 0), floor, float("-inf"))
-    return torch.maximum(thresholds, floor)[:, 0]
+    return thresholds(values, knobs, vocab)
 
 
 def top_lists(ids: list[list[int]], values: list[list[float]], num_top: list[int]) -> list[TopLogprobs]:
