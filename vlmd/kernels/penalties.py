@@ -193,7 +193,7 @@ class TritonPenalize:
             logits.stride(0),
             history,
             history.stride(0),
-            rows.to(torch.int32).contiguous(),
+            rows.contiguous(),  # int64 or int32: the kernel reads either
             values.to(torch.float32).contiguous(),
             out,
             vocab,
