@@ -99,14 +99,21 @@ def bench_in_background(url: str, *flags: str) -> tuple[subprocess.Popen, str]:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out
 
 
+def metric_values(url: str) -> dict[str, float]:
+    """The unlabelled samples of the server's /metrics, by name (histograms' _count and _sum too)."""
+    values = {}
+    for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        if value and not line.startswith("#") and "{" not in name:
+            values[name] = float(value)
+    return values
+
+
 def wait_for_vit(url: str, timeout_s: float = 300) -> None:
     """Until the ViT has encoded an image (vlmd_vit_images_total grows)."""
 
     def encoded() -> float:
-        for line in requests.get(url + "/metrics", timeout=5).text.splitlines():
-            if line.startswith("vlmd_vit_images_total "):
-                return float(line.split()[1])
-        return 0.0
+        return metric_values(url).get("vlmd_vit_images_total", 0.0)
 
     before, deadline = encoded(), time.monotonic() + timeout_s
     while encoded() == before:
@@ -191,13 +198,8 @@ STAGES = {
 
 def stage_totals(url: str) -> dict[str, tuple[float, float]]:
     """(count, sum) of each STAGES histogram, as /metrics shows them now."""
-    totals = {}
-    for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
-        for name in STAGES.values():
-            for suffix, index in (("_count ", 0), ("_sum ", 1)):
-                if line.startswith(name + suffix):
-                    totals.setdefault(name, [0.0, 0.0])[index] = float(line.split()[1])
-    return {name: tuple(value) for name, value in totals.items()}
+    values = metric_values(url)
+    return {name: (values[name + "_count"], values[name + "_sum"]) for name in STAGES.values()}
 
 
 def stage_rows(label: str, before: dict, after: dict) -> list[tuple[str, str, float]]:

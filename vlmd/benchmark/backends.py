@@ -11,7 +11,6 @@ The line parsers are pure functions, tested on recorded streams; `send` does the
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import Callable
@@ -93,10 +92,7 @@ def vlmd_body(request: BenchRequest, model: str | None, ignore_eos: bool, sampli
             **sampling,
         },
         "multimodal_params": {
-            "images": [
-                {"type": "base64", "data": base64.b64encode(bytes(image)).decode()}
-                for image in request.images
-            ]
+            "images": [{"type": "base64", "data": image.base64()} for image in request.images]
         },
     }
 
@@ -127,9 +123,7 @@ def openai_chat_body(request: BenchRequest, model: str | None, ignore_eos: bool,
     content: list[dict] = [
         {
             "type": "image_url",
-            "image_url": {
-                "url": f"data:image/{request.image_format};base64,{base64.b64encode(bytes(image)).decode()}"
-            },
+            "image_url": {"url": f"data:image/{request.image_format};base64,{image.base64()}"},
         }
         for image in request.images
     ]

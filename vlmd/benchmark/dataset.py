@@ -13,6 +13,7 @@ Everything is a pure function of the seed, so two runs send the same requests.
 
 from __future__ import annotations
 
+import base64
 import io
 import random
 import struct
@@ -51,6 +52,10 @@ class BenchImage:
             return self.pixels[:-12] + chunk + self.pixels[-12:]
         # a COM segment after SOI (the file's first 2 bytes)
         return self.pixels[:2] + b"\xff\xfe" + struct.pack(">H", len(note) + 2) + note + self.pixels[2:]
+
+    def base64(self) -> str:
+        """The file in base64, as request bodies carry it."""
+        return base64.b64encode(bytes(self)).decode()
 
 
 @dataclass(frozen=True)

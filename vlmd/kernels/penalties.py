@@ -97,39 +97,20 @@ class PenaltyTable:
         assert len(set(held_rows)) == len(held_rows) and not free & set(held_rows)
 
 
-def penalize(
-    logits: torch.Tensor,
-    seen: torch.Tensor,
-    output_counts: torch.Tensor,
-    *,
-    repetition: torch.Tensor,
-    presence: torch.Tensor,
-    frequency: torch.Tensor,
+def torch_penalize(
+    logits: torch.Tensor, history: torch.Tensor, rows: torch.Tensor, values: torch.Tensor
 ) -> torch.Tensor:
-    """logits [n, vocab]; seen [n, vocab] bool; output_counts [n, vocab]; penalties [n, 1].
+    """`PenaltyTable.apply` op by op: history [capacity, vocab] int32, the table.
 
     The CTRL repetition penalty on tokens of the prompt or the output, as transformers applies it
     (positive logits divided, negative multiplied), then OpenAI's penalties on the output's token
     counts: logit - frequency * count - presence * (count > 0)."""
-    repeated = torch.where(logits > 0, logits / repetition, logits * repetition)
-    logits = torch.where(seen, repeated, logits)
-    return logits - frequency * output_counts - presence * (output_counts > 0)
-
-
-def torch_penalize(
-    logits: torch.Tensor, history: torch.Tensor, rows: torch.Tensor, values: torch.Tensor
-) -> torch.Tensor:
-    """`PenaltyTable.apply` op by op: history [capacity, vocab] int32, the table."""
     entries = history[rows.clamp(min=0)] * (rows >= 0)[:, None]  # [n, vocab]; 0 for no row
     counts = entries >> 1
-    return penalize(
-        logits,
-        entries > 0,
-        counts,
-        repetition=values[:, 0:1],
-        presence=values[:, 1:2],
-        frequency=values[:, 2:3],
-    )
+    repetition, presence, frequency = values[:, 0:1], values[:, 1:2], values[:, 2:3]
+    repeated = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(entries > 0, repeated, logits)
+    return logits - frequency * counts - presence * (counts > 0)
 
 
 if triton is not None:  # the CUDA path only; a CPU install has no Triton
@@ -159,7 +140,7 @@ if triton is not None:  # the CUDA path only; a CPU install has no Triton
         repetition = tl.load(values_ptr + 3 * row)
         presence = tl.load(values_ptr + 3 * row + 1)
         frequency = tl.load(values_ptr + 3 * row + 2)
-        # As `penalize`, operation for operation: a correctly rounded division, and no product
+        # As `torch_penalize`, operation for operation: a correctly rounded division, and no product
         # fused into a subtraction (the launch turns fp fusion off).
         repeated = tl.where(x > 0, tl.div_rn(x, repetition), x * repetition)
         x = tl.where(entry > 0, repeated, x)
