@@ -6,7 +6,9 @@ import base64
 import contextlib
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -296,21 +298,41 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_workers_load_beside_the_vit_and_size_kv_after_it(model_dir, tmp_path):
-    """Workers start with the vision ranks but size their KV cache only once the ViT is ready
-    (VisionLoaded): with the vision actor held stopped, the worker loads and then waits."""
+def _start_in_background(model_dir, log_dir, *flags: str) -> tuple[threading.Thread, list, conftest.Server]:
+    """`start_server` in a thread (it returns once /health answers); the server as soon as it runs."""
     started: list = []
     thread = threading.Thread(
-        target=lambda: started.append(start_server(model_dir, tmp_path, "--enable_multimodal")), daemon=True
+        target=lambda: started.append(start_server(model_dir, log_dir, *flags)), daemon=True
     )
     thread.start()
     deadline = time.monotonic() + 60
-    vision = None
-    while vision is None and time.monotonic() < deadline:
-        server = next((s for s in conftest._started if s.log_path.parent == tmp_path), None)
-        with contextlib.suppress(LookupError):
-            vision = server.actor_pid("vision") if server else None
+    while (server := next((s for s in conftest._started if s.log_path.parent == log_dir), None)) is None:
+        assert time.monotonic() < deadline, "the server never started"
         time.sleep(0.01)
+    return thread, started, server
+
+
+def _actor_pid(server: conftest.Server, role: str, timeout_s: float = 60) -> int:
+    """The pid of the server's `role` actor, as soon as it is spawned."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(LookupError):
+            return server.actor_pid(role)
+        assert time.monotonic() < deadline, f"no {role} actor:\n{server.log()}"
+        time.sleep(0.01)
+
+
+def _ready_lines(server: conftest.Server) -> tuple[list[str], dict[str, str]]:
+    """The log's lines, and each actor's "ready" line by actor name."""
+    lines = server.log().splitlines()
+    return lines, {line.split(" ready ")[0].split()[-1]: line for line in lines if " ready (" in line}
+
+
+def test_workers_load_beside_the_vit_and_size_kv_after_it(model_dir, tmp_path):
+    """Workers start with the vision ranks but size their KV cache only once the ViT is ready
+    (VisionLoaded): with the vision actor held stopped, the worker loads and then waits."""
+    thread, started, server = _start_in_background(model_dir, tmp_path, "--enable_multimodal")
+    vision = _actor_pid(server, "vision")
     os.kill(vision, signal.SIGSTOP)
     try:
         deadline = time.monotonic() + 120
@@ -322,14 +344,49 @@ def test_workers_load_beside_the_vit_and_size_kv_after_it(model_dir, tmp_path):
     finally:
         os.kill(vision, signal.SIGCONT)
     thread.join(60)
-    lines = server.log().splitlines()
-    ready = {line.split(" ready ")[0].split()[-1]: line for line in lines if " ready (" in line}
+    lines, ready = _ready_lines(server)
     assert lines.index(ready["vision"]) < lines.index(ready["worker0"])
     # Each Ready line says what its start spent time on.
     worker = ready["worker0"]
     assert "weights " in worker and "waiting for the ViT " in worker and "KV cache " in worker, worker
     assert "weights " in ready["vision"]
     assert started[0].stop() == 0 and server.actor_pids() == [] and server.shm_segments() == []
+
+
+def test_the_http_actor_loads_beside_the_workers_and_serves_after_them(model_dir, tmp_path):
+    """The http actor starts with the LM workers: it loads its tokenizer and binds its port while
+    they load (a taken port fails the start at once, not after the weights), and serves only once
+    they are ready (StartServing). With the worker held stopped, the port is already taken and
+    nothing answers on it; the http actor's Ready line counts the wait."""
+    thread, started, server = _start_in_background(model_dir, tmp_path)
+    worker = _actor_pid(server, "worker")
+    os.kill(worker, signal.SIGSTOP)
+    held_s = 3.0
+    try:
+        _actor_pid(server, "http")
+        port = int(server.url.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 60
+        while True:  # until the http actor holds the port
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    break
+            assert time.monotonic() < deadline, f"the http actor never bound its port:\n{server.log()}"
+            time.sleep(0.05)
+        with pytest.raises(requests.ConnectionError):
+            requests.get(server.url + "/health", timeout=5)
+        time.sleep(held_s)
+        assert " worker0 ready " not in server.log() and " http ready " not in server.log()
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    thread.join(60)
+    lines, ready = _ready_lines(server)
+    assert lines.index(ready["worker0"]) < lines.index(ready["http"])
+    waited = re.search(r"waiting for the LM workers ([0-9.]+) s", ready["http"])
+    assert waited and float(waited[1]) >= held_s, ready["http"]
+    assert requests.get(server.url + "/health", timeout=5).status_code == 200
+    assert started[0].stop() == 0 and server.actor_pids() == []
 
 
 def _resume(pid: int) -> None:

@@ -126,6 +126,15 @@ class VisionLoaded(Message):
     sizes its KV cache from what is left only after this (it loads and compiles meanwhile)."""
 
 
+class StartServing(Message):
+    """Supervisor -> http actor, once every LM worker is ready: the KV pool they sized and the
+    request length limit it implies. The http actor loads beside the workers (its imports and the
+    tokenizer) and opens its port only after this."""
+
+    num_kv_pages: int
+    max_req_total_len: int
+
+
 class Shutdown(Message):
     """Supervisor -> http actor, on SIGTERM (or a first SIGINT): refuse new requests (503), let
     those in flight finish for up to `timeout_s` seconds, end the rest, then answer Drained. The
@@ -361,6 +370,7 @@ ANY_MESSAGE = (
     Hello
     | Ready
     | VisionLoaded
+    | StartServing
     | Shutdown
     | Drained
     | Fatal

@@ -30,7 +30,7 @@ from vlmd.actors.fetch import ImageFetcher
 from vlmd.actors.gate import Gate
 from vlmd.actors.images import BadImage, CheckedImage, HeldImages, ImageChecker, NoSharedMemory
 from vlmd.actors.inflight import ClientError, ClientGone, Tracked
-from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
+from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, Stopwatch, announce_ready, connect_supervisor
 from vlmd.actors.lightllm_api import LightLLMApi, error_response
 from vlmd.actors.limits import RETRY_AFTER_S, QueueGate, check_image_count
 from vlmd.actors.metrics import LatencyMetrics, MetricsQueries, add_preprocess_counts, render_metrics
@@ -49,6 +49,7 @@ from vlmd.messages import (
     RequestFailed,
     SamplingParams,
     Shutdown,
+    StartServing,
     SubmitRequest,
     TokenOut,
 )
@@ -417,19 +418,31 @@ class _Server(uvicorn.Server):
 
 
 async def run(launch: Launch, rank: int) -> None:
+    """Load beside the LM workers (connections, tokenizer, the port bound), then wait for the
+    supervisor's StartServing, which brings the KV pool the workers sized, and serve."""
+    stopwatch = Stopwatch()
+    supervisor = await connect_supervisor(launch, "http")
     channel = await ipc.connect(launch.socket(SCHEDULER_SOCKET), Hello("http"))
     preprocess = await connect_workers(launch, "http") if launch.args.enable_multimodal else []
-    actor = HttpActor(launch, channel, preprocess)
-    receiver = asyncio.get_running_loop().create_task(actor.receive_loop())
     sock = socket.socket(socket.AF_INET6 if ":" in launch.args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((launch.args.host, launch.args.port))  # fails here, before Ready, if the port is taken
+    sock.bind((launch.args.host, launch.args.port))  # a taken port fails here, before any waiting
+    actor = HttpActor(launch, channel, preprocess)
+    stopwatch.lap("tokenizer and image checks")
+    start = await supervisor.recv()
+    assert isinstance(start, StartServing), f"the http actor expects StartServing, got {start!r}"
+    actor.runtime = msgspec.structs.replace(
+        actor.runtime, num_kv_pages=start.num_kv_pages, max_req_total_len=start.max_req_total_len
+    )
+    stopwatch.lap("waiting for the LM workers")
+    receiver = asyncio.get_running_loop().create_task(actor.receive_loop())
     server = _Server(uvicorn.Config(actor.gate, log_level="warning", lifespan="off"))
     actor.supervisor = await announce_ready(
         launch,
         "http",
-        detail=f"(http://{launch.args.host}:{launch.args.port})",
+        detail=f"(http://{launch.args.host}:{launch.args.port}; {stopwatch})",
         on_message=actor.on_supervisor,
+        channel=supervisor,
     )
     serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     done, _ = await asyncio.wait([receiver, serving], return_when=asyncio.FIRST_COMPLETED)

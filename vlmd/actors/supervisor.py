@@ -24,7 +24,7 @@ from vlmd import ipc, shm
 from vlmd.actors.launch import SUPERVISOR_SOCKET, Launch, RuntimeInfo, write_launch
 from vlmd.actors.resolve import DTYPE_BYTES, resolve_runtime, with_kv_pages
 from vlmd.config import ConfigError, ServerArgs
-from vlmd.messages import Drained, Fatal, Hello, Ready, Shutdown, VisionLoaded
+from vlmd.messages import Drained, Fatal, Hello, Ready, Shutdown, StartServing, VisionLoaded
 
 log = logging.getLogger("vlmd.supervisor")
 STOP_GRACE_S = 5.0
@@ -39,6 +39,7 @@ DRAIN_BACKSTOP_S = 5.0
 # What the --shm-size advice adds to the EmbedStore: image bytes wait in /dev/shm for the ViT, and a
 # request whose image finds no room there is refused with a 503.
 SHM_IMAGE_HEADROOM_MB = 256
+HTTP = ("http", 0)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Supervisor:
         self._drained: asyncio.Future[Drained] | None = None
         self._draining: asyncio.Task | None = None
         self._vision_loaded: asyncio.Future[None] | None = None  # every vision rank is ready
+        self._http_hello: asyncio.Future[ipc.Channel] | None = None  # the http actor, loading
         self._background: set[asyncio.Future] = set()
 
     async def run(self) -> int:
@@ -74,6 +76,7 @@ class Supervisor:
         server = None
         self._drained = asyncio.get_running_loop().create_future()
         self._vision_loaded = asyncio.get_running_loop().create_future()
+        self._http_hello = asyncio.get_running_loop().create_future()
         try:
             runtime = resolve_runtime(self.args, self.server_id, run_dir)
             launch = Launch(self.args, runtime)
@@ -106,13 +109,14 @@ class Supervisor:
         Workers and vision ranks load and compile side by side; a worker sizes its KV cache from
         free device memory only once every vision rank is ready (`VisionLoaded`). With the ViT in
         the workers, each loads its own before sizing its KV cache, and the one vision process,
-        the front, is ready once every worker has joined it as its replica's leader."""
+        the front, is ready once every worker has joined it as its replica's leader. The http
+        actor loads beside them too, and serves once the workers are ready (`StartServing`)."""
         workers = [("worker", rank) for rank in range(self.args.tp)]
         vision = [("vision", rank) for rank in range(self._num_vision_processes())]
         # The vision front and the http actor connect to the preprocess workers as they start.
         num_preprocess = self.args.preprocess_workers if self.args.enable_multimodal else 0
         preprocess = [("preprocess", rank) for rank in range(num_preprocess)]
-        return [[("scheduler", 0), *preprocess], workers + vision, [("http", 0)]]
+        return [[("scheduler", 0), *preprocess], [*workers, *vision, HTTP]]
 
     def _num_vision_processes(self) -> int:
         """Vision rank r sits on GPU r: visual_dp replica groups of visual_tp ranks each. With the
@@ -124,22 +128,37 @@ class Supervisor:
     async def _start_all(self, launch: Launch) -> bool:
         """Start the actors in dependency order; False if the server is stopping meanwhile."""
         for stage in self._stages():
-            if stage[0][0] == "http" and launch.runtime.num_kv_pages == 0:
-                launch = self._with_worker_kv_pages(launch)
-            all_ready = asyncio.gather(*[await self._spawn(launch, role, rank) for role, rank in stage])
-            if stage[0][0] == "worker":
+            for role, rank in stage:
+                await self._spawn(launch, role, rank)
+            if ("worker", 0) in stage:
                 vision = asyncio.gather(*[self._ready[actor] for actor in stage if actor[0] == "vision"])
                 vision.add_done_callback(self._on_vision_loaded)
-            stop = asyncio.ensure_future(self._stop.wait())
-            done, _ = await asyncio.wait(
-                [stop, all_ready], timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
-            )
-            stop.cancel()
-            if all_ready not in done:
-                all_ready.cancel()
-                self._request_stop(self._stop_reason or "start-up timed out", 1)
+            loading = asyncio.gather(*[self._ready[actor] for actor in stage if actor != HTTP])
+            if not await self._started(loading):
                 return False
+            if HTTP in stage:
+                if launch.runtime.num_kv_pages == 0:
+                    launch = self._with_worker_kv_pages(launch)
+                if not await self._started(self._http_hello):
+                    return False
+                runtime = launch.runtime
+                self._http_hello.result().send(StartServing(runtime.num_kv_pages, runtime.max_req_total_len))
+                if not await self._started(self._ready[HTTP]):
+                    return False
         return True
+
+    async def _started(self, ready: asyncio.Future) -> bool:
+        """Wait for `ready`; False (the server stopping) on a stop or after START_TIMEOUT_S."""
+        stop = asyncio.ensure_future(self._stop.wait())
+        done, _ = await asyncio.wait(
+            [stop, ready], timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+        )
+        stop.cancel()
+        if ready in done:
+            return True
+        ready.cancel()
+        self._request_stop(self._stop_reason or "start-up timed out", 1)
+        return False
 
     def _with_worker_kv_pages(self, launch: Launch) -> Launch:
         """Every rank sized its own pool; the smallest one is the server's."""
@@ -148,15 +167,13 @@ class Supervisor:
         write_launch(launch)
         return launch
 
-    async def _spawn(self, launch: Launch, role: str, rank: int) -> asyncio.Future:
-        ready = asyncio.get_running_loop().create_future()
-        self._ready[(role, rank)] = ready
+    async def _spawn(self, launch: Launch, role: str, rank: int) -> None:
+        self._ready[(role, rank)] = asyncio.get_running_loop().create_future()
         cmd = [sys.executable, "-m", "vlmd.actors", role, launch.runtime.run_dir, str(rank)]
         process = await asyncio.create_subprocess_exec(*cmd)
         actor = Actor(self._name(role, rank), role, rank, process)
         self.actors.append(actor)
         asyncio.get_running_loop().create_task(self._watch(actor))
-        return ready
 
     def _name(self, role: str, rank: int) -> str:
         numbered = role in ("worker", "preprocess") or (role == "vision" and self._num_vision_processes() > 1)
@@ -175,6 +192,8 @@ class Supervisor:
                 msg = await channel.recv()
                 if isinstance(msg, Hello) and msg.role == "worker" and not self.args.vit_in_workers:
                     self._background.add(asyncio.ensure_future(self._release_worker(channel)))
+                elif isinstance(msg, Hello) and msg.role == "http" and not self._http_hello.done():
+                    self._http_hello.set_result(channel)
                 elif isinstance(msg, Ready):
                     log.info("%s ready %s", self._name(msg.role, msg.rank), msg.detail)
                     self._channels[self._name(msg.role, msg.rank)] = channel
