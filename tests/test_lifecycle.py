@@ -336,7 +336,7 @@ def test_workers_load_beside_the_vit_and_size_kv_after_it(model_dir, tmp_path):
     os.kill(vision, signal.SIGSTOP)
     try:
         deadline = time.monotonic() + 120
-        while "rank 0: weights " not in server.log():  # the worker loaded, and waits
+        while "the KV cache is sized once the ViT holds its memory" not in server.log():  # loaded, waits
             assert time.monotonic() < deadline, server.log()
             time.sleep(0.1)
         time.sleep(1)  # a worker that did not wait would be ready by now
@@ -350,6 +350,10 @@ def test_workers_load_beside_the_vit_and_size_kv_after_it(model_dir, tmp_path):
     worker = ready["worker0"]
     assert "weights " in worker and "waiting for the ViT " in worker and "KV cache " in worker, worker
     assert "weights " in ready["vision"]
+    # Their first phase is their imports, counted apart from the weights.
+    assert all(re.search(r"ready \(imports [0-9.]+ s, ", ready[name]) for name in ("vision", "worker0")), (
+        ready
+    )
     assert started[0].stop() == 0 and server.actor_pids() == [] and server.shm_segments() == []
 
 
@@ -383,6 +387,9 @@ def test_the_http_actor_loads_beside_the_workers_and_serves_after_them(model_dir
     thread.join(60)
     lines, ready = _ready_lines(server)
     assert lines.index(ready["worker0"]) < lines.index(ready["http"])
+    assert re.search(r"; imports [0-9.]+ s, tokenizer and image checks [0-9.]+ s, ", ready["http"]), ready[
+        "http"
+    ]
     waited = re.search(r"waiting for the LM workers ([0-9.]+) s", ready["http"])
     assert waited and float(waited[1]) >= held_s, ready["http"]
     assert requests.get(server.url + "/health", timeout=5).status_code == 200

@@ -420,7 +420,7 @@ class _Server(uvicorn.Server):
 async def run(launch: Launch, rank: int) -> None:
     """Load beside the LM workers (connections, tokenizer, the port bound), then wait for the
     supervisor's StartServing, which brings the KV pool the workers sized, and serve."""
-    stopwatch = Stopwatch()
+    stopwatch = Stopwatch.after_imports()
     supervisor = await connect_supervisor(launch, "http")
     channel = await ipc.connect(launch.socket(SCHEDULER_SOCKET), Hello("http"))
     preprocess = await connect_workers(launch, "http") if launch.args.enable_multimodal else []

@@ -21,6 +21,8 @@ LAUNCH_FILE = "launch.json"
 SUPERVISOR_SOCKET = "supervisor.sock"
 SCHEDULER_SOCKET = "scheduler.sock"
 log = logging.getLogger("vlmd.launch")
+# When this actor process began: `vlmd.actors.__main__` imports this module before its role's.
+PROCESS_STARTED = time.perf_counter()
 
 
 class RuntimeInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,6 +90,15 @@ class Stopwatch:
     def __init__(self) -> None:
         self.phases: list[tuple[str, float]] = []
         self._last = time.perf_counter()
+
+    @classmethod
+    def after_imports(cls) -> Stopwatch:
+        """An actor's clock, its first phase the imports since its process began (torch's and
+        transformers' take seconds on a cold disk)."""
+        clock = cls()
+        clock._last = PROCESS_STARTED
+        clock.lap("imports")
+        return clock
 
     def lap(self, phase: str) -> None:
         now = time.perf_counter()

@@ -339,7 +339,7 @@ async def _replicas_in_vision_ranks(launch: Launch, layout: VisionLayout) -> tup
     """--vit_placement process: this rank leads replica 0 (its own ViT share and its group's
     peers); the leaders of the other groups connect."""
     leaders = await _accept(launch.socket(VISION_FRONT_SOCKET), layout.leaders)
-    clock = Stopwatch()
+    clock = Stopwatch.after_imports()
     group = await _lead_group(launch, layout, clock)
     replicas = [Replica(0, group.encode), *await _remote_replicas(leaders, first_group=1)]
     return replicas, f"{clock}; ViT {layout.visual_dp} replica(s) of {layout.visual_tp} rank(s)"
@@ -348,7 +348,7 @@ async def _replicas_in_vision_ranks(launch: Launch, layout: VisionLayout) -> tup
 async def _replicas_in_workers(launch: Launch, layout: VisionLayout) -> tuple[list[Replica], str]:
     """--vit_placement worker: no ViT here and no GPU touched; LM worker g leads replica g
     (visual_tp 1: vision rank g), and connects once its ViT is loaded."""
-    clock = Stopwatch()
+    clock = Stopwatch.after_imports()
     leaders = await _accept(launch.socket(VISION_FRONT_SOCKET), list(range(layout.visual_dp)))
     replicas = await _remote_replicas(leaders, first_group=0)
     clock.lap("waiting for the LM workers' ViTs")
@@ -377,7 +377,7 @@ async def _lead_group(launch: Launch, layout: VisionLayout, clock: Stopwatch) ->
 
 
 async def _run_leader(launch: Launch, layout: VisionLayout) -> None:
-    clock = Stopwatch()
+    clock = Stopwatch.after_imports()
     group = await _lead_group(launch, layout, clock)
     front = await connect_front(launch, layout)
     await announce_ready(
@@ -387,7 +387,7 @@ async def _run_leader(launch: Launch, layout: VisionLayout) -> None:
 
 
 async def _run_peer(launch: Launch, layout: VisionLayout) -> None:
-    clock = Stopwatch()
+    clock = Stopwatch.after_imports()
     vit = ViTRank.from_launch(launch, layout, clock)
     hello = Hello("vision", layout.rank)
     leader = await ipc.connect_when_listening(launch.socket(layout.group_socket()), hello, CONNECT_TIMEOUT_S)

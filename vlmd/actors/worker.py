@@ -247,7 +247,7 @@ async def build_runner(
 
 
 async def run(launch: Launch, rank: int) -> None:
-    clock = Stopwatch()
+    clock = Stopwatch.after_imports()
     supervisor = await connect_supervisor(launch, "worker", rank)
     args = launch.args
     hosted = HostedViT(launch, rank) if args.vit_in_workers else None
