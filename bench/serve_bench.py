@@ -258,11 +258,14 @@ def emit(rows: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
 
 def placement_flags(placement: str) -> list[str]:
     """`vlmd serve` flags of a --vit_placements entry: "process", "worker", or "worker:N" (the ViT
-    in the workers, N tiles a step while steps run: --vit_step_tiles); a suffix "/C" caps the
-    prompt tokens of a step where requests decode at C (--decode_step_prefill_tokens)."""
+    in the workers, N tiles a step while steps run: --vit_step_tiles) or "worker@S" (the ViT in the
+    workers on a green context of S SMs: --vit_sms); a suffix "/C" caps the prompt tokens of a
+    step where requests decode at C (--decode_step_prefill_tokens)."""
     placement, _, cap = placement.partition("/")
-    where, _, step_tiles = placement.partition(":")
+    placement, _, step_tiles = placement.partition(":")
+    where, _, sms = placement.partition("@")
     flags = ["--vit_placement", where, "--vit_step_tiles", step_tiles or "0"]
+    flags += ["--vit_sms", sms] if sms else []
     return flags + (["--decode_step_prefill_tokens", cap] if cap else [])
 
 
@@ -406,8 +409,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--vit_placements",
         default="process,process/256,worker:2",
-        help="the images scenario runs under each (comma-separated): process, worker or worker:N "
-        "(--vit_step_tiles N), each with an optional /C (--decode_step_prefill_tokens C)",
+        help="the images scenario runs under each (comma-separated): process, worker, worker:N "
+        "(--vit_step_tiles N) or worker@S (--vit_sms S), each with an optional /C "
+        "(--decode_step_prefill_tokens C)",
     )
     parser.add_argument(
         "--serve_flags", default="", help="more `vlmd serve` flags for the images scenario (one string)"

@@ -57,40 +57,43 @@ def test_serves_text_and_images_on_cuda(model_dir, tmp_path, tp):
     assert server.actor_pids() == [] and server.shm_segments() == []
 
 
+def _image_answers_alone_and_beside_text(server) -> None:
+    """An image request answers alike alone before and after a batch of three image and three
+    text requests (its rows from the embedding cache the second time); all of them are answered.
+    Not the batch's answer: a bf16 step at another batch size runs other GEMM kernels, and random
+    weights' near-ties then flip a token (seen once at token 19). With the prefix cache off, both
+    alone runs compute the same steps."""
+    prompt = "<|im_start|>user\n<img></img>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n"
+    images = [base64.b64encode(make_image(900, 600, seed=seed)).decode() for seed in (1, 2, 3)]
+    bodies = [
+        {
+            "inputs": prompt,
+            "parameters": {"max_new_tokens": 32, "ignore_eos": True},
+            "multimodal_params": {"images": [{"type": "base64", "data": image}]},
+        }
+        for image in images
+    ]
+    bodies += [
+        {"inputs": f"hello {i}", "parameters": {"max_new_tokens": 64, "ignore_eos": True}} for i in range(3)
+    ]
+    alone = requests.post(server.url + "/generate", json=bodies[0], timeout=300)
+    assert alone.status_code == 200, alone.text
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        first = list(
+            pool.map(lambda body: requests.post(server.url + "/generate", json=body, timeout=300), bodies)
+        )
+    assert all(response.status_code == 200 for response in first), [r.text for r in first]
+    again = requests.post(server.url + "/generate", json=bodies[0], timeout=300)
+    assert again.json() == alone.json() and again.json()["count_output_tokens"] == 32
+
+
 def test_vit_in_the_worker_queues_on_a_stream_of_least_priority(model_dir, tmp_path):
     """--vit_placement worker: images and text served side by side, the worker's thread queuing
     decode steps on a stream of the device's greatest priority and the ViT's thread on one of the
-    least; no vision process but the front, and the ViT's start-up phases in the worker's line.
-
-    An image request answers alike alone before and after the mixed batch (its rows from the
-    embedding cache the second time). Not the mixed batch's answer: a bf16 step at another batch
-    size runs other GEMM kernels, and random weights' near-ties then flip a token (seen once at
-    token 19). Without the prefix cache, both alone runs compute the same steps."""
+    least; no vision process but the front, and the ViT's start-up phases in the worker's line."""
     server = _cuda_server(model_dir, tmp_path, "--vit_placement", "worker", "--disable_prefix_cache")
     try:
-        prompt = "<|im_start|>user\n<img></img>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n"
-        images = [base64.b64encode(make_image(900, 600, seed=seed)).decode() for seed in (1, 2, 3)]
-        bodies = [
-            {
-                "inputs": prompt,
-                "parameters": {"max_new_tokens": 32, "ignore_eos": True},
-                "multimodal_params": {"images": [{"type": "base64", "data": image}]},
-            }
-            for image in images
-        ]
-        bodies += [
-            {"inputs": f"hello {i}", "parameters": {"max_new_tokens": 64, "ignore_eos": True}}
-            for i in range(3)
-        ]
-        alone = requests.post(server.url + "/generate", json=bodies[0], timeout=300)
-        assert alone.status_code == 200, alone.text
-        with ThreadPoolExecutor(len(bodies)) as pool:
-            first = list(
-                pool.map(lambda body: requests.post(server.url + "/generate", json=body, timeout=300), bodies)
-            )
-        assert all(response.status_code == 200 for response in first), [r.text for r in first]
-        again = requests.post(server.url + "/generate", json=bodies[0], timeout=300)
-        assert again.json() == alone.json() and again.json()["count_output_tokens"] == 32
+        _image_answers_alone_and_beside_text(server)
         log = server.log()
         streams = re.search(
             r"rank 0: decode steps on a CUDA stream of priority (-?\d+), the ViT on one of priority "
@@ -107,6 +110,24 @@ def test_vit_in_the_worker_queues_on_a_stream_of_least_priority(model_dir, tmp_p
         )
         assert server.actor_roles()["vision"] == 1
         assert int(re.search(r"KV cache (\d+) tokens", log)[1]) > 100_000
+    finally:
+        assert server.stop() == 0
+    assert server.actor_pids() == [] and server.shm_segments() == []
+
+
+def test_vit_on_a_green_context_of_some_sms(model_dir, tmp_path):
+    """--vit_sms: the worker's ViT on a CUDA green context of 32 SMs serves images beside text as
+    the ViT on a stream of its own does, and the worker's log says where it runs."""
+    green_context = getattr(torch.cuda, "GreenContext", None)
+    if green_context is None or not hasattr(green_context, "Stream"):
+        pytest.skip(f"torch {torch.__version__} has no CUDA green-context streams")
+    flags = ("--vit_placement", "worker", "--vit_sms", "32", "--disable_prefix_cache")
+    server = _cuda_server(model_dir, tmp_path, *flags)
+    try:
+        _image_answers_alone_and_beside_text(server)
+        assert (
+            "the ViT on one of priority" in server.log() and ", on a green context of 32 SMs" in server.log()
+        )
     finally:
         assert server.stop() == 0
     assert server.actor_pids() == [] and server.shm_segments() == []

@@ -303,6 +303,17 @@ def test_vit_step_tiles_needs_the_vit_in_the_workers(model_dir):
     assert (args.vit_step_tiles, args.vit_in_workers) == (2, True)
 
 
+def test_vit_sms_needs_the_unsliced_vit_in_the_workers(model_dir):
+    flags = ("--model_dir", str(model_dir), "--enable_multimodal", "--vit_sms", "32")
+    assert_one_line_error(serve(*flags), "--vit_sms")  # the ViT in a process of its own
+    assert_one_line_error(serve(*flags, "--vit_placement", "worker", "--vit_step_tiles", "1"), "--vit_sms")
+    assert_one_line_error(serve(*flags[:-1], "-1", "--vit_placement", "worker"), "--vit_sms")
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = build_server_args(parser.parse_args([*flags, "--vit_placement", "worker"]), environ={})
+    assert (args.vit_sms, args.vit_in_workers) == (32, True)
+
+
 def test_visual_tp_that_does_not_divide_the_vit_heads_is_refused(tmp_path):
     write_demo_model(tmp_path, seed=0, vision_config={"num_attention_heads": 2})
     result = serve("--model_dir", str(tmp_path), "--enable_multimodal", "--tp", "4")  # visual_tp 4

@@ -45,6 +45,9 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     # With vit_placement "worker": 0, the ViT runs beside the decode steps on its low-priority stream;
     # N > 0, while steps run the ViT encodes at most N tiles per step, between steps, on their stream.
     vit_step_tiles: int = 0
+    # With vit_placement "worker" on a GPU: N > 0 runs the ViT on a CUDA green context of N SMs
+    # (its blocks keep off the others, which the decode steps keep); 0: its stream may use them all.
+    vit_sms: int = 0
     max_total_token_num: int | None = None
     max_req_total_len: int | None = None
     data_type: str = "auto"
@@ -145,6 +148,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --vit_placement worker: while decode steps run, encode at most this many tiles per "
         "step, between steps (a bound on what images add to a token's latency); 0: no bound, the ViT "
         "runs beside the steps (default: %(default)s)",
+    )
+    add(
+        "--vit_sms",
+        type=int,
+        default=_default("vit_sms"),
+        help="with --vit_placement worker on a GPU: run the ViT on a CUDA green context of this many "
+        "SMs, so that its kernels leave the others to the decode steps (needs torch's green-context "
+        "streams); 0: the ViT's stream may use every SM (default: %(default)s)",
     )
     add(
         "--max_total_token_num", type=int, default=None, help="KV cache size in tokens (default: from memory)"
@@ -391,6 +402,12 @@ def _resolve_vision_layout(ns: argparse.Namespace) -> None:
             "--vit_step_tiles",
             f"must be 0, or at least 1 with --vit_placement worker (got {ns.vit_step_tiles} with "
             f"--vit_placement {ns.vit_placement})",
+        )
+    if ns.vit_sms < 0 or (ns.vit_sms and (not in_workers or ns.vit_step_tiles)):
+        raise ConfigError(
+            "--vit_sms",
+            f"must be 0, or at least 1 with --vit_placement worker and --vit_step_tiles 0 (got "
+            f"{ns.vit_sms} with --vit_placement {ns.vit_placement}, --vit_step_tiles {ns.vit_step_tiles})",
         )
     if in_workers and ns.visual_tp != 1:
         # A worker hosts its group's whole replica: the ranks of a split ViT would be LM workers

@@ -14,6 +14,10 @@ decode, it encodes N tiles per step collected (`StepTurns`), queued on the steps
 decode step waits for at most one slice; while the steps only prefill prompts, or the worker is
 idle, it encodes freely (a prompt's first token waits for a whole prefill step anyway, and the
 images' own prompts are prefilled in such steps).
+
+With --vit_sms N the ViT's stream belongs to a CUDA green context of N SMs: priorities only order
+the blocks waiting for an SM, and a ViT GEMM's blocks, once placed, hold every SM until they end;
+on a green context they can hold only those N, and a decode step's kernels keep the rest.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class HostedViT:
         self.vit: ViTRank | None = None
         self.front: ipc.Channel | None = None
         self.vit_stream: torch.cuda.Stream | None = None  # None on the CPU
+        self.green = None  # the green context of --vit_sms (kept alive with its stream)
         self.step_stream: torch.cuda.Stream | None = None  # the decode steps' (None on the CPU)
         self.slice_tiles = launch.args.vit_step_tiles
         self.turns = StepTurns() if self.slice_tiles else None
@@ -85,7 +90,10 @@ class HostedViT:
             device = torch.device("cuda", rank)
             torch.cuda.set_device(device)  # first: a query on another GPU would open a context there
             least, greatest = torch.cuda.Stream.priority_range()  # a lower number runs first
-            self.vit_stream = torch.cuda.Stream(device, priority=least)
+            if launch.args.vit_sms:
+                self.green, self.vit_stream = green_stream(device, launch.args.vit_sms)
+            else:
+                self.vit_stream = torch.cuda.Stream(device, priority=least)
             self.step_stream = torch.cuda.Stream(device, priority=greatest)
             torch.cuda.set_stream(self.step_stream)
 
@@ -105,12 +113,13 @@ class HostedViT:
             least, greatest = torch.cuda.Stream.priority_range()
             log.info(
                 "rank %d: decode steps on a CUDA stream of priority %d, the ViT on one of priority %d "
-                "(greatest %d, least %d)",
+                "(greatest %d, least %d)%s",
                 self.layout.rank,
                 _current_priority(),
                 await self.vit.run(_current_priority),
                 greatest,
                 least,
+                f", on a green context of {self.launch.args.vit_sms} SMs" if self.green is not None else "",
             )
 
     async def serve(self) -> None:
@@ -130,6 +139,21 @@ class HostedViT:
         self.step_stream.wait_stream(self.vit_stream)
         with torch.cuda.stream(self.step_stream):
             self.vit.forward_in_slices(pixels, counts, runs, self.slice_tiles, self.turns.wait)
+
+
+def green_stream(device: torch.device, num_sms: int) -> tuple[object, torch.cuda.Stream]:
+    """A CUDA green context of `num_sms` of the device's SMs, and a stream on it (RuntimeError
+    where this torch or device has none: the worker stops at start-up with the reason)."""
+    total = torch.cuda.get_device_properties(device).multi_processor_count
+    if num_sms >= total:
+        raise RuntimeError(f"--vit_sms {num_sms}: the device has {total} SMs; leave some to the decode steps")
+    green_context = getattr(torch.cuda, "GreenContext", None)
+    if green_context is None or not hasattr(green_context, "Stream"):
+        raise RuntimeError(
+            f"--vit_sms needs CUDA green contexts with streams, which torch {torch.__version__} lacks"
+        )
+    context = green_context.create(num_sms=num_sms, device_id=device.index)
+    return context, context.Stream()
 
 
 def _current_priority() -> int:
