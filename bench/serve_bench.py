@@ -242,11 +242,11 @@ def images(args, log_dir: Path) -> list[tuple[str, str, float]]:
     """For each --vit_placements: text inter-token latency while 7- and 13-tile PNGs arrive back
     to back, four at a time (two of each size), and the 13-tile images' rate with and without a
     text stream decoding; then images per second end to end, each size and format, against the
-    ViT's own tiles per second (the first placement)."""
+    ViT's own tiles per second (under each --throughput_placements; by default the first)."""
     rows = []
     for placement in args.vit_placements:
         rows += emit(images_beside_text(args, log_dir, placement))
-    return rows + emit(image_throughput(args, log_dir))
+    return rows + image_throughput(args, log_dir)
 
 
 def emit(rows: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
@@ -313,42 +313,57 @@ def images_beside_text(args, log_dir: Path, placement: str) -> list[tuple[str, s
 
 
 def image_throughput(args, log_dir: Path) -> list[tuple[str, str, float]]:
-    """End-to-end images/s of new 1-tile and 13-tile JPEGs and PNGs (one new token each, 32 at a
-    time, ViT batches of up to --vit_batch images); the same load as text alone (as many prompt
-    tokens as an image request has: the language model's prefill of them); then, with the server
-    gone, the ViT's own tiles/s on the same weights in one process. An image request runs the ViT
-    and then the prefill of its rows on the same GPU, so its bound is 1 / (ViT time + prefill
-    time); both ratios are reported."""
+    """Under each --throughput_placements: end-to-end images/s of new 1-tile and 13-tile JPEGs and
+    PNGs (one new token each, 32 at a time, ViT batches of up to --vit_batch images), and the same
+    load as text alone (as many prompt tokens as an image request has: the language model's
+    prefill of them); then, with the servers gone, the ViT's own tiles/s on the same weights in
+    one process. An image request runs the ViT and then the prefill of its rows on the same GPU,
+    so its bound is 1 / (ViT time + prefill time); both ratios are reported."""
     rows, images_per_s, prefill_per_s = [], {}, {}
-    flags = ["--enable_multimodal", "--visual_infer_batch_size", str(args.vit_batch)]
-    flags += [*placement_flags(args.vit_placements[0]), *args.serve_flags]
-    with serve(args.model_dir, args.port, *flags, log_dir=log_dir) as url:
-        for name, width, height, tiles in (IMAGE_SIZES[0], IMAGE_SIZES[2]):
-            # 32 at a time ramp up and drain at both ends of a run: enough requests that those
-            # ends are a small part of it (32 13-tile requests sent at once were one burst).
-            count = args.image_prompts * (16 if tiles == 1 else 4)
-            for image_format in ("jpeg", "png"):
-                before = stage_totals(url)
-                rate = bench(url, *image_load(width, height, image_format, 32, count))["request_throughput"]
-                rows.append(("images", f"{name} {image_format.upper()}, 32 at a time: images/s", rate))
-                rows += stage_rows(f"{name} {image_format.upper()}", before, stage_totals(url))
-                images_per_s[(name, image_format)] = rate
-            text = ["--input_len", str(IMAGE_TOKENS_PER_TILE * tiles + 16), "--tokenizer", args.model_dir]
-            counts = ["--max_concurrency", "32", "--num_prompts", str(count), "--seed", str(next(RUN_SEEDS))]
-            prefill_per_s[name] = bench(url, *text, "--output_len", "1", *counts)["request_throughput"]
-            rows.append(
-                ("images", "  the same load as text alone (prefill only): requests/s", prefill_per_s[name])
-            )
+    for placement in args.throughput_placements or args.vit_placements[:1]:
+        flags = ["--enable_multimodal", "--visual_infer_batch_size", str(args.vit_batch)]
+        flags += [*placement_flags(placement), *args.serve_flags]
+        with serve(args.model_dir, args.port, *flags, log_dir=log_dir) as url:
+            for name, width, height, tiles in (IMAGE_SIZES[0], IMAGE_SIZES[2]):
+                # 32 at a time ramp up and drain at both ends of a run: enough requests that those
+                # ends are a small part of it (32 13-tile requests sent at once were one burst).
+                count = args.image_prompts * (16 if tiles == 1 else 4)
+                for image_format in ("jpeg", "png"):
+                    label = f"ViT {placement}: {name} {image_format.upper()}"
+                    before = stage_totals(url)
+                    load = image_load(width, height, image_format, 32, count)
+                    rate = images_per_s[(placement, name, image_format)] = bench(url, *load)[
+                        "request_throughput"
+                    ]
+                    rows += emit([("images", f"{label}, 32 at a time: images/s", rate)])
+                    rows += emit(stage_rows(label, before, stage_totals(url)))
+                text = ["--input_len", str(IMAGE_TOKENS_PER_TILE * tiles + 16), "--tokenizer", args.model_dir]
+                counts = [
+                    "--max_concurrency",
+                    "32",
+                    "--num_prompts",
+                    str(count),
+                    "--seed",
+                    str(next(RUN_SEEDS)),
+                ]
+                rate = prefill_per_s[(placement, name)] = bench(url, *text, "--output_len", "1", *counts)[
+                    "request_throughput"
+                ]
+                rows += emit([("images", "  the same load as text alone (prefill only): requests/s", rate)])
     for name, _, _, tiles in (IMAGE_SIZES[0], IMAGE_SIZES[2]):
         batch = args.vit_batch * tiles if tiles == 1 else tiles
         vit = vit_tiles_per_s(args.model_dir, batch)
-        rows.append(("images", f"ViT alone, {batch} tiles per forward: tiles/s", vit))
-        bound = 1 / (tiles / vit + 1 / prefill_per_s[name])  # images/s: the ViT, then the prefill
-        for image_format in ("jpeg", "png"):
-            rate = images_per_s[(name, image_format)]
-            label = f"  {name} {image_format.upper()} end to end"
-            rows.append(("images", f"{label}: tiles/s / ViT tiles/s (target >= 0.9)", rate * tiles / vit))
-            rows.append(("images", f"{label} / (ViT + prefill) bound", rate / bound))
+        rows += emit([("images", f"ViT alone, {batch} tiles per forward: tiles/s", vit)])
+        for (placement, size, image_format), rate in images_per_s.items():
+            if size != name:
+                continue
+            bound = 1 / (tiles / vit + 1 / prefill_per_s[(placement, name)])  # the ViT, then the prefill
+            label = f"  ViT {placement}: {name} {image_format.upper()} end to end"
+            ratios = [
+                ("images", f"{label}: tiles/s / ViT tiles/s (target >= 0.9)", rate * tiles / vit),
+                ("images", f"{label} / (ViT + prefill) bound", rate / bound),
+            ]
+            rows += emit(ratios)
     return rows
 
 
@@ -409,9 +424,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--vit_placements",
         default="process,process/256,worker:2",
-        help="the images scenario runs under each (comma-separated): process, worker, worker:N "
-        "(--vit_step_tiles N) or worker@S (--vit_sms S), each with an optional /C "
-        "(--decode_step_prefill_tokens C)",
+        help="the images scenario's text-beside-images runs under each (comma-separated; empty: "
+        "none): process, worker, worker:N (--vit_step_tiles N) or worker@S (--vit_sms S), each with "
+        "an optional /C (--decode_step_prefill_tokens C)",
+    )
+    parser.add_argument(
+        "--throughput_placements",
+        default="",
+        help="the end-to-end images/s run under each (comma-separated, as --vit_placements; default: "
+        "the first of --vit_placements)",
     )
     parser.add_argument(
         "--serve_flags", default="", help="more `vlmd serve` flags for the images scenario (one string)"
@@ -419,7 +440,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     args.serve_flags = args.serve_flags.split()
-    args.vit_placements = args.vit_placements.split(",")
+    args.vit_placements = [p for p in args.vit_placements.split(",") if p]
+    args.throughput_placements = [p for p in args.throughput_placements.split(",") if p]
     if args.write_model and not (Path(args.model_dir) / "config.json").exists():
         cmd = [sys.executable, "-m", "vlmd", "demo-model", "--size", "internvl3-8b", args.model_dir]
         started = time.perf_counter()
