@@ -191,7 +191,9 @@ IMAGE_SIZES = (
 # /metrics histograms of an image request's stages, each inside its time to first token.
 STAGES = {
     "preprocessing": "vlmd_image_preprocess_seconds",
+    "  of it inside a preprocess worker": "vlmd_image_preprocess_worker_seconds",
     "waiting for the ViT": "vlmd_image_wait_seconds",
+    "  a ViT batch (per batch)": "vlmd_vit_batch_seconds",
     "time to first token": "vlmd_time_to_first_token_seconds",
 }
 

@@ -296,6 +296,7 @@ class ImagePreprocessed(Message):
     num_tiles: int = 0
     error: str = ""
     error_kind: str = ""  # "" | "bad" (400) | "too_large" (400, width/height set) | "no_shm" (503)
+    seconds: float = 0.0  # the worker's own time on the job (decode, tiles, segment), for /metrics
 
 
 # --- scheduler <-> TP rank workers ----------------------------------------------------------

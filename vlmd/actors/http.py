@@ -151,6 +151,7 @@ class HttpActor:
         values = {**snapshot.values, "requests_queued": len(self.queue)}
         add_preprocess_counts(values, self.preprocess.num_images)  # the vision front's are in values
         histograms = {**snapshot.histograms, **self.latency.snapshots()}
+        histograms["image_preprocess_worker_seconds"] = self.preprocess.worker_seconds.snapshot()
         text = render_metrics(values, histograms)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 

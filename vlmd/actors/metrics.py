@@ -83,6 +83,15 @@ HISTOGRAMS = {
         "vlmd_image_wait_seconds",
         "from a request with images reaching the scheduler to its embeddings ready (ViT queue and forward)",
     ),
+    "image_preprocess_worker_seconds": (
+        "vlmd_image_preprocess_worker_seconds",
+        "an image inside a preprocess worker (decoded, tiled, written to shared memory), for the http actor",
+    ),
+    "vit_batch_seconds": (
+        "vlmd_vit_batch_seconds",
+        "a ViT batch on its replica, from its dispatch to its rows written (the forward, and any wait "
+        "for the GPU or the replica's thread)",
+    ),
 }
 FINISHED_PREFIX = "requests_finished_"
 VIT_REPLICA_PREFIX = "vit_replica_images_"  # + the replica's number: images that ViT replica encoded
@@ -101,6 +110,8 @@ BUCKETS = {
     "vit_batch_size": VIT_BATCH_BUCKETS,
     "image_preprocess_seconds": IMAGE_STAGE_BUCKETS_S,
     "image_wait_seconds": IMAGE_STAGE_BUCKETS_S,
+    "image_preprocess_worker_seconds": IMAGE_STAGE_BUCKETS_S,
+    "vit_batch_seconds": IMAGE_STAGE_BUCKETS_S,
 }
 
 

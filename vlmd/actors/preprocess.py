@@ -20,11 +20,15 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 
+import msgspec
 import numpy as np
 
 from vlmd import ipc, shm
 from vlmd.actors.launch import Launch, announce_ready
+from vlmd.actors.metrics import IMAGE_STAGE_BUCKETS_S
+from vlmd.core.histogram import Histogram
 from vlmd.image import (
     ImageError,
     ImageTooLarge,
@@ -55,7 +59,14 @@ def worker_socket(rank: int) -> str:
 
 def preprocess_job(job: PreprocessImage, tiling: TilingConfig, worker: int = -1) -> ImagePreprocessed:
     """Decode, check and tile one image into the segment `job.pixels_shm` (created here,
-    owned by the caller from the answer on). Errors are answers, never exceptions."""
+    owned by the caller from the answer on). Errors are answers, never exceptions; the answer
+    says how long the job took."""
+    started = time.perf_counter()
+    answer = _preprocess(job, tiling, worker)
+    return msgspec.structs.replace(answer, seconds=time.perf_counter() - started)
+
+
+def _preprocess(job: PreprocessImage, tiling: TilingConfig, worker: int) -> ImagePreprocessed:
     limit = None if job.resize_to_fit else job.max_pixels
     try:
         image = decode_image(job.data, limit, procedure=tiling.procedure)
@@ -104,6 +115,7 @@ class PreprocessPool:
         self.channels = list(channels)
         self.num_outstanding = [0] * len(self.channels)
         self.num_images = [0] * max(1, len(self.channels))  # per worker (in-process: one)
+        self.worker_seconds = Histogram(IMAGE_STAGE_BUCKETS_S)  # each job inside its worker
         self._answers: dict[int, asyncio.Future[ImagePreprocessed]] = {}
         self._job_ids = itertools.count()
         self._readers = [asyncio.get_running_loop().create_task(self._read(c)) for c in self.channels]
@@ -139,6 +151,7 @@ class PreprocessPool:
             answer.add_done_callback(_unlink_tiles_of(name))
             raise
         self.num_images[max(result.worker, 0)] += 1
+        self.worker_seconds.observe(result.seconds)
         return result, name
 
     async def _read(self, channel: ipc.Channel) -> None:

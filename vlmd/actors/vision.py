@@ -24,7 +24,12 @@ from dataclasses import dataclass, field
 
 from vlmd import ipc
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, Stopwatch, announce_ready
-from vlmd.actors.metrics import VIT_BATCH_BUCKETS, VIT_REPLICA_PREFIX, add_preprocess_counts
+from vlmd.actors.metrics import (
+    IMAGE_STAGE_BUCKETS_S,
+    VIT_BATCH_BUCKETS,
+    VIT_REPLICA_PREFIX,
+    add_preprocess_counts,
+)
 from vlmd.actors.pixels import FrontPixels, HeldBatch, PassThroughPixels
 from vlmd.actors.vit_replica import (
     CONNECT_TIMEOUT_S,
@@ -133,6 +138,7 @@ class VisionActor:
             "embed_cache_misses_total": 0.0,
         }
         self.batch_sizes = Histogram(VIT_BATCH_BUCKETS)
+        self.batch_seconds = Histogram(IMAGE_STAGE_BUCKETS_S)
 
     def on_encode(self, msg: EncodeImages) -> None:
         pending = Pending([None] * len(msg.images), [image.md5 for image in msg.images])
@@ -181,7 +187,10 @@ class VisionActor:
         for replica in self.replicas:
             counters[f"{VIT_REPLICA_PREFIX}{replica.group}"] = float(replica.num_images)
         add_preprocess_counts(counters, self.pixels.num_images)
-        return counters, {"vit_batch_size": self.batch_sizes.snapshot()}
+        return counters, {
+            "vit_batch_size": self.batch_sizes.snapshot(),
+            "vit_batch_seconds": self.batch_seconds.snapshot(),
+        }
 
     def _send_stats(self) -> None:
         """/metrics shows pins as they are once idle (a leaked pin stays visible)."""
@@ -267,12 +276,9 @@ class VisionActor:
             self.pixels.release(held)
         errors = [mine or theirs for mine, theirs in zip(held.errors, errors, strict=True)]
         num_encoded = sum(1 for error in errors if not error)
-        log.debug(
-            "replica %d encoded %d image(s) in %.3f s",
-            replica.group,
-            num_encoded,
-            time.perf_counter() - started,
-        )
+        seconds = time.perf_counter() - started
+        log.debug("replica %d encoded %d image(s) in %.3f s", replica.group, num_encoded, seconds)
+        self.batch_seconds.observe(seconds)
         replica.num_images += num_encoded
         self.counters["vit_images_total"] += num_encoded
         self.batch_sizes.observe(len(batch))
