@@ -21,8 +21,18 @@ and the ViT's tiles per second, with the ViT:
   decode steps' own stream once a step has been collected: every step waits for at most one
   slice (an encoder budget per step; the ViT's rate then follows the step rate).
 
-The ViT alone (no decode) gives the tiles/s the others are compared with. Each ViT forward is
-`--vit_batch` tiles (7: one 1344x896 image) and waits for its rows, as an encode does.
+The same question for the other half of an image's work, its prefill (about four times the ViT's
+for InternVL3-8B), with the language model's forward over `--prefill_tokens` rows back to back
+in a thread (random embeddings; attention dense and causal over the chunk, no KV cache: the
+chunk's GEMMs and attention):
+
+- prefill_low: on a low-priority stream, decode on a high-priority one;
+- prefill_green: on a CUDA green context of each `--vit_sms` count of SMs, decode on the primary
+  context (a prefill and a decode running at once on disjoint SMs, were it to pay).
+
+The ViT alone (no decode) gives the tiles/s the others are compared with, the prefill alone its
+tokens/s. Each ViT forward is `--vit_batch` tiles (7: one 1344x896 image) and waits for its rows,
+as an encode does; each prefill forward waits for its last row too.
 """
 
 from __future__ import annotations
@@ -40,15 +50,57 @@ import time
 
 import gpu_bench
 import torch
+import torch.nn.functional as F
 from gpu_bench import Bench, add_text_requests, full_batch_decode, run_steps, sync
 
 log = logging.getLogger("vit_beside_bench")
 
-PLACEMENTS = ("alone", "process", "thread_low", "thread_equal", "thread_green", "thread_sliced")
+PLACEMENTS = (
+    "alone",
+    "process",
+    "thread_low",
+    "thread_equal",
+    "thread_green",
+    "thread_sliced",
+    "prefill_low",
+    "prefill_green",
+)
+GREEN = ("thread_green", "prefill_green")
+
+
+class DenseCausal:
+    """Causal attention over one chunk's own rows, with no KV cache (the prefill placements)."""
+
+    def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        self.group, self.scale = num_q_heads // num_kv_heads, head_dim**-0.5
+
+    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, q_heads, head_dim], k and v [T, kv_heads, head_dim] -> [T, q_heads, head_dim]."""
+        k, v = (t.repeat_interleave(self.group, dim=1).transpose(0, 1) for t in (k, v))
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, is_causal=True, scale=self.scale)
+        return out.transpose(0, 1)
+
+
+class Prefill:
+    """The language model's forward over `embeds` [tokens, hidden] at positions 0..tokens-1."""
+
+    def __init__(self, bench: Bench, tokens: int) -> None:
+        arch = bench.arch
+        self.lm = bench.lm
+        self.attn = DenseCausal(arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim)
+        self.embeds = (0.02 * torch.randn(tokens, arch.hidden_size, generator=bench.gen)).to(
+            bench.device, bench.dtype
+        )
+        self.positions = torch.arange(tokens, device=bench.device)
+
+    @torch.inference_mode()
+    def __call__(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self.lm.forward(embeds, self.positions, self.attn)
 
 
 class ViTThread:
-    """ViT forwards of `pixels` back to back on `stream`, in a thread, until stopped."""
+    """Forwards of `work` over `pixels` back to back on `stream`, in a thread, until stopped: the
+    ViT over tiles, or a `Prefill` over its embeddings (rows counted as the ViT's tiles are)."""
 
     def __init__(
         self,
@@ -117,10 +169,16 @@ def step_stats(steps, batch: int) -> dict:
 
 
 def decode_with(
-    bench: Bench, batch: int, placement: str, pixels: torch.Tensor, num_sms: int = 0, slice_tiles: int = 0
+    bench: Bench,
+    batch: int,
+    placement: str,
+    pixels: torch.Tensor,
+    num_sms: int = 0,
+    slice_tiles: int = 0,
+    prefill: Prefill | None = None,
 ) -> dict:
-    """Decode steps at `batch` with the ViT placed as `placement` (see the module docstring);
-    thread_green on `num_sms` SMs, thread_sliced `slice_tiles` tiles a step."""
+    """Decode steps at `batch` with the ViT (or `prefill`) placed as `placement` (see the module
+    docstring); the green placements on `num_sms` SMs, thread_sliced `slice_tiles` tiles a step."""
     if placement == "process":
         try:
             row = bench.decode_beside_vit(batch, ready_timeout_s=180)
@@ -130,8 +188,8 @@ def decode_with(
         return {k: row[k] for k in ("step_ms", "longest_step_ms", "vit_tiles_per_s")} | {
             "p99_step_ms": None  # gpu_bench reports the median and the longest only
         }
-    if placement == "thread_green" and not green_contexts():
-        log.warning("this torch has no CUDA green contexts: thread_green skipped")
+    if placement in GREEN and not green_contexts():
+        log.warning("this torch has no CUDA green contexts: %s skipped", placement)
         return {"step_ms": None, "p99_step_ms": None, "longest_step_ms": None, "vit_tiles_per_s": None}
     decode_stream, vit_stream = streams(bench.device, placement)
     prompts = torch.randint(0, bench.shape.num_text_ids, (batch, bench.args.prompt_len), generator=bench.gen)
@@ -141,6 +199,8 @@ def decode_with(
         if placement == "alone":
             return step_stats(run_steps(bench.runner, bench.scheduler), batch) | {"vit_tiles_per_s": None}
         vision = getattr(bench.vision, "vision", bench.vision) if num_sms else bench.vision
+        if placement.startswith("prefill"):
+            vision, pixels = prefill, prefill.embeds
         turn = None
         if placement == "thread_sliced":
             pixels, vit_stream, turn = pixels[:slice_tiles], decode_stream, threading.Semaphore(0)
@@ -158,10 +218,11 @@ def green_contexts() -> bool:
     return torch.cuda.is_available() and bool(getattr(module, "SUPPORTED", False))
 
 
-def vit_alone(bench: Bench, pixels: torch.Tensor, seconds: float) -> float:
-    """The ViT's tiles/s in its thread on a low-priority stream with nothing else running."""
+def vit_alone(bench: Bench, pixels: torch.Tensor, seconds: float, work=None) -> float:
+    """The ViT's tiles/s (or `work`'s rows/s) in its thread on a low-priority stream with nothing
+    else running."""
     _, vit_stream = streams(bench.device, "thread_low")
-    with ViTThread(bench.vision, pixels, vit_stream) as vit:
+    with ViTThread(work or bench.vision, pixels, vit_stream) as vit:
         time.sleep(seconds)
     return vit.tiles_per_s
 
@@ -175,13 +236,18 @@ def measure(args: argparse.Namespace) -> dict:
     )
     add_text_requests(bench.scheduler, warmup, 3, "warmup")
     run_steps(bench.runner, bench.scheduler)
-    out = {"vit_alone_tiles_per_s": vit_alone(bench, pixels, 2.0 if bench.device.type == "cuda" else 0.1)}
+    seconds = 2.0 if bench.device.type == "cuda" else 0.1
+    out = {"vit_alone_tiles_per_s": vit_alone(bench, pixels, seconds)}
+    prefill = None
+    if any(placement.startswith("prefill") for placement in args.placements):
+        prefill = Prefill(bench, args.prefill_tokens)
+        out["prefill_alone_tokens_per_s"] = vit_alone(bench, prefill.embeds, seconds, prefill)
     out["rows"] = []
     for batch in args.batch_sizes:
         for placement in args.placements:
             for name, num_sms, slice_tiles in variants(args, placement):
-                log.info("decode at batch %d, ViT %s", batch, name)
-                row = decode_with(bench, batch, placement, pixels, num_sms, slice_tiles)
+                log.info("decode at batch %d, %s", batch, name)
+                row = decode_with(bench, batch, placement, pixels, num_sms, slice_tiles, prefill)
                 out["rows"].append({"batch": batch, "placement": name} | row)
     bench.scheduler.check_integrity()
     return out
@@ -189,7 +255,7 @@ def measure(args: argparse.Namespace) -> dict:
 
 def variants(args: argparse.Namespace, placement: str) -> list[tuple[str, int, int]]:
     """(row name, SMs, tiles per slice) of each row a placement gives."""
-    if placement == "thread_green":
+    if placement in GREEN:
         return [(f"{placement} ({n} SMs)", n, 0) for n in args.vit_sms]
     if placement == "thread_sliced":
         return [(f"{placement} ({n} tiles a step)", 0, n) for n in args.slice_tiles]
@@ -201,17 +267,28 @@ def report(meta: dict, out: dict) -> str:
         f"# ViT placement beside decoding, {meta['device']}, {meta['date']}",
         f"command: `{meta['command']}`; {meta['versions']}",
         f"ViT alone: {out['vit_alone_tiles_per_s']:.0f} tiles/s ({meta['vit_batch']} tiles per forward)",
+    ]
+    if "prefill_alone_tokens_per_s" in out:
+        lines.append(
+            f"Prefill alone: {out['prefill_alone_tokens_per_s']:.0f} tokens/s "
+            f"({meta['prefill_tokens']} tokens per forward, dense attention, no KV cache)"
+        )
+    lines += [
         "",
-        "| batch | ViT placement | step median ms | step p99 ms | longest ms | ViT tiles/s (x alone) |",
+        "| batch | placement | step median ms | step p99 ms | longest ms | beside: ViT tiles/s or prefill tokens/s (x alone) |",
         "|---|---|---|---|---|---|",
     ]
-    alone = out["vit_alone_tiles_per_s"]
     for row in out["rows"]:
         if row["step_ms"] is None:
             lines.append(f"| {row['batch']} | {row['placement']} | not run | | | |")
             continue
         vit = row["vit_tiles_per_s"]
-        vit_text = "-" if vit is None else f"{vit:.0f} ({vit / alone:.2f}x)"
+        key = (
+            "prefill_alone_tokens_per_s"
+            if row["placement"].startswith("prefill")
+            else "vit_alone_tiles_per_s"
+        )
+        vit_text = "-" if vit is None else f"{vit:.0f} ({vit / out[key]:.2f}x)"
         p99 = "-" if row["p99_step_ms"] is None else f"{row['p99_step_ms']:.2f}"
         lines.append(
             f"| {row['batch']} | {row['placement']} | {row['step_ms']:.2f} | {p99} | "
@@ -236,7 +313,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         nargs="+",
         default=[33, 66, 99],
-        help="SMs of the ViT's green context (thread_green)",
+        help="SMs of the green context (thread_green, prefill_green)",
+    )
+    parser.add_argument(
+        "--prefill_tokens", type=int, default=2048, help="rows per prefill forward (the prefill placements)"
     )
     parser.add_argument(
         "--slice_tiles", type=int, nargs="+", default=[1, 2, 4], help="tiles per step (thread_sliced)"
@@ -265,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": shlex.join(["python", *sys.argv]),
         "versions": f"torch {torch.__version__}",
         "vit_batch": args.vit_batch,
+        "prefill_tokens": args.prefill_tokens,
     }
     print(report(meta, out))
     if args.json:

@@ -106,6 +106,25 @@ def test_tiny_mixed_step_bench_times_every_chunk(tmp_path: Path) -> None:
     assert "| decode rows | chunk tokens | step ms |" in proc.stdout
 
 
+def test_tiny_vit_beside_bench_times_decode_beside_the_vit_and_a_prefill(tmp_path: Path) -> None:
+    out = tmp_path / "beside.json"
+    placements = ["alone", "thread_low", "thread_sliced", "prefill_low", "prefill_green"]
+    flags = ["--tiny", "--batch_sizes", "1", "--placements", *placements, "--slice_tiles", "1"]
+    proc = _run_script(
+        "bench/vit_beside_bench.py", *flags, "--vit_sms", "8", "--prefill_tokens", "32", "--json", str(out)
+    )
+    data = json.loads(out.read_text())
+    names = ["alone", "thread_low", "thread_sliced (1 tiles a step)", "prefill_low", "prefill_green (8 SMs)"]
+    assert [row["placement"] for row in data["rows"]] == names
+    measured = [
+        row for row in data["rows"] if row["placement"] != "prefill_green (8 SMs)"
+    ]  # no green on CPUs
+    assert all(row["step_ms"] > 0 for row in measured)
+    assert all(row["vit_tiles_per_s"] > 0 for row in measured[1:])
+    assert data["vit_alone_tiles_per_s"] > 0 and data["prefill_alone_tokens_per_s"] > 0
+    assert "| 1 | prefill_low |" in proc.stdout and "| 1 | prefill_green (8 SMs) | not run |" in proc.stdout
+
+
 def test_cold_start_bench_times_each_start_on_its_own_caches(tmp_path: Path, model_dir: Path) -> None:
     out = tmp_path / "cold.json"
     flags = ["--modes", "cold,cold_no_precompile,warm", "--port", "8457", "--json", str(out)]
