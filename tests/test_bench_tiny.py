@@ -125,6 +125,18 @@ def test_tiny_vit_beside_bench_times_decode_beside_the_vit_and_a_prefill(tmp_pat
     assert "| 1 | prefill_low |" in proc.stdout and "| 1 | prefill_green (8 SMs) | not run |" in proc.stdout
 
 
+def test_serve_bench_placements_name_their_serve_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from serve_bench import placement_flags
+
+    base = ["--vit_placement", "process", "--vit_step_tiles", "0"]
+    assert placement_flags("process") == base
+    assert placement_flags("process/255") == [*base, "--decode_step_prefill_tokens", "255"]
+    assert placement_flags("worker:2") == ["--vit_placement", "worker", "--vit_step_tiles", "2"]
+    worker = ["--vit_placement", "worker", "--vit_step_tiles", "0", "--vit_sms", "32"]
+    assert placement_flags("worker@32/128") == [*worker, "--decode_step_prefill_tokens", "128"]
+
+
 def test_cold_start_bench_times_each_start_on_its_own_caches(tmp_path: Path, model_dir: Path) -> None:
     out = tmp_path / "cold.json"
     flags = ["--modes", "cold,cold_no_precompile,warm", "--port", "8457", "--json", str(out)]
