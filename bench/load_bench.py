@@ -28,15 +28,16 @@ from safetensors import safe_open
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vlmd.models.config import InternVLArch  # noqa: E402
-from vlmd.models.layouts import LANGUAGE  # noqa: E402
-from vlmd.models.loader import _component_sources, load_language_model  # noqa: E402
+from vlmd.models.layouts import LANGUAGE, component_sources  # noqa: E402
+from vlmd.models.loader import checkpoint_files, load_language_model  # noqa: E402
 
 STAGING_BYTES = 256 << 20
 
 
 def language_tensors(model_dir: str) -> dict[Path, list[str]]:
     """The checkpoint keys the language model reads, by file."""
-    files, sources = _component_sources(Path(model_dir), InternVLArch.from_model_dir(model_dir), LANGUAGE)
+    files = checkpoint_files(Path(model_dir))
+    sources = component_sources(InternVLArch.from_model_dir(model_dir), files.keys(), LANGUAGE, model_dir)
     by_file: dict[Path, list[str]] = {}
     for key in sorted({source.key for source in sources.values()}):
         by_file.setdefault(files[key], []).append(key)
