@@ -265,7 +265,8 @@ def variants(args: argparse.Namespace, placement: str) -> list[tuple[str, int, i
 def report(meta: dict, out: dict) -> str:
     lines = [
         f"# ViT placement beside decoding, {meta['device']}, {meta['date']}",
-        f"command: `{meta['command']}`; {meta['versions']}",
+        f"command: `{meta['command']}`; {meta['versions']}; GIL switch interval "
+        f"{meta['switch_interval_ms']:g} ms",
         f"ViT alone: {out['vit_alone_tiles_per_s']:.0f} tiles/s ({meta['vit_batch']} tiles per forward)",
     ]
     if "prefill_alone_tokens_per_s" in out:
@@ -321,6 +322,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--slice_tiles", type=int, nargs="+", default=[1, 2, 4], help="tiles per step (thread_sliced)"
     )
+    parser.add_argument(
+        "--switch_interval_ms",
+        type=float,
+        help="Python's GIL switch interval (sys.setswitchinterval; default 5 ms): how long the decode "
+        "thread may wait for the GIL while the ViT's thread launches kernels",
+    )
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args(argv)
     # gpu_bench's settings, but batches 1 and 16 and enough decode steps beside the ViT for a p99.
@@ -337,6 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)7.0f ms %(name)s: %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     torch.manual_seed(0)
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     out = measure(args)
     device = torch.device(args.device)
     meta = {
@@ -346,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         "versions": f"torch {torch.__version__}",
         "vit_batch": args.vit_batch,
         "prefill_tokens": args.prefill_tokens,
+        "switch_interval_ms": sys.getswitchinterval() * 1000,
     }
     print(report(meta, out))
     if args.json:
