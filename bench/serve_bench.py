@@ -262,12 +262,15 @@ def placement_flags(placement: str) -> list[str]:
     """`vlmd serve` flags of a --vit_placements entry: "process", "worker", or "worker:N" (the ViT
     in the workers, N tiles a step while steps run: --vit_step_tiles) or "worker@S" (the ViT in the
     workers on a green context of S SMs: --vit_sms); a suffix "/C" caps the prompt tokens of a
-    step where requests decode at C (--decode_step_prefill_tokens)."""
+    step where requests decode at C (--decode_step_prefill_tokens), a suffix "+P" runs those
+    prompt tokens in side steps on a green context of P SMs instead (--prefill_sms)."""
+    placement, _, prefill_sms = placement.partition("+")
     placement, _, cap = placement.partition("/")
     placement, _, step_tiles = placement.partition(":")
     where, _, sms = placement.partition("@")
     flags = ["--vit_placement", where, "--vit_step_tiles", step_tiles or "0"]
     flags += ["--vit_sms", sms] if sms else []
+    flags += ["--prefill_sms", prefill_sms] if prefill_sms else []
     return flags + (["--decode_step_prefill_tokens", cap] if cap else [])
 
 

@@ -135,6 +135,7 @@ def test_serve_bench_placements_name_their_serve_flags(monkeypatch: pytest.Monke
     assert placement_flags("worker:2") == ["--vit_placement", "worker", "--vit_step_tiles", "2"]
     worker = ["--vit_placement", "worker", "--vit_step_tiles", "0", "--vit_sms", "32"]
     assert placement_flags("worker@32/128") == [*worker, "--decode_step_prefill_tokens", "128"]
+    assert placement_flags("worker@32+64") == [*worker, "--prefill_sms", "64"]
 
 
 def test_cold_start_bench_times_each_start_on_its_own_caches(tmp_path: Path, model_dir: Path) -> None:

@@ -341,6 +341,59 @@ def test_without_the_cap_a_prompt_fills_the_budget_beside_decode_rows():
     assert sched.stats.capped_steps == 0
 
 
+def test_side_steps_take_the_prompts_while_requests_decode():
+    """side_prefill: while a request decodes, a new prompt goes in a side step, chunk after chunk
+    (the step budget), and never in the decode steps; its request is in no other step until the
+    side step returns; with nothing decoding, prompts ride in the main steps as before."""
+    sched = make_scheduler(num_pages=32, budget=8, side_prefill=True, enable_prefix_cache=False)
+    sched.add(make_request("a", prompt_len=5, max_new=20))
+    assert sched.schedule_side() is None  # nothing decodes: the prompt goes in a main step
+    plan, _, _ = run_step(sched)
+    assert [len(i.token_ids) for i in plan.items] == [5]
+    sched.add(make_request("b", prompt_len=11, max_new=2))
+    side = sched.schedule_side()
+    assert [(i.request_id, len(i.token_ids), i.sample) for i in side.items] == [("b", 8, False)]
+    assert side.side and [n.request_id for n in side.new_requests] == ["b"]
+    assert sched.schedule_side() is None  # one side step at a time
+    for _ in range(2):  # the decode steps meanwhile carry "a" alone
+        plan, _, _ = run_step(sched)
+        assert [(i.request_id, len(i.token_ids)) for i in plan.items] == [("a", 1)]
+    sched.abort("b")  # its pages wait for the side step, which may still write them
+    used = sched.allocator.num_used
+    assert "b" not in sched.requests and sched.num_used_pages > 0
+    sched.check_integrity()
+    sched.update(side, result(side, {}))
+    assert sched.allocator.num_used < used and sched.side is None
+    sched.check_integrity()
+    plan = sched.schedule()
+    assert plan.finished_ids == ["b"]  # the workers drop it once its side step has ended
+    sched.add(make_request("c", prompt_len=3, max_new=2))
+    side = sched.schedule_side()
+    assert [(i.request_id, len(i.token_ids), i.sample) for i in side.items] == [("c", 3, True)]
+    outputs, _ = sched.update(side, result(side, {"c": (9, -0.1)}))
+    assert [(o.request_id, o.token_ids) for o in outputs] == [("c", [9])]
+    sched.check_integrity()
+    assert sched.stats.side_steps == 2
+
+
+def test_prefill_sms_needs_one_rank_and_no_prompt_cap(tmp_path):
+    import argparse
+
+    from vlmd.config import ConfigError, add_serve_arguments, build_server_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+
+    def args(*flags: str):
+        return build_server_args(parser.parse_args(["--model_dir", str(tmp_path), *flags]), environ={})
+
+    assert args().prefill_sms == 0
+    assert args("--prefill_sms", "48").prefill_sms == 48
+    for flags in (("-1",), ("48", "--tp", "2"), ("48", "--decode_step_prefill_tokens", "256")):
+        with pytest.raises(ConfigError, match="prefill_sms"):
+            args("--prefill_sms", *flags)
+
+
 def test_the_flag_reaches_the_server_args_and_must_be_positive(tmp_path):
     import argparse
 

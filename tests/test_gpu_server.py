@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -11,6 +12,7 @@ import requests
 import torch
 
 from tests.conftest import make_image, start_server
+from tests.test_http import metrics
 
 pytestmark = pytest.mark.gpu
 
@@ -128,6 +130,47 @@ def test_vit_on_a_green_context_of_some_sms(model_dir, tmp_path):
         log = server.log()
         assert "the ViT on one of priority" in log and ", on a green context of 32 SMs" in log
         assert "vision CUDA graphs" not in log  # op by op on the green context's stream
+    finally:
+        assert server.stop() == 0
+    assert server.actor_pids() == [] and server.shm_segments() == []
+
+
+def test_prompts_in_side_steps_on_a_green_context(model_dir, tmp_path):
+    """--prefill_sms: image prompts that arrive one by one while text decodes run in side steps on
+    a green context of 32 SMs beside the decode steps, and each gives the first token and logprob
+    it gives alone (prefilled in a step of its own on the whole GPU: the same kernels over the
+    same rows); the text goes on decoding meanwhile."""
+    green_context = getattr(torch.cuda, "GreenContext", None)
+    if green_context is None or not hasattr(green_context, "Stream"):
+        pytest.skip(f"torch {torch.__version__} has no CUDA green-context streams")
+    server = _cuda_server(model_dir, tmp_path, "--prefill_sms", "32", "--disable_prefix_cache")
+    try:
+        prompt = "<|im_start|>user\n<img></img>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n"
+        bodies = [
+            {
+                "inputs": prompt,
+                "parameters": {"max_new_tokens": 1, "return_details": True},
+                "multimodal_params": {
+                    "images": [
+                        {"type": "base64", "data": base64.b64encode(make_image(900, 600, seed=s)).decode()}
+                    ]
+                },
+            }
+            for s in (1, 2, 3)
+        ]
+        generate = lambda body: requests.post(server.url + "/generate", json=body, timeout=300)  # noqa: E731
+        alone = [generate(body).json() for body in bodies]  # their embeddings cached, too
+        text = {"inputs": "hello", "parameters": {"max_new_tokens": 4000, "ignore_eos": True}}
+        with ThreadPoolExecutor(1) as pool:
+            decoding = pool.submit(generate, text)
+            time.sleep(0.5)  # the text decoding
+            before = metrics(server).get("vlmd_side_steps_total", 0)
+            beside = [generate(body).json() for body in bodies]
+            assert not decoding.done(), "the text ended before the images came"
+            assert metrics(server)["vlmd_side_steps_total"] - before >= len(bodies)
+            assert decoding.result().status_code == 200
+        assert beside == alone
+        assert "side steps (prompt chunks beside decode steps) on a green context of 32 SMs" in server.log()
     finally:
         assert server.stop() == 0
     assert server.actor_pids() == [] and server.shm_segments() == []

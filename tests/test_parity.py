@@ -184,6 +184,49 @@ def test_prompts_prefilled_8_tokens_a_step_beside_decoding_give_the_same_tokens(
     assert metrics(capped_server)["vlmd_decode_steps_prefill_capped_total"] - capped_before >= 10
 
 
+@pytest.fixture(scope="module")
+def side_server(model_dir, tmp_path_factory):
+    """Prompt chunks beside decode rows in side steps (--prefill_sms; on the CPU they run in turn
+    with the decode steps), at most 256 tokens a step: an image prompt takes several side steps."""
+    flags = (*MM_FLAGS, "--prefill_sms", "8", "--max_num_batched_tokens", "256")
+    server = start_server(model_dir, tmp_path_factory.mktemp("side"), *flags)
+    yield server
+    assert server.stop() == 0, server.log()
+    assert server.actor_pids() == [] and server.shm_segments() == []
+
+
+def test_prompts_prefilled_in_side_steps_beside_decoding_give_the_same_tokens(side_server, reference):
+    """--prefill_sms: prompts with images that arrive while text decodes are prefilled in side
+    steps, chunk after chunk, and give transformers' tokens, as do the decoding requests; a
+    seeded sampled request gives the tokens it gives alone."""
+    long_text = [(chat(f"Text {i}: count slowly."), [], 400) for i in range(2)]
+    with_images = [
+        (chat("<img></img> Describe."), [IMG_A], 16),
+        (chat("<img></img><img></img> two"), [IMG_B, IMG_C], 16),
+    ]
+    sampled = (chat("Tell me a story."), [], 24)
+    knobs = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 50, "seed": 11}
+    expected = [reference.generate(hf_prompt(p), imgs, n) for p, imgs, n in long_text + with_images]
+    sampled_alone = vlmd_generate(side_server, *sampled, **knobs)
+    # The images' embeddings cached first (other prompts: no KV to reuse), so that their prompts
+    # are ready while the text decodes (a CPU ViT would take longer than the text).
+    for _, images, _ in with_images:
+        vlmd_generate(side_server, chat("First, a warm-up. <img></img>" * len(images)), images, 1)
+    before = metrics(side_server).get("vlmd_side_steps_total", 0)
+    with ThreadPoolExecutor(5) as pool:
+        text = [pool.submit(vlmd_generate, side_server, *r) for r in long_text]
+        time.sleep(0.5)  # the text decoding when the images come
+        images = [pool.submit(vlmd_generate, side_server, *r) for r in with_images]
+        beside = pool.submit(vlmd_generate, side_server, *sampled, **knobs)
+        got_images = [future.result() for future in images]
+        assert not any(future.done() for future in text), "the text ended before the images' prompts"
+        got = [future.result() for future in text] + got_images
+        assert beside.result() == sampled_alone
+    assert got == expected
+    # The image prompts (2,816 image rows together) went in side steps of at most 256 tokens.
+    assert metrics(side_server)["vlmd_side_steps_total"] - before >= 2816 // 256
+
+
 def test_concurrent_requests_match_one_at_a_time(placed_server, reference):
     requests_ = [
         (chat("Hi."), [], 32),

@@ -54,6 +54,9 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     page_size: int = 16
     max_num_batched_tokens: int = 8192
     decode_step_prefill_tokens: int | None = None
+    # N > 0: while requests decode, prompt spans run in side steps beside the decode steps, on a
+    # CUDA green context of N SMs (the decode steps keep the rest); on the CPU, in turn with them.
+    prefill_sms: int = 0
     max_running_requests: int = 256
     disable_prefix_cache: bool = False
     max_body_bytes: int = 64 * 1024 * 1024
@@ -177,6 +180,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="in a step where requests decode, prefill at most this many prompt tokens beside them "
         "(default: the step budget): a shorter inter-token latency while prompts and images arrive, "
         "a slower prefill (bench/mixed_step_bench.py measures both)",
+    )
+    add(
+        "--prefill_sms",
+        type=int,
+        default=_default("prefill_sms"),
+        help="while requests decode, run prompt chunks (image rows included) not in the decode steps "
+        "but in side steps beside them, on a CUDA green context of this many SMs, so that a decode "
+        "step waits for no prompt (--tp 1; needs torch's green-context streams); 0: prompt chunks "
+        "ride in the decode steps (default: %(default)s)",
     )
     add("--max_running_requests", type=int, default=256)
     add(
@@ -408,6 +420,13 @@ def _resolve_vision_layout(ns: argparse.Namespace) -> None:
             "--vit_sms",
             f"must be 0, or at least 1 with --vit_placement worker and --vit_step_tiles 0 (got "
             f"{ns.vit_sms} with --vit_placement {ns.vit_placement}, --vit_step_tiles {ns.vit_step_tiles})",
+        )
+    if ns.prefill_sms < 0 or (ns.prefill_sms and (ns.tp != 1 or ns.decode_step_prefill_tokens)):
+        raise ConfigError(
+            "--prefill_sms",
+            f"must be 0, or at least 1 with --tp 1 and no --decode_step_prefill_tokens (got "
+            f"{ns.prefill_sms} with --tp {ns.tp}, --decode_step_prefill_tokens "
+            f"{ns.decode_step_prefill_tokens})",
         )
     if in_workers and ns.visual_tp != 1:
         # A worker hosts its group's whole replica: the ranks of a split ViT would be LM workers

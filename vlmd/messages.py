@@ -346,6 +346,9 @@ class StepPlan(Message):
     # Forget these requests' page tables before this step (their KV is gone); keep their samplers:
     # they come back with every token computed again, from position 0.
     preempted_ids: list[str] = []
+    # A side step (--prefill_sms): prompt spans only, run beside the decode steps and answered
+    # whenever it ends; its requests are in no other step meanwhile.
+    side: bool = False
 
 
 class FlushStep(Message):

@@ -11,6 +11,7 @@ from step N's device tensor, in stream order. Nothing in `launch` waits for the 
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,15 +40,48 @@ class LaunchedStep:
     copied: torch.cuda.Event | None = None  # recorded after the copies to the host; None on the CPU
 
 
+# A side step's forward is queued this many decoder layers at a time, so that the worker's thread
+# never spends long queuing it while decode steps wait to be launched.
+SIDE_LAYERS_PER_PART = 4
+
+
+@dataclass
+class SideStep:
+    """A side step (--prefill_sms) being queued on the side stream a few layers at a time
+    (`ModelRunner.advance_side`), then to the logits of the rows that sample. Its sampling is
+    queued on the main stream once it has ended (`finish_side`)."""
+
+    plan: StepPlan
+    sampled: list[int]  # items that sample
+    parts: Iterator | None  # the forward's parts still to queue (None once all are)
+    last_rows: torch.Tensor  # the hidden rows that sample
+    logits: torch.Tensor | None = None  # [len(sampled), vocab] float32, once queued
+    done: torch.cuda.Event | None = None  # recorded on the side stream after the logits (CUDA)
+    # What the main stream made for it and the side stream reads: alive until it has ended (the
+    # main stream's allocator would hand their memory out again at once).
+    inputs: tuple = ()
+
+
 class ModelRunner:
-    def __init__(self, model, attn: AttentionBackend, embed_store: torch.Tensor | None, graphs=None) -> None:
+    def __init__(
+        self,
+        model,
+        attn: AttentionBackend,
+        embed_store: torch.Tensor | None,
+        graphs=None,
+        side_attn: AttentionBackend | None = None,
+        side_stream: torch.cuda.Stream | None = None,
+    ) -> None:
         """model: a language model with embed / forward / compute_logits; embed_store: the
         shared [rows, hidden] arena of image embedding rows (None without images); graphs:
-        captured decode steps (`DecodeGraphs`) or None."""
+        captured decode steps (`DecodeGraphs`) or None; side_attn: a backend over the same KV
+        cache for side steps (--prefill_sms), run on `side_stream` (None on the CPU: in turn)."""
         self.model = model
         self.attn = attn
         self.embed_store = embed_store
         self.graphs = graphs
+        self.side_attn = side_attn
+        self.side_stream = side_stream
         self.device = attn.spec.device
         self._cuda = self.device.type == "cuda"
         self.page_tables = DevicePageTables(self.device)
@@ -62,8 +96,8 @@ class ModelRunner:
         """Launch and collect one step (no overlap)."""
         return self.collect(self.launch(plan))
 
-    @torch.inference_mode()
-    def launch(self, plan: StepPlan) -> LaunchedStep:
+    def _apply_membership(self, plan: StepPlan) -> None:
+        """The requests the plan adds, drops and resets (host state; the side steps' too)."""
         for request_id in plan.finished_ids:
             self.page_tables.remove(request_id)
             self.sampler.remove(request_id)
@@ -72,6 +106,10 @@ class ModelRunner:
         for new in plan.new_requests:
             self.page_tables.add(new.request_id)
             self.sampler.add(new.request_id, new.sampling, new.prompt_ids)
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> LaunchedStep:
+        self._apply_membership(plan)
         if self._inputs_copied is not None:
             # FlashInfer plans through one pinned host buffer per wrapper: the previous step's
             # copy out of it must have run before this step's plan refills it (it runs first
@@ -88,19 +126,98 @@ class ModelRunner:
             self.attn.plan(layout)
             self._mark_inputs_copied()
             logits = self._eager(plan.items, layout, input_ids, sampled)
+        step = self._sample(plan, logits, sampled)
+        if step.tokens is None:
+            return step
+        self._last_tokens = step.tokens  # the next step may feed them back
+        self._last_rows = {r: row for row, r in enumerate(step.request_ids)}
+        return self._copy_to_host(step)
+
+    def _sample(self, plan: StepPlan, logits: torch.Tensor | None, sampled: list[int]) -> LaunchedStep:
+        """Sample the step's rows that sample (their logits, in item order), on the device."""
         if not sampled:
             return LaunchedStep(plan.step_id, [], None, None)
         request_ids = [plan.items[i].request_id for i in sampled]
         # A row's token goes right after its context: the position keys its noise.
         positions = [plan.items[i].start + len(plan.items[i].token_ids) for i in sampled]
         tokens, logprobs, top = self.sampler.sample(logits, request_ids, positions)
-        self._last_tokens = tokens
-        self._last_rows = {r: row for row, r in enumerate(request_ids)}
         step = LaunchedStep(plan.step_id, request_ids, tokens, logprobs)
         if top is not None:
             step.top_ids, step.top_logprobs = top.indices, top.values
             step.num_top = [self.sampler.states[r].params.top_logprobs for r in request_ids]
-        return self._copy_to_host(step)
+        return step
+
+    @torch.inference_mode()
+    def launch_side(self, plan: StepPlan) -> SideStep:
+        """Start a side step: its inputs now, its forward by `advance_side`, beside the steps of
+        the main stream. Its page tables and ids are made on the main stream as a step's are (the
+        tables are the main stream's), and the side stream waits for everything queued there so
+        far: the steps before it, which may still write the KV its requests read, or read pages
+        handed to it since. The rest is the side stream's, the image rows' copy from shared
+        memory included: should the store be pageable, such a copy first waits for its stream's
+        work, which on the main stream would hold this thread (and the next decode step's launch)
+        until the step in flight has ended."""
+        assert self.side_attn is not None, "side steps need --prefill_sms"
+        self._apply_membership(plan)
+        assert all(item.token_ids[-1] != PENDING_TOKEN for item in plan.items), "side steps are prompts"
+        layout = self._layout(plan.items)
+        input_ids = self._input_ids(plan.items)
+        sampled = [i for i, item in enumerate(plan.items) if item.sample]
+        if self.side_stream is not None:
+            self.side_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with self._on_side_stream():
+            inputs_embeds = self._input_embeddings(plan.items, layout, input_ids)
+            positions = self._to_device(layout.positions())
+            last_rows = self._to_device([layout.qo_indptr[i + 1] - 1 for i in sampled])
+            self.side_attn.plan(layout)
+            parts = self.model.forward_in_parts(
+                inputs_embeds, positions, self.side_attn, SIDE_LAYERS_PER_PART
+            )
+        # layout and input_ids: made on the main stream, read on the side one.
+        return SideStep(plan, sampled, parts, last_rows, inputs=(layout, input_ids))
+
+    @torch.inference_mode()
+    def advance_side(self, step: SideStep) -> bool:
+        """Queue the next part of a side step's forward (after the last, its logits); True once
+        all of it is queued."""
+        if step.parts is None:
+            return True
+        with self._on_side_stream():
+            hidden = next(step.parts)
+            if hidden is None:
+                return False
+            step.parts = None
+            if step.sampled:
+                step.logits = self.model.compute_logits(hidden[step.last_rows])
+            if self.side_stream is not None:
+                step.done = torch.cuda.Event()
+                step.done.record()
+        return True
+
+    def _on_side_stream(self):
+        stream = self.side_stream
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    @staticmethod
+    def side_done(step: SideStep) -> bool:
+        """All of the side step is queued, and on CUDA it has run."""
+        return step.parts is None and (step.done is None or step.done.query())
+
+    @torch.inference_mode()
+    def finish_side(self, step: SideStep) -> LaunchedStep:
+        """Once `side_done(step)`: queue its sampling on the main stream (the sampler's tables are
+        the main stream's) and the copy of its tokens to the host; `collect` then waits for them."""
+        if step.done is not None and step.logits is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(step.done)
+            step.logits.record_stream(main)  # made on the side stream, read on the main one
+        launched = self._sample(step.plan, step.logits, step.sampled)
+        return launched if launched.tokens is None else self._copy_to_host(launched)
+
+    @staticmethod
+    def copied(step: LaunchedStep) -> bool:
+        """The step's tokens are on the host (`collect` will not wait)."""
+        return step.copied is None or step.copied.query()
 
     def _mark_inputs_copied(self) -> None:
         if self._cuda:
@@ -184,7 +301,8 @@ class ModelRunner:
             for piece in item.embeds:
                 dst = start + piece.dst_offset
                 rows = self.embed_store[piece.row_offset : piece.row_offset + piece.num_rows]
-                # From shared memory: a non-blocking copy stages the rows at once, without a sync.
+                # From shared memory, which the worker page-locks on CUDA (`register_for_copies`):
+                # the copy is queued; out of pageable memory CUDA would first wait for the stream.
                 embeds[dst : dst + piece.num_rows] = rows.to(self.device, non_blocking=True).to(embeds.dtype)
         return embeds
 

@@ -23,15 +23,23 @@ on a green context they can hold only those N, and a decode step's kernels keep 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 
 import torch
 
 from vlmd import ipc
+from vlmd.actors.device import green_stream
 from vlmd.actors.launch import Launch, Stopwatch
 from vlmd.actors.vit_replica import ReplicaGroup, VisionLayout, ViTRank, connect_front, serve_batches
 
 log = logging.getLogger("vlmd.worker")
+
+# How long a thread may hold the GIL while another waits for it, in the worker's process. On an
+# H100 with a ViT thread on a green context of 48 SMs beside batch-1 decode steps, the longest
+# step was 7.59 ms at 0.5 ms, against 11.7 to 14.5 ms at the 5 ms default with 32 and 64 SMs
+# (bench/RESULTS.md, "Side steps").
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class StepTurns:
@@ -91,11 +99,15 @@ class HostedViT:
             torch.cuda.set_device(device)  # first: a query on another GPU would open a context there
             least, greatest = torch.cuda.Stream.priority_range()  # a lower number runs first
             if launch.args.vit_sms:
-                self.green, self.vit_stream = green_stream(device, launch.args.vit_sms)
+                self.green, self.vit_stream = green_stream(device, launch.args.vit_sms, "--vit_sms")
             else:
                 self.vit_stream = torch.cuda.Stream(device, priority=least)
             self.step_stream = torch.cuda.Stream(device, priority=greatest)
             torch.cuda.set_stream(self.step_stream)
+        # The ViT's thread holds the GIL while it queues kernels (op by op on a green context);
+        # the step loop, waiting for the GIL after every receive or wait, would wait up to
+        # Python's 5 ms default each time.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
     async def load(self, clock: Stopwatch) -> None:
         """Load the ViT, run its largest batch and capture its graphs, all on its stream: called
@@ -139,21 +151,6 @@ class HostedViT:
         self.step_stream.wait_stream(self.vit_stream)
         with torch.cuda.stream(self.step_stream):
             self.vit.forward_in_slices(pixels, counts, runs, self.slice_tiles, self.turns.wait)
-
-
-def green_stream(device: torch.device, num_sms: int) -> tuple[object, torch.cuda.Stream]:
-    """A CUDA green context of `num_sms` of the device's SMs, and a stream on it (RuntimeError
-    where this torch or device has none: the worker stops at start-up with the reason)."""
-    total = torch.cuda.get_device_properties(device).multi_processor_count
-    if num_sms >= total:
-        raise RuntimeError(f"--vit_sms {num_sms}: the device has {total} SMs; leave some to the decode steps")
-    green_context = getattr(torch.cuda, "GreenContext", None)
-    if green_context is None or not hasattr(green_context, "Stream"):
-        raise RuntimeError(
-            f"--vit_sms needs CUDA green contexts with streams, which torch {torch.__version__} lacks"
-        )
-    context = green_context.create(num_sms=num_sms, device_id=device.index)
-    return context, context.Stream()
 
 
 def _current_priority() -> int:

@@ -45,6 +45,10 @@ COUNTERS = {
         "vlmd_decode_steps_prefill_capped",
         "steps whose prompt tokens beside decode rows were held to --decode_step_prefill_tokens",
     ),
+    "side_steps_total": (
+        "vlmd_side_steps",
+        "steps of prompt spans run beside the decode steps, on SMs of their own (--prefill_sms)",
+    ),
 }
 GAUGES = {
     "kv_pages_used": ("vlmd_kv_pages_used", "KV cache pages requests hold"),

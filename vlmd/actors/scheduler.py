@@ -4,7 +4,9 @@ Connections (all accepted on scheduler.sock, each opened with a Hello): the http
 and aborts requests and receives tokens; the vision actor encodes images; TP rank workers
 execute step plans. Two steps are in flight at a time: the next one is planned and sent while the
 workers run the last one (its sampled tokens fed back on the device), so the GPU never waits
-for this loop. Messages that arrive meanwhile are applied between steps.
+for this loop. Messages that arrive meanwhile are applied between steps. With --prefill_sms a
+side step of prompt spans may be in flight as well (`Scheduler.schedule_side`): the workers run it
+beside the decode steps and answer it whenever it ends.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class SchedulerActor:
         self.args = launch.args
         timeout_s = step_timeout_s(launch.args, launch.runtime.device)
         self.step_watch = StepWatch(timeout_s) if timeout_s else None
+        self.side_watch = StepWatch(timeout_s) if timeout_s else None  # side steps (--prefill_sms)
         self.supervisor: ipc.Channel | None = None  # set once the supervisor knows we are ready
         self.core: Scheduler | None = None  # built once every worker has said how many KV pages it has
         self._worker_pages: dict[int, int] = {}
@@ -95,6 +98,7 @@ class SchedulerActor:
                         decode_step_prefill_tokens=self.args.decode_step_prefill_tokens,
                         max_running_requests=self.args.max_running_requests,
                         enable_prefix_cache=not self.args.disable_prefix_cache,
+                        side_prefill=self.args.prefill_sms > 0,
                     )
                 )
                 self._workers_ready.set()
@@ -110,6 +114,7 @@ class SchedulerActor:
     def _dispatch(self, msg) -> None:
         if isinstance(msg, StepResult):
             self._results.put_nowait(msg)
+            self._work.set()  # the step loop may be waiting for a side step's result
         elif isinstance(msg, SubmitRequest):
             self._submit(msg)
         elif isinstance(msg, Abort):
@@ -178,6 +183,9 @@ class SchedulerActor:
         in_flight: deque[StepPlan] = deque()
         flushed = False  # a FlushStep went out since the last plan
         while True:
+            if (side := self.core.schedule_side()) is not None:
+                self._to_workers(side)
+                continue
             if len(in_flight) < MAX_STEPS_IN_FLIGHT:
                 plan = self.core.schedule()
                 if plan is not None:
@@ -185,7 +193,7 @@ class SchedulerActor:
                     in_flight.append(plan)
                     flushed = False
                     continue
-            if not in_flight:
+            if not in_flight and self.core.side is None:
                 self._work.clear()
                 await self._work.wait()
                 continue
@@ -193,25 +201,42 @@ class SchedulerActor:
                 # Workers hold their newest step until the next plan comes; none will now.
                 self._to_workers(FlushStep())
                 flushed = True
+            if not in_flight:  # only the side step runs: new work may start beside it
+                self._work.clear()
+                if self._results.empty():
+                    await self._work.wait()  # a result sets it too
+                if self._results.empty():
+                    continue
             result = await self._next_result()
-            self._apply(in_flight.popleft(), result)
+            if self._is_side(result):
+                self._apply(self.core.side, result)
+            else:
+                self._apply(in_flight.popleft(), result)
+
+    def _is_side(self, result: StepResult) -> bool:
+        return self.core.side is not None and result.step_id == self.core.side.step_id
 
     async def _next_result(self) -> StepResult:
-        """The oldest step's result; past --step_timeout the server stops instead."""
+        """The next result (the oldest step's, or the side step's); past --step_timeout the server
+        stops instead."""
         if self.step_watch is None:
             return await self._results.get()
+        watches = (self.step_watch, self.side_watch)
         while self._results.empty():  # a result already there is taken, however late
             now = time.monotonic()
-            if (overdue := self.step_watch.overdue(now)) is not None:
-                await self._hung(overdue)
+            for watch in watches:
+                if (overdue := watch.overdue(now)) is not None:
+                    await self._hung(overdue)
+            deadline = min(d for watch in watches if (d := watch.deadline()) is not None)
             try:
-                result = await asyncio.wait_for(self._results.get(), self.step_watch.deadline() - now)
+                result = await asyncio.wait_for(self._results.get(), deadline - now)
                 break
             except TimeoutError:
                 pass  # a timer may fire a little early: the deadline is checked again
         else:
             result = self._results.get_nowait()
-        self.step_watch.returned(result.step_id, time.monotonic())
+        watch = self.side_watch if self._is_side(result) else self.step_watch
+        watch.returned(result.step_id, time.monotonic())
         return result
 
     async def _hung(self, overdue: Overdue) -> None:
@@ -232,7 +257,7 @@ class SchedulerActor:
 
     def _to_workers(self, msg) -> None:
         if isinstance(msg, StepPlan) and self.step_watch is not None:
-            self.step_watch.sent(msg, time.monotonic())
+            (self.side_watch if msg.side else self.step_watch).sent(msg, time.monotonic())
         for worker in self.workers.values():
             worker.send(msg)
 
@@ -261,6 +286,7 @@ class SchedulerActor:
             "prefix_cache_hit_tokens_total": stats.hit_tokens,
             "preemptions_total": stats.preemptions,
             "decode_steps_prefill_capped_total": stats.capped_steps,
+            "side_steps_total": stats.side_steps,
             "prefix_cache_evicted_pages_total": self.core.cache.num_evicted,
             "kv_pages_cached": self.core.cache.num_unreferenced,
             "kv_pages_total": self.core.config.num_pages,

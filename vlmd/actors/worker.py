@@ -11,7 +11,13 @@ from collections.abc import Awaitable, Callable, Coroutine
 import torch
 
 from vlmd import ipc
-from vlmd.actors.device import TORCH_DTYPES, TP_TIMEOUT_S, embed_store_view
+from vlmd.actors.device import (
+    TORCH_DTYPES,
+    TP_TIMEOUT_S,
+    embed_store_view,
+    green_stream,
+    register_for_copies,
+)
 from vlmd.actors.hosted_vit import HostedViT, StepTurns
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, Stopwatch, announce_ready, connect_supervisor
 from vlmd.core.page_allocator import pages_for
@@ -19,6 +25,7 @@ from vlmd.kernels.attention import KVCacheSpec
 from vlmd.kernels.cuda_graph import DecodeGraphs
 from vlmd.kernels.flashinfer_backend import (
     SUPPORTED_HEAD_DIMS,
+    WORKSPACE_BYTES,
     FlashInferBackend,
     flashinfer_unsupported_reason,
 )
@@ -55,10 +62,12 @@ def make_runner(
     embed_store: torch.Tensor | None = None,
     graph_max_batch_size: int = 0,
     gemv: bool = True,
+    side_sms: int = 0,
 ) -> ModelRunner:
     """Give a loaded language model a KV cache of `num_pages` pages and an attention backend;
     with graph_max_batch_size > 0 and FlashInfer, capture decode steps in CUDA graphs; with
-    `gemv`, one-row linear layers on CUDA run Triton's GEMV."""
+    `gemv`, one-row linear layers on CUDA run Triton's GEMV; with side_sms > 0, a second backend
+    over the same cache for side steps, on a green context of that many SMs (--prefill_sms)."""
     weight = next(model.parameters())
     model.set_ops(make_ops(weight.device, weight.dtype, log, gemv=gemv))
     heads = model.model.layers[0].self_attn  # this rank's heads (all of them without TP)
@@ -78,7 +87,16 @@ def make_runner(
         graphs.capture()
     elif graph_max_batch_size:
         log.warning("CUDA graphs need the FlashInfer backend: decoding op by op")
-    return ModelRunner(model, attn, embed_store, graphs)
+    if not side_sms:
+        return ModelRunner(model, attn, embed_store, graphs)
+    side_attn = make_attention_backend(spec, heads.num_heads, attn.scale, logger=log, kv_cache=attn.kv_cache)
+    green, side_stream = None, None
+    if weight.device.type == "cuda":
+        green, side_stream = green_stream(weight.device, side_sms, "--prefill_sms")
+        log.info("side steps (prompt chunks beside decode steps) on a green context of %d SMs", side_sms)
+    runner = ModelRunner(model, attn, embed_store, graphs, side_attn, side_stream)
+    runner.side_green = green  # the context lives as long as its stream is used
+    return runner
 
 
 def create_runner(
@@ -132,8 +150,14 @@ def gpu_kv_pages(model, arch: InternVLArch, launch: Launch, profile: tuple[int, 
     # The logits of a full batch of decodes (and a processed copy) are the other large transient;
     # the penalty table can grow to one int32 row per running request.
     logits_bytes = 3 * args.max_running_requests * arch.vocab_size * 4
+    # Side steps (--prefill_sms) plan through a workspace of their own, and their activations
+    # come from the side stream's share of the allocator's cache while the main stream keeps its
+    # own: without room for both, the allocator would give its cache back to CUDA, which waits
+    # for the whole device (the side step in flight included) in the middle of the decode steps.
+    side_bytes = WORKSPACE_BYTES + activation_bytes if args.prefill_sms else 0
     free, total = torch.cuda.mem_get_info(device)
     budget = free - (1 - args.mem_fraction) * total - activation_bytes - logits_bytes - GPU_HEADROOM_BYTES
+    budget -= side_bytes
     log.info(
         "memory: %.1f GiB free of %.1f GiB after weights; step activations %.2f GiB; KV page %d bytes",
         free / 2**30,
@@ -234,13 +258,17 @@ async def build_runner(
     if num_pages < 1:
         raise SystemExit("--mem_fraction leaves no device memory for the KV cache")
     graph_max_batch_size = 0 if args.disable_cudagraph or device.type != "cuda" else args.graph_max_batch_size
+    embed_store = embed_store_view(launch)
+    if embed_store is not None and device.type == "cuda":
+        register_for_copies(embed_store)
     runner = make_runner(
         model,
         arch,
         num_pages=num_pages,
         page_size=args.page_size,
-        embed_store=embed_store_view(launch),
+        embed_store=embed_store,
         graph_max_batch_size=graph_max_batch_size,
+        side_sms=args.prefill_sms,
     )
     clock.lap("KV cache and CUDA graphs" if runner.graphs else "KV cache")
     return runner
@@ -299,10 +327,14 @@ async def serve_steps(
     one is collected, so the device runs the next step while the host reads back and reports
     the last one; the scheduler sends FlushStep when no plan follows. On the CPU, where launching
     is computing, each step is collected at once (holding it would only delay its tokens);
-    `overlap` overrides that choice (tests)."""
+    `overlap` overrides that choice (tests).
+
+    A side step (--prefill_sms) is launched on the side stream and answered once it has ended,
+    whenever that is: while one runs, the loop looks at it every SIDE_POLL_S between plans."""
     if overlap is None:
         overlap = runner.device.type == "cuda"
     held = None  # the launched step not yet collected
+    side = SideSteps(runner, channel, send_results)
 
     def report() -> None:
         nonlocal held
@@ -314,7 +346,7 @@ async def serve_steps(
             turns.step_collected()
 
     while True:
-        msg = await channel.recv()
+        msg = await side.next_message()
         if isinstance(msg, FlushStep):
             if held is not None:
                 report()
@@ -322,6 +354,9 @@ async def serve_steps(
                 turns.idle()
             continue
         assert isinstance(msg, StepPlan), f"worker expects StepPlan, got {type(msg).__name__}"
+        if msg.side:
+            side.launch(msg)
+            continue
         if turns is not None:
             turns.step_launched(decoding=any(len(item.token_ids) == 1 for item in msg.items))
         launched = runner.launch(msg)
@@ -330,3 +365,57 @@ async def serve_steps(
         held = launched
         if not overlap:
             report()
+
+
+# How often a worker looks at a running side step between plans (seconds).
+SIDE_POLL_S = 0.0005
+
+
+class SideSteps:
+    """The worker's side step in flight (--prefill_sms): its forward queued a few layers at a time
+    between the plans it receives, then its sampling once the forward has run, then its result
+    sent once its tokens are on the host."""
+
+    def __init__(self, runner: ModelRunner, channel: ipc.Channel, send_results: bool) -> None:
+        self.runner = runner
+        self.channel = channel
+        self.send_results = send_results
+        self.forward = None  # the side step, from its launch until its forward has run
+        self.sampling = None  # its sampling, queued once the forward has run
+        self._next: asyncio.Future | None = None  # the receive in progress while one runs
+
+    def launch(self, plan: StepPlan) -> None:
+        assert self.forward is None and self.sampling is None, "one side step at a time"
+        self.forward = self.runner.launch_side(plan)
+        self.poll()
+
+    def poll(self) -> None:
+        """Queue the forward's next part; once it has run, its sampling; once that is on the
+        host, send the result."""
+        if self.forward is not None:
+            if self.runner.advance_side(self.forward) and self.runner.side_done(self.forward):
+                self.sampling, self.forward = self.runner.finish_side(self.forward), None
+        if self.sampling is not None and self.runner.copied(self.sampling):
+            result, self.sampling = self.runner.collect(self.sampling), None
+            if self.send_results:
+                self.channel.send(result)
+
+    async def next_message(self):
+        """The next message from the scheduler. While a side step runs, it goes on meanwhile: its
+        parts queued one after another while no message waits, then looked at every SIDE_POLL_S."""
+        if self._next is None and self.forward is None and self.sampling is None:
+            return await self.channel.recv()
+        if self._next is None:
+            self._next = asyncio.ensure_future(self.channel.recv())
+        while True:
+            if self.forward is None and self.sampling is None:
+                timeout = None
+            elif self.forward is not None and self.forward.parts is not None:
+                timeout = 0  # more to queue: only let a waiting message in first
+            else:
+                timeout = SIDE_POLL_S
+            await asyncio.wait({self._next}, timeout=timeout)
+            if self._next.done():
+                msg, self._next = self._next.result(), None
+                return msg
+            self.poll()

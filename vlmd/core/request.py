@@ -48,6 +48,7 @@ class Request:
     sent_to_workers: bool = False  # the workers know its sampling parameters (NewRequest)
     num_cached_tokens: int = -1  # prompt tokens the prefix cache held at first admission (-1: not yet)
     first_step_since_preempted: int = 0  # results of steps planned before it are stale
+    in_side: bool = False  # a span of it is in the side step in flight (side_prefill)
     _page_keys: list[PageKey] = field(default_factory=list, repr=False)  # page_key's memo
 
     @property

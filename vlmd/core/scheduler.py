@@ -17,6 +17,13 @@ the pool on its own always finishes.
 Every page of a request whose KV is computed is offered to the prefix cache as it fills, so the
 next turn of a chat, or another request with the same system prompt, starts from it.
 
+With `side_prefill`, prompt spans do not ride in steps with decode rows at all: while requests
+decode, they go in side steps (`schedule_side`), one in flight at a time, which the workers run
+beside the decode steps (on a CUDA green context of some SMs: `--prefill_sms`), so that a decode
+row waits for no prompt. A request in the side step in flight is in no other step; if it is
+aborted meanwhile, its pages are released once that step has returned (the side step may still
+write them).
+
 The next step may be planned while the previous one runs: a request whose step in flight samples
 a token decodes that token next (`PENDING_TOKEN`), unless it is sure to end by length first. A
 request that turns out to have stopped on that token has run one wasted step; its pages are
@@ -46,6 +53,9 @@ class SchedulerConfig:
     decode_step_prefill_tokens: int | None = None
     max_running_requests: int = 256
     enable_prefix_cache: bool = True
+    # Prompt spans beside decode rows go in side steps (`Scheduler.schedule_side`), not in the
+    # decode steps: the workers run them beside the decode steps, on SMs of their own.
+    side_prefill: bool = False
     # Admission leaves this share of the pool free for the running requests' next tokens, so that
     # a request admitted now is not the one preempted at the next step.
     watermark: float = 0.01
@@ -65,6 +75,7 @@ class SchedulerStats:
     hit_tokens: int = 0  # of those, found cached
     preemptions: int = 0
     capped_steps: int = 0  # steps whose prompt tokens beside decode rows reached the cap
+    side_steps: int = 0  # side steps planned (side_prefill)
 
 
 class Scheduler:
@@ -81,6 +92,8 @@ class Scheduler:
         self._finished_since_last_step: list[str] = []
         self._preempted_since_last_step: list[str] = []
         self._step_id = 0
+        self.side: StepPlan | None = None  # the side step in flight (side_prefill)
+        self._side_aborted: list[Request] = []  # gone while in it: pages held until it returns
 
     # --- requests in and out ----------------------------------------------------------------
 
@@ -115,7 +128,7 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.requests
+        return not self.requests and self.side is None
 
     @property
     def num_used_pages(self) -> int:
@@ -133,7 +146,7 @@ class Scheduler:
         for request in list(self.running):  # oldest first; preemption removes from the end
             if budget == 0:
                 break
-            if request.status is not Status.RUNNING or not request.can_schedule():
+            if request.status is not Status.RUNNING or request.in_side or not request.can_schedule():
                 continue
             decodes = _decodes(request)
             if not decodes and prefill_budget == 0:
@@ -158,15 +171,66 @@ class Scheduler:
             self.stats.capped_steps += 1
         if not items:
             return None  # what was preempted and finished goes out with the next plan
+        return self._plan(items, new_requests)
+
+    def _plan(self, items: list[StepItem], new_requests: list[NewRequest], side: bool = False) -> StepPlan:
         self._step_id += 1
         finished, self._finished_since_last_step = self._finished_since_last_step, []
         preempted, self._preempted_since_last_step = self._preempted_since_last_step, []
-        return StepPlan(self._step_id, items, new_requests, finished, preempted)
+        return StepPlan(self._step_id, items, new_requests, finished, preempted, side)
+
+    def schedule_side(self) -> StepPlan | None:
+        """With side_prefill, while some request decodes and no side step is in flight: a step of
+        prompt spans only (running requests' next chunks, then admissions) under the step budget,
+        to run beside the decode steps. Its requests are in no other step until it returns."""
+        if not self.config.side_prefill or self.side is not None or not self._any_decodes(now=False):
+            return None
+        budget = self.config.max_num_batched_tokens
+        items: list[StepItem] = []
+        new_requests: list[NewRequest] = []
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status is not Status.RUNNING or request.in_side or not request.can_schedule():
+                continue
+            if _decodes(request):
+                continue
+            item = self._schedule_span(request, budget)
+            if item is None:
+                break  # it preempted itself
+            request.in_side = True
+            items.append(item)
+            budget -= len(item.token_ids)
+        while budget > 0 and self._can_admit():
+            request = self._admit()
+            if not request.sent_to_workers:
+                new_requests.append(NewRequest(request.request_id, request.sampling, request.prompt_ids))
+                request.sent_to_workers = True
+            item = self._schedule_span(request, budget)
+            assert item is not None, "an admitted request's first span fits"
+            request.in_side = True
+            items.append(item)
+            budget -= len(item.token_ids)
+        if not items:
+            return None
+        self.stats.side_steps += 1
+        self.side = self._plan(items, new_requests, side=True)
+        return self.side
 
     def update(self, plan: StepPlan, result: StepResult) -> tuple[list[TokenOut], list[Finished]]:
         """Apply a step's results: advance computed tokens, cache filled pages, append sampled
         tokens, finish requests. `result` has one row per item that samples, in item order."""
         assert result.step_id == plan.step_id, "workers answer steps in order"
+        if plan.side:
+            assert plan is self.side, "one side step in flight"
+            self.side = None
+            for item in plan.items:
+                if (request := self.requests.get(item.request_id)) is not None:
+                    request.in_side = False
+            for request in self._side_aborted:  # the step that could still write them has returned
+                self._finished_since_last_step.append(request.request_id)
+                self._release_pages(request)
+            self._side_aborted = []
         outputs: list[TokenOut] = []
         finished: list[Finished] = []
         row = -1
@@ -251,7 +315,9 @@ class Scheduler:
         """`count` pages for `request`, preempting the newest running requests while there are
         too few; None when `request` itself had to be preempted."""
         while self.cache.num_available < count:
-            victim = self.running[-1]
+            # The newest not in the side step in flight (its pages are being written there);
+            # `request` itself is running and in no side step, so there is one.
+            victim = next(r for r in reversed(self.running) if not r.in_side)
             self._preempt(victim)
             if victim is request:
                 return None
@@ -261,12 +327,22 @@ class Scheduler:
 
     def _prefill_budget(self, budget: int) -> int:
         """The step's budget for spans of more than one token: the cap where a running request
-        decodes this step, else the whole budget."""
+        decodes this step, else the whole budget. With side_prefill, none while a request decodes
+        or a side step is in flight (prompts go in side steps; never two prefills at once)."""
+        if self.config.side_prefill:
+            return 0 if self.side is not None or self._any_decodes(now=False) else budget
         cap = self.config.decode_step_prefill_tokens
         if cap is None or cap >= budget:
             return budget
-        running = (r for r in self.running if r.status is Status.RUNNING and r.can_schedule())
-        return cap if any(_decodes(r) for r in running) else budget
+        return cap if self._any_decodes() else budget
+
+    def _any_decodes(self, now: bool = True) -> bool:
+        """A running request outside the side step decodes in the next step (`now`), or is
+        decoding (its next step may wait for the two in flight)."""
+        return any(
+            r.status is Status.RUNNING and not r.in_side and (r.can_schedule() or not now) and _decodes(r)
+            for r in self.running
+        )
 
     def _schedule_span(self, request: Request, budget: int) -> StepItem | None:
         start = request.num_scheduled
@@ -315,6 +391,12 @@ class Scheduler:
         request.path, request.page_table, request.num_pages_sent = [], [], 0
 
     def _finish(self, request: Request) -> None:
+        if request.in_side:  # aborted while the side step runs: its pages wait for that step
+            self.running.remove(request)
+            self._side_aborted.append(request)
+            request.status = Status.FINISHED
+            del self.requests[request.request_id]
+            return
         if request.status is Status.RUNNING:
             self.running.remove(request)
             self._finished_since_last_step.append(request.request_id)
@@ -328,11 +410,17 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         self.allocator.check_integrity()
-        cached = self.cache.check_integrity(r.path for r in self.running)
-        private = [page for r in self.running for page in _private_pages(r)]
+        holders = self.running + self._side_aborted
+        cached = self.cache.check_integrity(r.path for r in holders)
+        private = [page for r in holders for page in _private_pages(r)]
         assert len(private) == len(set(private)), "a private page owned twice"
         assert not set(private) & cached, "a page both private and cached"
         assert len(private) + len(cached) == self.allocator.num_used, "page ownership mismatch"
+        assert all(r.in_side for r in self._side_aborted) and (
+            self.side is not None or not self._side_aborted
+        )
+        in_side = {r.request_id for r in self.running if r.in_side}
+        assert in_side <= {item.request_id for item in self.side.items} if self.side else not in_side
         for r in self.running:
             assert r.status is Status.RUNNING
             assert r.num_computed <= r.num_scheduled <= r.num_known_after_inflight

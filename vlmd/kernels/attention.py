@@ -93,14 +93,19 @@ class AttentionBackend(ABC):
     layout gives and returns causal attention of q over each request's whole cache.
     """
 
-    def __init__(self, spec: KVCacheSpec, num_q_heads: int, scale: float) -> None:
+    def __init__(
+        self, spec: KVCacheSpec, num_q_heads: int, scale: float, kv_cache: list[torch.Tensor] | None = None
+    ) -> None:
+        """kv_cache: another backend's cache to share (the side steps' backend: --prefill_sms);
+        None, a cache of its own."""
         assert num_q_heads % spec.num_kv_heads == 0, "query heads must be a multiple of KV heads"
         self.spec = spec
         self.num_q_heads = num_q_heads
         self.scale = scale
+        self.owns_cache = kv_cache is None
         shape = (spec.num_pages, 2, spec.page_size, spec.num_kv_heads, spec.head_dim)
         # empty, not zeros: only written slots are ever read, and untouched pages cost no memory.
-        self.kv_cache = [
+        self.kv_cache = kv_cache or [
             torch.empty(shape, dtype=spec.dtype, device=spec.device) for _ in range(spec.num_layers)
         ]
 

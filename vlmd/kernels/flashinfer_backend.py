@@ -150,6 +150,7 @@ class FlashInferBackend(AttentionBackend):
         spec: KVCacheSpec,
         num_q_heads: int,
         scale: float,
+        kv_cache: list[torch.Tensor] | None = None,
         *,
         decode_use_tensor_cores: bool | None = None,
     ) -> None:
@@ -160,13 +161,13 @@ class FlashInferBackend(AttentionBackend):
         )
         if reason is not None:
             raise ValueError(f"FlashInfer cannot serve this model: {reason}")
-        super().__init__(spec, num_q_heads, scale)
+        super().__init__(spec, num_q_heads, scale, kv_cache)
         import flashinfer
 
         # Insurance, once: should a kernel load a partial page's unwritten tail before masking
         # it, never-written memory may hold NaN bit patterns, which a zero probability does not
         # cancel (0 * NaN = NaN). Tails of reused pages hold finite old k/v.
-        for cache in self.kv_cache:
+        for cache in self.kv_cache if self.owns_cache else []:
             cache.zero_()
         group_size = num_q_heads // spec.num_kv_heads
         if decode_use_tensor_cores is None:
@@ -176,7 +177,9 @@ class FlashInferBackend(AttentionBackend):
         )
         # The decode wrapper wants a zeroed float workspace on first use.
         workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=spec.device)
-        self.workspace = workspace  # CUDA-graph decode wrappers share it too (steps never overlap)
+        # CUDA-graph decode wrappers share it too (steps never overlap); a side steps' backend
+        # (--prefill_sms), whose steps overlap the others, has one of its own.
+        self.workspace = workspace
         self.decode_use_tensor_cores = decode_use_tensor_cores
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(

@@ -14,6 +14,8 @@ checkpoint layout onto them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -110,11 +112,26 @@ class DecoderModel(nn.Module):
     def forward(
         self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
+        *_, hidden = self.forward_in_parts(inputs_embeds, positions, attn, len(self.layers))
+        return hidden
+
+    def forward_in_parts(
+        self,
+        inputs_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBackend,
+        layers_per_part: int,
+    ) -> Iterator[torch.Tensor | None]:
+        """`forward`, `layers_per_part` layers at a time: None after each part but the last, then
+        the final-normed hidden (a caller may do other work between parts)."""
         x, residual = inputs_embeds, None
         positions = self.rotary.prepare(positions)
-        for layer in self.layers:
-            x, residual = layer(x, residual, positions, self.rotary, attn)
-        return self.norm.add(x, residual)[0]
+        for start in range(0, len(self.layers), layers_per_part):
+            for layer in self.layers[start : start + layers_per_part]:
+                x, residual = layer(x, residual, positions, self.rotary, attn)
+            if start + layers_per_part < len(self.layers):
+                yield None
+        yield self.norm.add(x, residual)[0]
 
 
 # cuBLAS multiplies by a matrix whose rows do not end on a 16-byte boundary with slow fallback
@@ -184,6 +201,17 @@ class CausalLM(nn.Module):
         """inputs_embeds: [T, hidden]; positions: [T] int64 -> final-normed hidden [T, hidden]."""
         assert positions.shape == inputs_embeds.shape[:1], "expected a flattened [T, hidden] batch"
         return self.model(inputs_embeds, positions, attn)
+
+    def forward_in_parts(
+        self,
+        inputs_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBackend,
+        layers_per_part: int,
+    ) -> Iterator[torch.Tensor | None]:
+        """`forward` a few layers at a time (`DecoderModel.forward_in_parts`)."""
+        assert positions.shape == inputs_embeds.shape[:1], "expected a flattened [T, hidden] batch"
+        return self.model.forward_in_parts(inputs_embeds, positions, attn, layers_per_part)
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """hidden: [N, hidden] (usually only each request's last row) -> float32 logits [N, vocab],
