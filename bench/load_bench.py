@@ -4,9 +4,12 @@ one process, on the same files:
 
 - read: every language-model tensor copied out of its safetensors file into CPU memory (the
   page cache, or the disk where the pages are not cached);
-- to device: the same tensors, as the loader moves them (`.to(device)` from the file's mapping);
+- to device: the same tensors, each read into CPU memory (`get_tensor`), then `.to(device)`;
+- to device from slice views: as the loader reads them (`get_slice(key)[:]`, a view of the file's
+  mapping, no copy), then `.to(device)`;
 - to device, staged: copied into a pinned buffer first, then to the device without waiting;
-- load: `load_language_model` end to end, with each --threads count (LOADWORKER).
+- load: `load_language_model` end to end, with each --threads count (LOADWORKER); with
+  --profile, the functions its first load spent the most time in.
 
     python bench/load_bench.py --model_dir /tmp/internvl3-8b --threads 1 8
 
@@ -17,8 +20,10 @@ a cold figure); the later ones find them in the page cache.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
 import os
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -51,11 +56,13 @@ def timed(name: str, run, num_bytes: int) -> None:
     print(f"| {name} | {seconds:.2f} | {num_bytes / seconds / 1e9:.2f} |", flush=True)
 
 
-def each_tensor(by_file: dict[Path, list[str]], use) -> None:
+def each_tensor(by_file: dict[Path, list[str]], use, sliced: bool = False) -> None:
+    """`use(tensor)` for every tensor: read into CPU memory, or with `sliced`, a view of the file's
+    mapping as `get_slice(key)[:]` gives it (the loader's read)."""
     for path, keys in by_file.items():
         with safe_open(path, framework="pt", device="cpu") as f:
             for key in keys:
-                use(f.get_tensor(key))
+                use(f.get_slice(key)[:] if sliced else f.get_tensor(key))
 
 
 def staged_copier(device: torch.device):
@@ -87,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, nargs="+", default=[1, 8], help="LOADWORKER values to load with"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", action="store_true", help="profile one more load (1 thread)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     by_file = language_tensors(args.model_dir)
@@ -102,13 +110,18 @@ def main(argv: list[str] | None = None) -> None:
     timed("read into CPU memory", lambda: each_tensor(by_file, lambda t: t.clone()), num_bytes)
     kept: list[torch.Tensor] = []  # the device copies stay until the pass's end, as loaded weights do
 
-    def to_device(copy) -> None:
-        each_tensor(by_file, lambda t: kept.append(copy(t)))
+    def to_device(copy, sliced: bool = False) -> None:
+        each_tensor(by_file, lambda t: kept.append(copy(t)), sliced)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         kept.clear()
 
-    timed("to device (.to from the file's mapping)", lambda: to_device(lambda t: t.to(device)), num_bytes)
+    timed("to device (read, then .to)", lambda: to_device(lambda t: t.to(device)), num_bytes)
+    timed(
+        "to device from slice views (the loader's read, then .to)",
+        lambda: to_device(lambda t: t.to(device), sliced=True),
+        num_bytes,
+    )
     if device.type == "cuda":
         timed("to device, staged through pinned buffers", lambda: to_device(staged_copier(device)), num_bytes)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -117,6 +130,10 @@ def main(argv: list[str] | None = None) -> None:
         timed(f"load_language_model, {threads} thread(s)", load, num_bytes)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if args.profile:
+        profile = cProfile.Profile()
+        profile.runcall(load_language_model, args.model_dir, dtype, device, num_threads=1)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(15)
 
 
 if __name__ == "__main__":
