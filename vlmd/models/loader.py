@@ -168,6 +168,12 @@ def _load_into(
             for name in names:
                 source = sources[name]
                 tensor = _take(f.get_slice(source.key), source, shards.get(name), params[name])
+                if device.type == "cuda":
+                    # A view of the file's mapping copied to a GPU takes its page faults one by
+                    # one during the transfer: into process memory first. On an H100 the 8B's
+                    # 15 GB loaded in 27.5 s this way round, while read-then-copy took under 2 s
+                    # (bench/load_bench.py times both, and the loader).
+                    tensor = tensor.clone(memory_format=torch.contiguous_format)
                 out.append((name, tensor.to(device=device, dtype=dtype)))
         return out
 
