@@ -104,9 +104,9 @@ class HostedViT:
                 self.vit_stream = torch.cuda.Stream(device, priority=least)
             self.step_stream = torch.cuda.Stream(device, priority=greatest)
             torch.cuda.set_stream(self.step_stream)
-        # The ViT's thread holds the GIL while it queues kernels (op by op on a green context);
-        # the step loop, waiting for the GIL after every receive or wait, would wait up to
-        # Python's 5 ms default each time.
+        # The ViT's thread holds the GIL while it queues kernels (op by op, for batches larger
+        # than its graphs); the step loop, waiting for the GIL after every receive or wait, would
+        # wait up to Python's 5 ms default each time.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
     async def load(self, clock: Stopwatch) -> None:

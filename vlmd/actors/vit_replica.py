@@ -228,12 +228,13 @@ def _build_model(launch: Launch, device: torch.device, tp: TPGroup, clock: Stopw
         _reserve_peak_memory(model, largest, tiling)
         clock.lap("largest batch (kernel compile)")
         # A tensor-parallel ViT runs op by op: capturing its all-reduces in CUDA graphs has not
-        # been checked on GPUs, and every rank of a group would have to replay in lockstep. So does
-        # a ViT on a green context (--vit_sms): torch captures graphs on a stream of the primary
-        # context, and a graph is not known to replay on another context's stream.
-        if not args.disable_cudagraph and tp.size == 1 and not args.vit_sms:
+        # been checked on GPUs, and every rank of a group would have to replay in lockstep. A ViT
+        # on a green context (--vit_sms) is captured on its stream: the kernels of a graph
+        # captured there keep to the green context's SMs wherever it replays (seen on an H100).
+        if not args.disable_cudagraph and tp.size == 1:
             model = VisionGraphs(model, tiling.max_tiles_per_image, tiling.tile_size)
-            model.capture()  # torch empties the allocator's cache before a capture
+            # torch empties the allocator's cache before a capture
+            model.capture(torch.cuda.current_stream(device) if args.vit_sms else None)
             if largest > tiling.max_tiles_per_image:  # batches beyond the graphs run op by op
                 _reserve_peak_memory(model.vision, largest, tiling)
             clock.lap("CUDA graphs")

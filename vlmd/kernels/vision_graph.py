@@ -29,7 +29,9 @@ class VisionGraphs:
         self._outputs: dict[int, torch.Tensor] = {}
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Capture every tile count's graph, on `stream` (a green context's: the graphs' kernels
+        then keep to its SMs) or on a side stream of torch's."""
         started = time.perf_counter()
         pool = None
         for num_tiles in range(self.max_tiles, 0, -1):  # largest first: the rest reuse its memory
@@ -37,7 +39,7 @@ class VisionGraphs:
             self.vision(pixels)  # warm-up outside the graph
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
                 self._outputs[num_tiles] = self.vision(pixels)
             pool = graph.pool()
             self._graphs[num_tiles] = graph
