@@ -227,6 +227,44 @@ def test_prompts_prefilled_in_side_steps_beside_decoding_give_the_same_tokens(si
     assert metrics(side_server)["vlmd_side_steps_total"] - before >= 2816 // 256
 
 
+def test_a_client_gone_while_its_prompt_is_in_a_side_step_leaves_nothing_held(side_server):
+    """An image request whose client disconnects while its prompt is being prefilled in side
+    steps: its pages are released once the side step in flight has returned, the text decoding
+    meanwhile is answered, and the server keeps serving with no page, pin or request held."""
+    import json
+    import socket
+
+    from tests.test_stream import assert_aborted_and_serving
+
+    host, port = side_server.url.removeprefix("http://").split(":")
+    # An image and a prompt no other test sends: nothing of it is cached.
+    prompt, images = chat("<img></img> Describe at length."), [make_image(900, 600, seed=7)]
+    body = json.dumps(
+        {
+            "inputs": prompt,
+            "parameters": {"max_new_tokens": 64},
+            "multimodal_params": {
+                "images": [{"type": "base64", "data": base64.b64encode(d).decode()} for d in images]
+            },
+        }
+    ).encode()
+    head = f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(body)}\r\n\r\n"
+    with ThreadPoolExecutor(1) as pool:
+        text = pool.submit(vlmd_generate, side_server, chat("Keep counting."), [], 400)
+        time.sleep(0.5)  # the text decoding
+        before = metrics(side_server).get("vlmd_side_steps_total", 0)
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(head.encode() + body)
+            deadline = time.monotonic() + 30
+            while metrics(side_server).get("vlmd_side_steps_total", 0) < before + 2:  # its prompt started
+                assert time.monotonic() < deadline, "the image prompt never reached a side step"
+                time.sleep(0.02)
+        assert len(text.result()) == 400
+    assert_aborted_and_serving(side_server)
+    assert metrics(side_server)["vlmd_embed_cache_pinned_images"] == 0
+
+
 def test_concurrent_requests_match_one_at_a_time(placed_server, reference):
     requests_ = [
         (chat("Hi."), [], 32),
