@@ -137,3 +137,20 @@ def test_worker_holds_each_step_until_the_next_plan_or_a_flush(lm):
     serial = make_runner(model, arch, num_pages=NUM_PAGES, page_size=PAGE_SIZE)
     want = [out.token_ids[0] for _, outputs in run_in_process(reference, serial, 1) for out in outputs]
     assert [r.token_ids[0] for r in seen[2]] == want[:2]
+
+
+def test_host_watch_logs_only_slow_work_and_only_where_enabled(caplog):
+    """On a GPU the worker logs host work long enough to delay a step's launch (issue 16's
+    latency spikes), naming what it was; quick work and the CPU (where launching is computing)
+    log nothing."""
+    import logging
+    import time
+
+    from vlmd.actors.worker import SLOW_HOST_S, HostWatch
+
+    caplog.set_level(logging.INFO, logger="vlmd.worker")
+    for enabled, seconds in ((True, 0.0), (True, 2 * SLOW_HOST_S), (False, 2 * SLOW_HOST_S)):
+        with HostWatch(enabled).timed("launching step", 7):
+            time.sleep(seconds)
+    slow = [r.getMessage() for r in caplog.records if "slow host work" in r.getMessage()]
+    assert len(slow) == 1 and slow[0].startswith("slow host work: launching step 7 took "), slow

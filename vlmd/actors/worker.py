@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable, Coroutine
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 
 import torch
 
@@ -334,11 +336,13 @@ async def serve_steps(
     if overlap is None:
         overlap = runner.device.type == "cuda"
     held = None  # the launched step not yet collected
-    side = SideSteps(runner, channel, send_results)
+    watch = HostWatch(enabled=runner.device.type == "cuda")
+    side = SideSteps(runner, channel, send_results, watch)
 
     def report() -> None:
         nonlocal held
-        result = runner.collect(held)
+        with watch.timed("collecting step", held.step_id):
+            result = runner.collect(held)
         held = None
         if send_results:
             channel.send(result)
@@ -355,11 +359,13 @@ async def serve_steps(
             continue
         assert isinstance(msg, StepPlan), f"worker expects StepPlan, got {type(msg).__name__}"
         if msg.side:
-            side.launch(msg)
+            with watch.timed("launching side step", msg.step_id):
+                side.launch(msg)
             continue
         if turns is not None:
             turns.step_launched(decoding=any(len(item.token_ids) == 1 for item in msg.items))
-        launched = runner.launch(msg)
+        with watch.timed("launching step", msg.step_id):
+            launched = runner.launch(msg)
         if held is not None:
             report()
         held = launched
@@ -369,6 +375,27 @@ async def serve_steps(
 
 # How often a worker looks at a running side step between plans (seconds).
 SIDE_POLL_S = 0.0005
+# On a GPU, host work on the worker's thread longer than this is logged: the thread launches the
+# next step only once it is done, so such work may delay tokens (issue 16's latency spikes).
+SLOW_HOST_S = 0.015
+
+
+class HostWatch:
+    """Logs the worker thread's calls that take longer than SLOW_HOST_S (on a GPU)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    @contextlib.contextmanager
+    def timed(self, what: str, step_id: int) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        started = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - started
+        if seconds > SLOW_HOST_S:
+            log.info("slow host work: %s %d took %.1f ms", what, step_id, seconds * 1e3)
 
 
 class SideSteps:
@@ -376,10 +403,13 @@ class SideSteps:
     between the plans it receives, then its sampling once the forward has run, then its result
     sent once its tokens are on the host."""
 
-    def __init__(self, runner: ModelRunner, channel: ipc.Channel, send_results: bool) -> None:
+    def __init__(
+        self, runner: ModelRunner, channel: ipc.Channel, send_results: bool, watch: HostWatch | None = None
+    ) -> None:
         self.runner = runner
         self.channel = channel
         self.send_results = send_results
+        self.watch = watch or HostWatch(enabled=False)
         self.forward = None  # the side step, from its launch until its forward has run
         self.sampling = None  # its sampling, queued once the forward has run
         self._next: asyncio.Future | None = None  # the receive in progress while one runs
@@ -393,8 +423,12 @@ class SideSteps:
         """Queue the forward's next part; once it has run, its sampling; once that is on the
         host, send the result."""
         if self.forward is not None:
-            if self.runner.advance_side(self.forward) and self.runner.side_done(self.forward):
-                self.sampling, self.forward = self.runner.finish_side(self.forward), None
+            step_id = self.forward.plan.step_id
+            with self.watch.timed("queuing a part of side step", step_id):
+                queued = self.runner.advance_side(self.forward)
+            if queued and self.runner.side_done(self.forward):
+                with self.watch.timed("sampling side step", step_id):
+                    self.sampling, self.forward = self.runner.finish_side(self.forward), None
         if self.sampling is not None and self.runner.copied(self.sampling):
             result, self.sampling = self.runner.collect(self.sampling), None
             if self.send_results:
