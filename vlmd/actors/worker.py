@@ -339,9 +339,13 @@ async def serve_steps(
     watch = HostWatch(enabled=runner.device.type == "cuda")
     side = SideSteps(runner, channel, send_results, watch)
 
+    held_decodes = False  # the held step is decode rows only (its wait is timed: it should be short)
+
     def report() -> None:
         nonlocal held
-        with watch.timed("collecting step", held.step_id):
+        with (
+            watch.timed("waiting for decode step", held.step_id) if held_decodes else contextlib.nullcontext()
+        ):
             result = runner.collect(held)
         held = None
         if send_results:
@@ -368,7 +372,7 @@ async def serve_steps(
             launched = runner.launch(msg)
         if held is not None:
             report()
-        held = launched
+        held, held_decodes = launched, all(len(item.token_ids) == 1 for item in msg.items)
         if not overlap:
             report()
 
