@@ -401,3 +401,13 @@ def _resume(pid: int) -> None:
         os.kill(pid, signal.SIGCONT)
     except ProcessLookupError:
         pass
+
+
+def test_every_actor_freezes_its_start_up_objects_before_it_serves(mm_server):
+    """Each actor collects its start-up's garbage and freezes what is left out of the cyclic
+    garbage collector's passes (a full pass over a worker's imports took 35 ms on the CPU VM),
+    and says so in the log."""
+    log = mm_server.log()
+    frozen = dict(re.findall(r"(\w+): (\d+) start-up objects frozen out of the garbage collector", log))
+    for actor in ("scheduler0", "worker0", "vision0", "http0", "preprocess0"):
+        assert int(frozen.get(actor, 0)) > 10_000, (actor, frozen)

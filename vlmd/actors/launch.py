@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -121,6 +122,18 @@ async def connect_supervisor(launch: Launch, role: str, rank: int = 0) -> ipc.Ch
     return await ipc.connect(launch.socket(SUPERVISOR_SOCKET), Hello(role, rank))
 
 
+def freeze_start_up(name: str) -> int:
+    """Collect the start-up's garbage, then move every object left (imports, the model's modules)
+    out of the cyclic garbage collector's reach (`gc.freeze`): a full collection walks every
+    tracked object, some 174k after a worker's imports (35 ms on this project's CPU VM), and one
+    that runs while a step waits to be launched delays its tokens. Returns how many were frozen."""
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    log.info("%s: %d start-up objects frozen out of the garbage collector's passes", name, frozen)
+    return frozen
+
+
 async def announce_ready(
     launch: Launch,
     role: str,
@@ -131,7 +144,9 @@ async def announce_ready(
     channel: ipc.Channel | None = None,
 ) -> ipc.Channel:
     """Tell the supervisor we are ready (on `channel` if connected already); pass what it sends
-    to `on_message` (the http actor's Shutdown); exit if the supervisor ever goes away."""
+    to `on_message` (the http actor's Shutdown); exit if the supervisor ever goes away. First the
+    start-up's objects are frozen out of the garbage collector's passes (`freeze_start_up`)."""
+    freeze_start_up(f"{role}{rank}")
     if channel is None:
         channel = await connect_supervisor(launch, role, rank)
     channel.send(Ready(role, rank, detail, num_kv_pages))
