@@ -541,10 +541,12 @@ class Bench:
         return prof.kernel_ms
 
     def hf_decode_ms(self, prompts: torch.Tensor) -> float:
-        """(t(new_tokens) - t(1)) / (new_tokens - 1): the prefill and first sample cancel out."""
-        new_tokens, repeats = self.args.new_tokens, max(1, self.args.repeats // 3)
+        """(t(new_tokens) - t(1)) / (new_tokens - 1): the prefill and first sample cancel out. Each
+        a median of 3 or more runs: with one run of each, a shared CPU machine once gave the tiny
+        run a negative step."""
+        new_tokens, repeats = self.args.new_tokens, max(3, self.args.repeats // 3)
         one = median_s(lambda: hf_generate(self.hf, prompts, 1), self.device, repeats, warmup=1)
-        full = median_s(lambda: hf_generate(self.hf, prompts, new_tokens), self.device, 1, warmup=0)
+        full = median_s(lambda: hf_generate(self.hf, prompts, new_tokens), self.device, repeats, warmup=0)
         return (full - one) / (new_tokens - 1) * 1e3
 
     def ttft(self) -> dict:
