@@ -227,7 +227,7 @@ class SchedulerActor:
             for watch in watches:
                 if (overdue := watch.overdue(now)) is not None:
                     await self._hung(overdue)
-            deadline = min(d for watch in watches if (d := watch.deadline()) is not None)
+            deadline = min((d for watch in watches if (d := watch.deadline()) is not None), default=now + 1)
             try:
                 result = await asyncio.wait_for(self._results.get(), deadline - now)
                 break
