@@ -331,8 +331,8 @@ async def serve_steps(
     is computing, each step is collected at once (holding it would only delay its tokens);
     `overlap` overrides that choice (tests).
 
-    A side step (--prefill_sms) is launched on the side stream and answered once it has ended,
-    whenever that is: while one runs, the loop looks at it every SIDE_POLL_S between plans."""
+    A side step (--prefill_sms) is queued on the side stream a few layers at a time between the
+    plans (`SideSteps`), and answered once it has ended, whenever that is."""
     if overlap is None:
         overlap = runner.device.type == "cuda"
     held = None  # the launched step not yet collected
