@@ -439,10 +439,12 @@ class SideSteps:
                 self.channel.send(result)
 
     async def next_message(self):
-        """The next message from the scheduler. While a side step runs, it goes on meanwhile: its
-        parts queued one after another while no message waits, then looked at every SIDE_POLL_S."""
+        """The next message from the scheduler. While a side step runs, it goes on meanwhile: a
+        part queued (or its end looked at) before each message, more parts one after another
+        while no message waits, then looked at every SIDE_POLL_S."""
         if self._next is None and self.forward is None and self.sampling is None:
             return await self.channel.recv()
+        self.poll()  # at least once a message, should the messages come back to back
         if self._next is None:
             self._next = asyncio.ensure_future(self.channel.recv())
         while True:
