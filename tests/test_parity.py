@@ -237,8 +237,10 @@ def test_a_client_gone_while_its_prompt_is_in_a_side_step_leaves_nothing_held(si
     from tests.test_stream import assert_aborted_and_serving
 
     host, port = side_server.url.removeprefix("http://").split(":")
-    # An image and a prompt no other test sends: nothing of it is cached.
+    # An image no other test sends, its embeddings cached first under another prompt (nothing of
+    # this prompt's KV is cached), so that its prompt is ready while the text decodes.
     prompt, images = chat("<img></img> Describe at length."), [make_image(900, 600, seed=7)]
+    vlmd_generate(side_server, chat("First, a warm-up. <img></img>"), images, 1)
     body = json.dumps(
         {
             "inputs": prompt,
