@@ -81,6 +81,11 @@ def serve(model_dir: str, port: int, *flags: str, log_dir: Path, env: dict[str, 
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(120)
+        # The worker's host stalls over 15 ms (logged on a GPU): where a token's latency went.
+        slow = [line for line in log_path.read_text().splitlines() if "slow host work" in line]
+        if slow:
+            print(f"{len(slow)} slow host work line(s) in {log_path}, the last ones:", file=sys.stderr)
+            print("\n".join(slow[-10:]), file=sys.stderr, flush=True)
 
 
 def bench(url: str, *flags: str) -> dict:
