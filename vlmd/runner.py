@@ -71,17 +71,20 @@ class ModelRunner:
         graphs=None,
         side_attn: AttentionBackend | None = None,
         side_stream: torch.cuda.Stream | None = None,
+        side_context: object = None,
     ) -> None:
         """model: a language model with embed / forward / compute_logits; embed_store: the
         shared [rows, hidden] arena of image embedding rows (None without images); graphs:
         captured decode steps (`DecodeGraphs`) or None; side_attn: a backend over the same KV
-        cache for side steps (--prefill_sms), run on `side_stream` (None on the CPU: in turn)."""
+        cache for side steps (--prefill_sms), run on `side_stream` (None on the CPU: in turn), a
+        stream of the green context `side_context` (kept alive here as long as its stream)."""
         self.model = model
         self.attn = attn
         self.embed_store = embed_store
         self.graphs = graphs
         self.side_attn = side_attn
         self.side_stream = side_stream
+        self.side_context = side_context
         self.device = attn.spec.device
         self._cuda = self.device.type == "cuda"
         self.page_tables = DevicePageTables(self.device)

@@ -96,9 +96,7 @@ def make_runner(
     if weight.device.type == "cuda":
         green, side_stream = green_stream(weight.device, side_sms, "--prefill_sms")
         log.info("side steps (prompt chunks beside decode steps) on a green context of %d SMs", side_sms)
-    runner = ModelRunner(model, attn, embed_store, graphs, side_attn, side_stream)
-    runner.side_green = green  # the context lives as long as its stream is used
-    return runner
+    return ModelRunner(model, attn, embed_store, graphs, side_attn, side_stream, green)
 
 
 def create_runner(
@@ -158,8 +156,8 @@ def gpu_kv_pages(model, arch: InternVLArch, launch: Launch, profile: tuple[int, 
     # for the whole device (the side step in flight included) in the middle of the decode steps.
     side_bytes = WORKSPACE_BYTES + activation_bytes if args.prefill_sms else 0
     free, total = torch.cuda.mem_get_info(device)
-    budget = free - (1 - args.mem_fraction) * total - activation_bytes - logits_bytes - GPU_HEADROOM_BYTES
-    budget -= side_bytes
+    reserved = activation_bytes + logits_bytes + side_bytes + GPU_HEADROOM_BYTES
+    budget = free - (1 - args.mem_fraction) * total - reserved
     log.info(
         "memory: %.1f GiB free of %.1f GiB after weights; step activations %.2f GiB; KV page %d bytes",
         free / 2**30,
@@ -408,12 +406,12 @@ class SideSteps:
     sent once its tokens are on the host."""
 
     def __init__(
-        self, runner: ModelRunner, channel: ipc.Channel, send_results: bool, watch: HostWatch | None = None
+        self, runner: ModelRunner, channel: ipc.Channel, send_results: bool, watch: HostWatch
     ) -> None:
         self.runner = runner
         self.channel = channel
         self.send_results = send_results
-        self.watch = watch or HostWatch(enabled=False)
+        self.watch = watch
         self.forward = None  # the side step, from its launch until its forward has run
         self.sampling = None  # its sampling, queued once the forward has run
         self._next: asyncio.Future | None = None  # the receive in progress while one runs

@@ -141,6 +141,36 @@ class Scheduler:
     def schedule(self) -> StepPlan | None:
         budget = self.config.max_num_batched_tokens
         prefill_budget = self._prefill_budget(budget)  # tokens of spans longer than one
+        items, new_requests, budget, prefill_budget = self._spans(budget, prefill_budget, with_decodes=True)
+        if prefill_budget == 0 < budget:
+            self.stats.capped_steps += 1
+        if not items:
+            return None  # what was preempted and finished goes out with the next plan
+        return self._plan(items, new_requests)
+
+    def schedule_side(self) -> StepPlan | None:
+        """With side_prefill, while some request decodes and no side step is in flight: a step of
+        prompt spans only (running requests' next chunks, then admissions) under the step budget,
+        to run beside the decode steps. Its requests are in no other step until it returns."""
+        if not self.config.side_prefill or self.side is not None or not self._any_decodes(now=False):
+            return None
+        budget = self.config.max_num_batched_tokens
+        items, new_requests, _, _ = self._spans(budget, budget, with_decodes=False)
+        if not items:
+            return None
+        for item in items:
+            self.requests[item.request_id].in_side = True
+        self.stats.side_steps += 1
+        self.side = self._plan(items, new_requests, side=True)
+        return self.side
+
+    def _spans(
+        self, budget: int, prefill_budget: int, with_decodes: bool
+    ) -> tuple[list[StepItem], list[NewRequest], int, int]:
+        """A step's spans under `budget` tokens, of which at most `prefill_budget` in spans longer
+        than one: running requests first, oldest first (their decode rows only `with_decodes`),
+        then waiting ones in arrival order while their KV fits. Returns the items, the requests
+        new to the workers, and what is left of both budgets."""
         items: list[StepItem] = []
         new_requests: list[NewRequest] = []
         for request in list(self.running):  # oldest first; preemption removes from the end
@@ -149,7 +179,7 @@ class Scheduler:
             if request.status is not Status.RUNNING or request.in_side or not request.can_schedule():
                 continue
             decodes = _decodes(request)
-            if not decodes and prefill_budget == 0:
+            if (decodes and not with_decodes) or (not decodes and prefill_budget == 0):
                 continue  # its next chunk waits; the decode rows after it run
             item = self._schedule_span(request, budget if decodes else min(budget, prefill_budget))
             if item is None:
@@ -167,55 +197,13 @@ class Scheduler:
             items.append(item)
             budget -= len(item.token_ids)
             prefill_budget -= len(item.token_ids)
-        if prefill_budget == 0 < budget:
-            self.stats.capped_steps += 1
-        if not items:
-            return None  # what was preempted and finished goes out with the next plan
-        return self._plan(items, new_requests)
+        return items, new_requests, budget, prefill_budget
 
     def _plan(self, items: list[StepItem], new_requests: list[NewRequest], side: bool = False) -> StepPlan:
         self._step_id += 1
         finished, self._finished_since_last_step = self._finished_since_last_step, []
         preempted, self._preempted_since_last_step = self._preempted_since_last_step, []
         return StepPlan(self._step_id, items, new_requests, finished, preempted, side)
-
-    def schedule_side(self) -> StepPlan | None:
-        """With side_prefill, while some request decodes and no side step is in flight: a step of
-        prompt spans only (running requests' next chunks, then admissions) under the step budget,
-        to run beside the decode steps. Its requests are in no other step until it returns."""
-        if not self.config.side_prefill or self.side is not None or not self._any_decodes(now=False):
-            return None
-        budget = self.config.max_num_batched_tokens
-        items: list[StepItem] = []
-        new_requests: list[NewRequest] = []
-        for request in list(self.running):
-            if budget == 0:
-                break
-            if request.status is not Status.RUNNING or request.in_side or not request.can_schedule():
-                continue
-            if _decodes(request):
-                continue
-            item = self._schedule_span(request, budget)
-            if item is None:
-                break  # it preempted itself
-            request.in_side = True
-            items.append(item)
-            budget -= len(item.token_ids)
-        while budget > 0 and self._can_admit():
-            request = self._admit()
-            if not request.sent_to_workers:
-                new_requests.append(NewRequest(request.request_id, request.sampling, request.prompt_ids))
-                request.sent_to_workers = True
-            item = self._schedule_span(request, budget)
-            assert item is not None, "an admitted request's first span fits"
-            request.in_side = True
-            items.append(item)
-            budget -= len(item.token_ids)
-        if not items:
-            return None
-        self.stats.side_steps += 1
-        self.side = self._plan(items, new_requests, side=True)
-        return self.side
 
     def update(self, plan: StepPlan, result: StepResult) -> tuple[list[TokenOut], list[Finished]]:
         """Apply a step's results: advance computed tokens, cache filled pages, append sampled
