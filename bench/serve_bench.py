@@ -29,6 +29,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,11 +82,29 @@ def serve(model_dir: str, port: int, *flags: str, log_dir: Path, env: dict[str, 
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(120)
-        # The worker's host stalls over 15 ms (logged on a GPU): where a token's latency went.
-        slow = [line for line in log_path.read_text().splitlines() if "slow host work" in line]
-        if slow:
-            print(f"{len(slow)} slow host work line(s) in {log_path}, the last ones:", file=sys.stderr)
-            print("\n".join(slow[-10:]), file=sys.stderr, flush=True)
+        report_stalls(log_path)
+
+
+def report_stalls(log_path: Path) -> None:
+    """The stalls the server logged (a worker's slow host work on a GPU; with --log_stalls_ms,
+    every actor's held event loop and late decode steps): where a token's latency went. On
+    stderr: each kind's count and longest, then the last twenty lines."""
+    lines = [
+        line for line in log_path.read_text().splitlines() if "slow host work" in line or "stall:" in line
+    ]
+    if not lines:
+        return
+    kinds: dict[str, list[float]] = {}
+    for line in lines:
+        what = line.split("slow host work: ", 1)[-1].split("stall: ", 1)[-1]
+        figures = re.findall(r"[0-9.]+", what)
+        kinds.setdefault(re.sub(r"[0-9.]+", "N", what), []).append(
+            float(figures[-2] if "launched" in what else figures[-1])
+        )
+    print(f"{len(lines)} stall line(s) in {log_path}:", file=sys.stderr)
+    for kind, ms in sorted(kinds.items(), key=lambda kv: -len(kv[1])):
+        print(f"  {len(ms)} x {kind} (longest {max(ms):.1f} ms)", file=sys.stderr)
+    print("\n".join(lines[-20:]), file=sys.stderr, flush=True)
 
 
 def bench(url: str, *flags: str) -> dict:
@@ -284,7 +303,7 @@ def images_beside_text(args, log_dir: Path, placement: str) -> list[tuple[str, s
     _, w7, h7, _ = IMAGE_SIZES[1]
     _, w13, h13, _ = IMAGE_SIZES[2]
     n = args.image_prompts
-    flags = ["--enable_multimodal", *placement_flags(placement), *args.serve_flags]
+    flags = ["--enable_multimodal", *placement_flags(placement), "--log_stalls_ms", "15", *args.serve_flags]
     with serve(args.model_dir, args.port, *flags, log_dir=log_dir) as url:
         alone = bench(url, *text_stream(args, args.long_output // 4))
         with in_background(url, *image_load(w7, h7, "png", 2, 100 * n)):

@@ -392,6 +392,9 @@ def test_prefill_sms_needs_one_rank_and_no_prompt_cap(tmp_path):
     for flags in (("-1",), ("48", "--tp", "2"), ("48", "--decode_step_prefill_tokens", "256")):
         with pytest.raises(ConfigError, match="prefill_sms"):
             args("--prefill_sms", *flags)
+    assert args().log_stalls_ms == 0 and args("--log_stalls_ms", "15").log_stalls_ms == 15
+    with pytest.raises(ConfigError, match="log_stalls_ms"):
+        args("--log_stalls_ms", "-1")
 
 
 def test_the_flag_reaches_the_server_args_and_must_be_positive(tmp_path):

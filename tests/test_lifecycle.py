@@ -411,3 +411,26 @@ def test_every_actor_freezes_its_start_up_objects_before_it_serves(mm_server):
     frozen = dict(re.findall(r"(\w+): (\d+) start-up objects frozen out of the garbage collector", log))
     for actor in ("scheduler0", "worker0", "vision0", "http0", "preprocess0"):
         assert int(frozen.get(actor, 0)) > 10_000, (actor, frozen)
+
+
+def test_log_stalls_names_an_actor_whose_event_loop_was_held(caplog):
+    """--log_stalls_ms: an actor's event loop held by a callback's host work (every message it
+    should pass on waits meanwhile) is logged with the actor's name and how long."""
+    import asyncio
+    import logging
+
+    from vlmd.actors.launch import watch_loop
+
+    caplog.set_level(logging.INFO, logger="vlmd.launch")
+
+    async def scenario() -> None:
+        watch = asyncio.create_task(watch_loop("http0", 0.05))
+        await asyncio.sleep(0.02)
+        time.sleep(0.2)  # the loop held
+        await asyncio.sleep(0.02)
+        watch.cancel()
+
+    asyncio.run(scenario())
+    held = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stall: http0's event loop")]
+    assert len(held) == 1, held
+    assert 180 <= float(re.search(r"held ([0-9.]+) ms", held[0]).group(1)) < 1000, held

@@ -154,3 +154,40 @@ def test_host_watch_logs_only_slow_work_and_only_where_enabled(caplog):
             time.sleep(seconds)
     slow = [r.getMessage() for r in caplog.records if "slow host work" in r.getMessage()]
     assert len(slow) == 1 and slow[0].startswith("slow host work: launching step 7 took "), slow
+
+
+def test_worker_logs_a_decode_step_launched_late(lm, caplog):
+    """With --log_stalls_ms, a step launched that long after a decode step (no FlushStep between)
+    is logged with both steps' ids: the scheduler or the host held the tokens. A step after a
+    prefill, or after a flush (the worker idled), is not a stall."""
+    import logging
+
+    model, arch = lm
+    caplog.set_level(logging.INFO, logger="vlmd.worker")
+    scheduler = Scheduler(SchedulerConfig(NUM_PAGES, PAGE_SIZE))
+    scheduler.add(Request("a", list(range(5, 17)), SamplingParams(max_new_tokens=8, ignore_eos=True)))
+
+    async def scenario() -> None:
+        channel = _FakeChannel()
+        runner = make_runner(model, arch, num_pages=NUM_PAGES, page_size=PAGE_SIZE)
+        loop = asyncio.create_task(serve_steps(runner, channel, True, overlap=False, stall_s=0.05))
+        # prefill, (late) decode, late decode, flush, late decode
+        for msg, wait_s in ((None, 0), (None, 0.08), (None, 0.08), (FlushStep(), 0), (None, 0.08)):
+            await asyncio.sleep(wait_s)
+            if msg is None:
+                msg = scheduler.schedule()
+                plans.append(msg)
+            await channel.inbox.put(msg)
+            while not channel.inbox.empty() or (isinstance(msg, FlushStep) is False and not channel.sent):
+                await asyncio.sleep(0.001)
+            for result in channel.sent:
+                scheduler.update(next(p for p in plans if p.step_id == result.step_id), result)
+            channel.sent.clear()
+        loop.cancel()
+
+    plans = []
+    asyncio.run(scenario())
+    stalls = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stall:")]
+    assert len(stalls) == 1, stalls
+    assert stalls[0].startswith(f"stall: step {plans[2].step_id} launched ")
+    assert stalls[0].endswith(f" ms after decode step {plans[1].step_id}")

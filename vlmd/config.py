@@ -57,6 +57,10 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     # N > 0: while requests decode, prompt spans run in side steps beside the decode steps, on a
     # CUDA green context of N SMs (the decode steps keep the rest); on the CPU, in turn with them.
     prefill_sms: int = 0
+    # N > 0: every actor logs each time its event loop was held N ms or more past a 5 ms wake-up,
+    # and a worker each decode step launched N ms or more after the one before (stalls that
+    # delay tokens); 0: off.
+    log_stalls_ms: float = 0
     max_running_requests: int = 256
     disable_prefix_cache: bool = False
     max_body_bytes: int = 64 * 1024 * 1024
@@ -189,6 +193,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "but in side steps beside them, on a CUDA green context of this many SMs, so that a decode "
         "step waits for no prompt (--tp 1; needs torch's green-context streams); 0: prompt chunks "
         "ride in the decode steps (default: %(default)s)",
+    )
+    add(
+        "--log_stalls_ms",
+        type=float,
+        default=_default("log_stalls_ms"),
+        help="log each time an actor's event loop was held this many ms, and each decode step a "
+        "worker launched this many ms after the one before (finding what delays tokens); 0: off "
+        "(default: %(default)s)",
     )
     add("--max_running_requests", type=int, default=256)
     add(
@@ -428,6 +440,8 @@ def _resolve_vision_layout(ns: argparse.Namespace) -> None:
             f"{ns.prefill_sms} with --tp {ns.tp}, --decode_step_prefill_tokens "
             f"{ns.decode_step_prefill_tokens})",
         )
+    if ns.log_stalls_ms < 0:
+        raise ConfigError("--log_stalls_ms", f"must be 0 (off) or more (got {ns.log_stalls_ms})")
     if in_workers and ns.visual_tp != 1:
         # A worker hosts its group's whole replica: the ranks of a split ViT would be LM workers
         # meeting in a second torch.distributed world, and waiting on each other between steps.

@@ -163,8 +163,28 @@ async def announce_ready(
             pass
         os._exit(0)
 
-    _background.add(asyncio.get_running_loop().create_task(watch()))
+    loop = asyncio.get_running_loop()
+    _background.add(loop.create_task(watch()))
+    if launch.args.log_stalls_ms:
+        _background.add(loop.create_task(watch_loop(f"{role}{rank}", launch.args.log_stalls_ms / 1e3)))
     return channel
+
+
+# How often --log_stalls_ms wakes an actor's event loop to see how late the wake-up comes.
+LOOP_WATCH_PERIOD_S = 0.005
+
+
+async def watch_loop(name: str, threshold_s: float) -> None:
+    """Log each wake-up of this event loop that comes `threshold_s` or more late: the loop was
+    held (a callback's host work, the GIL held by another thread) and every message it should
+    have passed on in the meantime (tokens included) waited."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(LOOP_WATCH_PERIOD_S)
+        late = loop.time() - started - LOOP_WATCH_PERIOD_S
+        if late >= threshold_s:
+            log.info("stall: %s's event loop was held %.1f ms", name, late * 1e3)
 
 
 _background: set = set()  # the event loop keeps only weak references to tasks

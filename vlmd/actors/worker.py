@@ -296,7 +296,8 @@ async def run(launch: Launch, rank: int) -> None:
         detail += f"; ViT replica {rank}"
     await announce_ready(launch, "worker", rank, f"({detail})", num_pages, channel=supervisor)
     turns = hosted.turns if hosted is not None else None
-    steps = serve_steps(runner, channel, send_results=rank == 0, turns=turns)
+    stall_s = args.log_stalls_ms / 1e3
+    steps = serve_steps(runner, channel, send_results=rank == 0, turns=turns, stall_s=stall_s)
     if hosted is None:
         await steps
     else:
@@ -322,6 +323,7 @@ async def serve_steps(
     send_results: bool,
     overlap: bool | None = None,
     turns: StepTurns | None = None,
+    stall_s: float = 0,
 ) -> None:
     """Execute the scheduler's plans in order. On a GPU a step is launched before the previous
     one is collected, so the device runs the next step while the host reads back and reports
@@ -330,7 +332,8 @@ async def serve_steps(
     `overlap` overrides that choice (tests).
 
     A side step (--prefill_sms) is queued on the side stream a few layers at a time between the
-    plans (`SideSteps`), and answered once it has ended, whenever that is."""
+    plans (`SideSteps`), and answered once it has ended, whenever that is. With stall_s > 0, each
+    step launched stall_s or more after a decode step (no FlushStep between) is logged."""
     if overlap is None:
         overlap = runner.device.type == "cuda"
     held = None  # the launched step not yet collected
@@ -338,6 +341,7 @@ async def serve_steps(
     side = SideSteps(runner, channel, send_results, watch)
 
     held_decodes = False  # the held step is decode rows only (its wait is timed: it should be short)
+    last_decode: tuple[int, float] | None = None  # the last step launched if it decodes: id, when
 
     def report() -> None:
         nonlocal held
@@ -354,6 +358,7 @@ async def serve_steps(
     while True:
         msg = await side.next_message()
         if isinstance(msg, FlushStep):
+            last_decode = None
             if held is not None:
                 report()
             if turns is not None:
@@ -364,8 +369,18 @@ async def serve_steps(
             with watch.timed("launching side step", msg.step_id):
                 side.launch(msg)
             continue
+        decoding = any(len(item.token_ids) == 1 for item in msg.items)
         if turns is not None:
-            turns.step_launched(decoding=any(len(item.token_ids) == 1 for item in msg.items))
+            turns.step_launched(decoding)
+        now = time.perf_counter()
+        if stall_s and last_decode is not None and now - last_decode[1] >= stall_s:
+            log.info(
+                "stall: step %d launched %.1f ms after decode step %d",
+                msg.step_id,
+                (now - last_decode[1]) * 1e3,
+                last_decode[0],
+            )
+        last_decode = (msg.step_id, now) if decoding else None
         with watch.timed("launching step", msg.step_id):
             launched = runner.launch(msg)
         if held is not None:
