@@ -342,6 +342,7 @@ async def serve_steps(
 
     held_decodes = False  # the held step is decode rows only (its wait is timed: it should be short)
     last_decode: tuple[int, float] | None = None  # the last step launched if it decodes: id, when
+    allocator = AllocatorWatch(runner.device)
 
     def report() -> None:
         nonlocal held
@@ -359,6 +360,8 @@ async def serve_steps(
         msg = await side.next_message()
         if isinstance(msg, FlushStep):
             last_decode = None
+            if stall_s:
+                allocator.log_changes()
             if held is not None:
                 report()
             if turns is not None:
@@ -413,6 +416,31 @@ class HostWatch:
         seconds = time.perf_counter() - started
         if seconds > SLOW_HOST_S:
             log.info("slow host work: %s %d took %.1f ms", what, step_id, seconds * 1e3)
+
+
+class AllocatorWatch:
+    """What the CUDA caching allocator did since it was last looked at (with --log_stalls_ms, at
+    each FlushStep): each cudaMalloc, and above all each time it gave its cache back to CUDA to
+    retry one (a cudaFree waits for the whole device: every stream's work in flight)."""
+
+    KEYS = ("num_alloc_retries", "num_device_alloc", "num_device_free")
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.last = self._counts()
+
+    def _counts(self) -> dict[str, int]:
+        if self.device.type != "cuda":
+            return {}
+        stats = torch.cuda.memory_stats(self.device)
+        return {key: stats.get(key, 0) for key in self.KEYS}
+
+    def log_changes(self) -> None:
+        counts = self._counts()
+        grown = {key: counts[key] - self.last[key] for key in counts if counts[key] != self.last[key]}
+        self.last = counts
+        if grown:
+            log.info("stall: the CUDA allocator since the last flush: %s", grown)
 
 
 class SideSteps:
