@@ -349,6 +349,8 @@ def image_throughput(args, log_dir: Path) -> list[tuple[str, str, float]]:
     one process. An image request runs the ViT and then the prefill of its rows on the same GPU,
     so its bound is 1 / (ViT time + prefill time); both ratios are reported."""
     rows, images_per_s, prefill_per_s = [], {}, {}
+    if args.throughput_placements == ["none"]:
+        return rows
     for placement in args.throughput_placements or args.vit_placements[:1]:
         flags = ["--enable_multimodal", "--visual_infer_batch_size", str(args.vit_batch)]
         flags += [*placement_flags(placement), *args.serve_flags]
@@ -461,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
         "--throughput_placements",
         default="",
         help="the end-to-end images/s run under each (comma-separated, as --vit_placements; default: "
-        "the first of --vit_placements)",
+        "the first of --vit_placements; none: no such run)",
     )
     parser.add_argument(
         "--serve_flags", default="", help="more `vlmd serve` flags for the images scenario (one string)"
