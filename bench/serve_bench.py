@@ -310,6 +310,9 @@ def images_beside_text(args, log_dir: Path, placement: str) -> list[tuple[str, s
             with in_background(url, *image_load(w13, h13, "png", 2, 100 * n)):
                 wait_for_vit(url)  # the loads' images drawn and on their way
                 beside = bench(url, *text_stream(args, args.long_output // 4))
+        print(f"ViT {placement}: the text stream's longest gaps beside images:", file=sys.stderr)
+        for gap in beside["longest_itls"]:
+            print(f"  {gap['itl_ms']:.1f} ms, the token at {gap['arrived']}", file=sys.stderr, flush=True)
         before = stage_totals(url)
         images_alone = bench(url, *image_load(w13, h13, "png", 4, n))["request_throughput"]
         stages = stage_rows(f"ViT {placement}: 13-tile PNGs 4 at a time, no text", before, stage_totals(url))

@@ -344,3 +344,19 @@ def test_sampling_flags_reach_both_request_bodies():
     assert parameters["do_sample"] is True and parameters.items() >= knobs.items()
     assert openai_chat_body(request, "m", True, knobs).items() >= knobs.items()
     assert openai_chat_body(request, "m", True, {"top_p": 0.5})["temperature"] == 1.0  # OpenAI's default
+
+
+def test_the_longest_gaps_carry_the_wall_clock_time_their_token_came():
+    """The report's longest inter-token gaps, longest first, each with when its token arrived
+    (local time, as the server's log has it): what to look for in the server's log."""
+    import time
+
+    from vlmd.benchmark.backends import RequestResult
+    from vlmd.benchmark.report import longest_gaps
+
+    sent = time.mktime((2026, 12, 7, 18, 0, 0, 0, 0, -1))
+    a = RequestResult(1, 3, ok=True, ttft=0.5, itls=[0.01, 0.25, 0.02], sent_at=sent)
+    b = RequestResult(1, 2, ok=True, ttft=1.0, itls=[0.07], sent_at=sent + 10)
+    gaps = longest_gaps([a, b], count=2)
+    assert [round(g["itl_ms"]) for g in gaps] == [250, 70]
+    assert [g["arrived"] for g in gaps] == ["18:00:00.760", "18:00:11.070"]

@@ -51,6 +51,7 @@ class RequestResult:
     num_chunks: int = 0
     text: str = ""  # what was generated (the next turn of a conversation sends it back)
     turn: int = 1  # which turn of its conversation
+    sent_at: float = 0.0  # wall-clock time it was sent (time.time()), to find a gap in server logs
 
     def add(self, event: StreamEvent, elapsed: float, last_arrival: float | None) -> None:
         self.text = event.full_text if event.full_text is not None else self.text + event.text
@@ -203,6 +204,7 @@ async def send(
     """POST one pre-encoded request and time its stream into `result`; with `disconnect_after`,
     hang up once that many tokens came (a success: the client has what it wanted)."""
     started = time.perf_counter()
+    result.sent_at = time.time()
     last_arrival = None
     try:
         async with client.stream(

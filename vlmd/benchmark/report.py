@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -60,6 +61,24 @@ def cache_hit_rate(before: dict[str, float] | None, after: dict[str, float] | No
     return {"embed_cache_hit_rate": rate, "embed_cache_hits": int(hits), "embed_cache_misses": int(misses)}
 
 
+def longest_gaps(results: list[RequestResult], count: int = 10) -> list[dict]:
+    """The `count` longest gaps between tokens, each with the wall-clock time its token came (local
+    time, as the server's log lines have it): to find what the server did meanwhile."""
+    gaps = []
+    for r in results:
+        arrival = r.ttft
+        for gap in r.itls:
+            arrival += gap
+            gaps.append((gap, r.sent_at + arrival))
+    gaps.sort(reverse=True)
+    return [{"itl_ms": gap * 1000, "arrived": _clock(when)} for gap, when in gaps[:count]]
+
+
+def _clock(when: float) -> str:
+    seconds, ms = divmod(round(when * 1000), 1000)
+    return time.strftime("%H:%M:%S", time.localtime(seconds)) + f".{ms:03d}"
+
+
 def build_report(results: list[RequestResult], duration_s: float) -> dict:
     good = [r for r in results if r.ok]
     input_tokens = sum(
@@ -85,6 +104,7 @@ def build_report(results: list[RequestResult], duration_s: float) -> dict:
         # Conversations (--turns): the first turn computes its prompt whole; later ones repeat it.
         "ttft_ms_first_turn": summary_ms([r.ttft for r in good if r.turn == 1]),
         "ttft_ms_later_turns": summary_ms([r.ttft for r in good if r.turn > 1]),
+        "longest_itls": longest_gaps(good),
         "errors": errors[:10],
         "requests": [
             {
