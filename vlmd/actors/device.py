@@ -57,3 +57,70 @@ def register_for_copies(store: torch.Tensor) -> bool:
         return False
     log.info("EmbedStore page-locked for CUDA copies (%.2f GiB)", size / 2**30)
     return True
+
+
+# The CUDA driver's SM resource (CU_DEV_RESOURCE_TYPE_SM) and its green-context flags.
+_CU_DEV_RESOURCE_TYPE_SM = 1
+_CU_GREEN_CTX_DEFAULT_STREAM = 1
+_CU_STREAM_NON_BLOCKING = 1
+# CUdevResource: an enum, 92 bytes of padding, then a union whose SM member starts with smCount.
+# The struct grew across CUDA versions; each is given room for any of them.
+_RESOURCE_BYTES = 1024
+_SM_COUNT_OFFSET = 96
+
+
+class SMSplit:
+    """The device's SMs in two disjoint green contexts through the CUDA driver API (torch builds
+    each of its green contexts from the device's first SMs, so two of them overlap): `group`, a
+    stream on the first `num_sms`, and `rest`, a stream of the greatest priority on all the others.
+    Kernels queued on either stream, or captured on it into a CUDA graph and replayed anywhere,
+    keep to its SMs."""
+
+    def __init__(self, device: torch.device, num_sms: int) -> None:
+        import ctypes
+
+        self._cu = cu = ctypes.CDLL("libcuda.so.1")
+        torch.zeros(1, device=device)  # the primary context first, as the driver advises
+        handle = ctypes.c_int()
+        self._check(cu.cuDeviceGet(ctypes.byref(handle), device.index or 0), "cuDeviceGet")
+        whole, group, rest = (ctypes.create_string_buffer(_RESOURCE_BYTES) for _ in range(3))
+        self._check(
+            cu.cuDeviceGetDevResource(handle, whole, _CU_DEV_RESOURCE_TYPE_SM), "cuDeviceGetDevResource"
+        )
+        groups = ctypes.c_uint(1)
+        self._check(
+            cu.cuDevSmResourceSplitByCount(group, ctypes.byref(groups), whole, rest, 0, num_sms),
+            "cuDevSmResourceSplitByCount",
+        )
+        self.group_sms, self.rest_sms = (
+            ctypes.c_uint.from_buffer(r, _SM_COUNT_OFFSET).value for r in (group, rest)
+        )
+        _, greatest = torch.cuda.Stream.priority_range()
+        self._contexts = []  # alive as long as their streams
+        self.group = self._stream(handle, group, 0, device)
+        self.rest = self._stream(handle, rest, greatest, device)
+
+    def _stream(self, handle, resource, priority: int, device: torch.device) -> torch.cuda.ExternalStream:
+        import ctypes
+
+        cu = self._cu
+        desc, context, stream = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+        self._check(
+            cu.cuDevResourceGenerateDesc(ctypes.byref(desc), resource, 1), "cuDevResourceGenerateDesc"
+        )
+        flags = _CU_GREEN_CTX_DEFAULT_STREAM
+        self._check(cu.cuGreenCtxCreate(ctypes.byref(context), desc, handle, flags), "cuGreenCtxCreate")
+        self._contexts.append(context)
+        self._check(
+            cu.cuGreenCtxStreamCreate(ctypes.byref(stream), context, _CU_STREAM_NON_BLOCKING, priority),
+            "cuGreenCtxStreamCreate",
+        )
+        return torch.cuda.ExternalStream(stream.value, device=device)
+
+    def _check(self, status: int, call: str) -> None:
+        if status != 0:
+            import ctypes
+
+            name = ctypes.c_char_p()
+            self._cu.cuGetErrorName(status, ctypes.byref(name))
+            raise RuntimeError(f"{call} failed: {name.value.decode() if name.value else status}")
