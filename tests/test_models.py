@@ -534,3 +534,27 @@ def test_set_ops_routes_linear_layers_through_the_ops_gemv():
     assert [w is m.weight for w, m in zip(calls, model, strict=True)] == [True, True]
     set_ops(model, TorchOps())  # ops without one again: F.linear is back
     assert torch.equal(model(x), want) and len(calls) == 2
+
+
+def test_fused_projections_skip_the_random_initialisation(monkeypatch):
+    """fuse_linears makes its Linear on the meta device: one made on the CPU first fills a float32
+    weight of the fused size with random values (24 of 35 s loading the InternVL3-8B shape), only
+    to drop them. The fused layer holds the parts' weights and biases, side by side."""
+    from torch import nn
+
+    from vlmd.models.layers import fuse_linears
+
+    parts = [nn.Linear(8, n) for n in (3, 5)]
+    initialised = []
+    original = nn.Linear.reset_parameters
+    monkeypatch.setattr(
+        nn.Linear,
+        "reset_parameters",
+        lambda self: (initialised.append(self.weight.device.type), original(self)),
+    )
+    fused = fuse_linears(*parts)
+    assert initialised == ["meta"]
+    assert torch.equal(fused.weight, torch.cat([p.weight for p in parts]))
+    assert torch.equal(fused.bias, torch.cat([p.bias for p in parts]))
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], dim=1), rtol=1e-6, atol=1e-6)
