@@ -16,7 +16,6 @@ from vlmd import ipc
 from vlmd.actors.device import (
     TORCH_DTYPES,
     TP_TIMEOUT_S,
-    SMSplit,
     embed_store_view,
     green_stream,
     register_for_copies,
@@ -84,37 +83,20 @@ def make_runner(
         device=weight.device,
     )
     attn = make_attention_backend(spec, heads.num_heads, scale=1 / math.sqrt(arch.head_dim), logger=log)
-    split = side_partition(weight.device, side_sms) if side_sms and weight.device.type == "cuda" else None
     graphs = None
     if graph_max_batch_size and isinstance(attn, FlashInferBackend):
         graphs = DecodeGraphs(model, attn, graph_max_batch_size, dummy_page=num_pages)
-        graphs.capture(split.rest if isinstance(split, SMSplit) else None)
+        graphs.capture()
     elif graph_max_batch_size:
         log.warning("CUDA graphs need the FlashInfer backend: decoding op by op")
     if not side_sms:
         return ModelRunner(model, attn, embed_store, graphs)
     side_attn = make_attention_backend(spec, heads.num_heads, attn.scale, logger=log, kv_cache=attn.kv_cache)
-    side_stream = None if split is None else split.group if isinstance(split, SMSplit) else split[1]
-    return ModelRunner(model, attn, embed_store, graphs, side_attn, side_stream, split)
-
-
-def side_partition(device: torch.device, side_sms: int):
-    """The SMs of side steps (--prefill_sms) and of decode steps: where the driver allows, two
-    disjoint green contexts (`SMSplit`: the decode graphs are captured on the second, so that a
-    decode step's kernels never share an SM with a side step's); else torch's green context for
-    the side steps alone (green context, stream), and the decode steps may use every SM."""
-    try:
-        split = SMSplit(device, side_sms)
-    except (OSError, RuntimeError, AttributeError) as exc:
-        log.warning("no disjoint SM partitions (%s): the decode steps share the side steps' SMs", exc)
-        return green_stream(device, side_sms, "--prefill_sms")
-    log.info(
-        "side steps (prompt chunks beside decode steps) on a green context of %d SMs, decode graphs on "
-        "the other %d",
-        split.group_sms,
-        split.rest_sms,
-    )
-    return split
+    green, side_stream = None, None
+    if weight.device.type == "cuda":
+        green, side_stream = green_stream(weight.device, side_sms, "--prefill_sms")
+        log.info("side steps (prompt chunks beside decode steps) on a green context of %d SMs", side_sms)
+    return ModelRunner(model, attn, embed_store, graphs, side_attn, side_stream, green)
 
 
 def create_runner(

@@ -143,9 +143,7 @@ class DecodeGraphs:
         return self.sizes[-1]
 
     @torch.inference_mode()
-    def capture(self, stream: torch.cuda.Stream | None = None) -> None:
-        """Capture every graph, on `stream` (a green context's: the graphs' kernels then keep to
-        its SMs wherever they replay) or on a side stream of torch's."""
+    def capture(self) -> None:
         started = time.perf_counter()
         pool = None
         for key in sorted(self.keys, reverse=True):  # largest first, so smaller graphs reuse its memory
@@ -156,7 +154,7 @@ class DecodeGraphs:
             self._forward(attn, size)  # warm-up: kernels loaded, workspaces sized
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
+            with torch.cuda.graph(graph, pool=pool):
                 self._forward(attn, size)
             pool = graph.pool()
             self._graphs[key], self._attn[key] = graph, attn
