@@ -146,7 +146,7 @@ def test_host_watch_logs_only_slow_work_and_only_where_enabled(caplog):
     import logging
     import time
 
-    from vlmd.actors.worker import SLOW_HOST_S, HostWatch
+    from vlmd.actors.device import SLOW_HOST_S, HostWatch
 
     caplog.set_level(logging.INFO, logger="vlmd.worker")
     for enabled, seconds in ((True, 0.0), (True, 2 * SLOW_HOST_S), (False, 2 * SLOW_HOST_S)):

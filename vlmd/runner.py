@@ -94,6 +94,9 @@ class ModelRunner:
         self._last_rows: dict[str, int] = {}
         # Recorded once a launched step's host-to-device inputs are consumed (see `launch`).
         self._inputs_copied: torch.cuda.Event | None = None
+        # Times the parts of a launch: `watch.timed(what, step_id)` (the worker's HostWatch logs
+        # the slow ones on a GPU).
+        self.watch = _NO_WATCH
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Launch and collect one step (no overlap)."""
@@ -112,29 +115,34 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> LaunchedStep:
+        timed, step_id = self.watch.timed, plan.step_id
         self._apply_membership(plan)
         if self._inputs_copied is not None:
             # FlashInfer plans through one pinned host buffer per wrapper: the previous step's
             # copy out of it must have run before this step's plan refills it (it runs first
             # in that step, so this returns at once).
-            self._inputs_copied.synchronize()
-        layout = self._layout(plan.items)
-        sampled = [i for i, item in enumerate(plan.items) if item.sample]
-        input_ids = self._input_ids(plan.items)
-        if self._graph_step(plan.items):
-            graph = self.graphs.prepare(layout, input_ids)
+            with timed("waiting for the step before to read its inputs, before step", step_id):
+                self._inputs_copied.synchronize()
+        with timed("laying out and planning step", step_id):
+            layout = self._layout(plan.items)
+            sampled = [i for i, item in enumerate(plan.items) if item.sample]
+            input_ids = self._input_ids(plan.items)
+            graph = self.graphs.prepare(layout, input_ids) if self._graph_step(plan.items) else None
+            if graph is None:
+                self.attn.plan(layout)
             self._mark_inputs_copied()
-            logits = self.graphs.replay(graph, len(plan.items))
-        else:
-            self.attn.plan(layout)
-            self._mark_inputs_copied()
-            logits = self._eager(plan.items, layout, input_ids, sampled)
-        step = self._sample(plan, logits, sampled)
-        if step.tokens is None:
-            return step
-        self._last_tokens = step.tokens  # the next step may feed them back
-        self._last_rows = {r: row for row, r in enumerate(step.request_ids)}
-        return self._copy_to_host(step)
+        with timed("queuing the forward of step", step_id):
+            if graph is not None:
+                logits = self.graphs.replay(graph, len(plan.items))
+            else:
+                logits = self._eager(plan.items, layout, input_ids, sampled)
+        with timed("queuing the sampling of step", step_id):
+            step = self._sample(plan, logits, sampled)
+            if step.tokens is None:
+                return step
+            self._last_tokens = step.tokens  # the next step may feed them back
+            self._last_rows = {r: row for row, r in enumerate(step.request_ids)}
+            return self._copy_to_host(step)
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor | None, sampled: list[int]) -> LaunchedStep:
         """Sample the step's rows that sample (their logits, in item order), on the device."""
@@ -308,6 +316,17 @@ class ModelRunner:
                 # the copy is queued; out of pageable memory CUDA would first wait for the stream.
                 embeds[dst : dst + piece.num_rows] = rows.to(self.device, non_blocking=True).to(embeds.dtype)
         return embeds
+
+
+class _NoWatch:
+    """A watch that times nothing (the runner outside a worker: tests, benchmarks)."""
+
+    @staticmethod
+    def timed(what: str, step_id: int) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+_NO_WATCH = _NoWatch()
 
 
 def step_layout(page_tables: DevicePageTables, items: list[StepItem], page_size: int) -> BatchLayout:

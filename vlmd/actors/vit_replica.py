@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from vlmd import ipc, shm
-from vlmd.actors.device import TORCH_DTYPES, TP_TIMEOUT_S, embed_store_view
+from vlmd.actors.device import TORCH_DTYPES, TP_TIMEOUT_S, HostWatch, embed_store_view, register_for_copies
 from vlmd.actors.launch import Launch, Stopwatch
 from vlmd.image import ImageError, TilingConfig, normalize_lut
 from vlmd.kernels.vision_attention import make_tile_attention
@@ -102,6 +102,10 @@ class ViTRank:
             torch.cuda.current_stream(self.device).synchronize()
         # All device work runs on one thread, which knows this rank's GPU as its current device.
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="vit")
+        # The thread's host work that should be short, logged when it is not (on a GPU, where an
+        # LM worker hosting this ViT shares its process with the steps' thread).
+        self.watch = HostWatch(enabled=self.device.type == "cuda")
+        self._batches = itertools.count()
 
     @classmethod
     def from_launch(
@@ -122,6 +126,8 @@ class ViTRank:
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             model, tiling = _build_model(launch, device, tp, clock)
         store = embed_store_view(launch) if layout.is_leader else None
+        if cuda and store is not None:  # the rows' copies into it: DMA, not through a staging buffer
+            register_for_copies(store)
         executor = ThreadPoolExecutor(
             1,
             thread_name_prefix="vit",
@@ -139,7 +145,10 @@ class ViTRank:
         has tiles; tiles per image; per image "" or the reason it failed)."""
         size = self.tiling.tile_size
         total = sum(image.num_tiles for image in images if image.pixels_shm)
-        tiles = np.empty((total, 3, size, size), np.uint8)  # [total_tiles, C, tile, tile]
+        # [total_tiles, C, tile, tile]; page-locked on a GPU: the copy to the device is queued, where
+        # one out of pageable memory would hold this thread (and CUDA) until it is done.
+        host = torch.empty((total, 3, size, size), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        tiles = host.numpy()
         counts: list[int] = []
         errors: list[str] = []
         offset = 0
@@ -154,7 +163,7 @@ class ViTRank:
                 errors.append(f"image {i}: {exc}")
         if not offset:
             return None, counts, errors
-        return self._normalize(torch.from_numpy(tiles[:offset]).to(self.device)), counts, errors
+        return self._normalize(host[:offset].to(self.device, non_blocking=True)), counts, errors
 
     def _normalize(self, tiles: torch.Tensor) -> torch.Tensor:
         """uint8 [n, 3, tile, tile] -> the model's dtype, through the float32 table of every value
@@ -171,6 +180,16 @@ class ViTRank:
         (images with no tiles failed and are skipped)."""
         self.tp.broadcast(pixels)
         self._write_rows(self.model(pixels), _tiles_of(counts, runs))
+
+    def _write_rows(self, embeds: torch.Tensor, tiles: list[tuple[EmbedRun, int, int]]) -> None:
+        """Once the device has computed `embeds` (waited for with the GIL released: a copy to the
+        host would wait inside CUDA), copy them into the store (`_copy_rows`)."""
+        if self.device.type == "cuda":
+            computed = torch.cuda.Event()
+            computed.record()
+            computed.synchronize()
+        with self.watch.timed("ViT thread: copying rows into the EmbedStore, batch", next(self._batches)):
+            self._copy_rows(embeds, tiles)
 
     @torch.inference_mode()
     def forward_in_slices(
@@ -190,7 +209,7 @@ class ViTRank:
             embeds = self.model(pixels[start : start + slice_tiles])  # [n * image_seq_length, hidden]
             self._write_rows(embeds, tiles[start : start + slice_tiles])
 
-    def _write_rows(self, embeds: torch.Tensor, tiles: list[tuple[EmbedRun, int, int]]) -> None:
+    def _copy_rows(self, embeds: torch.Tensor, tiles: list[tuple[EmbedRun, int, int]]) -> None:
         """embeds [len(tiles) * rows per tile, hidden] into the store: each tile's rows where its
         image's run keeps them, the consecutive tiles of one image in one copy."""
         rows = embeds.shape[0] // len(tiles)  # per tile

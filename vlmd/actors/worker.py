@@ -8,7 +8,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 
 import torch
 
@@ -16,6 +16,7 @@ from vlmd import ipc
 from vlmd.actors.device import (
     TORCH_DTYPES,
     TP_TIMEOUT_S,
+    HostWatch,
     embed_store_view,
     green_stream,
     register_for_copies,
@@ -338,6 +339,7 @@ async def serve_steps(
         overlap = runner.device.type == "cuda"
     held = None  # the launched step not yet collected
     watch = HostWatch(enabled=runner.device.type == "cuda")
+    runner.watch = watch  # the parts of a slow launch logged too
     side = SideSteps(runner, channel, send_results, watch)
 
     held_decodes = False  # the held step is decode rows only (its wait is timed: it should be short)
@@ -395,27 +397,6 @@ async def serve_steps(
 
 # How often a worker looks at a running side step between plans (seconds).
 SIDE_POLL_S = 0.0005
-# On a GPU, host work on the worker's thread longer than this is logged: the thread launches the
-# next step only once it is done, so such work may delay tokens (issue 16's latency spikes).
-SLOW_HOST_S = 0.015
-
-
-class HostWatch:
-    """Logs the worker thread's calls that take longer than SLOW_HOST_S (on a GPU)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    @contextlib.contextmanager
-    def timed(self, what: str, step_id: int) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        started = time.perf_counter()
-        yield
-        seconds = time.perf_counter() - started
-        if seconds > SLOW_HOST_S:
-            log.info("slow host work: %s %d took %.1f ms", what, step_id, seconds * 1e3)
 
 
 class AllocatorWatch:
