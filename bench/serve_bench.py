@@ -102,8 +102,9 @@ def report_stalls(log_path: Path) -> None:
             float(figures[-2] if "launched" in what else figures[-1])
         )
     print(f"{len(lines)} stall line(s) in {log_path}:", file=sys.stderr)
-    for kind, ms in sorted(kinds.items(), key=lambda kv: -len(kv[1])):
-        print(f"  {len(ms)} x {kind} (longest {max(ms):.1f} ms)", file=sys.stderr)
+    for kind, values in sorted(kinds.items(), key=lambda kv: -len(kv[1])):
+        most = f"at most {max(values):.0f}" if "allocator" in kind else f"longest {max(values):.1f} ms"
+        print(f"  {len(values)} x {kind} ({most})", file=sys.stderr)
     print("\n".join(lines[-20:]), file=sys.stderr, flush=True)
 
 
