@@ -138,6 +138,31 @@ def test_serve_bench_placements_name_their_serve_flags(monkeypatch: pytest.Monke
     assert placement_flags("worker@32+64") == [*worker, "--prefill_sms", "64"]
 
 
+def test_serve_bench_sums_the_servers_stall_lines_by_kind(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Each kind of stall line (its figures masked) with its count and longest: a late step's
+    delay, not its step ids; the allocator's count, not milliseconds."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from serve_bench import report_stalls
+
+    log = tmp_path / "serve.log"
+    log.write_text(
+        "t worker0 INFO stall: step 12 launched 20.5 ms after decode step 11\n"
+        "t worker0 INFO stall: step 40 launched 31.0 ms after decode step 39\n"
+        "t worker0 INFO slow host work: launching step 7 took 16.2 ms\n"
+        "t worker0 INFO stall: the CUDA allocator since the last flush: {'num_device_alloc': 11}\n"
+        "t worker0 INFO a line that is no stall\n"
+    )
+    report_stalls(log)
+    err = capsys.readouterr().err
+    assert "4 stall line(s)" in err
+    assert "2 x step N launched N ms after decode step N (longest 31.0 ms)" in err
+    assert "1 x launching step N took N ms (longest 16.2 ms)" in err
+    assert "{'num_device_alloc': N} (at most 11)" in err
+    assert "no stall" not in err
+
+
 def test_cold_start_bench_times_each_start_on_its_own_caches(tmp_path: Path, model_dir: Path) -> None:
     out = tmp_path / "cold.json"
     flags = ["--modes", "cold,cold_no_precompile,warm", "--port", "8457", "--json", str(out)]
