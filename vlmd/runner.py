@@ -312,7 +312,7 @@ class ModelRunner:
             for piece in item.embeds:
                 dst = start + piece.dst_offset
                 rows = self.embed_store[piece.row_offset : piece.row_offset + piece.num_rows]
-                # From shared memory, which the worker page-locks on CUDA (`register_for_copies`):
+                # From shared memory, which the worker page-locks on CUDA (`embed_store_view`):
                 # the copy is queued; out of pageable memory CUDA would first wait for the stream.
                 embeds[dst : dst + piece.num_rows] = rows.to(self.device, non_blocking=True).to(embeds.dtype)
         return embeds

@@ -20,15 +20,25 @@ TP_TIMEOUT_S = 600
 log = logging.getLogger("vlmd.worker")
 
 
-def embed_store_view(launch: Launch) -> torch.Tensor | None:
-    """The shared EmbedStore as a [rows, hidden] tensor (no copy), or None without images."""
+def embed_store_view(launch: Launch, device: torch.device) -> torch.Tensor | None:
+    """The shared EmbedStore as a [rows, hidden] tensor (no copy), or None without images: one
+    mapping per process (a worker and the ViT it hosts share it), page-locked for copies to and
+    from `device` where it is a GPU (`_page_lock`)."""
     runtime = launch.runtime
     if not runtime.embed_store:
         return None
-    segment = shm.SharedSegment.attach(runtime.embed_store)
-    count = runtime.embed_store_rows * runtime.hidden_size
-    store = torch.frombuffer(segment.buf, dtype=TORCH_DTYPES[runtime.dtype], count=count)
-    return store.view(runtime.embed_store_rows, runtime.hidden_size)
+    store = _STORE_VIEWS.get(runtime.embed_store)
+    if store is None:
+        segment = shm.SharedSegment.attach(runtime.embed_store)
+        count = runtime.embed_store_rows * runtime.hidden_size
+        store = torch.frombuffer(segment.buf, dtype=TORCH_DTYPES[runtime.dtype], count=count)
+        store = _STORE_VIEWS[runtime.embed_store] = store.view(runtime.embed_store_rows, runtime.hidden_size)
+        if device.type == "cuda":
+            _page_lock(store)
+    return store
+
+
+_STORE_VIEWS: dict[str, torch.Tensor] = {}  # this process's EmbedStore mapping, by segment name
 
 
 def green_stream(device: torch.device, num_sms: int, flag: str) -> tuple[object, torch.cuda.Stream]:
@@ -47,11 +57,11 @@ def green_stream(device: torch.device, num_sms: int, flag: str) -> tuple[object,
     return context, context.Stream()
 
 
-def register_for_copies(store: torch.Tensor) -> bool:
-    """Page-lock the EmbedStore's mapping for CUDA (cudaHostRegister), so that a step's copy of
-    image rows out of it is queued like a copy out of pinned memory: out of pageable memory, CUDA
+def _page_lock(store: torch.Tensor) -> bool:
+    """Page-lock the EmbedStore's mapping for CUDA (cudaHostRegister), so that copies of image
+    rows into and out of it are queued like copies of pinned memory: with pageable memory, CUDA
     first waits for the stream's queued work and holds the calling thread until the copy is done
-    (the worker's, which would launch the next decode step meanwhile). False, logged, where CUDA
+    (a worker's, which would launch the next decode step meanwhile). False, logged, where CUDA
     refuses; the copies then work as before."""
     size = store.numel() * store.element_size()
     error = torch.cuda.cudart().cudaHostRegister(store.data_ptr(), size, 0)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from vlmd import ipc, shm
-from vlmd.actors.device import TORCH_DTYPES, TP_TIMEOUT_S, HostWatch, embed_store_view, register_for_copies
+from vlmd.actors.device import TORCH_DTYPES, TP_TIMEOUT_S, HostWatch, embed_store_view
 from vlmd.actors.launch import Launch, Stopwatch
 from vlmd.image import ImageError, TilingConfig, normalize_lut
 from vlmd.kernels.vision_attention import make_tile_attention
@@ -125,9 +125,7 @@ class ViTRank:
         tp = join_vision_group(launch, layout, cuda)
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             model, tiling = _build_model(launch, device, tp, clock)
-        store = embed_store_view(launch) if layout.is_leader else None
-        if cuda and store is not None:  # the rows' copies into it: DMA, not through a staging buffer
-            register_for_copies(store)
+        store = embed_store_view(launch, device) if layout.is_leader else None
         executor = ThreadPoolExecutor(
             1,
             thread_name_prefix="vit",

@@ -19,7 +19,6 @@ from vlmd.actors.device import (
     HostWatch,
     embed_store_view,
     green_stream,
-    register_for_copies,
 )
 from vlmd.actors.hosted_vit import HostedViT, StepTurns
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, Stopwatch, announce_ready, connect_supervisor
@@ -259,15 +258,12 @@ async def build_runner(
     if num_pages < 1:
         raise SystemExit("--mem_fraction leaves no device memory for the KV cache")
     graph_max_batch_size = 0 if args.disable_cudagraph or device.type != "cuda" else args.graph_max_batch_size
-    embed_store = embed_store_view(launch)
-    if embed_store is not None and device.type == "cuda":
-        register_for_copies(embed_store)
     runner = make_runner(
         model,
         arch,
         num_pages=num_pages,
         page_size=args.page_size,
-        embed_store=embed_store,
+        embed_store=embed_store_view(launch, device),
         graph_max_batch_size=graph_max_batch_size,
         side_sms=args.prefill_sms,
     )
