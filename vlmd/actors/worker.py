@@ -330,7 +330,7 @@ async def serve_steps(
 
     A side step (--prefill_sms) is queued on the side stream a few layers at a time between the
     plans (`SideSteps`), and answered once it has ended, whenever that is. With stall_s > 0, each
-    step launched stall_s or more after a decode step (no FlushStep between) is logged."""
+    step launched stall_s or more after a decode step (no FlushStep between) is logged (`StallLog`)."""
     if overlap is None:
         overlap = runner.device.type == "cuda"
     held = None  # the launched step not yet collected
@@ -339,8 +339,7 @@ async def serve_steps(
     side = SideSteps(runner, channel, send_results, watch)
 
     held_decodes = False  # the held step is decode rows only (its wait is timed: it should be short)
-    last_decode: tuple[int, float] | None = None  # the last step launched if it decodes: id, when
-    allocator = AllocatorWatch(runner.device)
+    stalls = StallLog(stall_s, runner.device)
 
     def report() -> None:
         nonlocal held
@@ -357,9 +356,7 @@ async def serve_steps(
     while True:
         msg = await side.next_message()
         if isinstance(msg, FlushStep):
-            last_decode = None
-            if stall_s:
-                allocator.log_changes()
+            stalls.flushed()
             if held is not None:
                 report()
             if turns is not None:
@@ -373,15 +370,7 @@ async def serve_steps(
         decoding = any(len(item.token_ids) == 1 for item in msg.items)
         if turns is not None:
             turns.step_launched(decoding)
-        now = time.perf_counter()
-        if stall_s and last_decode is not None and now - last_decode[1] >= stall_s:
-            log.info(
-                "stall: step %d launched %.1f ms after decode step %d",
-                msg.step_id,
-                (now - last_decode[1]) * 1e3,
-                last_decode[0],
-            )
-        last_decode = (msg.step_id, now) if decoding else None
+        stalls.launching(msg.step_id, decoding)
         with watch.timed("launching step", msg.step_id):
             launched = runner.launch(msg)
         if held is not None:
@@ -395,29 +384,50 @@ async def serve_steps(
 SIDE_POLL_S = 0.0005
 
 
-class AllocatorWatch:
-    """What the CUDA caching allocator did since it was last looked at (with --log_stalls_ms, at
-    each FlushStep): each cudaMalloc, and above all each time it gave its cache back to CUDA to
-    retry one (a cudaFree waits for the whole device: every stream's work in flight)."""
+class StallLog:
+    """--log_stalls_ms in a worker (threshold_s > 0): each step launched threshold_s or more after
+    a decode step (no FlushStep between: the scheduler or this thread held the tokens), and at
+    each flush what the CUDA allocator did since the last: each cudaMalloc, and above all each
+    time it gave its cache back to CUDA to retry one (a cudaFree waits for the whole device)."""
 
-    KEYS = ("num_alloc_retries", "num_device_alloc", "num_device_free")
+    ALLOCATOR_KEYS = ("num_alloc_retries", "num_device_alloc", "num_device_free")
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, threshold_s: float, device: torch.device) -> None:
+        self.threshold_s = threshold_s
         self.device = device
-        self.last = self._counts()
+        self._last_decode: tuple[int, float] | None = None  # the last step launched if it decodes
+        self._allocator = self._allocator_counts()
 
-    def _counts(self) -> dict[str, int]:
-        if self.device.type != "cuda":
-            return {}
-        stats = torch.cuda.memory_stats(self.device)
-        return {key: stats.get(key, 0) for key in self.KEYS}
+    def launching(self, step_id: int, decoding: bool) -> None:
+        now = time.perf_counter()
+        if self.threshold_s and self._last_decode is not None:
+            last_id, last_at = self._last_decode
+            if now - last_at >= self.threshold_s:
+                log.info(
+                    "stall: step %d launched %.1f ms after decode step %d",
+                    step_id,
+                    (now - last_at) * 1e3,
+                    last_id,
+                )
+        self._last_decode = (step_id, now) if decoding else None
 
-    def log_changes(self) -> None:
-        counts = self._counts()
-        grown = {key: counts[key] - self.last[key] for key in counts if counts[key] != self.last[key]}
-        self.last = counts
+    def flushed(self) -> None:
+        self._last_decode = None  # the worker idles until the next plan
+        if not self.threshold_s:
+            return
+        counts = self._allocator_counts()
+        grown = {
+            key: counts[key] - self._allocator[key] for key in counts if counts[key] != self._allocator[key]
+        }
+        self._allocator = counts
         if grown:
             log.info("stall: the CUDA allocator since the last flush: %s", grown)
+
+    def _allocator_counts(self) -> dict[str, int]:
+        if not self.threshold_s or self.device.type != "cuda":
+            return {}
+        stats = torch.cuda.memory_stats(self.device)
+        return {key: stats.get(key, 0) for key in self.ALLOCATOR_KEYS}
 
 
 class SideSteps:
