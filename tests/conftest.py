@@ -227,16 +227,18 @@ MM_FLAGS = (
 @pytest.fixture(scope="session")
 def mm_server(model_dir, tmp_path_factory):
     """One multimodal server shared by the tests that only send requests to it."""
-    yield from _serve_until_session_end(model_dir, tmp_path_factory, *MM_FLAGS)
+    yield from serve_until_done(model_dir, tmp_path_factory, *MM_FLAGS)
 
 
 @pytest.fixture(scope="session")
 def mm_worker_server(model_dir, tmp_path_factory):
     """mm_server with the ViT inside the LM worker (--vit_placement worker)."""
-    yield from _serve_until_session_end(model_dir, tmp_path_factory, *MM_FLAGS, "--vit_placement", "worker")
+    yield from serve_until_done(model_dir, tmp_path_factory, *MM_FLAGS, "--vit_placement", "worker")
 
 
-def _serve_until_session_end(model_dir, tmp_path_factory, *flags: str):
+def serve_until_done(model_dir, tmp_path_factory, *flags: str):
+    """A fixture's server: started with `flags`, stopped when the fixture ends, and then no actor
+    process and no shared-memory segment may be left."""
     server = start_server(model_dir, tmp_path_factory.mktemp("logs"), *flags)
     yield server
     assert server.stop() == 0, server.log()

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, InternVLForConditionalGeneration
 
-from tests.conftest import MM_FLAGS, make_image, start_server
+from tests.conftest import MM_FLAGS, make_image, serve_until_done
 from tests.test_http import metrics
 
 NUM_TOKENS = 32
@@ -122,10 +122,7 @@ def test_greedy_tokens_equal_transformers(placed_server, reference, case):
 def sliced_server(model_dir, tmp_path_factory):
     """The ViT in the LM worker, encoding one tile per decode step while steps run."""
     flags = (*MM_FLAGS, "--vit_placement", "worker", "--vit_step_tiles", "1")
-    server = start_server(model_dir, tmp_path_factory.mktemp("sliced"), *flags)
-    yield server
-    assert server.stop() == 0, server.log()
-    assert server.actor_pids() == [] and server.shm_segments() == []
+    yield from serve_until_done(model_dir, tmp_path_factory, *flags)
 
 
 def test_vit_between_steps_gives_the_same_tokens(sliced_server, reference):
@@ -157,10 +154,7 @@ def test_vit_between_steps_gives_the_same_tokens(sliced_server, reference):
 def capped_server(model_dir, tmp_path_factory):
     """At most 8 prompt tokens in a step where requests decode."""
     flags = (*MM_FLAGS, "--decode_step_prefill_tokens", "8")
-    server = start_server(model_dir, tmp_path_factory.mktemp("capped"), *flags)
-    yield server
-    assert server.stop() == 0, server.log()
-    assert server.actor_pids() == [] and server.shm_segments() == []
+    yield from serve_until_done(model_dir, tmp_path_factory, *flags)
 
 
 def test_prompts_prefilled_8_tokens_a_step_beside_decoding_give_the_same_tokens(capped_server, reference):
@@ -189,10 +183,7 @@ def side_server(model_dir, tmp_path_factory):
     """Prompt chunks beside decode rows in side steps (--prefill_sms; on the CPU they run in turn
     with the decode steps), at most 256 tokens a step: an image prompt takes several side steps."""
     flags = (*MM_FLAGS, "--prefill_sms", "8", "--max_num_batched_tokens", "256")
-    server = start_server(model_dir, tmp_path_factory.mktemp("side"), *flags)
-    yield server
-    assert server.stop() == 0, server.log()
-    assert server.actor_pids() == [] and server.shm_segments() == []
+    yield from serve_until_done(model_dir, tmp_path_factory, *flags)
 
 
 def test_prompts_prefilled_in_side_steps_beside_decoding_give_the_same_tokens(side_server, reference):
