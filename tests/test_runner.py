@@ -191,3 +191,47 @@ def test_worker_logs_a_decode_step_launched_late(lm, caplog):
     assert len(stalls) == 1, stalls
     assert stalls[0].startswith(f"stall: step {plans[2].step_id} launched ")
     assert stalls[0].endswith(f" ms after decode step {plans[1].step_id}")
+
+
+def test_stall_log_writes_every_threads_stack_while_a_launch_is_held(tmp_path, caplog, monkeypatch):
+    """--log_stalls_ms: a launch that takes the threshold gets every thread's Python stack written
+    at that moment (faulthandler, which needs no GIL), the other threads' included: the launch's
+    own frame and a second thread's both show. A quick launch writes none, and after
+    STACK_DUMPS slow ones no more are written."""
+    import logging
+    import threading
+    import time
+
+    from vlmd.actors import worker
+
+    monkeypatch.setattr(worker, "STACK_DUMPS", 2)
+    caplog.set_level(logging.INFO, logger="vlmd.worker")
+    release = threading.Event()
+
+    def other_thread_work() -> None:  # stands for a hosted ViT's thread
+        release.wait(10)
+
+    def held_launch() -> None:
+        time.sleep(0.25)
+
+    other = threading.Thread(target=other_thread_work)
+    other.start()
+    dumps = tmp_path / "stacks.txt"
+    try:
+        with dumps.open("w") as dump_file:
+            stalls = worker.StallLog(0.05, torch.device("cpu"), dump_file=dump_file)
+            with stalls.launch(1, decoding=True):
+                pass  # quick: nothing written
+            dump_file.flush()
+            assert dumps.read_text() == ""
+            for step_id in (2, 3, 4):
+                with stalls.launch(step_id, decoding=False):
+                    held_launch()
+    finally:
+        release.set()
+        other.join()
+    text = dumps.read_text()
+    assert text.count("Timeout (") == 2, text  # the third slow launch: no dumps left
+    assert "held_launch" in text and "other_thread_work" in text
+    logged = [r.getMessage() for r in caplog.records if "stacks" in r.getMessage()]
+    assert [m.split(" took ")[0] for m in logged] == ["stall: launching step 2", "stall: launching step 3"]

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import math
+import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 
 import torch
 
@@ -370,8 +372,7 @@ async def serve_steps(
         decoding = any(len(item.token_ids) == 1 for item in msg.items)
         if turns is not None:
             turns.step_launched(decoding)
-        stalls.launching(msg.step_id, decoding)
-        with watch.timed("launching step", msg.step_id):
+        with stalls.launch(msg.step_id, decoding), watch.timed("launching step", msg.step_id):
             launched = runner.launch(msg)
         if held is not None:
             report()
@@ -384,21 +385,56 @@ async def serve_steps(
 SIDE_POLL_S = 0.0005
 
 
+# At most this many times a worker writes its threads' stacks when a launch is slow (StallLog).
+STACK_DUMPS = 20
+
+
 class StallLog:
     """--log_stalls_ms in a worker (threshold_s > 0): each step launched threshold_s or more after
     a decode step (no FlushStep between: the scheduler or this thread held the tokens), and at
     each flush what the CUDA allocator did since the last: each cudaMalloc, and above all each
-    time it gave its cache back to CUDA to retry one (a cudaFree waits for the whole device)."""
+    time it gave its cache back to CUDA to retry one (a cudaFree waits for the whole device).
+    The first STACK_DUMPS launches that take threshold_s also write every thread's Python stack
+    at that moment to `dump_file` (stderr, in the server's log): what the launch waits on, and
+    what the process's other threads (a hosted ViT's) are doing meanwhile."""
 
     ALLOCATOR_KEYS = ("num_alloc_retries", "num_device_alloc", "num_device_free")
 
-    def __init__(self, threshold_s: float, device: torch.device) -> None:
+    def __init__(self, threshold_s: float, device: torch.device, dump_file=None) -> None:
         self.threshold_s = threshold_s
         self.device = device
+        self.dump_file = dump_file or sys.stderr
+        self._dumps_left = STACK_DUMPS if threshold_s and _has_fileno(self.dump_file) else 0
         self._last_decode: tuple[int, float] | None = None  # the last step launched if it decodes
         self._allocator = self._allocator_counts()
 
-    def launching(self, step_id: int, decoding: bool) -> None:
+    @contextlib.contextmanager
+    def launch(self, step_id: int, decoding: bool) -> Iterator[None]:
+        """Around a step's launch: log it if late; while dumps are left, have faulthandler write
+        every thread's stack should it take threshold_s. faulthandler writes from a thread of its
+        own that needs no GIL: a thread that holds the GIL and so delays the launch is caught in
+        the act."""
+        self._log_if_late(step_id, decoding)
+        if not self._dumps_left:
+            yield
+            return
+        started = time.perf_counter()
+        faulthandler.dump_traceback_later(self.threshold_s, file=self.dump_file)
+        try:
+            yield
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+        seconds = time.perf_counter() - started
+        if seconds >= self.threshold_s:
+            self._dumps_left -= 1
+            log.info(
+                "stall: launching step %d took %.1f ms; the threads' stacks %.0f ms into it are on stderr",
+                step_id,
+                seconds * 1e3,
+                self.threshold_s * 1e3,
+            )
+
+    def _log_if_late(self, step_id: int, decoding: bool) -> None:
         now = time.perf_counter()
         if self.threshold_s and self._last_decode is not None:
             last_id, last_at = self._last_decode
@@ -428,6 +464,15 @@ class StallLog:
             return {}
         stats = torch.cuda.memory_stats(self.device)
         return {key: stats.get(key, 0) for key in self.ALLOCATOR_KEYS}
+
+
+def _has_fileno(stream) -> bool:
+    """faulthandler writes to a file descriptor: a stream without one (a test's capture) gets no dumps."""
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    return True
 
 
 class SideSteps:
