@@ -234,4 +234,7 @@ def test_stall_log_writes_every_threads_stack_while_a_launch_is_held(tmp_path, c
     assert text.count("Timeout (") == 2, text  # the third slow launch: no dumps left
     assert "held_launch" in text and "other_thread_work" in text
     logged = [r.getMessage() for r in caplog.records if "stacks" in r.getMessage()]
-    assert [m.split(" took ")[0] for m in logged] == ["stall: launching step 2", "stall: launching step 3"]
+    assert [m.split(" are on ")[0] for m in logged] == [
+        "stall: the threads' stacks 50 ms into launching step 2",
+        "stall: the threads' stacks 50 ms into launching step 3",
+    ]

@@ -428,10 +428,10 @@ class StallLog:
         if seconds >= self.threshold_s:
             self._dumps_left -= 1
             log.info(
-                "stall: launching step %d took %.1f ms; the threads' stacks %.0f ms into it are on stderr",
+                "stall: the threads' stacks %.0f ms into launching step %d are on stderr; it took %.1f ms",
+                self.threshold_s * 1e3,
                 step_id,
                 seconds * 1e3,
-                self.threshold_s * 1e3,
             )
 
     def _log_if_late(self, step_id: int, decoding: bool) -> None:
