@@ -1,0 +1,106 @@
+"""An image's bytes in the http actor (issue 16, item 2): what its event loop spends on each image a
+request sends in base64 before anything else happens to it (the base64 decoded, the MD5 that keys
+the caches). A chat client sends its whole history, images included, with every turn: a resent
+image costs the http actor this much each time, and one http actor serves every request.
+
+For each image (`vlmd bench`'s own images: a 13-tile 1792x1344 PNG, a 1-tile 448x448 JPEG):
+
+- per image: the ms `ImageChecker.check` takes for an image it has seen (its size remembered,
+  so no preprocess worker is asked), one at a time, median of `--repeats`;
+- held: the longest the event loop was held meanwhile: the most a task that wakes every
+  millisecond (standing for the token streams the actor forwards) woke late;
+- 8 at once: images/s with eight such checks in flight (`--concurrency`).
+
+    python bench/image_bytes_bench.py [--repeats 20] [--concurrency 8]
+
+Run it on two commits in one command to compare them (bench/RESULTS.md gives the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import datetime
+import platform
+import statistics
+import time
+
+import numpy as np
+
+from vlmd.actors.fetch import ImageFetcher
+from vlmd.actors.images import ImageChecker
+from vlmd.api import ImageInput
+from vlmd.benchmark.dataset import make_image
+from vlmd.image import TilingConfig
+
+IMAGES = (("13-tile 1792x1344 PNG", 1792, 1344, "png"), ("1-tile 448x448 JPEG", 448, 448, "jpeg"))
+
+
+class LoopWatch:
+    """A task that wakes every millisecond, as a token stream's forwarding would: the most it woke
+    late is the longest the loop was held."""
+
+    PERIOD_S = 0.001
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._task: asyncio.Task | None = None
+
+    async def _tick(self) -> None:
+        while True:
+            start = time.perf_counter()
+            await asyncio.sleep(self.PERIOD_S)
+            self.longest = max(self.longest, time.perf_counter() - start - self.PERIOD_S)
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._tick())
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
+async def measure(data: bytes, repeats: int, concurrency: int) -> dict[str, float]:
+    checker = ImageChecker(
+        TilingConfig(), ImageFetcher(10.0, 64 << 20, allow_private=False), max_pixels=10**9
+    )
+    image = ImageInput(type="base64", data=base64.b64encode(data).decode())
+    checker.release([await checker.check(0, image)])  # new: decoded once; its size is remembered
+    watch = LoopWatch()
+    watch.start()
+    await asyncio.sleep(0)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        checker.release([await checker.check(0, image)])
+        times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(repeats // concurrency or 1):
+        checker.release(await checker.check_all([image] * concurrency))
+    rate = (repeats // concurrency or 1) * concurrency / (time.perf_counter() - start)
+    watch.stop()
+    return {"ms": statistics.median(times) * 1e3, "held_ms": watch.longest * 1e3, "rate": rate}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"# An image's bytes in the http actor, {platform.machine()} {now}")
+    print(f"repeats {args.repeats}, {args.concurrency} at once\n")
+    print(f"| image | bytes | ms per image | loop held, longest ms | images/s, {args.concurrency} at once |")
+    print("|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for name, width, height, image_format in IMAGES:
+        data = make_image(width, height, rng, image_format)
+        figures = asyncio.run(measure(data, args.repeats, args.concurrency))
+        print(
+            f"| {name} | {len(data)} | {figures['ms']:.2f} | {figures['held_ms']:.2f} | {figures['rate']:.1f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
