@@ -196,8 +196,8 @@ def test_worker_logs_a_decode_step_launched_late(lm, caplog):
 def test_stall_log_writes_every_threads_stack_while_a_launch_is_held(tmp_path, caplog, monkeypatch):
     """--log_stalls_ms: a launch that takes the threshold gets every thread's Python stack written
     at that moment (faulthandler, which needs no GIL), the other threads' included: the launch's
-    own frame and a second thread's both show. A quick launch writes none, and after
-    STACK_DUMPS slow ones no more are written."""
+    own frame and a second thread's both show. A quick launch writes none, nor a prompt's, and
+    after STACK_DUMPS slow ones no more are written."""
     import logging
     import threading
     import time
@@ -222,10 +222,12 @@ def test_stall_log_writes_every_threads_stack_while_a_launch_is_held(tmp_path, c
             stalls = worker.StallLog(0.05, torch.device("cpu"), dump_file=dump_file)
             with stalls.launch(1, decoding=True):
                 pass  # quick: nothing written
+            with stalls.launch(2, decoding=False):
+                held_launch()  # a prompt's launch, slow anyway: nothing written
             dump_file.flush()
             assert dumps.read_text() == ""
-            for step_id in (2, 3, 4):
-                with stalls.launch(step_id, decoding=False):
+            for step_id in (3, 4, 5):
+                with stalls.launch(step_id, decoding=True):
                     held_launch()
     finally:
         release.set()
@@ -235,6 +237,6 @@ def test_stall_log_writes_every_threads_stack_while_a_launch_is_held(tmp_path, c
     assert "held_launch" in text and "other_thread_work" in text
     logged = [r.getMessage() for r in caplog.records if "stacks" in r.getMessage()]
     assert [m.split(" are on ")[0] for m in logged] == [
-        "stall: the threads' stacks 50 ms into launching step 2",
         "stall: the threads' stacks 50 ms into launching step 3",
+        "stall: the threads' stacks 50 ms into launching step 4",
     ]

@@ -199,8 +199,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=_default("log_stalls_ms"),
         help="log each time an actor's event loop was held this many ms, and each decode step a "
-        "worker launched this many ms after the one before (finding what delays tokens); 0: off "
-        "(default: %(default)s)",
+        "worker launched this many ms after the one before (finding what delays tokens); the first "
+        "20 decode-step launches that take this long also write every thread's Python stack to the "
+        "log (arming that costs a fraction of a ms of the worker's host time per step until then); "
+        "0: off (default: %(default)s)",
     )
     add("--max_running_requests", type=int, default=256)
     add(

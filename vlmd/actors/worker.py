@@ -394,9 +394,9 @@ class StallLog:
     a decode step (no FlushStep between: the scheduler or this thread held the tokens), and at
     each flush what the CUDA allocator did since the last: each cudaMalloc, and above all each
     time it gave its cache back to CUDA to retry one (a cudaFree waits for the whole device).
-    The first STACK_DUMPS launches that take threshold_s also write every thread's Python stack
-    at that moment to `dump_file` (stderr, in the server's log): what the launch waits on, and
-    what the process's other threads (a hosted ViT's) are doing meanwhile."""
+    The first STACK_DUMPS launches of steps with decode rows that take threshold_s also write
+    every thread's Python stack at that moment to `dump_file` (stderr, in the server's log): what
+    the launch waits on, and what the process's other threads (a hosted ViT's) do meanwhile."""
 
     ALLOCATOR_KEYS = ("num_alloc_retries", "num_device_alloc", "num_device_free")
 
@@ -415,7 +415,7 @@ class StallLog:
         own that needs no GIL: a thread that holds the GIL and so delays the launch is caught in
         the act."""
         self._log_if_late(step_id, decoding)
-        if not self._dumps_left:
+        if not self._dumps_left or not decoding:  # a prompt's launch is slow anyway
             yield
             return
         started = time.perf_counter()
