@@ -153,15 +153,17 @@ def test_serve_bench_sums_the_servers_stall_lines_by_kind(
         "t worker0 INFO slow host work: launching step 7 took 16.2 ms\n"
         "t worker0 INFO stall: the CUDA allocator since the last flush: {'num_device_alloc': 11}\n"
         "t worker0 INFO stall: the threads' stacks 15 ms into launching step 9 are on stderr; it took 41.5 ms\n"
+        "t scheduler INFO stall: scheduler0's garbage collection of generation 2 (1089 objects collected) took 31.2 ms\n"
         "t worker0 INFO a line that is no stall\n"
     )
     report_stalls(log)
     err = capsys.readouterr().err
-    assert "5 stall line(s)" in err
+    assert "6 stall line(s)" in err
     assert "2 x step N launched N ms after decode step N (longest 31.0 ms)" in err
     assert "1 x launching step N took N ms (longest 16.2 ms)" in err
     assert "{'num_device_alloc': N} (at most 11)" in err
     assert "stacks N ms into launching step N are on stderr; it took N ms (longest 41.5 ms)" in err
+    assert "garbage collection of generation N (N objects collected) took N ms (longest 31.2 ms)" in err
     assert "no stall" not in err
 
 

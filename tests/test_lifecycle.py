@@ -434,3 +434,37 @@ def test_log_stalls_names_an_actor_whose_event_loop_was_held(caplog):
     held = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stall: http0's event loop")]
     assert len(held) == 1, held
     assert 180 <= float(re.search(r"held ([0-9.]+) ms", held[0]).group(1)) < 1000, held
+
+
+def test_log_stalls_names_an_actor_whose_garbage_collection_was_long(caplog):
+    """--log_stalls_ms: a pass of the cyclic garbage collector that long (it holds the GIL: the
+    event loop and every thread wait) is logged with the actor's name, the generation and how
+    many objects it collected; a shorter one is not."""
+    import gc
+    import logging
+
+    from vlmd.actors.launch import watch_gc
+
+    caplog.set_level(logging.INFO, logger="vlmd.launch")
+
+    def collect_cycles(count: int) -> None:
+        gc.disable()  # the cycles wait for the one full pass
+        try:
+            for _ in range(count):
+                a, b = [], []
+                a.append(b)
+                b.append(a)
+        finally:
+            gc.enable()
+        gc.collect()
+
+    for name, threshold_s in (("scheduler0", 0.0), ("http0", 60.0)):
+        callback = watch_gc(name, threshold_s)
+        try:
+            collect_cycles(50_000)
+        finally:
+            gc.callbacks.remove(callback)
+    logged = [r.getMessage() for r in caplog.records if "garbage collection" in r.getMessage()]
+    assert len(logged) == 1, logged
+    assert logged[0].startswith("stall: scheduler0's garbage collection of generation 2 ("), logged
+    assert int(re.search(r"\((\d+) objects collected\)", logged[0]).group(1)) >= 100_000, logged

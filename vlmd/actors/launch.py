@@ -167,6 +167,7 @@ async def announce_ready(
     _background.add(loop.create_task(watch()))
     if launch.args.log_stalls_ms:
         _background.add(loop.create_task(watch_loop(f"{role}{rank}", launch.args.log_stalls_ms / 1e3)))
+        watch_gc(f"{role}{rank}", launch.args.log_stalls_ms / 1e3)
     return channel
 
 
@@ -185,6 +186,31 @@ async def watch_loop(name: str, threshold_s: float) -> None:
         late = loop.time() - started - LOOP_WATCH_PERIOD_S
         if late >= threshold_s:
             log.info("stall: %s's event loop was held %.1f ms", name, late * 1e3)
+
+
+def watch_gc(name: str, threshold_s: float) -> Callable[[str, dict], None]:
+    """Log each pass of the cyclic garbage collector that takes `threshold_s` or more: it holds
+    the GIL, so the event loop (and any thread) waits it out. Returns the callback it installs
+    in `gc.callbacks`."""
+    started = 0.0
+
+    def on_gc(phase: str, info: dict) -> None:
+        nonlocal started
+        if phase == "start":
+            started = time.perf_counter()
+            return
+        seconds = time.perf_counter() - started
+        if seconds >= threshold_s:
+            log.info(
+                "stall: %s's garbage collection of generation %d (%d objects collected) took %.1f ms",
+                name,
+                info["generation"],
+                info["collected"],
+                seconds * 1e3,
+            )
+
+    gc.callbacks.append(on_gc)
+    return on_gc
 
 
 _background: set = set()  # the event loop keeps only weak references to tasks
