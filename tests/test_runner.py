@@ -152,8 +152,14 @@ def test_host_watch_logs_only_slow_work_and_only_where_enabled(caplog):
     for enabled, seconds in ((True, 0.0), (True, 2 * SLOW_HOST_S), (False, 2 * SLOW_HOST_S)):
         with HostWatch(enabled).timed("launching step", 7):
             time.sleep(seconds)
+    # A lower threshold (--log_stalls_ms): work under SLOW_HOST_S but over it is logged.
+    with HostWatch(True, SLOW_HOST_S / 5).timed("planning side step", 8):
+        time.sleep(SLOW_HOST_S / 2)
     slow = [r.getMessage() for r in caplog.records if "slow host work" in r.getMessage()]
-    assert len(slow) == 1 and slow[0].startswith("slow host work: launching step 7 took "), slow
+    assert [m.split(" took ")[0] for m in slow] == [
+        "slow host work: launching step 7",
+        "slow host work: planning side step 8",
+    ], slow
 
 
 def test_worker_logs_a_decode_step_launched_late(lm, caplog):

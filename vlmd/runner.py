@@ -169,18 +169,22 @@ class ModelRunner:
         work, which on the main stream would hold this thread (and the next decode step's launch)
         until the step in flight has ended."""
         assert self.side_attn is not None, "side steps need --prefill_sms"
+        timed, step_id = self.watch.timed, plan.step_id
         self._apply_membership(plan)
         assert all(item.token_ids[-1] != PENDING_TOKEN for item in plan.items), "side steps are prompts"
-        layout = self._layout(plan.items)
-        input_ids = self._input_ids(plan.items)
-        sampled = [i for i, item in enumerate(plan.items) if item.sample]
+        with timed("laying out side step", step_id):
+            layout = self._layout(plan.items)
+            input_ids = self._input_ids(plan.items)
+            sampled = [i for i, item in enumerate(plan.items) if item.sample]
         if self.side_stream is not None:
             self.side_stream.wait_stream(torch.cuda.current_stream(self.device))
         with self._on_side_stream():
-            inputs_embeds = self._input_embeddings(plan.items, layout, input_ids)
-            positions = self._to_device(layout.positions())
-            last_rows = self._to_device([layout.qo_indptr[i + 1] - 1 for i in sampled])
-            self.side_attn.plan(layout)
+            with timed("queuing the inputs (image rows included) of side step", step_id):
+                inputs_embeds = self._input_embeddings(plan.items, layout, input_ids)
+                positions = self._to_device(layout.positions())
+                last_rows = self._to_device([layout.qo_indptr[i + 1] - 1 for i in sampled])
+            with timed("planning side step", step_id):
+                self.side_attn.plan(layout)
             parts = self.model.forward_in_parts(
                 inputs_embeds, positions, self.side_attn, SIDE_LAYERS_PER_PART
             )

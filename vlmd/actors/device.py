@@ -78,11 +78,12 @@ SLOW_HOST_S = 0.015
 
 
 class HostWatch:
-    """Logs the calls of a worker's thread (or its ViT's) that take longer than SLOW_HOST_S (on a
-    GPU), naming what they did and for which step (or batch)."""
+    """Logs the calls of a worker's thread (or its ViT's) that take longer than `threshold_s`
+    (SLOW_HOST_S unless told; on a GPU), naming what they did and for which step (or batch)."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, threshold_s: float = SLOW_HOST_S) -> None:
         self.enabled = enabled
+        self.threshold_s = threshold_s
 
     @contextlib.contextmanager
     def timed(self, what: str, step_id: int) -> Iterator[None]:
@@ -92,5 +93,5 @@ class HostWatch:
         started = time.perf_counter()
         yield
         seconds = time.perf_counter() - started
-        if seconds > SLOW_HOST_S:
+        if seconds > self.threshold_s:
             log.info("slow host work: %s %d took %.1f ms", what, step_id, seconds * 1e3)

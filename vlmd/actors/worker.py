@@ -16,6 +16,7 @@ import torch
 
 from vlmd import ipc
 from vlmd.actors.device import (
+    SLOW_HOST_S,
     TORCH_DTYPES,
     TP_TIMEOUT_S,
     HostWatch,
@@ -336,7 +337,9 @@ async def serve_steps(
     if overlap is None:
         overlap = runner.device.type == "cuda"
     held = None  # the launched step not yet collected
-    watch = HostWatch(enabled=runner.device.type == "cuda")
+    # With --log_stalls_ms, host work of a third of it is logged: a few such pieces between two
+    # decode steps add up to a stall.
+    watch = HostWatch(runner.device.type == "cuda", min(SLOW_HOST_S, stall_s / 3) if stall_s else SLOW_HOST_S)
     runner.watch = watch  # the parts of a slow launch logged too
     side = SideSteps(runner, channel, send_results, watch)
 
