@@ -170,9 +170,9 @@ class ModelRunner:
         until the step in flight has ended."""
         assert self.side_attn is not None, "side steps need --prefill_sms"
         timed, step_id = self.watch.timed, plan.step_id
-        self._apply_membership(plan)
         assert all(item.token_ids[-1] != PENDING_TOKEN for item in plan.items), "side steps are prompts"
-        with timed("laying out side step", step_id):
+        with timed("admitting and laying out side step", step_id):
+            self._apply_membership(plan)
             layout = self._layout(plan.items)
             input_ids = self._input_ids(plan.items)
             sampled = [i for i, item in enumerate(plan.items) if item.sample]
