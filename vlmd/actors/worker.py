@@ -334,12 +334,15 @@ async def serve_steps(
     A side step (--prefill_sms) is queued on the side stream a few layers at a time between the
     plans (`SideSteps`), and answered once it has ended, whenever that is. With stall_s > 0, each
     step launched stall_s or more after a decode step (no FlushStep between) is logged (`StallLog`)."""
+    cuda = runner.device.type == "cuda"
     if overlap is None:
-        overlap = runner.device.type == "cuda"
+        overlap = cuda
     held = None  # the launched step not yet collected
     # With --log_stalls_ms, host work of a third of it is logged: a few such pieces between two
-    # decode steps add up to a stall.
-    watch = HostWatch(runner.device.type == "cuda", min(SLOW_HOST_S, stall_s / 3) if stall_s else SLOW_HOST_S)
+    # decode steps add up to a stall. A wait for a decode step's tokens, which normally lasts
+    # most of a step, only over SLOW_HOST_S.
+    watch = HostWatch(cuda, min(SLOW_HOST_S, stall_s / 3) if stall_s else SLOW_HOST_S)
+    waits = HostWatch(cuda)
     runner.watch = watch  # the parts of a slow launch logged too
     side = SideSteps(runner, channel, send_results, watch)
 
@@ -349,7 +352,7 @@ async def serve_steps(
     def report() -> None:
         nonlocal held
         with (
-            watch.timed("waiting for decode step", held.step_id) if held_decodes else contextlib.nullcontext()
+            waits.timed("waiting for decode step", held.step_id) if held_decodes else contextlib.nullcontext()
         ):
             result = runner.collect(held)
         held = None
