@@ -341,3 +341,18 @@ def test_tiny_host_step_bench_reports_every_context(tmp_path: Path) -> None:
     assert "| context | schedule | worker bookkeeping | update | total | vs the first " in proc.stdout
     rows = json.loads(out.read_text())["rows"]
     assert [row["context"] for row in rows] == [64, 256] and all(row["total"] > 0 for row in rows)
+
+
+def test_image_bytes_bench_times_both_images_through_the_http_actors_checker() -> None:
+    """The bench runs (a few checks of each image) and prints a row of figures per image: its
+    bytes, ms per image and images/s above zero, the loop's longest hold zero or more."""
+    proc = _run_script("bench/image_bytes_bench.py", "--repeats", "2", "--concurrency", "2")
+    rows = [
+        line
+        for line in proc.stdout.splitlines()
+        if line.startswith("| ") and ("PNG" in line or "JPEG" in line)
+    ]
+    assert len(rows) == 2, proc.stdout
+    for row in rows:
+        size, ms, held, rate = (float(cell) for cell in row.strip().strip("|").split("|")[1:])
+        assert size > 0 and ms > 0 and held >= 0 and rate > 0, row
