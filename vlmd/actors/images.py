@@ -273,12 +273,18 @@ def _decode_base64(text: str) -> bytes | None:
     if pads == len(end):
         pads = len(text) - len(text.rstrip("="))
     body = len(text) - pads  # the characters before it
-    # The final run of '=' as the one call takes it: as many as the last quantum lacks, or any
-    # number after whole quanta (but not alone). pybase64 refuses any '=' before it.
-    if pads != {0: pads if body else 0, 2: 2, 3: 1}.get(body % 4):
+    # The final run of '=' as the one call takes it: any number after whole quanta (but not
+    # alone), else as many as the last quantum lacks. pybase64 refuses any '=' before it, and
+    # any beyond a whole quantum: those are dropped.
+    whole = body % 4 == 0
+    if whole:
+        accepted = body > 0 or not pads
+    else:
+        accepted = pads == {2: 2, 3: 1}.get(body % 4)
+    if not accepted:
         return None
     try:
-        return pybase64.b64decode(text[:body] if pads and body % 4 == 0 else text, validate=True)
+        return pybase64.b64decode(text[:body] if whole and pads else text, validate=True)
     except (binascii.Error, ValueError):
         return None
 
