@@ -146,7 +146,7 @@ def test_host_watch_logs_only_slow_work_and_only_where_enabled(caplog):
     import logging
     import time
 
-    from vlmd.actors.device import SLOW_HOST_S, HostWatch
+    from vlmd.actors.launch import SLOW_HOST_S, HostWatch
 
     caplog.set_level(logging.INFO, logger="vlmd.worker")
     for enabled, seconds in ((True, 0.0), (True, 2 * SLOW_HOST_S), (False, 2 * SLOW_HOST_S)):
@@ -165,8 +165,12 @@ def test_host_watch_logs_only_slow_work_and_only_where_enabled(caplog):
 def test_worker_logs_a_decode_step_launched_late(lm, caplog):
     """With --log_stalls_ms, a step launched that long after a decode step (no FlushStep between)
     is logged with both steps' ids: the scheduler or the host held the tokens. A step after a
-    prefill, or after a flush (the worker idled), is not a stall."""
+    prefill, or after a flush (the worker idled), is not a stall. A second line gives what the
+    worker did since the decode step's launch: the launch itself, the late plan's arrival (and
+    when it was sent), the late step's own launch not yet."""
     import logging
+    import re
+    import time
 
     model, arch = lm
     caplog.set_level(logging.INFO, logger="vlmd.worker")
@@ -182,6 +186,7 @@ def test_worker_logs_a_decode_step_launched_late(lm, caplog):
             await asyncio.sleep(wait_s)
             if msg is None:
                 msg = scheduler.schedule()
+                msg.sent_at = time.monotonic()  # as the scheduler actor stamps it
                 plans.append(msg)
             await channel.inbox.put(msg)
             while not channel.inbox.empty() or (isinstance(msg, FlushStep) is False and not channel.sent):
@@ -197,6 +202,21 @@ def test_worker_logs_a_decode_step_launched_late(lm, caplog):
     assert len(stalls) == 1, stalls
     assert stalls[0].startswith(f"stall: step {plans[2].step_id} launched ")
     assert stalls[0].endswith(f" ms after decode step {plans[1].step_id}")
+    timelines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stall timeline")]
+    assert len(timelines) == 1, timelines
+    prefix = f"stall timeline since decode step {plans[1].step_id}: "
+    assert timelines[0].startswith(prefix), timelines
+    events = timelines[0][len(prefix) :].split(", ")
+    offsets = [float(re.match(r"\+(-?[0-9.]+) ", event).group(1)) for event in events]
+    assert offsets == sorted(offsets) and offsets[0] < 1, events
+    assert events[0].startswith(f"+{offsets[0]:.1f} launching step {plans[1].step_id} ")
+    assert any(f"laying out and planning step {plans[1].step_id}" in event for event in events), events
+    # The late plan came ~80 ms later, and was sent about then (the test sends it at once).
+    (arrival,) = [e for e in events if e.split(" ", 1)[1].startswith(f"plan {plans[2].step_id} in (sent +")]
+    received = float(arrival.split(" ")[0])
+    sent = float(arrival.split("(sent +")[1].rstrip(")"))
+    assert 60 <= sent <= received < sent + 40, arrival
+    assert not any(f"launching step {plans[2].step_id}" in event for event in events), events
 
 
 def test_stall_log_writes_every_threads_stack_while_a_launch_is_held(tmp_path, caplog, monkeypatch):

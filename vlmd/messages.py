@@ -349,6 +349,9 @@ class StepPlan(Message):
     # A side step (--prefill_sms): prompt spans only, run beside the decode steps and answered
     # whenever it ends; its requests are in no other step meanwhile.
     side: bool = False
+    # When the scheduler sent it (time.monotonic(), one clock for every process of the host):
+    # with --log_stalls_ms a worker tells a plan that came late from one it was too busy to read.
+    sent_at: float = 0.0
 
 
 class FlushStep(Message):

@@ -3,10 +3,7 @@ under --vit_placement worker, live in the same process)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
-from collections.abc import Iterator
 
 import torch
 
@@ -70,28 +67,3 @@ def _page_lock(store: torch.Tensor) -> bool:
         return False
     log.info("EmbedStore page-locked for CUDA copies (%.2f GiB)", size / 2**30)
     return True
-
-
-# On a GPU, host work on the worker's thread longer than this is logged: the thread launches the
-# next step only once it is done, so such work may delay tokens (issue 16's latency spikes).
-SLOW_HOST_S = 0.015
-
-
-class HostWatch:
-    """Logs the calls of a worker's thread (or its ViT's) that take longer than `threshold_s`
-    (SLOW_HOST_S unless told; on a GPU), naming what they did and for which step (or batch)."""
-
-    def __init__(self, enabled: bool, threshold_s: float = SLOW_HOST_S) -> None:
-        self.enabled = enabled
-        self.threshold_s = threshold_s
-
-    @contextlib.contextmanager
-    def timed(self, what: str, step_id: int) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        started = time.perf_counter()
-        yield
-        seconds = time.perf_counter() - started
-        if seconds > self.threshold_s:
-            log.info("slow host work: %s %d took %.1f ms", what, step_id, seconds * 1e3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import gc
 import logging
@@ -10,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import msgspec
 
@@ -211,6 +212,76 @@ def watch_gc(name: str, threshold_s: float) -> Callable[[str, dict], None]:
 
     gc.callbacks.append(on_gc)
     return on_gc
+
+
+# Host work longer than this on a thread that launches GPU work (a worker's, its ViT's) is
+# logged on a GPU: the next step is launched only once it is done, so such work may delay
+# tokens (issue 16's latency spikes).
+SLOW_HOST_S = 0.015
+
+
+class Timeline:
+    """What a thread did since a moment (`restart`): each call a `HostWatch` timed and each
+    message it took in, at their offsets from that moment, for the line that explains a stall
+    (--log_stalls_ms). Times are time.monotonic(), one clock for every process of the host, so
+    a message's sending by another process has its offset too."""
+
+    MAX_EVENTS = 100  # past this many, the rest since the last restart are dropped
+
+    def __init__(self) -> None:
+        self.origin: float | None = None  # None: not noting anything
+        self._events: list[tuple[float, str]] = []
+
+    def restart(self, now: float) -> None:
+        self.origin, self._events = now, []
+
+    def stop(self) -> None:
+        self.origin, self._events = None, []
+
+    def note(self, started: float, seconds: float, what: str) -> None:
+        if self.origin is not None and len(self._events) < self.MAX_EVENTS:
+            self._events.append((started, f"{what} {seconds * 1e3:.1f} ms"))
+
+    def received(self, what: str, sent_at: float) -> None:
+        """A message taken in now, sent at `sent_at`."""
+        if self.origin is not None and len(self._events) < self.MAX_EVENTS:
+            self._events.append((time.monotonic(), f"{what} (sent +{(sent_at - self.origin) * 1e3:.1f})"))
+
+    def describe(self) -> str:
+        """`+offset what` for each event, in the order they began, offsets in ms."""
+        events = sorted(self._events, key=lambda event: event[0])
+        return ", ".join(f"+{(started - self.origin) * 1e3:.1f} {text}" for started, text in events)
+
+
+class HostWatch:
+    """Logs the calls of a thread that take longer than `threshold_s` (SLOW_HOST_S unless told;
+    where `enabled`), naming what they did and for which step (or batch); notes every call,
+    slow or not, on `timeline` where one is given."""
+
+    def __init__(
+        self,
+        enabled: bool,
+        threshold_s: float = SLOW_HOST_S,
+        logger: logging.Logger | None = None,
+        timeline: Timeline | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.threshold_s = threshold_s
+        self.log = logger or logging.getLogger("vlmd.worker")
+        self.timeline = timeline
+
+    @contextlib.contextmanager
+    def timed(self, what: str, step_id: int) -> Iterator[None]:
+        if not self.enabled and self.timeline is None:
+            yield
+            return
+        started = time.monotonic()
+        yield
+        seconds = time.monotonic() - started
+        if self.timeline is not None:
+            self.timeline.note(started, seconds, f"{what} {step_id}")
+        if self.enabled and seconds > self.threshold_s:
+            self.log.info("slow host work: %s %d took %.1f ms", what, step_id, seconds * 1e3)
 
 
 _background: set = set()  # the event loop keeps only weak references to tasks

@@ -21,7 +21,7 @@ from collections import Counter, deque
 import msgspec
 
 from vlmd import ipc
-from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, announce_ready
+from vlmd.actors.launch import SCHEDULER_SOCKET, HostWatch, Launch, announce_ready
 from vlmd.actors.metrics import IMAGE_STAGE_BUCKETS_S
 from vlmd.config import step_timeout_s
 from vlmd.core.histogram import Histogram
@@ -62,6 +62,10 @@ class SchedulerActor:
         timeout_s = step_timeout_s(launch.args, launch.runtime.device)
         self.step_watch = StepWatch(timeout_s) if timeout_s else None
         self.side_watch = StepWatch(timeout_s) if timeout_s else None  # side steps (--prefill_sms)
+        # --log_stalls_ms: planning or applying a step that takes a third of it is logged (the
+        # workers' next plan waits for this loop).
+        stall_s = launch.args.log_stalls_ms / 1e3
+        self.watch = HostWatch(bool(stall_s), stall_s / 3, logger=log)
         self.supervisor: ipc.Channel | None = None  # set once the supervisor knows we are ready
         self.core: Scheduler | None = None  # built once every worker has said how many KV pages it has
         self._worker_pages: dict[int, int] = {}
@@ -182,12 +186,16 @@ class SchedulerActor:
         await self._workers_ready.wait()
         in_flight: deque[StepPlan] = deque()
         flushed = False  # a FlushStep went out since the last plan
+        timed = self.watch.timed
         while True:
-            if (side := self.core.schedule_side()) is not None:
+            with timed("scheduler: planning a side step after step", self.core.last_step_id):
+                side = self.core.schedule_side()
+            if side is not None:
                 self._to_workers(side)
                 continue
             if len(in_flight) < MAX_STEPS_IN_FLIGHT:
-                plan = self.core.schedule()
+                with timed("scheduler: planning the step after step", self.core.last_step_id):
+                    plan = self.core.schedule()
                 if plan is not None:
                     self._to_workers(plan)
                     in_flight.append(plan)
@@ -208,10 +216,11 @@ class SchedulerActor:
                 if self._results.empty():
                     continue
             result = await self._next_result()
-            if self._is_side(result):
-                self._apply(self.core.side, result)
-            else:
-                self._apply(in_flight.popleft(), result)
+            with timed("scheduler: applying the result of step", result.step_id):
+                if self._is_side(result):
+                    self._apply(self.core.side, result)
+                else:
+                    self._apply(in_flight.popleft(), result)
 
     def _is_side(self, result: StepResult) -> bool:
         return self.core.side is not None and result.step_id == self.core.side.step_id
@@ -256,8 +265,10 @@ class SchedulerActor:
         os._exit(1)
 
     def _to_workers(self, msg) -> None:
-        if isinstance(msg, StepPlan) and self.step_watch is not None:
-            (self.side_watch if msg.side else self.step_watch).sent(msg, time.monotonic())
+        if isinstance(msg, StepPlan):
+            msg.sent_at = time.monotonic()
+            if self.step_watch is not None:
+                (self.side_watch if msg.side else self.step_watch).sent(msg, msg.sent_at)
         for worker in self.workers.values():
             worker.send(msg)
 

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from vlmd import ipc, shm
-from vlmd.actors.device import TORCH_DTYPES, TP_TIMEOUT_S, HostWatch, embed_store_view
-from vlmd.actors.launch import Launch, Stopwatch
+from vlmd.actors.device import TORCH_DTYPES, TP_TIMEOUT_S, embed_store_view
+from vlmd.actors.launch import HostWatch, Launch, Stopwatch
 from vlmd.image import ImageError, TilingConfig, normalize_lut
 from vlmd.kernels.vision_attention import make_tile_attention
 from vlmd.kernels.vision_graph import VisionGraphs

@@ -15,16 +15,18 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 import torch
 
 from vlmd import ipc
-from vlmd.actors.device import (
-    SLOW_HOST_S,
-    TORCH_DTYPES,
-    TP_TIMEOUT_S,
-    HostWatch,
-    embed_store_view,
-    green_stream,
-)
+from vlmd.actors.device import TORCH_DTYPES, TP_TIMEOUT_S, embed_store_view, green_stream
 from vlmd.actors.hosted_vit import HostedViT, StepTurns
-from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, Stopwatch, announce_ready, connect_supervisor
+from vlmd.actors.launch import (
+    SCHEDULER_SOCKET,
+    SLOW_HOST_S,
+    HostWatch,
+    Launch,
+    Stopwatch,
+    Timeline,
+    announce_ready,
+    connect_supervisor,
+)
 from vlmd.core.page_allocator import pages_for
 from vlmd.kernels.attention import KVCacheSpec
 from vlmd.kernels.cuda_graph import DecodeGraphs
@@ -338,16 +340,18 @@ async def serve_steps(
     if overlap is None:
         overlap = cuda
     held = None  # the launched step not yet collected
+    stalls = StallLog(stall_s, runner.device)
     # With --log_stalls_ms, host work of a third of it is logged: a few such pieces between two
     # decode steps add up to a stall. A wait for a decode step's tokens, which normally lasts
-    # most of a step, only over SLOW_HOST_S.
-    watch = HostWatch(cuda, min(SLOW_HOST_S, stall_s / 3) if stall_s else SLOW_HOST_S)
-    waits = HostWatch(cuda)
+    # most of a step, only over SLOW_HOST_S. Both are noted on the stall lines' timeline.
+    watch = HostWatch(
+        cuda, min(SLOW_HOST_S, stall_s / 3) if stall_s else SLOW_HOST_S, timeline=stalls.timeline
+    )
+    waits = HostWatch(cuda, timeline=stalls.timeline)
     runner.watch = watch  # the parts of a slow launch logged too
     side = SideSteps(runner, channel, send_results, watch)
 
     held_decodes = False  # the held step is decode rows only (its wait is timed: it should be short)
-    stalls = StallLog(stall_s, runner.device)
 
     def report() -> None:
         nonlocal held
@@ -371,6 +375,7 @@ async def serve_steps(
                 turns.idle()
             continue
         assert isinstance(msg, StepPlan), f"worker expects StepPlan, got {type(msg).__name__}"
+        stalls.received(msg)
         if msg.side:
             with watch.timed("launching side step", msg.step_id):
                 side.launch(msg)
@@ -397,7 +402,9 @@ STACK_DUMPS = 20
 
 class StallLog:
     """--log_stalls_ms in a worker (threshold_s > 0): each step launched threshold_s or more after
-    a decode step (no FlushStep between: the scheduler or this thread held the tokens), and at
+    a decode step (no FlushStep between: the scheduler or this thread held the tokens), with a
+    second line, the `timeline` of what this thread did since that decode step's launch (the
+    calls its HostWatches timed, the plans it took in and when the scheduler sent them); and at
     each flush what the CUDA allocator did since the last: each cudaMalloc, and above all each
     time it gave its cache back to CUDA to retry one (a cudaFree waits for the whole device).
     The first STACK_DUMPS launches of steps with decode rows that take threshold_s also write
@@ -412,6 +419,7 @@ class StallLog:
         self.dump_file = dump_file or sys.stderr
         self._dumps_left = STACK_DUMPS if threshold_s and _has_fileno(self.dump_file) else 0
         self._last_decode: tuple[int, float] | None = None  # the last step launched if it decodes
+        self.timeline = Timeline() if threshold_s else None  # since the last decode step's launch
         self._allocator = self._allocator_counts()
 
     @contextlib.contextmanager
@@ -441,8 +449,10 @@ class StallLog:
             )
 
     def _log_if_late(self, step_id: int, decoding: bool) -> None:
-        now = time.perf_counter()
-        if self.threshold_s and self._last_decode is not None:
+        if not self.threshold_s:
+            return
+        now = time.monotonic()
+        if self._last_decode is not None:
             last_id, last_at = self._last_decode
             if now - last_at >= self.threshold_s:
                 log.info(
@@ -451,12 +461,23 @@ class StallLog:
                     (now - last_at) * 1e3,
                     last_id,
                 )
+                log.info("stall timeline since decode step %d: %s", last_id, self.timeline.describe())
         self._last_decode = (step_id, now) if decoding else None
+        if decoding:
+            self.timeline.restart(now)
+        else:
+            self.timeline.stop()
+
+    def received(self, plan: StepPlan) -> None:
+        """A plan taken in (noted on the timeline)."""
+        if self.timeline is not None:
+            self.timeline.received(f"{'side plan' if plan.side else 'plan'} {plan.step_id} in", plan.sent_at)
 
     def flushed(self) -> None:
         self._last_decode = None  # the worker idles until the next plan
         if not self.threshold_s:
             return
+        self.timeline.stop()
         counts = self._allocator_counts()
         grown = {
             key: counts[key] - self._allocator[key] for key in counts if counts[key] != self._allocator[key]

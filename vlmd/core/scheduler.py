@@ -131,6 +131,11 @@ class Scheduler:
         return not self.requests and self.side is None
 
     @property
+    def last_step_id(self) -> int:
+        """The id of the last step planned (0 before the first)."""
+        return self._step_id
+
+    @property
     def num_used_pages(self) -> int:
         """Pages requests hold (their own and the cached ones they share); the rest of the pool is
         free, or cached for a later request and evictable."""
