@@ -42,7 +42,7 @@ class LaunchedStep:
 
 # A side step's forward is queued this many decoder layers at a time, so that the worker's thread
 # never spends long queuing it while decode steps wait to be launched.
-SIDE_LAYERS_PER_PART = 4
+SIDE_LAYERS_PER_PART = 2
 
 
 @dataclass
@@ -53,8 +53,7 @@ class SideStep:
 
     plan: StepPlan
     sampled: list[int]  # items that sample
-    parts: Iterator | None  # the forward's parts still to queue (None once all are)
-    last_rows: torch.Tensor  # the hidden rows that sample
+    parts: Iterator | None  # its parts still to queue (`ModelRunner._side_parts`; None once all are)
     logits: torch.Tensor | None = None  # [len(sampled), vocab] float32, once queued
     done: torch.cuda.Event | None = None  # recorded on the side stream after the logits (CUDA)
     # What the main stream made for it and the side stream reads: alive until it has ended (the
@@ -160,50 +159,57 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch_side(self, plan: StepPlan) -> SideStep:
-        """Start a side step: its inputs now, its forward by `advance_side`, beside the steps of
-        the main stream. Its page tables and ids are made on the main stream as a step's are (the
-        tables are the main stream's), and the side stream waits for everything queued there so
-        far: the steps before it, which may still write the KV its requests read, or read pages
-        handed to it since. The rest is the side stream's, the image rows' copy from shared
-        memory included: should the store be pageable, such a copy first waits for its stream's
-        work, which on the main stream would hold this thread (and the next decode step's launch)
-        until the step in flight has ended."""
+        """Start a side step: its requests, layout and ids now, the rest by `advance_side`, a
+        part at a time, beside the steps of the main stream. Its page tables and ids are made on
+        the main stream as a step's are (the tables are the main stream's), and the side stream
+        waits for everything queued there so far: the steps before it, which may still write the
+        KV its requests read, or read pages handed to it since."""
         assert self.side_attn is not None, "side steps need --prefill_sms"
-        timed, step_id = self.watch.timed, plan.step_id
         assert all(item.token_ids[-1] != PENDING_TOKEN for item in plan.items), "side steps are prompts"
-        with timed("admitting and laying out side step", step_id):
+        with self.watch.timed("admitting and laying out side step", plan.step_id):
             self._apply_membership(plan)
             layout = self._layout(plan.items)
             input_ids = self._input_ids(plan.items)
             sampled = [i for i, item in enumerate(plan.items) if item.sample]
         if self.side_stream is not None:
             self.side_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with self._on_side_stream():
-            with timed("queuing the inputs (image rows included) of side step", step_id):
-                inputs_embeds = self._input_embeddings(plan.items, layout, input_ids)
-                positions = self._to_device(layout.positions())
-                last_rows = self._to_device([layout.qo_indptr[i + 1] - 1 for i in sampled])
-            with timed("planning side step", step_id):
-                self.side_attn.plan(layout)
-            parts = self.model.forward_in_parts(
-                inputs_embeds, positions, self.side_attn, SIDE_LAYERS_PER_PART
-            )
         # layout and input_ids: made on the main stream, read on the side one.
-        return SideStep(plan, sampled, parts, last_rows, inputs=(layout, input_ids))
+        step = SideStep(plan, sampled, None, inputs=(layout, input_ids))
+        step.parts = self._side_parts(step, layout, input_ids)
+        return step
+
+    def _side_parts(self, step: SideStep, layout: BatchLayout, input_ids: torch.Tensor) -> Iterator[None]:
+        """A side step's work on the side stream, yielding after each part: its inputs (the image
+        rows' copy from shared memory included: should the store be pageable, such a copy first
+        waits for its stream's work, which on the main stream would hold this thread until the
+        step in flight has ended), its attention plan, then its forward SIDE_LAYERS_PER_PART
+        layers at a time, the last part with the logits of the rows that sample."""
+        timed, step_id = self.watch.timed, step.plan.step_id
+        with timed("queuing the inputs (image rows included) of side step", step_id):
+            inputs_embeds = self._input_embeddings(step.plan.items, layout, input_ids)
+            positions = self._to_device(layout.positions())
+            last_rows = self._to_device([layout.qo_indptr[i + 1] - 1 for i in step.sampled])
+        yield
+        with timed("planning side step", step_id):
+            self.side_attn.plan(layout)
+        yield
+        for hidden in self.model.forward_in_parts(
+            inputs_embeds, positions, self.side_attn, SIDE_LAYERS_PER_PART
+        ):
+            if hidden is None:
+                yield
+        if step.sampled:
+            step.logits = self.model.compute_logits(hidden[last_rows])
 
     @torch.inference_mode()
     def advance_side(self, step: SideStep) -> bool:
-        """Queue the next part of a side step's forward (after the last, its logits); True once
-        all of it is queued."""
+        """Queue the next part of a side step (`_side_parts`); True once all of it is queued."""
         if step.parts is None:
             return True
         with self._on_side_stream():
-            hidden = next(step.parts)
-            if hidden is None:
+            if next(step.parts, StopIteration) is not StopIteration:
                 return False
             step.parts = None
-            if step.sampled:
-                step.logits = self.model.compute_logits(hidden[step.last_rows])
             if self.side_stream is not None:
                 step.done = torch.cuda.Event()
                 step.done.record()

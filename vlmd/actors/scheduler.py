@@ -188,11 +188,7 @@ class SchedulerActor:
         flushed = False  # a FlushStep went out since the last plan
         timed = self.watch.timed
         while True:
-            with timed("scheduler: planning a side step after step", self.core.last_step_id):
-                side = self.core.schedule_side()
-            if side is not None:
-                self._to_workers(side)
-                continue
+            # The decode step first: the workers launch it before they start on a side step.
             if len(in_flight) < MAX_STEPS_IN_FLIGHT:
                 with timed("scheduler: planning the step after step", self.core.last_step_id):
                     plan = self.core.schedule()
@@ -201,6 +197,11 @@ class SchedulerActor:
                     in_flight.append(plan)
                     flushed = False
                     continue
+            with timed("scheduler: planning a side step after step", self.core.last_step_id):
+                side = self.core.schedule_side()
+            if side is not None:
+                self._to_workers(side)
+                continue
             if not in_flight and self.core.side is None:
                 self._work.clear()
                 await self._work.wait()

@@ -43,7 +43,7 @@ from vlmd.messages import FlushStep, Hello, NewRequest, SamplingParams, StepItem
 from vlmd.models.config import InternVLArch
 from vlmd.models.loader import load_language_model
 from vlmd.models.tensor_parallel import TPGroup
-from vlmd.runner import ModelRunner
+from vlmd.runner import LaunchedStep, ModelRunner
 
 log = logging.getLogger("vlmd.worker")
 
@@ -355,6 +355,7 @@ async def serve_steps(
 
     def report() -> None:
         nonlocal held
+        side.fill_wait(held)
         with (
             waits.timed("waiting for decode step", held.step_id) if held_decodes else contextlib.nullcontext()
         ):
@@ -537,6 +538,14 @@ class SideSteps:
             result, self.sampling = self.runner.collect(self.sampling), None
             if self.send_results:
                 self.channel.send(result)
+
+    def fill_wait(self, launched: LaunchedStep) -> None:
+        """Queue the side step's parts while `launched`'s tokens are not on the host yet: time
+        this thread would otherwise spend waiting for them."""
+        while (
+            self.forward is not None and self.forward.parts is not None and not self.runner.copied(launched)
+        ):
+            self.poll()
 
     async def next_message(self):
         """The next message from the scheduler. While a side step runs, it goes on meanwhile: a
