@@ -230,6 +230,7 @@ def simulate(seed: int, num_ops: int = 120, side_prefill: bool = False) -> Sched
         sched.check_integrity()
     assert not sched.requests, "requests left that never finished: a deadlock"
     assert sched.num_used_pages == 0 and sched.allocator.num_used == sched.cache.num_nodes
+    sched.check_idle()
     return sched
 
 

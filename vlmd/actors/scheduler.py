@@ -283,10 +283,11 @@ class SchedulerActor:
         self._check_if_idle()
 
     def _check_if_idle(self) -> None:
-        """Cheap while nothing runs, and a leaked page or a dangling reference (a page held, a
-        cache node referenced, with no request left) fails the check the moment it happens."""
+        """Once no request is left, a leaked page or a dangling reference (a page held, a cache
+        node referenced) fails the check the moment it happens; the check counts, and costs the
+        same whatever the prefix cache holds (the next request is not kept waiting)."""
         if self.core.idle:
-            self.core.check_integrity()
+            self.core.check_idle()
             assert not self._images_asked_at, (
                 f"waits for images of requests gone: {list(self._images_asked_at)}"
             )

@@ -23,7 +23,8 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+
+import msgspec
 
 from vlmd.core.page_allocator import PageAllocator
 
@@ -32,16 +33,24 @@ from vlmd.core.page_allocator import PageAllocator
 PageKey = tuple[tuple[int, ...], tuple[tuple[str, int, int], ...]]
 
 
-@dataclass(eq=False, slots=True)  # slots: no per-node __dict__ (hundreds of thousands of nodes)
-class Node:
-    """One cached page: `page` holds the KV of the positions its key names."""
+class Node(msgspec.Struct, eq=False, gc=False):
+    """One cached page: `page` holds the KV of the positions its key names.
+
+    A cache may hold hundreds of thousands of nodes, and a pass of the garbage collector over
+    objects it tracks costs time in proportion to their number, the GIL held (the scheduler's
+    loop, and the next plan, wait it out): nodes are not tracked (gc=False). A node and its
+    parent refer to each other, a cycle the collector would never free, so the cache breaks it
+    when it evicts the node, and breaks them all when it is dropped itself."""
 
     page: int
     key: PageKey | None  # None for the root
     parent: Node | None
-    children: dict[PageKey, Node] = field(default_factory=dict)
+    children: dict[PageKey, Node] = msgspec.field(default_factory=dict)
     ref_count: int = 0
     last_used: int = 0  # the cache's clock when a request last took or left it
+
+    def __repr__(self) -> str:  # not the fields: parent and children lead back to it
+        return f"Node(page={self.page}, ref_count={self.ref_count}, children={len(self.children)})"
 
 
 class PrefixCache:
@@ -55,6 +64,10 @@ class PrefixCache:
         # (last_used, tie, node) of unreferenced leaves; stale entries are skipped when popped.
         self._leaves: list[tuple[int, int, Node]] = []
         self._tie = itertools.count()
+
+    def __del__(self) -> None:
+        for node in self.nodes():  # the tree's cycles, which the garbage collector cannot see
+            node.parent = None
 
     # --- lookups and references ---------------------------------------------------------------
 

@@ -401,6 +401,17 @@ class Scheduler:
         request.status = Status.FINISHED
         del self.requests[request.request_id]
 
+    def check_idle(self) -> None:
+        """With no request left (`idle`), in constant time: every page in use is cached, and no
+        cached page is held. `check_integrity` walks everything instead (tests)."""
+        assert self.idle, "requests are left"
+        assert self.allocator.num_used == self.cache.num_nodes, (
+            f"{self.allocator.num_used - self.cache.num_nodes} page(s) in use, not cached, no request left"
+        )
+        assert self.cache.num_unreferenced == self.cache.num_nodes, (
+            f"{self.cache.num_nodes - self.cache.num_unreferenced} cached page(s) held, no request left"
+        )
+
     def check_integrity(self) -> None:
         self.allocator.check_integrity()
         holders = self.running + self._side_aborted
