@@ -266,3 +266,69 @@ def test_stall_log_writes_every_threads_stack_while_a_launch_is_held(tmp_path, c
         "stall: the threads' stacks 50 ms into launching step 3",
         "stall: the threads' stacks 50 ms into launching step 4",
     ]
+
+
+class _PartsRunner:
+    """A runner stand-in for `SideSteps`: a side step of `num_parts` parts, each queued by one
+    `advance_side`; a launched step whose tokens come after `polls` looks."""
+
+    def __init__(self, num_parts: int) -> None:
+        self.num_parts = num_parts
+        self.queued = 0
+
+    def launch_side(self, plan):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(plan=plan, parts=iter(()))
+
+    def advance_side(self, step) -> bool:
+        self.queued += 1
+        if self.queued == self.num_parts:
+            step.parts = None
+        return step.parts is None
+
+    @staticmethod
+    def side_done(step) -> bool:
+        return False  # never ends here: only the parts matter
+
+    @staticmethod
+    def copied(step) -> bool:
+        step.polls -= 1
+        return step.polls < 0
+
+
+def test_side_steps_queue_parts_while_tokens_are_awaited_and_never_before_a_waiting_plan():
+    """A side step's parts are queued while the worker would only wait for a decode step's
+    tokens; a plan that waits is taken in without a part queued first once one was queued since
+    the last plan (each part delays it: on an H100 the decode plan waited 3 to 4 ms behind one);
+    plans that come back to back with none queued in between still get one part each, and while
+    no plan waits the parts go on."""
+    from types import SimpleNamespace
+
+    from vlmd.actors.launch import HostWatch
+    from vlmd.actors.worker import SideSteps
+    from vlmd.messages import StepPlan
+
+    async def scenario() -> list[int]:
+        channel, runner = _FakeChannel(), _PartsRunner(num_parts=100)
+        side = SideSteps(runner, channel, True, HostWatch(False))
+        side.launch(StepPlan(1, [], side=True))  # its first part, at once
+        seen = [runner.queued]
+        side.fill_wait(SimpleNamespace(polls=3))  # tokens on the host at the fourth look
+        seen.append(runner.queued)
+        await channel.inbox.put(StepPlan(2, []))
+        await side.next_message()  # parts were queued since the last plan: none first
+        seen.append(runner.queued)
+        await channel.inbox.put(StepPlan(3, []))
+        await side.next_message()  # none since the last plan: one first
+        seen.append(runner.queued)
+        waiting = asyncio.ensure_future(side.next_message())
+        await asyncio.sleep(0.02)  # no plan meanwhile: parts go on
+        seen.append(runner.queued)
+        await channel.inbox.put(StepPlan(4, []))
+        await waiting
+        return seen
+
+    first, after_wait, after_plan, after_second, meanwhile = asyncio.run(scenario())
+    assert (first, after_wait, after_plan, after_second) == (1, 4, 4, 5)
+    assert meanwhile > after_second + 5

@@ -518,6 +518,7 @@ class SideSteps:
         self.forward = None  # the side step, from its launch until its forward has run
         self.sampling = None  # its sampling, queued once the forward has run
         self._next: asyncio.Future | None = None  # the receive in progress while one runs
+        self._progressed = False  # a part was queued since the last message was returned
 
     def launch(self, plan: StepPlan) -> None:
         assert self.forward is None and self.sampling is None, "one side step at a time"
@@ -529,6 +530,7 @@ class SideSteps:
         host, send the result."""
         if self.forward is not None:
             step_id = self.forward.plan.step_id
+            self._progressed |= self.forward.parts is not None
             with self.watch.timed("queuing a part of side step", step_id):
                 queued = self.runner.advance_side(self.forward)
             if queued and self.runner.side_done(self.forward):
@@ -549,11 +551,12 @@ class SideSteps:
 
     async def next_message(self):
         """The next message from the scheduler. While a side step runs, it goes on meanwhile: a
-        part queued (or its end looked at) before each message, more parts one after another
-        while no message waits, then looked at every SIDE_POLL_S."""
+        part queued (or its end looked at) between two messages at least, more parts one after
+        another while no message waits, then looked at every SIDE_POLL_S."""
         if self._next is None and self.forward is None and self.sampling is None:
             return await self.channel.recv()
-        self.poll()  # at least once a message, should the messages come back to back
+        if not self._progressed:  # should the messages come back to back (parts queued while a
+            self.poll()  # step's tokens were awaited count: a plan waiting now is not held back)
         if self._next is None:
             self._next = asyncio.ensure_future(self.channel.recv())
         while True:
@@ -565,6 +568,6 @@ class SideSteps:
                 timeout = SIDE_POLL_S
             await asyncio.wait({self._next}, timeout=timeout)
             if self._next.done():
-                msg, self._next = self._next.result(), None
+                msg, self._next, self._progressed = self._next.result(), None, False
                 return msg
             self.poll()
