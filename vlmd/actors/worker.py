@@ -333,8 +333,9 @@ async def serve_steps(
     is computing, each step is collected at once (holding it would only delay its tokens);
     `overlap` overrides that choice (tests).
 
-    A side step (--prefill_sms) is queued on the side stream a few layers at a time between the
-    plans (`SideSteps`), and answered once it has ended, whenever that is. With stall_s > 0, each
+    A side step (--prefill_sms) is queued on the side stream a part at a time between the plans
+    and while the thread waits for a decode step's tokens (`SideSteps`), and answered once it has
+    ended, whenever that is. With stall_s > 0, each
     step launched stall_s or more after a decode step (no FlushStep between) is logged (`StallLog`)."""
     cuda = runner.device.type == "cuda"
     if overlap is None:
@@ -504,9 +505,10 @@ def _has_fileno(stream) -> bool:
 
 
 class SideSteps:
-    """The worker's side step in flight (--prefill_sms): its forward queued a few layers at a time
-    between the plans it receives, then its sampling once the forward has run, then its result
-    sent once its tokens are on the host."""
+    """The worker's side step in flight (--prefill_sms): its parts (inputs, attention plan, a few
+    layers at a time: `ModelRunner.launch_side`) queued between the plans it receives and while
+    it waits for a decode step's tokens, then its sampling once the forward has run, then its
+    result sent once its tokens are on the host."""
 
     def __init__(
         self, runner: ModelRunner, channel: ipc.Channel, send_results: bool, watch: HostWatch
