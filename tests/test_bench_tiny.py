@@ -356,3 +356,12 @@ def test_image_bytes_bench_times_both_images_through_the_http_actors_checker() -
     for row in rows:
         size, ms, held, rate = (float(cell) for cell in row.strip().strip("|").split("|")[1:])
         assert size > 0 and ms > 0 and held >= 0 and rate > 0, row
+
+
+def test_prefix_cache_bench_fills_the_cache_and_times_the_collector_and_the_idle_check() -> None:
+    """The bench runs (a few image prompts) and prints one row: every prompt's full pages cached
+    (206 a prompt), the objects the collector tracks, both timings zero or more."""
+    proc = _run_script("bench/prefix_cache_bench.py", "--requests", "3", "--repeats", "2")
+    (row,) = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "commit" not in line]
+    pages, tracked, collect_ms, check_ms = (float(cell) for cell in row.strip().strip("|").split("|")[1:])
+    assert pages == 3 * 206 and tracked > 0 and collect_ms >= 0 and check_ms >= 0, row
