@@ -208,7 +208,8 @@ def test_worker_logs_a_decode_step_launched_late(lm, caplog):
     assert timelines[0].startswith(prefix), timelines
     events = timelines[0][len(prefix) :].split(", ")
     offsets = [float(re.match(r"\+(-?[0-9.]+) ", event).group(1)) for event in events]
-    assert offsets == sorted(offsets) and offsets[0] < 1, events
+    # The timeline starts as the decode step's launch does (a loaded machine may take a few ms).
+    assert offsets == sorted(offsets) and 0 <= offsets[0] < 20, events
     assert events[0].startswith(f"+{offsets[0]:.1f} launching step {plans[1].step_id} ")
     assert any(f"laying out and planning step {plans[1].step_id}" in event for event in events), events
     # The late plan came ~80 ms later, and was sent about then (the test sends it at once).
