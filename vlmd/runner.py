@@ -42,8 +42,8 @@ class LaunchedStep:
 
 # A side step's forward is queued this many decoder layers at a time, so that the worker's thread
 # never spends long queuing it while a decode step waits to be launched, or its tokens to be sent
-# (a part begun just before they are ready delays them by the part: four layers of a 13-tile
-# prompt took 2.9 to 6.4 ms to queue on an H100's host, bench/RESULTS.md).
+# (a part begun just before they are ready delays them by the part's length; the launch
+# timelines in bench/RESULTS.md give what a layer takes to queue).
 SIDE_LAYERS_PER_PART = 1
 
 
