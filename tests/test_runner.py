@@ -8,7 +8,8 @@ import asyncio
 import pytest
 import torch
 
-from vlmd.actors.worker import make_runner, serve_steps
+from vlmd.actors.steps import serve_steps
+from vlmd.actors.worker import make_runner
 from vlmd.core.request import Request
 from vlmd.core.scheduler import Scheduler, SchedulerConfig
 from vlmd.messages import PENDING_TOKEN, FlushStep, SamplingParams, StepResult
@@ -229,9 +230,9 @@ def test_stall_log_writes_every_threads_stack_while_a_launch_is_held(tmp_path, c
     import threading
     import time
 
-    from vlmd.actors import worker
+    from vlmd.actors import steps
 
-    monkeypatch.setattr(worker, "STACK_DUMPS", 2)
+    monkeypatch.setattr(steps, "STACK_DUMPS", 2)
     caplog.set_level(logging.INFO, logger="vlmd.worker")
     release = threading.Event()
 
@@ -246,7 +247,7 @@ def test_stall_log_writes_every_threads_stack_while_a_launch_is_held(tmp_path, c
     dumps = tmp_path / "stacks.txt"
     try:
         with dumps.open("w") as dump_file:
-            stalls = worker.StallLog(0.05, torch.device("cpu"), dump_file=dump_file)
+            stalls = steps.StallLog(0.05, torch.device("cpu"), dump_file=dump_file)
             with stalls.launch(1, decoding=True):
                 pass  # quick: nothing written
             with stalls.launch(2, decoding=False):
@@ -307,7 +308,7 @@ def test_side_steps_queue_parts_while_tokens_are_awaited_and_never_before_a_wait
     from types import SimpleNamespace
 
     from vlmd.actors.launch import HostWatch
-    from vlmd.actors.worker import SideSteps
+    from vlmd.actors.steps import SideSteps
     from vlmd.messages import StepPlan
 
     async def scenario() -> list[int]:
