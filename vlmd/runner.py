@@ -45,6 +45,7 @@ class LaunchedStep:
 # (a part begun just before they are ready delays them by the part's length; the launch
 # timelines in bench/RESULTS.md give what a layer takes to queue).
 SIDE_LAYERS_PER_PART = 1
+_ALL_QUEUED = object()  # what `advance_side` takes from a side step's parts once none is left
 
 
 @dataclass
@@ -209,7 +210,7 @@ class ModelRunner:
         if step.parts is None:
             return True
         with self._on_side_stream():
-            if next(step.parts, StopIteration) is not StopIteration:
+            if next(step.parts, _ALL_QUEUED) is not _ALL_QUEUED:
                 return False
             step.parts = None
             if self.side_stream is not None:

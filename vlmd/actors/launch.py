@@ -253,6 +253,9 @@ class Timeline:
         return ", ".join(f"+{(started - self.origin) * 1e3:.1f} {text}" for started, text in events)
 
 
+_UNTIMED = contextlib.nullcontext()  # reusable: it keeps no state
+
+
 class HostWatch:
     """Logs the calls of a thread that take longer than `threshold_s` (SLOW_HOST_S unless told;
     where `enabled`), naming what they did and for which step (or batch); notes every call,
@@ -270,11 +273,15 @@ class HostWatch:
         self.log = logger or logging.getLogger("vlmd.worker")
         self.timeline = timeline
 
-    @contextlib.contextmanager
-    def timed(self, what: str, step_id: int) -> Iterator[None]:
+    def timed(self, what: str, step_id: int) -> contextlib.AbstractContextManager:
+        """Around a call; where nothing is logged or noted, a context that does nothing (it sits
+        on the per-step path of the worker and the scheduler)."""
         if not self.enabled and self.timeline is None:
-            yield
-            return
+            return _UNTIMED
+        return self._timed(what, step_id)
+
+    @contextlib.contextmanager
+    def _timed(self, what: str, step_id: int) -> Iterator[None]:
         started = time.monotonic()
         yield
         seconds = time.monotonic() - started
