@@ -44,7 +44,7 @@ class LaunchedStep:
 # never spends long queuing it while a decode step waits to be launched, or its tokens to be sent
 # (a part begun just before they are ready delays them by the part's length; the launch
 # timelines in bench/RESULTS.md give what a layer takes to queue).
-SIDE_LAYERS_PER_PART = 1
+SIDE_LAYERS_PER_PART = 2
 _ALL_QUEUED = object()  # what `advance_side` takes from a side step's parts once none is left
 
 
