@@ -67,16 +67,20 @@ async def pool_rate(images: list[bytes], num_workers: int, concurrency: int, run
         channels.append(await ipc.connect_when_listening(path, Hello("bench"), 60))
     pool = PreprocessPool(TILING, f"{shm.segment_prefix(os.getpid())}bench-", channels)
     limit = asyncio.Semaphore(concurrency)
+    held = shm.SharedBytes(f"{shm.segment_prefix(os.getpid())}bench-")  # as the http actor holds them
+    names = [held.acquire(str(i), data) for i, data in enumerate(images)]
 
-    async def one(data: bytes) -> None:
+    async def one(data: bytes, bytes_shm: str) -> None:
         async with limit:
-            answer, name = await pool.run(data, 10**9, False, 0)
+            answer, name = await pool.run(10**9, False, 0, bytes_shm, len(data), data)
             assert not answer.error_kind, answer.error
             shm.unlink_segment(name)
 
     start = time.perf_counter()
-    await asyncio.gather(*(one(data) for data in images))
+    await asyncio.gather(*(one(data, name) for data, name in zip(images, names, strict=True)))
     elapsed = time.perf_counter() - start
+    for name in names:
+        held.release(name)
     for proc in procs:
         proc.terminate()
         proc.wait()

@@ -24,7 +24,7 @@ from vlmd import shm
 from vlmd.actors.fetch import ImageFetcher
 from vlmd.actors.images import BadImage, ImageChecker, NoSharedMemory
 from vlmd.actors.pixels import BYTES_GONE, FrontPixels
-from vlmd.actors.preprocess import BAD_IMAGE, TOO_LARGE, PreprocessPool, preprocess_job
+from vlmd.actors.preprocess import BAD_IMAGE, NO_BYTES, TOO_LARGE, PreprocessPool, preprocess_job
 from vlmd.api import ImageInput
 from vlmd.image import TilingConfig, decode_image, downscale, fit_within, tile_image
 from vlmd.messages import ImageRef, PreprocessImage
@@ -92,11 +92,48 @@ def test_worker_errors_are_answers_and_leave_no_segment(monkeypatch):
     assert my_segments() == []
 
 
+def test_a_job_reads_the_bytes_from_the_askers_segment():
+    data = make_image(800, 500, seed=12)
+    image_bytes = shm.SharedBytes(f"{PREFIX}b-")
+    held = image_bytes.acquire("k", data)  # as the http actor holds them
+    tiles = f"{PREFIX}from-segment"
+    try:
+        job = PreprocessImage(1, b"", tiles, 10**8, bytes_shm=held, num_bytes=len(data))
+        answer = preprocess_job(job, TILING)
+        assert answer.error_kind == ""
+        want = tile_image(decode_image(data), TILING)
+        assert np.array_equal(read_tiles(tiles, answer.num_tiles), want)
+    finally:
+        shm.unlink_segment(tiles)
+        image_bytes.release(held)
+    gone = preprocess_job(PreprocessImage(2, b"", f"{PREFIX}g", 10**8, bytes_shm=held, num_bytes=9), TILING)
+    assert gone.error_kind == NO_BYTES
+    assert my_segments() == []
+
+
 # --- the http actor's side: the checker and its pool --------------------------------------------
 
 
 def checker(**kwargs) -> ImageChecker:
     return ImageChecker(TILING, ImageFetcher(1.0, 2**24, allow_private=False), 10**8, **kwargs)
+
+
+def test_a_checked_image_holds_its_bytes_in_shared_memory_once_per_md5():
+    data = make_image(700, 500, seed=13)
+
+    async def scenario() -> None:
+        images = checker()
+        first = await images.check(0, ImageInput("base64", b64(data)))  # new: preprocessed
+        again = await images.check(0, ImageInput("base64", b64(data), max_dynamic_patch=2))
+        assert first.bytes_shm and again.bytes_shm == first.bytes_shm  # one segment per MD5
+        assert first.md5 != again.md5  # though their embed keys differ
+        assert shm.read_segment(first.bytes_shm, len(data)) == data
+        assert len(images.bytes) == 1
+        images.release([first, again])
+        assert len(images.bytes) == 0 and len(images.pixels) == 0
+
+    asyncio.run(scenario())
+    assert my_segments() == []
 
 
 def test_a_failed_image_lets_go_of_the_tiles_of_the_others():
@@ -118,7 +155,7 @@ def test_a_caller_cancelled_mid_preprocess_leaves_no_tiles():
 
     async def scenario() -> None:
         pool = PreprocessPool(TILING, PREFIX)  # in process: a thread
-        task = asyncio.ensure_future(pool.run(data, 10**8, False, 0))
+        task = asyncio.ensure_future(pool.run(10**8, False, 0, "", len(data), data))
         await asyncio.sleep(0.01)  # the thread is decoding
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -169,7 +206,7 @@ def test_the_vision_front_links_the_tiles_or_has_the_bytes_preprocessed():
         untiled = msgspec.structs.replace(ref, pixels_shm="")
         gone = ImageRef("g", f"{PREFIX}none", 10, 1, 0, 256)
         held = await front.hold([ref, untiled, gone])
-        assert pool.num_images == [1]  # only the image without tiles was preprocessed
+        assert pool.num_images == [2]  # not the tiled one; the gone one's job found no bytes
         assert held.errors == ["", "", BYTES_GONE] and held.statuses[2] == 400
         shm.unlink_segment(tiles)  # the http actor lets go: the front's own name keeps the tiles
         for image in held.images[:2]:

@@ -9,12 +9,14 @@ Both need root (CAP_SYS_ADMIN); without it these tests skip.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import errno
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from contextlib import contextmanager
 from functools import cache
 
@@ -94,6 +96,79 @@ def test_shared_bytes_are_unlinked_by_the_last_holder():
     assert shm.read_segment(second, 6) == b"pixels"  # the other holder still reads it
     image_bytes.release(second)
     assert not os.path.exists(f"/dev/shm/{first}") and len(image_bytes) == 0
+
+
+def _slow_thread_write(started: threading.Event, go_on: threading.Event):
+    """A `run` for SharedBytes.acquire_async whose write, on a thread, waits for `go_on`."""
+
+    async def run(write, name, data):
+        def held_back():
+            started.set()
+            go_on.wait(10)
+            write(name, data)
+
+        await asyncio.to_thread(held_back)
+
+    return run
+
+
+def test_shared_bytes_written_off_the_loop_are_shared_and_leak_nothing():
+    image_bytes = shm.SharedBytes(f"vlmd-{os.getpid()}-test-async-")
+    data = os.urandom(3 << 20)
+
+    async def scenario() -> None:
+        started, go_on = threading.Event(), threading.Event()
+        run = _slow_thread_write(started, go_on)
+        first = asyncio.ensure_future(image_bytes.acquire_async("key", data, run))
+        second = asyncio.ensure_future(image_bytes.acquire_async("key", data, run))
+        cancelled = asyncio.ensure_future(image_bytes.acquire_async("key", data, run))
+        await asyncio.to_thread(started.wait, 10)
+        ticks = 0
+        while ticks < 5:  # the loop goes on while the thread writes
+            await asyncio.sleep(0.001)
+            ticks += 1
+        cancelled.cancel()
+        go_on.set()
+        name = await first
+        assert await second == name and cancelled.cancelled()
+        assert shm.read_segment(name, len(data)) == data  # one write, both holders read it
+        image_bytes.release(name)
+        assert os.path.exists(f"/dev/shm/{name}")
+        image_bytes.release(name)
+        assert not os.path.exists(f"/dev/shm/{name}") and len(image_bytes) == 0
+
+        # Every caller gone before the write ends: the segment it then makes is unlinked.
+        started.clear(), go_on.clear()
+        alone = asyncio.ensure_future(image_bytes.acquire_async("other", data, run))
+        await asyncio.to_thread(started.wait, 10)
+        alone.cancel()
+        await asyncio.sleep(0)
+        go_on.set()
+        while image_bytes._writing:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(image_bytes.prefix)] == []
+    assert len(image_bytes) == 0
+
+
+def test_a_failed_write_off_the_loop_fails_every_caller_and_holds_nothing(monkeypatch):
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shm.SharedSegment, "create", full)
+    image_bytes = shm.SharedBytes(f"vlmd-{os.getpid()}-test-full-")
+
+    async def scenario() -> list:
+        return await asyncio.gather(
+            *(image_bytes.acquire_async("key", b"x" * 100, asyncio.to_thread) for _ in range(2)),
+            return_exceptions=True,
+        )
+
+    results = asyncio.run(scenario())
+    assert [getattr(r, "errno", None) for r in results] == [errno.ENOSPC] * 2
+    assert len(image_bytes) == 0 and not image_bytes._writing
 
 
 NO_ROOM = """

@@ -276,14 +276,18 @@ class ForwardTiles(Message):
 
 class PreprocessImage(Message):
     """Decode, check, tile and normalise one image; write its tiles into a new segment `pixels_shm`
-    (`vlmd.actors.preprocess`). The bytes travel in the message: they are read once, here."""
+    (`vlmd.actors.preprocess`). The bytes are in the segment `bytes_shm`, which the asker holds
+    until the answer (the worker copies them out in its own process, not the asker's event loop
+    through a socket), or, with no segment, in `data`."""
 
     job_id: int
-    data: bytes
+    data: bytes  # b"" where they are in bytes_shm
     pixels_shm: str
     max_pixels: int  # --max_image_pixels: beyond it refused from the header, unless resize_to_fit
     resize_to_fit: bool = False  # beyond max_pixels: downscale (vlmd.image.fit_within) instead
     max_tiles: int = 0  # the request's tile limit; 0: the server's
+    bytes_shm: str = ""
+    num_bytes: int = 0  # in bytes_shm
 
 
 class ImagePreprocessed(Message):
@@ -295,7 +299,7 @@ class ImagePreprocessed(Message):
     height: int = 0
     num_tiles: int = 0
     error: str = ""
-    error_kind: str = ""  # "" | "bad" (400) | "too_large" (400, width/height set) | "no_shm" (503)
+    error_kind: str = ""  # "" | "bad" (400) | "too_large" (400, width/height set) | "no_shm" (503) | "gone"
     seconds: float = 0.0  # the worker's own time on the job (decode, tiles, segment), for /metrics
 
 

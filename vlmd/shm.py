@@ -10,8 +10,10 @@ the process, where an allocation that fails is an OSError its caller can answer.
 
 from __future__ import annotations
 
+import asyncio
 import mmap
 import os
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
@@ -139,6 +141,7 @@ class SharedBytes:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self._num_holders: dict[str, int] = {}  # segment name -> references
+        self._writing: dict[str, asyncio.Future] = {}  # segment name -> its write, until it ends
 
     def __len__(self) -> int:
         return len(self._num_holders)
@@ -147,16 +150,60 @@ class SharedBytes:
         """The name of `key`'s segment, written from `data` unless someone holds it already (the
         same key must mean the same bytes). OSError when /dev/shm has no room: nothing is held."""
         name = f"{self.prefix}img-{key}"
+        assert name not in self._writing, "acquire_async is writing the key"
         if name not in self._num_holders:
-            segment = SharedSegment.create(name, len(data))
-            segment.buf[: len(data)] = data
-            segment.close()
+            write_bytes(name, data)
+        return self.hold(name)
+
+    async def acquire_async(self, key: str, data: bytes, run: Callable[..., Awaitable] | None = None) -> str:
+        """`acquire`, with the new segment written by `await run(write_bytes, name, data)` (a
+        thread's: its allocation and copy hold no GIL) while the loop goes on. An acquire of the
+        key meanwhile waits for that write and fails as it does; a caller cancelled meanwhile
+        holds nothing, and the segment of a write nobody holds by its end is unlinked then."""
+        name = f"{self.prefix}img-{key}"
+        writing = self._writing.get(name)
+        if writing is None and name not in self._num_holders:
+            writing = asyncio.ensure_future(run(write_bytes, name, data) if run else _written(name, data))
+            self._writing[name] = writing
+            writing.add_done_callback(lambda _: self._writing.pop(name, None))
+        self.hold(name)  # held from now: a second caller shares the write
+        if writing is not None:
+            try:
+                await asyncio.shield(writing)
+            except BaseException:
+                self.release(name)
+                raise
+        return name
+
+    def hold(self, name: str) -> str:
+        """Another reference to a segment held already (or being written by `acquire_async`)."""
         self._num_holders[name] = self._num_holders.get(name, 0) + 1
         return name
 
     def release(self, name: str) -> None:
         if _last_release(self._num_holders, name):
-            unlink_segment(name)
+            writing = self._writing.get(name)
+            if writing is None:
+                unlink_segment(name)
+            else:  # the write may create it yet: unlinked once it has ended (and unless held again)
+                writing.add_done_callback(lambda _: name in self._num_holders or unlink_segment(name))
+
+
+async def _written(name: str, data: bytes) -> None:
+    write_bytes(name, data)
+
+
+def write_bytes(name: str, data: bytes) -> None:
+    """A new segment `name` holding `data`; OSError (ENOSPC) when /dev/shm is full, creating
+    nothing. Its pages are allocated and filled without the GIL (posix_fallocate, numpy's copy),
+    so that a thread can write a large image while the event loop runs."""
+    segment = SharedSegment.create(name, len(data))
+    try:
+        view = np.frombuffer(segment.buf, np.uint8, len(data))
+        view[:] = np.frombuffer(data, np.uint8)
+        del view  # the mapping closes only once no array exports it
+    finally:
+        segment.close()
 
 
 class SharedPixels:

@@ -43,7 +43,6 @@ from vlmd.messages import (
     Abort,
     Drained,
     Hello,
-    ImageRef,
     Message,
     MetricsSnapshot,
     RequestFailed,
@@ -81,7 +80,12 @@ class HttpActor:
         )
         self.preprocess = PreprocessPool.for_actor(launch, tiling, "http", preprocess)
         self.images = ImageChecker(
-            tiling, fetcher, self.args.max_image_pixels, self.preprocess, self.held.pixels
+            tiling,
+            fetcher,
+            self.args.max_image_pixels,
+            self.preprocess,
+            self.held.pixels,
+            image_bytes=self.held.bytes,
         )
         self.queue = QueueGate(self.args.max_queued_requests)
         self.latency = LatencyMetrics()
@@ -214,7 +218,8 @@ class HttpActor:
             checked = await self.images.check_all(images)
         except BadImage as exc:
             raise ClientError(400, str(exc), exc.param) from None
-        except NoSharedMemory:
+        except NoSharedMemory as exc:
+            log.warning("%s", exc)  # the path stays in the log
             raise _no_shared_memory() from None
         except PreprocessWorkerGone:
             raise ClientError(503, "the server is stopping: an image preprocessing worker is gone") from None
@@ -282,11 +287,7 @@ class HttpActor:
         (time.perf_counter() when the request was parsed) is where its latencies count from."""
         request_id = uuid.uuid4().hex
         self.queue.enter(request_id)  # or a 503 with Retry-After
-        try:
-            refs, segments, pixel_segments = self._hold_images(checked, spans)
-        except ClientError:
-            self.queue.leave(request_id)
-            raise
+        refs, segments, pixel_segments = self.held.hold(checked, spans)
         tracked = Tracked(
             asyncio.get_running_loop().create_future(),
             arrival=time.perf_counter() if arrival is None else arrival,
@@ -358,16 +359,6 @@ class HttpActor:
                 if abort:
                     self.channel.send(Abort(request_id))
         await self.gate.wait_idle(END_GRACE_S)
-
-    def _hold_images(
-        self, checked: list[CheckedImage], spans: list[ImageSpan]
-    ) -> tuple[list[ImageRef], list[str], list[str]]:
-        """The request's images held in shared memory for it; a 503 if /dev/shm has no room."""
-        try:
-            return self.held.hold(checked, spans)
-        except OSError as exc:
-            log.warning("no shared memory for an image's bytes: %s", exc)  # the path stays in the log
-            raise _no_shared_memory() from None
 
     def _release_images(self, tracked: Tracked) -> None:
         self.held.release(tracked.segments, tracked.pixel_segments)

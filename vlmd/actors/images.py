@@ -4,8 +4,9 @@ scheduled).
 The http actor's event loop also forwards every token to its client, so nothing here holds it
 for long: a 13-tile PNG arrives as about 8 MB of base64, which the standard library decodes in
 about 20 ms and hashes in about 10 (and a chat client resends it with every turn). Its base64
-is decoded by pybase64 (about 1 ms) and hashed on a thread of their own (`in_bytes_thread`),
-without the GIL, while the loop goes on.
+is decoded by pybase64 (about 1 ms), hashed and written into shared memory on a thread of their
+own (`in_bytes_thread`), without the GIL, while the loop goes on; a preprocess worker reads them
+there (not through the loop's socket to it), as the vision actor does.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 
 import pybase64
 
@@ -46,6 +48,7 @@ class CheckedImage:
     resize_to: tuple[int, int] | None = None  # (width, height) the vision actor downscales it to
     max_tiles: int = 0  # the image's tile limit; 0: the server's
     pixels_shm: str = ""  # its tiles, held for the check (`ImageChecker.release`); "": none here
+    bytes_shm: str = ""  # its bytes, held for the check as its tiles are
 
     def ref(self, bytes_shm: str, token_offset: int, num_tokens: int) -> ImageRef:
         """The image as the scheduler and the vision actor see it, its bytes in `bytes_shm`."""
@@ -73,15 +76,9 @@ class HeldImages:
         self.pixels = SharedPixels()
 
     def hold(self, checked: list[CheckedImage], spans: list) -> tuple[list[ImageRef], list[str], list[str]]:
-        """Each image's ref (placed at its span) and the segments held for the request: bytes, tiles.
-        OSError if /dev/shm has no room for some bytes: then nothing is held."""
-        segments: list[str] = []
-        try:
-            for image in checked:
-                segments.append(self.bytes.acquire(image.md5, image.data))
-        except OSError:
-            self.release(segments, [])
-            raise
+        """Each image's ref (placed at its span) and the segments held for the request: bytes
+        (which the check wrote), tiles."""
+        segments = [self.bytes.hold(image.bytes_shm) for image in checked]
         pixels = [self.pixels.hold(image.pixels_shm) for image in checked if image.pixels_shm]
         refs = [
             image.ref(name, span.token_offset, span.num_tokens)
@@ -111,7 +108,7 @@ def embed_key(md5: str, resize_to: tuple[int, int] | None = None, max_tiles: int
 
 
 class NoSharedMemory(Exception):
-    """/dev/shm had no room for an image's tiles: a 503, as for its bytes."""
+    """/dev/shm had no room for an image's bytes or tiles: a 503."""
 
 
 class ImageChecker:
@@ -125,7 +122,9 @@ class ImageChecker:
     and where they are not, the vision front has the bytes preprocessed then (or shares the tiles
     of a request of the same key that holds them here).
 
-    A checked image may hold its tiles (`CheckedImage.pixels_shm`): the caller lets go of them
+    A checked image holds its bytes in shared memory (`CheckedImage.bytes_shm`, one segment per
+    MD5, written off the event loop: the preprocess worker reads them there, as the vision actor
+    does later) and may hold its tiles (`CheckedImage.pixels_shm`): the caller lets go of both
     with `release` once the request is submitted (which takes holds of its own) or refused.
     """
 
@@ -137,6 +136,7 @@ class ImageChecker:
         pool: PreprocessPool | None = None,
         pixels: SharedPixels | None = None,
         cache_size: int = 4096,
+        image_bytes: SharedBytes | None = None,
     ) -> None:
         self.tiling = tiling
         self.fetcher = fetcher
@@ -146,6 +146,9 @@ class ImageChecker:
             pool = PreprocessPool(tiling, f"{shm.segment_prefix(os.getpid())}px-check-")
         self.pool = pool
         self.pixels = SharedPixels() if pixels is None else pixels  # an empty one is falsy
+        if image_bytes is None:  # in process: tests
+            image_bytes = SharedBytes(f"{shm.segment_prefix(os.getpid())}bytes-check-")
+        self.bytes = image_bytes
         self._size_by_md5: OrderedDict[str, tuple[int, int]] = OrderedDict()  # upright (width, height)
         self._cache_size = cache_size
 
@@ -162,8 +165,10 @@ class ImageChecker:
             raise
 
     def release(self, checked: list[CheckedImage]) -> None:
-        """Let go of the tiles the checked images hold."""
+        """Let go of the bytes and tiles the checked images hold."""
         for image in checked:
+            if image.bytes_shm:
+                self.bytes.release(image.bytes_shm)
             if image.pixels_shm:
                 self.pixels.release(image.pixels_shm)
 
@@ -171,11 +176,28 @@ class ImageChecker:
         max_tiles = self._tile_limit(index, image.max_dynamic_patch)
         data = await self._load_bytes(index, image)
         md5 = await md5_hex(data)
+        try:
+            bytes_shm = await self.bytes.acquire_async(md5, data, partial(in_bytes_thread, len(data)))
+        except OSError as exc:
+            raise NoSharedMemory(f"no shared memory for an image's bytes: {exc}") from None
+        try:
+            checked = await self._check_held(index, image, data, md5, max_tiles, bytes_shm)
+        except BaseException:
+            self.bytes.release(bytes_shm)
+            raise
+        return replace(checked, bytes_shm=bytes_shm)
+
+    async def _check_held(
+        self, index: int, image: ImageInput, data: bytes, md5: str, max_tiles: int, bytes_shm: str
+    ) -> CheckedImage:
+        """`check`, its bytes held in `bytes_shm`: the image measured, and preprocessed if new."""
         size = self._size_by_md5.get(md5)
         if size is not None:
             checked = self._measure(index, image, data, md5, size, max_tiles)
             return replace(checked, pixels_shm=self.pixels.acquire(checked.md5))
-        answer, name = await self.pool.run(data, self.max_pixels, image.resize_to_fit, max_tiles)
+        answer, name = await self.pool.run(
+            self.max_pixels, image.resize_to_fit, max_tiles, bytes_shm, len(data), data
+        )
         if answer.error_kind == TOO_LARGE:
             raise BadImage(self._too_large(index, answer.width, answer.height))
         if answer.error_kind == NO_SHARED_MEMORY:

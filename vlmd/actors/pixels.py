@@ -23,7 +23,13 @@ import msgspec
 
 from vlmd import shm
 from vlmd.actors.launch import Launch
-from vlmd.actors.preprocess import NO_SHARED_MEMORY, PreprocessPool, PreprocessWorkerGone, connect_workers
+from vlmd.actors.preprocess import (
+    NO_BYTES,
+    NO_SHARED_MEMORY,
+    PreprocessPool,
+    PreprocessWorkerGone,
+    connect_workers,
+)
 from vlmd.image import TilingConfig
 from vlmd.messages import ImageRef
 
@@ -111,16 +117,16 @@ class FrontPixels:
 
     async def _preprocess(self, image: ImageRef) -> tuple[str, str, int]:
         """(segment, "", 200) with the image's tiles made from its bytes, or ("", why, status)."""
-        try:
-            data = shm.read_segment(image.bytes_shm, image.num_bytes)
-        except OSError as exc:
-            log.info("cannot read image bytes (no request holds them any more): %s", exc)
-            return "", BYTES_GONE, 400
         resized = image.resize_width > 0
         try:
-            answer, name = await self.pool.run(data, self.max_pixels, resized, image.max_tiles)
+            answer, name = await self.pool.run(
+                self.max_pixels, resized, image.max_tiles, image.bytes_shm, image.num_bytes
+            )
         except PreprocessWorkerGone:
             return "", "the server is stopping: an image preprocessing worker is gone", 503
+        if answer.error_kind == NO_BYTES:
+            log.info("cannot read image bytes (no request holds them any more): %s", answer.error)
+            return "", BYTES_GONE, 400
         if answer.error_kind == NO_SHARED_MEMORY:
             return "", "the server is out of shared memory for images; retry later", 503
         if answer.error_kind:  # the http actor decoded these bytes once already

@@ -46,6 +46,7 @@ log = logging.getLogger("vlmd.preprocess")
 BAD_IMAGE = "bad"  # a 400 with `error`
 TOO_LARGE = "too_large"  # a 400: width x height beyond max_pixels (found from the header)
 NO_SHARED_MEMORY = "no_shm"  # a 503: /dev/shm had no room for the tiles
+NO_BYTES = "gone"  # the segment of the bytes is gone (no request holds them any more)
 
 
 class PreprocessWorkerGone(Exception):
@@ -69,7 +70,11 @@ def preprocess_job(job: PreprocessImage, tiling: TilingConfig, worker: int = -1)
 def _preprocess(job: PreprocessImage, tiling: TilingConfig, worker: int) -> ImagePreprocessed:
     limit = None if job.resize_to_fit else job.max_pixels
     try:
-        image = decode_image(job.data, limit, procedure=tiling.procedure)
+        data = shm.read_segment(job.bytes_shm, job.num_bytes) if job.bytes_shm else job.data
+    except OSError as exc:
+        return ImagePreprocessed(job.job_id, worker, error=str(exc), error_kind=NO_BYTES)
+    try:
+        image = decode_image(data, limit, procedure=tiling.procedure)
         width, height = image.size
         if width * height > job.max_pixels:  # only with resize_to_fit: decode_image refused the rest
             image = downscale(image, *fit_within(width, height, job.max_pixels))
@@ -129,13 +134,23 @@ class PreprocessPool:
         return cls(tiling, f"{shm.segment_prefix(launch.runtime.server_id)}px-{role}-", channels)
 
     async def run(
-        self, data: bytes, max_pixels: int, resize_to_fit: bool, max_tiles: int
+        self,
+        max_pixels: int,
+        resize_to_fit: bool,
+        max_tiles: int,
+        bytes_shm: str,
+        num_bytes: int,
+        data: bytes | None = None,
     ) -> tuple[ImagePreprocessed, str]:
-        """Preprocess one image: the answer, and the name of the segment its tiles are in when it
-        has no error (the caller owns it from then on)."""
+        """Preprocess the image whose bytes the segment `bytes_shm` holds (the caller keeps it
+        until the answer): the answer, and the name of the segment its tiles are in when it has
+        no error (the caller owns it from then on). A worker process reads the bytes from the
+        segment; a thread of this process takes `data` where the caller has them."""
         job_id = next(self._job_ids)
         name = f"{self.prefix}{job_id}"
-        job = PreprocessImage(job_id, data, name, max_pixels, resize_to_fit, max_tiles)
+        job = PreprocessImage(job_id, b"", name, max_pixels, resize_to_fit, max_tiles, bytes_shm, num_bytes)
+        if not self.channels and data is not None:
+            job = msgspec.structs.replace(job, data=data, bytes_shm="", num_bytes=0)
         loop = asyncio.get_running_loop()
         if self.channels:
             worker = min(range(len(self.channels)), key=self.num_outstanding.__getitem__)
