@@ -344,18 +344,20 @@ def test_tiny_host_step_bench_reports_every_context(tmp_path: Path) -> None:
 
 
 def test_image_bytes_bench_times_both_images_through_the_http_actors_checker() -> None:
-    """The bench runs (a few checks of each image) and prints a row of figures per image: its
-    bytes, ms per image and images/s above zero, the loop's longest hold zero or more."""
-    proc = _run_script("bench/image_bytes_bench.py", "--repeats", "2", "--concurrency", "2")
-    rows = [
-        line
-        for line in proc.stdout.splitlines()
-        if line.startswith("| ") and ("PNG" in line or "JPEG" in line)
-    ]
+    """The bench runs (a few checks of each image, two new images through a preprocess worker)
+    and prints a row of figures per image: its bytes, ms per image and images/s above zero, the
+    loop's longest hold zero or more; then a row for the new images."""
+    args = ("--repeats", "2", "--concurrency", "2", "--new_images", "2")
+    proc = _run_script("bench/image_bytes_bench.py", *args)
+    lines = proc.stdout.splitlines()
+    rows = [line for line in lines if line.startswith("| ") and ("PNG" in line or "JPEG" in line)]
     assert len(rows) == 2, proc.stdout
     for row in rows:
         size, ms, held, rate = (float(cell) for cell in row.strip().strip("|").split("|")[1:])
         assert size > 0 and ms > 0 and held >= 0 and rate > 0, row
+    header = lines.index("| loop held, longest ms | loop late beyond idle, sum per image ms | images/s |")
+    held, _late, rate = (float(cell) for cell in lines[header + 2].strip().strip("|").split("|"))
+    assert held >= 0 and rate > 0, lines[header + 2]
 
 
 def test_prefix_cache_bench_fills_the_cache_and_times_the_collector_and_the_idle_check() -> None:
