@@ -108,6 +108,30 @@ def report_stalls(log_path: Path) -> None:
     print("\n".join(lines[-20:]), file=sys.stderr, flush=True)
 
 
+def _day_seconds(clock: str) -> float:
+    """Seconds since midnight of "HH:MM:SS.mmm" (or "HH:MM:SS,mmm", as the log writes it)."""
+    hours, minutes, seconds = clock.replace(",", ".").split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def stalls_in_gaps(log_path: Path, gaps: list[dict]) -> list[list[str]]:
+    """For each of a stream's gaps (`vlmd bench`'s longest_itls: the gap and when its token came,
+    on this machine's clock as the log's, both to the millisecond), the server's stall lines logged
+    from the token before (less 1 ms) to 2 ms after this one: what the server logged holding
+    that token."""
+    stamped = []
+    for line in log_path.read_text().splitlines():
+        found = re.match(r"\S+ (\d\d:\d\d:\d\d,\d{3})\s+(.*)", line)
+        if found and any(key in line for key in ("stall:", "stall timeline", "slow host work")):
+            stamped.append((_day_seconds(found[1]), found[2]))
+    within = []
+    for gap in gaps:
+        end = _day_seconds(gap["arrived"])
+        start = end - gap["itl_ms"] / 1e3
+        within.append([what for at, what in stamped if start - 0.001 <= at <= end + 0.002])
+    return within
+
+
 def bench(url: str, *flags: str) -> dict:
     """One `vlmd bench` run; its JSON report."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
@@ -312,8 +336,15 @@ def images_beside_text(args, log_dir: Path, placement: str) -> list[tuple[str, s
                 wait_for_vit(url)  # the loads' images drawn and on their way
                 beside = bench(url, *text_stream(args, args.long_output // 4))
         print(f"ViT {placement}: the text stream's longest gaps beside images:", file=sys.stderr)
-        for gap in beside["longest_itls"]:
-            print(f"  {gap['itl_ms']:.1f} ms, the token at {gap['arrived']}", file=sys.stderr, flush=True)
+        log_path = max(log_dir.glob("serve-*.log"), key=lambda path: path.stat().st_mtime)  # this server's
+        gaps = beside["longest_itls"]
+        for gap, logged in zip(gaps, stalls_in_gaps(log_path, gaps), strict=True):
+            print(f"  {gap['itl_ms']:.1f} ms, the token at {gap['arrived']}", file=sys.stderr)
+            for what in logged[:8]:
+                print(f"    logged meanwhile: {what[:200]}", file=sys.stderr)
+            if len(logged) > 8:
+                print(f"    and {len(logged) - 8} more lines", file=sys.stderr)
+        sys.stderr.flush()
         before = stage_totals(url)
         images_alone = bench(url, *image_load(w13, h13, "png", 4, n))["request_throughput"]
         stages = stage_rows(f"ViT {placement}: 13-tile PNGs 4 at a time, no text", before, stage_totals(url))

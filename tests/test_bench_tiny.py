@@ -167,6 +167,35 @@ def test_serve_bench_sums_the_servers_stall_lines_by_kind(
     assert "no stall" not in err
 
 
+def test_serve_bench_finds_the_stall_lines_logged_during_each_gap(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A gap's lines: those logged from the token before it to 2 ms after its own, no others."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from serve_bench import stalls_in_gaps
+
+    log = tmp_path / "serve.log"
+    log.write_text(
+        "2026-12-08 00:23:58,880      http INFO stall: http0's event loop was held 18.0 ms\n"
+        "2026-12-08 00:23:58,905      http INFO stall: http0's event loop was held 12.0 ms\n"
+        "2026-12-08 00:23:58,906   worker0 INFO a line that is no stall\n"
+        "2026-12-08 00:23:58,908   worker0 INFO slow host work: launching step 7 took 16.2 ms\n"
+        "2026-12-08 00:23:58,910 scheduler INFO stall: scheduler0's event loop was held 11.0 ms\n"
+        "2026-12-08 00:24:09,240   worker0 INFO stall: step 12 launched 20.5 ms after decode step 11\n"
+    )
+    gaps = [
+        {"itl_ms": 26.7, "arrived": "00:23:58.907"},  # from 58.880 (its token before) to 58.909
+        {"itl_ms": 5.0, "arrived": "00:24:00.000"},
+    ]
+    near, none = stalls_in_gaps(log, gaps)
+    assert near == [
+        "http INFO stall: http0's event loop was held 18.0 ms",
+        "http INFO stall: http0's event loop was held 12.0 ms",
+        "worker0 INFO slow host work: launching step 7 took 16.2 ms",
+    ]
+    assert none == []
+
+
 def test_cold_start_bench_times_each_start_on_its_own_caches(tmp_path: Path, model_dir: Path) -> None:
     out = tmp_path / "cold.json"
     flags = ["--modes", "cold,cold_no_precompile,warm", "--port", "8457", "--json", str(out)]
