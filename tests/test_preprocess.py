@@ -167,13 +167,20 @@ def test_a_caller_cancelled_mid_preprocess_leaves_no_tiles():
     assert my_segments() == []
 
 
-def test_a_full_dev_shm_is_no_shared_memory(monkeypatch):
-    def full(*args):
-        raise OSError(errno.ENOSPC, "No space left on device")
+@pytest.mark.parametrize("segment", ["bytes", "tiles"])
+def test_a_full_dev_shm_is_no_shared_memory(monkeypatch, segment):
+    create = shm.SharedSegment.create
 
-    monkeypatch.setattr(shm.SharedSegment, "create", full)
-    with pytest.raises(NoSharedMemory):
-        asyncio.run(checker().check(0, ImageInput("base64", b64(make_image(300, 300, seed=9)))))
+    def full_for(cls, name, num_bytes):
+        if ("-img-" in name) == (segment == "bytes"):  # the bytes' segment, or the tiles'
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return create(name, num_bytes)
+
+    monkeypatch.setattr(shm.SharedSegment, "create", classmethod(full_for))
+    images = checker()
+    with pytest.raises(NoSharedMemory, match=f"no shared memory for an image's {segment}"):
+        asyncio.run(images.check(0, ImageInput("base64", b64(make_image(300, 300, seed=9)))))
+    assert len(images.bytes) == 0 and my_segments() == []
 
 
 def test_shared_pixels_count_holders_per_key():

@@ -201,7 +201,7 @@ class ImageChecker:
         if answer.error_kind == TOO_LARGE:
             raise BadImage(self._too_large(index, answer.width, answer.height))
         if answer.error_kind == NO_SHARED_MEMORY:
-            raise NoSharedMemory(answer.error)
+            raise NoSharedMemory(f"no shared memory for an image's tiles: {answer.error}")
         if answer.error_kind:
             raise BadImage(f"image {index}: {answer.error}")
         try:
