@@ -155,7 +155,7 @@ class SharedBytes:
             write_bytes(name, data)
         return self.hold(name)
 
-    async def acquire_async(self, key: str, data: bytes, run: Callable[..., Awaitable] | None = None) -> str:
+    async def acquire_async(self, key: str, data: bytes, run: Callable[..., Awaitable]) -> str:
         """`acquire`, with the new segment written by `await run(write_bytes, name, data)` (a
         thread's: its allocation and copy hold no GIL) while the loop goes on. An acquire of the
         key meanwhile waits for that write and fails as it does; a caller cancelled meanwhile
@@ -163,7 +163,7 @@ class SharedBytes:
         name = f"{self.prefix}img-{key}"
         writing = self._writing.get(name)
         if writing is None and name not in self._num_holders:
-            writing = asyncio.ensure_future(run(write_bytes, name, data) if run else _written(name, data))
+            writing = asyncio.ensure_future(run(write_bytes, name, data))
             self._writing[name] = writing
             writing.add_done_callback(lambda _: self._writing.pop(name, None))
         self.hold(name)  # held from now: a second caller shares the write
@@ -187,10 +187,6 @@ class SharedBytes:
                 unlink_segment(name)
             else:  # the write may create it yet: unlinked once it has ended (and unless held again)
                 writing.add_done_callback(lambda _: name in self._num_holders or unlink_segment(name))
-
-
-async def _written(name: str, data: bytes) -> None:
-    write_bytes(name, data)
 
 
 def write_bytes(name: str, data: bytes) -> None:
