@@ -335,6 +335,11 @@ def images_beside_text(args, log_dir: Path, placement: str) -> list[tuple[str, s
             with in_background(url, *image_load(w13, h13, "png", 2, 100 * n)):
                 wait_for_vit(url)  # the loads' images drawn and on their way
                 beside = bench(url, *text_stream(args, args.long_output // 4))
+        for name, report in (("alone", alone), ("beside images", beside)):
+            p99s = " / ".join(f"{r['itl_p99_ms']:.2f}" for r in report["requests"] if r["itl_p99_ms"])
+            print(
+                f"ViT {placement}: the text stream {name}: each request's ITL p99 ms: {p99s}", file=sys.stderr
+            )
         print(f"ViT {placement}: the text stream's longest gaps beside images:", file=sys.stderr)
         log_path = max(log_dir.glob("serve-*.log"), key=lambda path: path.stat().st_mtime)  # this server's
         gaps = beside["longest_itls"]

@@ -360,3 +360,14 @@ def test_the_longest_gaps_carry_the_wall_clock_time_their_token_came():
     gaps = longest_gaps([a, b], count=2)
     assert [round(g["itl_ms"]) for g in gaps] == [250, 70]
     assert [g["arrived"] for g in gaps] == ["18:00:00.760", "18:00:11.070"]
+
+
+def test_each_request_has_its_own_itl_p99():
+    """A request's p99 over its own gaps (interpolated as the pooled one is); none without gaps."""
+    from vlmd.benchmark.backends import RequestResult
+    from vlmd.benchmark.report import build_report
+
+    a = RequestResult(1, 3, ok=True, ttft=0.5, e2e=0.78, itls=[0.01, 0.25, 0.02], output_tokens=4)
+    b = RequestResult(1, 2, ok=True, ttft=1.0, e2e=1.0, itls=[], output_tokens=1)
+    report = build_report([a, b], duration_s=2.0)
+    assert [r["itl_p99_ms"] for r in report["requests"]] == [pytest.approx(245.4), None]

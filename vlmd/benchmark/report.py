@@ -115,6 +115,8 @@ def build_report(results: list[RequestResult], duration_s: float) -> dict:
                 "turn": r.turn,
                 "ttft_ms": None if r.ttft is None else r.ttft * 1000,
                 "e2e_ms": None if r.e2e is None else r.e2e * 1000,
+                # Each request's own: how much a percentile moves from one stretch of a run to the next.
+                "itl_p99_ms": percentile(r.itls, 99) * 1000 if r.ok and r.itls else None,
                 "error": r.error or None,
             }
             for r in results
