@@ -299,6 +299,25 @@ class _PartsRunner:
         return step.polls < 0
 
 
+def test_a_side_step_all_queued_is_only_looked_at_not_timed_as_a_part():
+    """Once every part is queued, the polls that wait for the side step's end queue nothing and
+    note nothing on the stall timeline (whose room they would fill, hiding the plans taken in)."""
+    import time
+
+    from vlmd.actors.launch import HostWatch, Timeline
+    from vlmd.actors.steps import SideSteps
+    from vlmd.messages import StepPlan
+
+    runner, timeline = _PartsRunner(num_parts=2), Timeline()
+    timeline.restart(time.monotonic())
+    side = SideSteps(runner, _FakeChannel(), True, HostWatch(False, timeline=timeline))
+    side.launch(StepPlan(1, [], side=True))
+    for _ in range(6):
+        side.poll()
+    assert runner.queued == 2
+    assert timeline.describe().count("queuing a part of side step 1") == 2
+
+
 def test_side_steps_queue_parts_while_tokens_are_awaited_and_never_before_a_waiting_plan():
     """A side step's parts are queued while the worker would only wait for a decode step's
     tokens; a plan that waits is taken in without a part queued first once one was queued since

@@ -138,7 +138,8 @@ def test_shared_bytes_written_off_the_loop_are_shared_and_leak_nothing():
         assert not os.path.exists(f"/dev/shm/{name}") and len(image_bytes) == 0
 
         # Every caller gone before the write ends: the segment it then makes is unlinked.
-        started.clear(), go_on.clear()
+        started.clear()
+        go_on.clear()
         alone = asyncio.ensure_future(image_bytes.acquire_async("other", data, run))
         await asyncio.to_thread(started.wait, 10)
         alone.cancel()

@@ -236,9 +236,11 @@ class SideSteps:
         host, send the result."""
         if self.forward is not None:
             step_id = self.forward.plan.step_id
-            self._progressed |= self.forward.parts is not None
-            with self.watch.timed("queuing a part of side step", step_id):
-                queued = self.runner.advance_side(self.forward)
+            queued = True
+            if self.forward.parts is not None:  # timed only when there is one (the timeline's room)
+                self._progressed = True
+                with self.watch.timed("queuing a part of side step", step_id):
+                    queued = self.runner.advance_side(self.forward)
             if queued and self.runner.side_done(self.forward):
                 with self.watch.timed("sampling side step", step_id):
                     self.sampling, self.forward = self.runner.finish_side(self.forward), None
