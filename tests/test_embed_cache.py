@@ -185,3 +185,41 @@ def test_a_request_that_joins_an_encode_after_its_bytes_went_gets_its_own_encode
     sent = [msg for msg in asyncio.run(scenario()) if not isinstance(msg, VisionStats)]  # counters aside
     assert [type(msg) for msg in sent] == [ImagesReady], sent
     assert sent[0].request_id == "C"
+
+
+def test_a_batch_that_fills_the_cache_leaves_the_next_image_queued_not_refused():
+    """--cache_capacity 2, a batch size of 8, three new images queued at once: the first two fill
+    the cache in one batch, and the third waits for that batch (and its requests' pins) to end;
+    it is not refused as if no room could ever come."""
+    encoded: list[list[str]] = []
+
+    async def encode(images: list[ImageRef], runs: list[EmbedRun]) -> list[str]:
+        encoded.append([image.md5 for image in images])
+        await asyncio.sleep(0)
+        return [""] * len(images)
+
+    async def scenario() -> list:
+        launch = SimpleNamespace(
+            args=SimpleNamespace(visual_infer_batch_size=8, cache_capacity=2),
+            runtime=SimpleNamespace(embed_store_rows=100),
+        )
+        channel = SimpleNamespace(sent=[])
+        channel.send = channel.sent.append
+        actor = VisionActor(launch, channel, [Replica(0, encode)])
+        for request_id in "ABC":
+            image = ImageRef(f"md5-{request_id}", "unused", 1, 1, 0, 10)
+            actor.on_encode(EncodeImages(request_id, [image]))
+        dispatch = asyncio.get_running_loop().create_task(actor.dispatch_loop())
+        for _ in range(10):
+            await asyncio.sleep(0)
+        ready_before_release = [msg.request_id for msg in channel.sent if isinstance(msg, ImagesReady)]
+        actor.on_release("A")  # A's request ended: its image may be evicted
+        for _ in range(10):
+            await asyncio.sleep(0)
+        dispatch.cancel()
+        return ready_before_release, [msg for msg in channel.sent if not isinstance(msg, VisionStats)]
+
+    ready_before_release, sent = asyncio.run(scenario())
+    assert ready_before_release == ["A", "B"]
+    assert [type(msg) for msg in sent] == [ImagesReady] * 3, sent
+    assert encoded == [["md5-A", "md5-B"], ["md5-C"]]

@@ -232,7 +232,7 @@ class VisionActor:
                 continue
             entry = self.index.insert(md5, job.image.num_tokens, pin_for=ENCODING)
             if entry is None:
-                if self._room_will_free():
+                if batch or self._room_will_free():  # this batch's encode will end too
                     break  # retried when pins are released or a batch ends
                 self._drop(self.queue.popleft())
                 for request_id, _ in job.waiters:
