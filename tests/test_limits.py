@@ -141,4 +141,5 @@ def test_limits_and_their_defaults_are_in_serve_help():
     assert "--max_queued_requests" in flat and "(default: 1024)" in flat
     assert "--max_image_bytes" in flat and f"(default: {32 * 2**20})" in flat
     assert "--image_fetch_timeout" in flat and "(default: 10.0)" in flat
+    assert "--client_timeout" in flat and "(default: 30.0)" in flat
     assert "--allow_private_image_urls" in flat

@@ -68,6 +68,9 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     max_image_pixels: int = 50_000_000
     max_queued_requests: int = 1024
     image_fetch_timeout: float = 10.0  # seconds for a whole image download, redirects included
+    # Seconds for a request's headers to arrive whole, and for each part of its body
+    # (vlmd.actors.slow_clients).
+    client_timeout: float = 30.0
     max_image_bytes: int = 32 * 2**20
     allow_private_image_urls: bool = False
     embed_store_mb: int = 1024
@@ -232,6 +235,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "beyond it: 503 with Retry-After (default: %(default)s)",
     )
     add(
+        "--client_timeout",
+        type=float,
+        default=_default("client_timeout"),
+        help="seconds a client has to send a request's headers (from connecting, or from the last "
+        "response on the connection), and each part of its body after the one before; beyond it "
+        "the connection is closed, or the request is a 408 (default: %(default)s)",
+    )
+    add(
         "--image_fetch_timeout",
         type=float,
         default=_default("image_fetch_timeout"),
@@ -368,6 +379,10 @@ def build_server_args(ns: argparse.Namespace, environ: dict[str, str] | None = N
             raise ConfigError(f"--{flag}", f"must be at least 1, got {value}")
     if ns.image_fetch_timeout <= 0:
         raise ConfigError("--image_fetch_timeout", "must be positive")
+    if not 0 < ns.client_timeout < math.inf:
+        raise ConfigError(
+            "--client_timeout", f"must be a positive number of seconds, got {ns.client_timeout}"
+        )
     if ns.shutdown_timeout < 0:
         raise ConfigError("--shutdown_timeout", f"must be at least 0, got {ns.shutdown_timeout}")
     if ns.step_timeout is not None and not ns.step_timeout >= 0:  # NaN too

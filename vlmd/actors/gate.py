@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vlmd.actors import lightllm_api, openai_api
-from vlmd.actors.inflight import ClientError
+from vlmd.actors.inflight import ClientError, shutting_down
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})  # exact paths: any other spelling needs the key
 
@@ -66,8 +66,7 @@ class Gate:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         if self.draining:
-            # Connection: close, so that a keep-alive client reconnects (to another replica).
-            return ClientError(503, "the server is shutting down", headers={"Connection": "close"})
+            return shutting_down()
         return None
 
     def _authorized(self, scope: Scope) -> bool:

@@ -36,6 +36,7 @@ from vlmd.actors.limits import RETRY_AFTER_S, QueueGate, check_image_count
 from vlmd.actors.metrics import LatencyMetrics, MetricsQueries, add_preprocess_counts, render_metrics
 from vlmd.actors.openai_api import OpenAIApi
 from vlmd.actors.preprocess import PreprocessPool, PreprocessWorkerGone, connect_workers
+from vlmd.actors.slow_clients import BodyReads, header_deadline
 from vlmd.actors.tokenizer import ImageSpan, PromptBuilder, PromptError
 from vlmd.api import ImageInput
 from vlmd.image import TilingConfig
@@ -92,6 +93,7 @@ class HttpActor:
         self.inflight: dict[str, Tracked] = {}
         self.metric_queries = MetricsQueries(channel.send)
         self.gate = Gate(self.app(), self.args.api_key)
+        self.bodies = BodyReads(self.args.client_timeout)
         self.supervisor: ipc.Channel | None = None  # set once the supervisor knows we are ready
         # Set once requests in flight are ended (past --shutdown_timeout, or the scheduler gone):
         # what a request that comes to run after that is answered with.
@@ -186,16 +188,13 @@ class HttpActor:
         return update
 
     async def read_body(self, request: Request, body_type: type):
-        """The request body decoded as `body_type`; a ClientError names the field at fault."""
+        """The request body decoded as `body_type`; a ClientError names the field at fault.
+        ClientGone when the client hangs up before it has sent it all."""
         limit = self.args.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise ClientError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                raise ClientError(413, f"request body exceeds the limit of {limit} bytes")
+        raw = await self.bodies.read(request, limit)
         try:
             return msgspec.json.decode(raw, type=body_type)
         except msgspec.ValidationError as exc:
@@ -338,6 +337,7 @@ class HttpActor:
         `timeout_s` seconds, then end the rest with a 503 (an error event in a stream) and give
         their answers END_GRACE_S to go out. Returns how many were still running at the timeout."""
         self.gate.draining = True
+        self.bodies.drain()
         log.info("draining: %d request(s) in flight, %g s to finish", self.gate.num_active, timeout_s)
         if await self.gate.wait_idle(timeout_s):
             return 0
@@ -352,6 +352,7 @@ class HttpActor:
         """End every request in flight, and any that comes to run later, with `error` (a 503, or
         an error event that closes a stream); give their answers END_GRACE_S to go out."""
         self.gate.draining = True
+        self.bodies.drain()
         self.end_error = error
         for request_id, tracked in list(self.inflight.items()):
             if not tracked.done.done():
@@ -371,7 +372,8 @@ class HttpActor:
             *LightLLMApi(self).routes(),
             *OpenAIApi(self).routes(),
         ]
-        return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+        handlers = {404: _not_found, 405: _not_allowed, ClientGone: _client_gone}
+        return Starlette(routes=routes, exception_handlers=handlers)
 
 
 def _no_shared_memory() -> ClientError:
@@ -392,6 +394,10 @@ def _field_at_fault(validation_message: str) -> str | None:
 
 async def _not_found(request: Request, exc: Exception) -> Response:
     return error_response(404, f"no route {request.url.path}")
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    return Response(status_code=499)  # nobody reads it; whatever the request started is aborted
 
 
 async def _not_allowed(request: Request, exc: Exception) -> Response:
@@ -428,7 +434,10 @@ async def run(launch: Launch, rank: int) -> None:
     )
     stopwatch.lap("waiting for the LM workers")
     receiver = asyncio.get_running_loop().create_task(actor.receive_loop())
-    server = _Server(uvicorn.Config(actor.gate, log_level="warning", lifespan="off"))
+    config = uvicorn.Config(
+        actor.gate, log_level="warning", lifespan="off", http=header_deadline(launch.args.client_timeout)
+    )
+    server = _Server(config)
     actor.supervisor = await announce_ready(
         launch,
         "http",

@@ -31,6 +31,12 @@ class ClientError(Exception):
         self.headers = headers or {}  # e.g. Retry-After on a 503
 
 
+def shutting_down() -> ClientError:
+    """A request the draining server no longer takes in; Connection: close, so that a keep-alive
+    client reconnects (to another replica)."""
+    return ClientError(503, "the server is shutting down", headers={"Connection": "close"})
+
+
 @dataclass
 class Tracked:
     """A request in flight: tokens as they arrive, and a future for the end."""

@@ -53,8 +53,6 @@ class LightLLMApi:
             return JSONResponse(await self._generate(body, request))
         except ClientError as exc:
             return client_error_response(exc)
-        except ClientGone:
-            return Response(status_code=499)  # nobody reads it; the request was aborted
 
     async def _submit(self, body: GenerateBody) -> tuple[str, Tracked]:
         arrival = time.perf_counter()
