@@ -14,10 +14,12 @@ from PIL import Image
 
 from tests.conftest import make_image, start_server
 from tests.test_http import chat_body, generate, metrics
+from tests.test_image_fetch import host  # noqa: F401 (a fixture: an image host on loopback)
 from vlmd.image import fit_within
 
 MAX_PIXELS = 300_000
 MAX_IMAGE_BYTES = 2 * 2**20
+FETCH_TIMEOUT_S = 3
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,9 @@ def limited_server(model_dir, tmp_path_factory):
         "1",
         "--max_image_bytes",
         str(MAX_IMAGE_BYTES),
+        "--allow_private_image_urls",  # the test's slow image host is on loopback
+        "--image_fetch_timeout",
+        str(FETCH_TIMEOUT_S),
     )
     yield server
     assert server.stop() == 0, server.log()
@@ -125,6 +130,48 @@ def test_full_queue_is_503_with_retry_after(limited_server):
     thread.join(60)  # the stream closed: the long request is aborted and the queued one runs
     assert waiting[0].status_code == 200, waiting[0].text
     assert generate(limited_server, chat_body("hello", max_new_tokens=2)).status_code == 200
+    assert metrics(limited_server)["vlmd_requests_queued"] == 0
+
+
+def test_a_request_fetching_its_image_holds_its_place_in_the_queue(limited_server, host):  # noqa: F811
+    """The image host sends a byte every 0.1 s: the request waits for it until --image_fetch_timeout,
+    holding the one place of --max_queued_requests, so a request that comes meanwhile is a 503
+    at once (not after the fetch, nor let through to fetch beside it)."""
+    fetching: list[requests.Response] = []
+    body = chat_body("<img></img> describe", max_new_tokens=2)
+    body["multimodal_params"] = {"images": [{"type": "url", "data": host + "/trickle"}]}
+    thread = threading.Thread(target=lambda: fetching.append(generate(limited_server, body)))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while metrics(limited_server)["vlmd_requests_queued"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metrics(limited_server)["vlmd_requests_queued"] == 1
+    refused = generate(limited_server, chat_body("meanwhile", max_new_tokens=2))
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert refused.json()["error"] == (
+        "the server has 1 requests waiting for their first token, --max_queued_requests allows 1; retry later"
+    )
+    thread.join(FETCH_TIMEOUT_S + 30)
+    assert fetching[0].status_code == 400 and "--image_fetch_timeout" in fetching[0].json()["error"], (
+        fetching[0].text
+    )
+    assert metrics(limited_server)["vlmd_requests_queued"] == 0
+    assert generate(limited_server, chat_body("after", max_new_tokens=2)).status_code == 200
+
+
+def test_more_completions_than_the_queue_holds_is_a_400_not_a_retry(limited_server):
+    body = {"prompt": ["one", "two"], "max_tokens": 2}
+    response = requests.post(limited_server.url + "/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert "Retry-After" not in response.headers
+    assert (
+        "asks for 2 completions at once; --max_queued_requests allows 1"
+        in response.json()["error"]["message"]
+    )
+    response = requests.post(
+        limited_server.url + "/v1/completions", json={**body, "prompt": "one"}, timeout=60
+    )
+    assert response.status_code == 200
     assert metrics(limited_server)["vlmd_requests_queued"] == 0
 
 

@@ -32,7 +32,7 @@ from vlmd.actors.images import BadImage, CheckedImage, HeldImages, ImageChecker,
 from vlmd.actors.inflight import ClientError, ClientGone, Tracked
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, Stopwatch, announce_ready, connect_supervisor
 from vlmd.actors.lightllm_api import LightLLMApi, error_response
-from vlmd.actors.limits import RETRY_AFTER_S, QueueGate, check_image_count
+from vlmd.actors.limits import RETRY_AFTER_S, Places, QueueGate, check_image_count
 from vlmd.actors.metrics import LatencyMetrics, MetricsQueries, add_preprocess_counts, render_metrics
 from vlmd.actors.openai_api import OpenAIApi
 from vlmd.actors.preprocess import PreprocessPool, PreprocessWorkerGone, connect_workers
@@ -280,12 +280,14 @@ class HttpActor:
         stop_token_seqs: list[list[int]] = (),
         updates: asyncio.Queue | None = None,
         arrival: float | None = None,
+        places: Places | None = None,
     ) -> tuple[str, Tracked]:
         """Hand a checked request to the scheduler; its tokens arrive in the Tracked. It holds a
-        place in the queue (--max_queued_requests) until its first token or its end; `arrival`
+        place in the queue (--max_queued_requests) until its first token or its end, one of
+        `places` if given (reserved before its images were checked); `arrival`
         (time.perf_counter() when the request was parsed) is where its latencies count from."""
         request_id = uuid.uuid4().hex
-        self.queue.enter(request_id)  # or a 503 with Retry-After
+        self.queue.enter(request_id, places)  # or a 503 with Retry-After
         refs, segments, pixel_segments = self.held.hold(checked, spans)
         tracked = Tracked(
             asyncio.get_running_loop().create_future(),

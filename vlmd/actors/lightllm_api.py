@@ -58,24 +58,27 @@ class LightLLMApi:
         arrival = time.perf_counter()
         params = body.parameters
         sampling = self._sampling(body)
-        checked = await self.actor.check_images(self._images(body))
-        try:
-            prompt_ids, spans = await self.actor.tokenize(self.prompts.build, body.inputs, checked, "inputs")
-            self.actor.check_length(len(prompt_ids), sampling.max_new_tokens)
-            stops = (
-                [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
+        stops = [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
+        if len(stops) > MAX_STOP_STRINGS:  # each is checked after every token, in the scheduler
+            raise ClientError(
+                400,
+                f"parameter `stop_sequences` takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}",
+                "stop_sequences",
             )
-            if len(stops) > MAX_STOP_STRINGS:  # each is checked after every token, in the scheduler
-                raise ClientError(
-                    400,
-                    f"parameter `stop_sequences` takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}",
-                    "stop_sequences",
+        with self.actor.queue.reserve(1) as places:  # a place in the queue while its images are checked
+            checked = await self.actor.check_images(self._images(body))
+            try:
+                prompt_ids, spans = await self.actor.tokenize(
+                    self.prompts.build, body.inputs, checked, "inputs"
                 )
-            # Off the event loop, as the prompt: long stop strings take as long to tokenize.
-            stop_token_seqs = await asyncio.to_thread(self.prompts.stop_token_seqs, stops)
-            return self.actor.submit(prompt_ids, spans, checked, sampling, stop_token_seqs, arrival=arrival)
-        finally:
-            self.actor.release_checked(checked)  # the submitted request holds its images itself
+                self.actor.check_length(len(prompt_ids), sampling.max_new_tokens)
+                # Off the event loop, as the prompt: long stop strings take as long to tokenize.
+                stop_token_seqs = await asyncio.to_thread(self.prompts.stop_token_seqs, stops)
+                return self.actor.submit(
+                    prompt_ids, spans, checked, sampling, stop_token_seqs, arrival=arrival, places=places
+                )
+            finally:
+                self.actor.release_checked(checked)  # the submitted request holds its images itself
 
     async def _generate(self, body: GenerateBody, request: Request) -> dict:
         request_id, tracked = await self._submit(body)

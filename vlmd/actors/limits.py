@@ -6,6 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 from vlmd.actors.inflight import ClientError
 
 RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
@@ -22,35 +26,65 @@ class LimitExceeded(ClientError):
 class QueueGate:
     """Bounds the requests accepted and not yet given their first token (--max_queued_requests).
 
-    A request enters when it is handed to the scheduler, and leaves on its first token, its
-    failure or its abort, whichever comes first; leaving twice is harmless. The
-    http actor's event loop is the only user, so the check and the entry are one atomic step and
-    the count is exact.
+    An API request takes its places (one per completion it asks for) before its images are fetched
+    and preprocessed (`reserve`); each completion, handed to the scheduler, takes one of them over
+    (`enter`) and leaves on its first token, its failure or its abort, whichever comes first;
+    leaving twice is harmless. The http actor's event loop is the only user, so a check and the
+    entry it allows are one atomic step and the count is exact.
     """
 
     def __init__(self, limit: int) -> None:
         assert limit > 0
         self.limit = limit
         self._request_ids: set[str] = set()
+        self._reserved = 0  # places of requests not handed to the scheduler yet
 
     def __len__(self) -> int:
-        return len(self._request_ids)
+        return len(self._request_ids) + self._reserved
 
     def check_room(self, num_requests: int) -> None:
-        if len(self._request_ids) + num_requests > self.limit:
+        if num_requests > self.limit:  # never: a retry would not help
+            raise LimitExceeded(
+                400,
+                f"the request asks for {num_requests} completions at once; --max_queued_requests "
+                f"allows {self.limit} waiting for their first token",
+            )
+        if len(self) + num_requests > self.limit:
             raise LimitExceeded(
                 503,
-                f"the server already has {self.limit} requests waiting for their first token "
-                f"(--max_queued_requests); retry later",
+                f"the server has {len(self)} requests waiting for their first token, "
+                f"--max_queued_requests allows {self.limit}; retry later",
                 {"Retry-After": str(RETRY_AFTER_S)},
             )
 
-    def enter(self, request_id: str) -> None:
-        self.check_room(1)
+    @contextlib.contextmanager
+    def reserve(self, num_requests: int) -> Iterator[Places]:
+        """Places for `num_requests` completions, held until they enter or the block ends."""
+        self.check_room(num_requests)
+        places = Places(num_requests)
+        self._reserved += num_requests
+        try:
+            yield places
+        finally:
+            self._reserved -= places.left
+
+    def enter(self, request_id: str, places: Places | None = None) -> None:
+        if places is not None and places.left > 0:
+            places.left -= 1
+            self._reserved -= 1
+        else:
+            self.check_room(1)
         self._request_ids.add(request_id)
 
     def leave(self, request_id: str) -> None:
         self._request_ids.discard(request_id)
+
+
+@dataclass
+class Places:
+    """Places reserved in the QueueGate and not yet taken by a request."""
+
+    left: int
 
 
 def check_image_count(num_images: int, limit: int) -> None:

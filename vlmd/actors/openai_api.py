@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from vlmd.actors.images import CheckedImage
 from vlmd.actors.inflight import ClientError, ClientGone, Tracked
+from vlmd.actors.limits import Places
 from vlmd.actors.tokenizer import ImageSpan
 from vlmd.api import ImageInput
 from vlmd.detokenizer import StopStringText
@@ -110,14 +111,15 @@ class OpenAIApi:
             )
             top = (body.top_logprobs or 0) if body.logprobs else 0
             sampling, stop = self._sampling(body, max_tokens, top, {"max_new_tokens": max_name})
-            checked = await self.actor.check_images(images)
-            try:
-                prompt = await self.actor.tokenize(self._build_chat, messages, checked, "messages")
-                job = Job(chat=True, logprobs=bool(body.logprobs))
-                n = _given(body.n, 1)
-                self._start(job, [(prompt, checked)], sampling, stop, n, max_tokens, max_name)
-            finally:
-                self.actor.release_checked(checked)  # each submitted choice holds its images itself
+            n = _given(body.n, 1)
+            with self.actor.queue.reserve(n) as places:  # places in the queue while images are checked
+                checked = await self.actor.check_images(images)
+                try:
+                    prompt = await self.actor.tokenize(self._build_chat, messages, checked, "messages")
+                    job = Job(chat=True, logprobs=bool(body.logprobs))
+                    self._start(job, [(prompt, checked)], sampling, stop, n, max_tokens, max_name, places)
+                finally:
+                    self.actor.release_checked(checked)  # each submitted choice holds its images itself
         except ClientError as exc:
             return error_response(exc)
         return await self._answer(job, body, request)
@@ -135,12 +137,14 @@ class OpenAIApi:
                 raise ClientError(400, "parameter `prompt` must not be an empty list", "prompt")
             names = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs"}
             sampling, stop = self._sampling(body, body.max_tokens, body.logprobs or 0, names)
-            prompts = [
-                (await self.actor.tokenize(self.prompts.build, text, [], "prompt"), []) for text in texts
-            ]
-            max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-            job = Job(chat=False, logprobs=body.logprobs is not None)
-            self._start(job, prompts, sampling, stop, _given(body.n, 1), max_tokens, "max_tokens")
+            n = _given(body.n, 1)
+            with self.actor.queue.reserve(len(texts) * n) as places:
+                prompts = [
+                    (await self.actor.tokenize(self.prompts.build, text, [], "prompt"), []) for text in texts
+                ]
+                max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+                job = Job(chat=False, logprobs=body.logprobs is not None)
+                self._start(job, prompts, sampling, stop, n, max_tokens, "max_tokens", places)
         except ClientError as exc:
             return error_response(exc)
         return await self._answer(job, body, request)
@@ -186,8 +190,10 @@ class OpenAIApi:
         n: int,
         max_tokens: int | None,
         max_name: str,
+        places: Places,
     ) -> None:
-        """Submit `n` choices per prompt once every prompt fits; `max_tokens` None: fill the context."""
+        """Submit `n` choices per prompt once every prompt fits, each in one of `places` (reserved
+        for them all); `max_tokens` None: fill the context."""
         limits = []
         for (prompt_ids, _), _ in prompts:
             limit = (
@@ -196,14 +202,13 @@ class OpenAIApi:
             self.actor.check_length(len(prompt_ids), limit, max_name, "messages" if job.chat else "prompt")
             limits.append(limit)
         job.num_prompt_tokens = sum(len(prompt_ids) for (prompt_ids, _), _ in prompts)
-        self.actor.queue.check_room(len(prompts) * n)  # none goes out unless all can
         for ((prompt_ids, spans), checked), limit in zip(prompts, limits, strict=True):
             for i in range(n):
                 params = msgspec.structs.replace(
                     sampling, max_new_tokens=limit, seed=choice_seed(sampling.seed, i)
                 )
                 request_id, tracked = self.actor.submit(
-                    prompt_ids, spans, checked, params, updates=job.updates
+                    prompt_ids, spans, checked, params, updates=job.updates, places=places
                 )
                 text = StopStringText(self.prompts.tokenizer, stop)
                 job.choices.append(Choice(len(job.choices), request_id, tracked, text))
