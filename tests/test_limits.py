@@ -104,6 +104,19 @@ def test_image_over_max_image_bytes_is_refused(limited_server):
     assert len(token_ids(generate(limited_server, image_body([make_image(300, 200, seed=86)])))) == 6
 
 
+def queued(server, body: dict) -> tuple[list[requests.Response], threading.Thread]:
+    """`body` sent from a thread, returned once it holds the one place of the queue; its response
+    lands in the list when the thread ends."""
+    response: list[requests.Response] = []
+    thread = threading.Thread(target=lambda: response.append(generate(server, body)))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while metrics(server)["vlmd_requests_queued"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metrics(server)["vlmd_requests_queued"] == 1
+    return response, thread
+
+
 def test_full_queue_is_503_with_retry_after(limited_server):
     """One request runs (--max_running_requests 1), one waits for its first token: a third is refused."""
     long_body = chat_body("a long answer please", max_new_tokens=3000, ignore_eos=True)
@@ -112,15 +125,7 @@ def test_full_queue_is_503_with_retry_after(limited_server):
     ) as running:
         lines = running.iter_lines()
         assert any(next(lines).startswith(b"data:") for _ in range(4))
-        waiting: list[requests.Response] = []
-        thread = threading.Thread(
-            target=lambda: waiting.append(generate(limited_server, chat_body("queued", max_new_tokens=2)))
-        )
-        thread.start()
-        deadline = time.monotonic() + 10
-        while metrics(limited_server)["vlmd_requests_queued"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert metrics(limited_server)["vlmd_requests_queued"] == 1
+        waiting, thread = queued(limited_server, chat_body("queued", max_new_tokens=2))
         refused = generate(limited_server, chat_body("one too many", max_new_tokens=2))
         assert refused.status_code == 503
         assert refused.headers["Retry-After"] == "1"
@@ -137,15 +142,9 @@ def test_a_request_fetching_its_image_holds_its_place_in_the_queue(limited_serve
     """The image host sends a byte every 0.1 s: the request waits for it until --image_fetch_timeout,
     holding the one place of --max_queued_requests, so a request that comes meanwhile is a 503
     at once (not after the fetch, nor let through to fetch beside it)."""
-    fetching: list[requests.Response] = []
     body = chat_body("<img></img> describe", max_new_tokens=2)
     body["multimodal_params"] = {"images": [{"type": "url", "data": host + "/trickle"}]}
-    thread = threading.Thread(target=lambda: fetching.append(generate(limited_server, body)))
-    thread.start()
-    deadline = time.monotonic() + 10
-    while metrics(limited_server)["vlmd_requests_queued"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert metrics(limited_server)["vlmd_requests_queued"] == 1
+    fetching, thread = queued(limited_server, body)
     refused = generate(limited_server, chat_body("meanwhile", max_new_tokens=2))
     assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
     assert refused.json()["error"] == (
