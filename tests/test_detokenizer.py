@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from vlmd.detokenizer import REPLACEMENT, IncrementalDetokenizer, StopStringText
@@ -80,3 +82,54 @@ def test_stop_string_in_real_tokens(model_dir):
         out.push(token)
         shown += out.release()
     assert out.stopped and out.text == shown == "The image shows a b"
+
+
+def reference_stop(pieces: list[str], stop: list[str]) -> tuple[list[str], str]:
+    """What StopStringText must do, the slow way: after each piece, cut at the earliest start of a
+    stop string in the text, else release all but its longest end that begins one."""
+    text, released, shown = "", 0, []
+    for piece in pieces:
+        text += piece
+        starts = [i for i in (text.find(s) for s in stop) if i >= 0]
+        if starts:
+            text = text[: min(starts)]
+            shown.append(text[released:])
+            return shown, text
+        held = max(
+            (n for s in stop for n in range(1, min(len(s), len(text) + 1)) if s.startswith(text[-n:])),
+            default=0,
+        )
+        end = max(released, len(text) - held)
+        shown.append(text[released:end])
+        released = end
+    shown.append(text[released:])
+    return shown, text
+
+
+class PieceTokenizer:
+    """Token i decodes to pieces[i] (no piece is held back by the incremental decoder)."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.pieces[i] for i in ids)
+
+
+@given(
+    pieces=st.lists(st.text("abc", min_size=1, max_size=4), max_size=12),
+    stop=st.lists(st.text("abc", min_size=1, max_size=5), max_size=3),
+)
+@settings(max_examples=400, deadline=None)
+def test_stop_strings_match_the_slow_reference_over_any_split(pieces, stop):
+    out = StopStringText(PieceTokenizer(pieces), stop)
+    shown = []
+    for token in range(len(pieces)):
+        out.push(token)
+        shown.append(out.release())
+        if out.stopped:
+            break
+    if not out.stopped:
+        out.finish()
+        shown.append(out.release())
+    assert (shown, out.text) == reference_stop(pieces, stop)

@@ -236,6 +236,10 @@ BAD_BODIES = {
         {"inputs": "hi", "parameters": {"stop_sequences": [f"s{i}" for i in range(17)]}},
         "stop_sequences",
     ),
+    "a stop_sequence too long": (
+        {"inputs": "hi", "parameters": {"stop_sequences": ["ok", "x" * 1001]}},
+        "at most 1000 characters",
+    ),
 }
 
 

@@ -362,6 +362,7 @@ BAD_CHAT_PARAMS = [
     ({"seed": -1}, "seed"),
     ({"stop": ["ok", ""]}, "stop"),
     ({"stop": [str(i) for i in range(17)]}, "stop"),
+    ({"stop": "x" * 1001}, "stop"),  # each is matched as the text grows: bounded
     ({"extra_body": {"top_k": -2}}, "top_k"),
     ({"extra_body": {"top_k": 10**20}}, "top_k"),  # was a 500: beyond msgpack's 64-bit ints
     ({"extra_body": {"min_p": 1.5}}, "min_p"),

@@ -43,18 +43,19 @@ class StopStringText:
     """The text of one generation, decoded incrementally and cut before the first stop string.
 
     A stop string may span tokens. Text is released only once no stop string can begin in it, so
-    a stream never shows text that a later token turns into (the start of) a stop string.
+    a stream never shows text that a later token turns into (the start of) a stop string. Each new
+    character advances one matcher per stop string (`_Matcher`): the work per token is that of its
+    characters, however long the text and the stop strings are.
     """
 
     def __init__(self, tokenizer, stop: list[str]) -> None:
         assert all(stop), "stop strings are non-empty"
         self.detokenizer = IncrementalDetokenizer(tokenizer)
-        self.stop = stop
+        self.matchers = [_Matcher(s) for s in stop]
         self.text = ""  # everything decoded so far, up to the stop string once one matched
         self.stopped = False  # a stop string matched: the text is final
         self._finished = False
         self._released = 0  # text[:_released] has been handed out
-        self._longest = max((len(s) for s in stop), default=0)
 
     def push(self, token_id: int) -> None:
         self._append(self.detokenizer.push(token_id))
@@ -66,7 +67,9 @@ class StopStringText:
 
     def release(self) -> str:
         """The text that became safe to show since the last call."""
-        end = len(self.text) if self.stopped or self._finished else len(self.text) - self._held_back()
+        end = len(self.text)
+        if not (self.stopped or self._finished):
+            end -= max((m.matched for m in self.matchers), default=0)  # what may begin a stop string
         piece = self.text[self._released : end]
         self._released = max(self._released, end)
         return piece
@@ -74,18 +77,42 @@ class StopStringText:
     def _append(self, piece: str) -> None:
         if self.stopped or not piece:
             return
-        # A stop string not found before must end in the new piece.
-        start = max(0, len(self.text) - self._longest + 1)
+        # Where each stop string first ends in the piece: the earliest start among them wins.
+        ends = [(m.first_end(piece), len(m.stop)) for m in self.matchers]
+        found = [len(self.text) + end + 1 - length for end, length in ends if end >= 0]
         self.text += piece
-        found = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if found:
             self.text = self.text[: min(found)]
             self.stopped = True
 
-    def _held_back(self) -> int:
-        """Length of the longest end of the text that begins a stop string."""
-        for length in range(min(self._longest - 1, len(self.text)), 0, -1):
-            tail = self.text[-length:]
-            if any(s.startswith(tail) for s in self.stop):
-                return length
-        return 0
+
+class _Matcher:
+    """Knuth-Morris-Pratt over the text as it grows: `matched` is the length of the longest end of
+    the text so far that begins the stop string."""
+
+    def __init__(self, stop: str) -> None:
+        self.stop = stop
+        self.matched = 0
+        # fallback[i]: the longest proper prefix of stop[:i + 1] that is also its end
+        self.fallback = [0] * len(stop)
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fallback[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self.fallback[i] = k
+
+    def first_end(self, piece: str) -> int:
+        """Feed `piece`; the index in it where the stop string first ends, or -1."""
+        stop, fallback, k = self.stop, self.fallback, self.matched
+        for i, char in enumerate(piece):
+            while k and char != stop[k]:
+                k = fallback[k - 1]
+            if char == stop[k]:
+                k += 1
+                if k == len(stop):
+                    self.matched = k
+                    return i
+        self.matched = k
+        return -1

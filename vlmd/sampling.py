@@ -14,6 +14,9 @@ from vlmd.messages import SamplingParams
 
 MAX_CHOICES = 16  # `n`: each choice is a request of its own, with its own KV pages
 MAX_STOP_STRINGS = 16
+# Each stop string is matched as the text grows (OpenAI's, `vlmd.detokenizer`) or tokenized and
+# matched after every token (LightLLM's, in the scheduler): a bound keeps both cheap.
+MAX_STOP_STRING_CHARS = 1000
 
 # SamplingParams' fields each API names or derives its own way; every other field is a knob
 # both APIs take as it is, under its own name.
@@ -60,13 +63,21 @@ def check_num_choices(n: int) -> None:
         raise InvalidParameter("n", f"must be in [1, {MAX_CHOICES}], got {n}")
 
 
-def check_stop_strings(stop: str | list[str] | None) -> list[str]:
-    """Text-level stop strings: the output ends before the first one it contains."""
+def check_stop_strings(
+    stop: str | list[str] | None, name: str = "stop", allow_empty: bool = False
+) -> list[str]:
+    """Stop strings as a list: at most MAX_STOP_STRINGS of at most MAX_STOP_STRING_CHARS each;
+    empty ones refused unless `allow_empty` (LightLLM's `stop_sequences` skips them)."""
     stops = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
     if len(stops) > MAX_STOP_STRINGS:
-        raise InvalidParameter("stop", f"takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
-    if not all(stops):
-        raise InvalidParameter("stop", "must not contain an empty string")
+        raise InvalidParameter(name, f"takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
+    if not allow_empty and not all(stops):
+        raise InvalidParameter(name, "must not contain an empty string")
+    longest = max(map(len, stops), default=0)
+    if longest > MAX_STOP_STRING_CHARS:
+        raise InvalidParameter(
+            name, f"takes strings of at most {MAX_STOP_STRING_CHARS} characters, got one of {longest}"
+        )
     return stops
 
 

@@ -18,7 +18,7 @@ from vlmd.actors.inflight import ClientError, ClientGone, Tracked
 from vlmd.api import GenerateBody, ImageInput
 from vlmd.detokenizer import IncrementalDetokenizer
 from vlmd.messages import SamplingParams, TokenOut
-from vlmd.sampling import MAX_STOP_STRINGS, InvalidParameter, make_sampling_params
+from vlmd.sampling import InvalidParameter, check_stop_strings, make_sampling_params
 
 if TYPE_CHECKING:
     from vlmd.actors.http import HttpActor
@@ -58,13 +58,10 @@ class LightLLMApi:
         arrival = time.perf_counter()
         params = body.parameters
         sampling = self._sampling(body)
-        stops = [params.stop_sequences] if isinstance(params.stop_sequences, str) else params.stop_sequences
-        if len(stops) > MAX_STOP_STRINGS:  # each is checked after every token, in the scheduler
-            raise ClientError(
-                400,
-                f"parameter `stop_sequences` takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}",
-                "stop_sequences",
-            )
+        try:
+            stops = check_stop_strings(params.stop_sequences, "stop_sequences", allow_empty=True)
+        except InvalidParameter as exc:
+            raise ClientError(400, str(exc), exc.name) from None
         with self.actor.queue.reserve(1) as places:  # a place in the queue while its images are checked
             checked = await self.actor.check_images(self._images(body))
             try:
