@@ -40,10 +40,15 @@ class CharTokenizer:
 
 
 def run_stop(text: str, stop: list[str]) -> tuple[list[str], StopStringText]:
-    out = StopStringText(CharTokenizer(), stop)
+    return run_tokens(CharTokenizer(), list(map(ord, text)), stop)
+
+
+def run_tokens(tokenizer, token_ids: list[int], stop: list[str]) -> tuple[list[str], StopStringText]:
+    """What each token releases, until a stop string; then what the end releases."""
+    out = StopStringText(tokenizer, stop)
     pieces = []
-    for char in text:
-        out.push(ord(char))
+    for token_id in token_ids:
+        out.push(token_id)
         pieces.append(out.release())
         if out.stopped:
             break
@@ -93,8 +98,7 @@ def reference_stop(pieces: list[str], stop: list[str]) -> tuple[list[str], str]:
         starts = [i for i in (text.find(s) for s in stop) if i >= 0]
         if starts:
             text = text[: min(starts)]
-            shown.append(text[released:])
-            return shown, text
+            return [*shown, text[released:], ""], text  # nothing more at the end
         held = max(
             (n for s in stop for n in range(1, min(len(s), len(text) + 1)) if s.startswith(text[-n:])),
             default=0,
@@ -122,14 +126,5 @@ class PieceTokenizer:
 )
 @settings(max_examples=400, deadline=None)
 def test_stop_strings_match_the_slow_reference_over_any_split(pieces, stop):
-    out = StopStringText(PieceTokenizer(pieces), stop)
-    shown = []
-    for token in range(len(pieces)):
-        out.push(token)
-        shown.append(out.release())
-        if out.stopped:
-            break
-    if not out.stopped:
-        out.finish()
-        shown.append(out.release())
+    shown, out = run_tokens(PieceTokenizer(pieces), list(range(len(pieces))), stop)
     assert (shown, out.text) == reference_stop(pieces, stop)
