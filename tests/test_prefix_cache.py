@@ -152,6 +152,14 @@ def test_usage_reports_cached_tokens(cached, builder):
     assert first["prompt_tokens"] == second["prompt_tokens"]
     assert second["prompt_tokens_details"]["cached_tokens"] == (second["prompt_tokens"] - 1) // PAGE * PAGE
     assert first["prompt_tokens_details"]["cached_tokens"] < second["prompt_tokens_details"]["cached_tokens"]
+    # n choices share their prompt: it counts once in prompt_tokens, and so in cached_tokens.
+    body["messages"][1]["content"] = "Something else entirely, and at some length, to be computed once."
+    for _ in range(2):
+        usage = requests.post(cached.url + "/v1/chat/completions", json={**body, "n": 4}, timeout=60).json()[
+            "usage"
+        ]
+        assert usage["prompt_tokens_details"]["cached_tokens"] <= usage["prompt_tokens"] - 1
+    assert usage["prompt_tokens_details"]["cached_tokens"] == (usage["prompt_tokens"] - 1) // PAGE * PAGE
 
 
 def test_eviction_under_a_small_pool(model_dir, tmp_path, cold):

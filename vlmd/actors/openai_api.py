@@ -48,6 +48,7 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI's legacy completions API; a chat
 @dataclass
 class Choice:
     index: int
+    prompt: int  # the index of its prompt (its n - 1 siblings share it)
     request_id: str
     tracked: Tracked
     text: StopStringText
@@ -202,7 +203,7 @@ class OpenAIApi:
             self.actor.check_length(len(prompt_ids), limit, max_name, "messages" if job.chat else "prompt")
             limits.append(limit)
         job.num_prompt_tokens = sum(len(prompt_ids) for (prompt_ids, _), _ in prompts)
-        for ((prompt_ids, spans), checked), limit in zip(prompts, limits, strict=True):
+        for prompt, (((prompt_ids, spans), checked), limit) in enumerate(zip(prompts, limits, strict=True)):
             for i in range(n):
                 params = msgspec.structs.replace(
                     sampling, max_new_tokens=limit, seed=choice_seed(sampling.seed, i)
@@ -211,7 +212,7 @@ class OpenAIApi:
                     prompt_ids, spans, checked, params, updates=job.updates, places=places
                 )
                 text = StopStringText(self.prompts.tokenizer, stop)
-                job.choices.append(Choice(len(job.choices), request_id, tracked, text))
+                job.choices.append(Choice(len(job.choices), prompt, request_id, tracked, text))
 
     # --- answers out ----------------------------------------------------------------------------
 
@@ -400,7 +401,13 @@ def _job_id(job: Job) -> str:
 def _usage(job: Job) -> dict:
     completion = sum(choice.num_tokens for choice in job.choices)
     total = job.num_prompt_tokens + completion
-    cached = sum(choice.tracked.num_cached_tokens for choice in job.choices)
+    # Each prompt counts once, as in prompt_tokens: with the fewest tokens any of its choices found
+    # cached (the first to run computes what its siblings then find).
+    fewest: dict[int, int] = {}
+    for choice in job.choices:
+        cached = choice.tracked.num_cached_tokens
+        fewest[choice.prompt] = min(fewest.get(choice.prompt, cached), cached)
+    cached = sum(fewest.values())
     return {
         "prompt_tokens": job.num_prompt_tokens,
         "completion_tokens": completion,
