@@ -47,6 +47,32 @@ def test_stop_sequence_text_is_not_streamed(mm_server):
     assert "".join(e["token"]["text"] for e in events) == whole["generated_text"][0]
 
 
+def test_no_token_of_a_multi_token_stop_sequence_is_streamed(mm_server, model_dir):
+    """A stop sequence of two tokens: the first is held back until the second decides, so the
+    streamed texts add up to the generated text, which leaves the stop sequence out."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokens = generate(mm_server, chat_body("hello", max_new_tokens=16, ignore_eos=True)).json()["tokens"]
+    ids = [t["id"] for t in tokens]
+    at = next(
+        i
+        for i in range(2, len(ids) - 1)
+        if tokenizer.encode(tokenizer.decode(ids[i : i + 2]), add_special_tokens=False) == ids[i : i + 2]
+        and tokenizer.decode(ids[i : i + 1]).strip()  # a leading space token would be dropped
+        and ids[i : i + 2] not in [ids[j : j + 2] for j in range(i)]
+    )
+    body = chat_body(
+        "hello", max_new_tokens=16, ignore_eos=True, stop_sequences=[tokenizer.decode(ids[at : at + 2])]
+    )
+    events = stream(mm_server, body)
+    whole = generate(mm_server, body).json()
+    assert whole["finish_reason"] == "stop" and whole["count_output_tokens"] == at + 2
+    assert [e["token"]["id"] for e in events] == ids[:at] + [ids[at + 1]]  # the last ends the stream
+    assert "".join(e["token"]["text"] for e in events) == whole["generated_text"][0]
+    assert events[-1]["finished"] and events[-1]["token"]["count_output_tokens"] == at + 2
+
+
 def assert_aborted_and_serving(server) -> None:
     """Within a few steps of the disconnect the request holds no KV page; the next one is served."""
     deadline = time.monotonic() + 10

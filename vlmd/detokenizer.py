@@ -7,6 +7,8 @@ complete, and the pieces always concatenate to the decode of the whole sequence.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 REPLACEMENT = "\ufffd"
 
 
@@ -44,14 +46,14 @@ class StopStringText:
 
     A stop string may span tokens. Text is released only once no stop string can begin in it, so
     a stream never shows text that a later token turns into (the start of) a stop string. Each new
-    character advances one matcher per stop string (`_Matcher`): the work per token is that of its
+    character advances one matcher per stop string (`Matcher`): the work per token is that of its
     characters, however long the text and the stop strings are.
     """
 
     def __init__(self, tokenizer, stop: list[str]) -> None:
         assert all(stop), "stop strings are non-empty"
         self.detokenizer = IncrementalDetokenizer(tokenizer)
-        self.matchers = [_Matcher(s) for s in stop]
+        self.matchers = [Matcher(s) for s in stop]
         self.text = ""  # everything decoded so far, up to the stop string once one matched
         self.stopped = False  # a stop string matched: the text is final
         self._finished = False
@@ -86,11 +88,11 @@ class StopStringText:
             self.stopped = True
 
 
-class _Matcher:
-    """Knuth-Morris-Pratt over the text as it grows: `matched` is the length of the longest end of
-    the text so far that begins the stop string."""
+class Matcher:
+    """Knuth-Morris-Pratt over a text (or token ids) as it grows: `matched` is the length of the
+    longest end of what was fed so far that begins the stop string (or token sequence)."""
 
-    def __init__(self, stop: str) -> None:
+    def __init__(self, stop: Sequence) -> None:
         self.stop = stop
         self.matched = 0
         # fallback[i]: the longest proper prefix of stop[:i + 1] that is also its end
@@ -103,7 +105,7 @@ class _Matcher:
                 k += 1
             self.fallback[i] = k
 
-    def first_end(self, piece: str) -> int:
+    def first_end(self, piece: Sequence) -> int:
         """Feed `piece`; the index in it where the stop string first ends, or -1."""
         stop, fallback, k = self.stop, self.fallback, self.matched
         for i, char in enumerate(piece):

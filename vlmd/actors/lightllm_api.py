@@ -16,7 +16,7 @@ from starlette.routing import Route
 from vlmd.actors.images import BadImage, check_tile_limit
 from vlmd.actors.inflight import ClientError, ClientGone, Tracked
 from vlmd.api import GenerateBody, ImageInput
-from vlmd.detokenizer import IncrementalDetokenizer
+from vlmd.detokenizer import IncrementalDetokenizer, Matcher
 from vlmd.messages import SamplingParams, TokenOut
 from vlmd.sampling import InvalidParameter, check_stop_strings, make_sampling_params
 
@@ -54,7 +54,8 @@ class LightLLMApi:
         except ClientError as exc:
             return client_error_response(exc)
 
-    async def _submit(self, body: GenerateBody) -> tuple[str, Tracked]:
+    async def _submit(self, body: GenerateBody) -> tuple[str, Tracked, list[list[int]]]:
+        """The request handed to the scheduler: its id, its Tracked, its stop token sequences."""
         arrival = time.perf_counter()
         params = body.parameters
         sampling = self._sampling(body)
@@ -71,14 +72,15 @@ class LightLLMApi:
                 self.actor.check_length(len(prompt_ids), sampling.max_new_tokens)
                 # Off the event loop, as the prompt: long stop strings take as long to tokenize.
                 stop_token_seqs = await asyncio.to_thread(self.prompts.stop_token_seqs, stops)
-                return self.actor.submit(
+                request_id, tracked = self.actor.submit(
                     prompt_ids, spans, checked, sampling, stop_token_seqs, arrival=arrival, places=places
                 )
+                return request_id, tracked, stop_token_seqs
             finally:
                 self.actor.release_checked(checked)  # the submitted request holds its images itself
 
     async def _generate(self, body: GenerateBody, request: Request) -> dict:
-        request_id, tracked = await self._submit(body)
+        request_id, tracked, _ = await self._submit(body)
         gone = asyncio.ensure_future(self.actor.until_disconnect(request))
         try:
             await asyncio.wait([tracked.done, gone], return_when=asyncio.FIRST_COMPLETED)
@@ -106,7 +108,7 @@ class LightLLMApi:
         """Server-sent events, one per token, as LightLLM emits them; the last carries the text.
         The response starts with the first token: an error before it has its own status."""
         try:
-            request_id, tracked = await self._submit(await self.actor.read_body(request, GenerateBody))
+            request_id, tracked, stops = await self._submit(await self.actor.read_body(request, GenerateBody))
         except ClientError as exc:
             return client_error_response(exc)
         try:
@@ -116,12 +118,16 @@ class LightLLMApi:
             if isinstance(exc, ClientGone):
                 return Response(status_code=499)  # nobody reads it; the request was aborted
             return client_error_response(exc)
-        events = self._events(request_id, tracked, first)
+        events = self._events(request_id, tracked, first, stops)
         return StreamingResponse(events, media_type="text/event-stream")
 
-    async def _events(self, request_id: str, tracked: Tracked, first: TokenOut):
+    async def _events(self, request_id: str, tracked: Tracked, first: TokenOut, stops: list[list[int]]):
+        """A token's event goes out once no stop sequence can begin at it (those of a matched stop
+        sequence never do: its text is not shown, the last one's event says the request ended)."""
         detok = IncrementalDetokenizer(self.prompts.tokenizer)
         special = set(self.prompts.tokenizer.all_special_ids)
+        matchers = [Matcher(seq) for seq in stops]
+        held: list[bytes] = []  # events of the tokens that may begin a stop sequence
         count = 0
         update = first
         try:
@@ -149,9 +155,19 @@ class LightLLMApi:
                         "finished": final,
                         "finish_reason": update.finish_reason if final else None,
                     }
-                    if final:
-                        shown = tracked.token_ids[: len(tracked.token_ids) - update.num_stop_tokens]
-                        event["generated_text"] = self.prompts.decode(shown)
+                    if not final:
+                        for matcher in matchers:
+                            matcher.first_end((token_id,))
+                        held.append(_sse(event))
+                        keep = max((matcher.matched for matcher in matchers), default=0)
+                        for sent in held[: len(held) - keep]:
+                            yield sent
+                        del held[: len(held) - keep]
+                        continue
+                    shown = tracked.token_ids[: len(tracked.token_ids) - update.num_stop_tokens]
+                    event["generated_text"] = self.prompts.decode(shown)
+                    for sent in held[: len(held) - max(update.num_stop_tokens - 1, 0)]:
+                        yield sent
                     yield _sse(event)
                 if update.finish_reason is not None:
                     return
