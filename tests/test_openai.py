@@ -342,6 +342,7 @@ def test_generate_takes_the_penalties_too(mm_server, client):
 
 # --- errors ---------------------------------------------------------------------------------------
 
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 BAD_CHAT_PARAMS = [
     ({"temperature": -0.5}, "temperature"),
     ({"temperature": 101}, "temperature"),
@@ -375,7 +376,25 @@ BAD_CHAT_PARAMS = [
     ({"messages": [{"role": "user", "content": [image_part("data:image/png;base64,!!")]}]}, None),
     ({"messages": [{"role": "user", "content": [image_part("file:///etc/passwd")]}]}, None),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    # Asked for, and not done: a 200 would quietly leave it out of the answer.
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [TOOL]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"extra_body": {"functions": [TOOL["function"]]}}, "functions"),
+    ({"logit_bias": {"100": 100}}, "logit_bias"),
+    ({"extra_body": {"add_generation_prompt": False}}, "add_generation_prompt"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
 ]
+
+
+def test_the_defaults_of_unsupported_parameters_pass(client):
+    """What clients send by default: a text response format, no tools, no bias, one of one."""
+    kw = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    defaults = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "logit_bias": {}}
+    assert client.chat.completions.create(**kw, **defaults).usage.completion_tokens >= 1
+    assert client.chat.completions.create(**kw, tool_choice="auto").usage.completion_tokens >= 1
+    done = client.completions.create(model=MODEL, prompt="hi", max_tokens=1, best_of=1, echo=False)
+    assert done.usage.completion_tokens == 1
 
 
 @pytest.mark.parametrize("params, param", BAD_CHAT_PARAMS, ids=[str(p) for p, _ in BAD_CHAT_PARAMS])
@@ -400,6 +419,9 @@ def test_bad_chat_parameter_is_a_400_naming_it(client, params, param):
         ({"logprobs": 21}, "logprobs"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"echo": True}, "echo"),
+        ({"suffix": "!"}, "suffix"),
+        ({"best_of": 3}, "best_of"),
+        ({"logit_bias": {"100": 100}}, "logit_bias"),
         ({"prompt": []}, "prompt"),
         ({"prompt": ""}, "prompt"),  # was an AssertionError that took the server down
         ({"prompt": ["hi", ""]}, "prompt"),

@@ -102,7 +102,7 @@ class OpenAIApi:
     async def chat_completions(self, request: Request) -> Response:
         try:
             body = await self.actor.read_body(request, ChatCompletionBody)
-            self._check_model(body.model)
+            self._check_request(body)
             messages, images = _chat_messages(body.messages)
             if body.top_logprobs and not body.logprobs:
                 raise ClientError(400, "parameter `top_logprobs` needs `logprobs` to be true", "top_logprobs")
@@ -128,11 +128,7 @@ class OpenAIApi:
     async def completions(self, request: Request) -> Response:
         try:
             body = await self.actor.read_body(request, CompletionBody)
-            self._check_model(body.model)
-            if body.echo:
-                raise ClientError(400, "parameter `echo` is not supported", "echo")
-            if body.suffix is not None:
-                raise ClientError(400, "parameter `suffix` is not supported", "suffix")
+            self._check_request(body)
             texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
             if not texts:
                 raise ClientError(400, "parameter `prompt` must not be an empty list", "prompt")
@@ -152,14 +148,16 @@ class OpenAIApi:
 
     # --- requests in ----------------------------------------------------------------------------
 
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_id:
+    def _check_request(self, body: SamplingFields) -> None:
+        """The model is this server's, and the request asks for nothing it does not do."""
+        if body.model is not None and body.model != self.model_id:
             raise ClientError(
                 404,
-                f"the model `{model}` does not exist; this server serves `{self.model_id}`",
+                f"the model `{body.model}` does not exist; this server serves `{self.model_id}`",
                 "model",
                 "model_not_found",
             )
+        refuse_unsupported(body)
 
     def _build_chat(self, messages: list[dict], tiles_per_image: list[int]):
         return self.prompts.build_chat(self.prompts.render_chat(messages), tiles_per_image)
@@ -396,6 +394,27 @@ def _given(value, default):
 
 def _job_id(job: Job) -> str:
     return ("chatcmpl-" if job.chat else "cmpl-") + job.id
+
+
+def refuse_unsupported(body: SamplingFields) -> None:
+    """A 400 for a parameter that asks for what vlmd does not do, where a 200 would quietly leave
+    it out of the answer (tool calls, a JSON format, a bias, ...); their defaults pass."""
+    if body.stream_options is not None and not body.stream:
+        raise ClientError(400, "parameter `stream_options` needs `stream` to be true", "stream_options")
+    asked = {
+        "logit_bias": bool(body.logit_bias),
+        "response_format": body.response_format not in (None, {"type": "text"}),
+        "tools": bool(getattr(body, "tools", None)),
+        "functions": bool(getattr(body, "functions", None)),
+        "tool_choice": getattr(body, "tool_choice", None) not in (None, "none", "auto"),
+        "add_generation_prompt": getattr(body, "add_generation_prompt", None) is False,
+        "echo": bool(getattr(body, "echo", None)),
+        "suffix": getattr(body, "suffix", None) is not None,
+        "best_of": getattr(body, "best_of", None) not in (None, _given(body.n, 1)),
+    }
+    for name, given in asked.items():
+        if given:
+            raise ClientError(400, f"parameter `{name}` is not supported by this server", name)
 
 
 def _usage(job: Job) -> dict:
