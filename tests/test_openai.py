@@ -150,6 +150,16 @@ def test_completions_greedy_equals_generate(client, mm_server):
     )
 
 
+def test_a_completion_prompt_is_text_even_where_it_says_image(client, model_dir):
+    """/v1/completions takes no images: `<image>` is text there; the image tokens are refused."""
+    prompt = "HTML has no <image> tag; use"
+    done = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1)
+    assert done.usage.prompt_tokens == len(AutoTokenizer.from_pretrained(model_dir).encode(prompt))
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt="see <IMG_CONTEXT>", max_tokens=1)
+    assert caught.value.body["param"] == "prompt" and "image tokens" in caught.value.body["message"]
+
+
 def test_completions_default_to_16_tokens(client):
     completion = client.completions.create(model=MODEL, prompt="hello", **GREEDY)
     assert completion.usage.completion_tokens == 16 and completion.choices[0].finish_reason == "length"

@@ -137,7 +137,8 @@ class OpenAIApi:
             n = _given(body.n, 1)
             with self.actor.queue.reserve(len(texts) * n) as places:
                 prompts = [
-                    (await self.actor.tokenize(self.prompts.build, text, [], "prompt"), []) for text in texts
+                    (await self.actor.tokenize(self.prompts.build_text, text, [], "prompt"), [])
+                    for text in texts
                 ]
                 max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
                 job = Job(chat=False, logprobs=body.logprobs is not None)

@@ -101,6 +101,17 @@ class PromptBuilder:
             )
         return self._expand(segments, tiles_per_image)
 
+    def build_text(self, text: str, tiles_per_image: list[int] = ()) -> tuple[list[int], list[ImageSpan]]:
+        """Token ids of a prompt that carries no images (/v1/completions): `<image>` is text there,
+        the image tokens are refused (they would stand for an image that is not sent)."""
+        assert not tiles_per_image, "a text prompt carries no images"
+        if any(token in text for token in self.image_tokens):
+            raise PromptError(
+                f"the prompt must not contain image tokens ({', '.join(self.image_tokens)}): this route "
+                "takes no images; send them to /v1/chat/completions or /generate"
+            )
+        return self._expand([text], [])
+
     def render_chat(self, messages: list[dict]) -> str:
         """The chat's text for `messages`, ready for the assistant's answer. Content parts are
         `{"type": "text", "text": ...}` or `{"type": "image"}`; the text holds a placeholder
