@@ -314,7 +314,19 @@ def test_unreachable_url(mm_server):
 
 def test_unknown_route_is_json_404(mm_server):
     response = requests.get(mm_server.url + "/nope", timeout=10)
-    assert response.status_code == 404 and "error" in response.json()
+    assert response.status_code == 404 and response.json() == {"error": "no route /nope"}
+
+
+@pytest.mark.parametrize(
+    "method, path, status",
+    [("GET", "/v1/models/demo", 404), ("POST", "/v1/responses", 404), ("GET", "/v1/chat/completions", 405)],
+)
+def test_an_unknown_openai_route_answers_in_openai_shape(mm_server, method, path, status):
+    """What the openai client reads its error from (`client.models.retrieve` asks for the first)."""
+    response = requests.request(method, mm_server.url + path, timeout=10)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert path in error["message"] and error["type"] == "invalid_request_error"
 
 
 def test_no_leaks_after_all_requests(mm_server):

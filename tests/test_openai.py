@@ -353,6 +353,8 @@ def test_generate_takes_the_penalties_too(mm_server, client):
 # --- errors ---------------------------------------------------------------------------------------
 
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+IMAGE_0 = "messages[0].content[0].image_url"
+TEXT = {"type": "text", "text": "see"}
 BAD_CHAT_PARAMS = [
     ({"temperature": -0.5}, "temperature"),
     ({"temperature": 101}, "temperature"),
@@ -383,8 +385,12 @@ BAD_CHAT_PARAMS = [
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": "see <IMG_CONTEXT>"}]}, "messages"),
-    ({"messages": [{"role": "user", "content": [image_part("data:image/png;base64,!!")]}]}, None),
-    ({"messages": [{"role": "user", "content": [image_part("file:///etc/passwd")]}]}, None),
+    ({"messages": [{"role": "user", "content": [image_part("data:image/png;base64,!!")]}]}, IMAGE_0),
+    ({"messages": [{"role": "user", "content": [image_part("file:///etc/passwd")]}]}, IMAGE_0),
+    (
+        {"messages": [{"role": "user", "content": [TEXT, TEXT, image_part("data:image/png;base64,AAAA")]}]},
+        "messages[0].content[2].image_url",
+    ),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
     # Asked for, and not done: a 200 would quietly leave it out of the answer.
     ({"response_format": {"type": "json_object"}}, "response_format"),

@@ -38,7 +38,7 @@ class Gate:
             return
         refusal = self._refusal(scope)
         if refusal is not None:
-            await _render(scope["path"], refusal)(scope, receive, send)
+            await render_error(scope["path"], refusal)(scope, receive, send)
             return
         self.num_active += 1
         self._idle.clear()
@@ -78,7 +78,8 @@ class Gate:
         return scheme.lower() == b"bearer" and hmac.compare_digest(key, self._api_key)
 
 
-def _render(path: str, error: ClientError) -> Response:
+def render_error(path: str, error: ClientError) -> Response:
+    """`error` in the shape of the API `path` belongs to."""
     if path.startswith("/v1/"):
         return openai_api.error_response(error)
     return lightllm_api.error_response(error.status, str(error), error.headers)

@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from vlmd import ipc, shm
 from vlmd.actors.fetch import ImageFetcher
-from vlmd.actors.gate import Gate
+from vlmd.actors.gate import Gate, render_error
 from vlmd.actors.images import BadImage, CheckedImage, HeldImages, ImageChecker, NoSharedMemory
 from vlmd.actors.inflight import ClientError, ClientGone, Tracked
 from vlmd.actors.launch import SCHEDULER_SOCKET, Launch, Stopwatch, announce_ready, connect_supervisor
@@ -204,9 +204,12 @@ class HttpActor:
         except RecursionError:  # msgspec decodes (and skips unknown fields) recursively
             raise ClientError(400, "malformed JSON: nested too deeply") from None
 
-    async def check_images(self, images: list[ImageInput]) -> list[CheckedImage]:
+    async def check_images(
+        self, images: list[ImageInput], params: list[str] | None = None
+    ) -> list[CheckedImage]:
         """Fetch the request's images; decode, check and preprocess those not seen before. The
-        caller must `release_checked` them once the request is submitted or refused."""
+        caller must `release_checked` them once the request is submitted or refused. `params`:
+        the body field of each image, named by its error."""
         if images and not self.args.enable_multimodal:
             raise ClientError(400, "this server runs without --enable_multimodal: images are not accepted")
         if not images:
@@ -216,7 +219,11 @@ class HttpActor:
         try:
             checked = await self.images.check_all(images)
         except BadImage as exc:
-            raise ClientError(400, str(exc), exc.param) from None
+            message, param = str(exc), exc.param
+            if params is not None and exc.index is not None:
+                param = f"{params[exc.index]}.{param}" if param else params[exc.index]
+                message = f"{message} (`{param}`)"
+            raise ClientError(400, message, param) from None
         except NoSharedMemory as exc:
             log.warning("%s", exc)  # the path stays in the log
             raise _no_shared_memory() from None
@@ -395,7 +402,7 @@ def _field_at_fault(validation_message: str) -> str | None:
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
-    return error_response(404, f"no route {request.url.path}")
+    return render_error(request.url.path, ClientError(404, f"no route {request.url.path}"))
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
@@ -403,7 +410,8 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 
 async def _not_allowed(request: Request, exc: Exception) -> Response:
-    return error_response(405, f"method {request.method} not allowed on {request.url.path}")
+    message = f"method {request.method} not allowed on {request.url.path}"
+    return render_error(request.url.path, ClientError(405, message))
 
 
 class _Server(uvicorn.Server):

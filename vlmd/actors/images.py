@@ -38,6 +38,7 @@ class BadImage(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.index: int | None = None  # the request's image at fault (set by `check_all`)
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class ImageChecker:
 
     async def check_all(self, images: list[ImageInput]) -> list[CheckedImage]:
         """Every image checked, or the first error with nothing held (the others are cancelled)."""
-        tasks = [asyncio.ensure_future(self.check(i, image)) for i, image in enumerate(images)]
+        tasks = [asyncio.ensure_future(self._check_indexed(i, image)) for i, image in enumerate(images)]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:
@@ -162,6 +163,13 @@ class ImageChecker:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self.release([t.result() for t in tasks if not t.cancelled() and t.exception() is None])
+            raise
+
+    async def _check_indexed(self, index: int, image: ImageInput) -> CheckedImage:
+        try:
+            return await self.check(index, image)
+        except BadImage as exc:
+            exc.index = index
             raise
 
     def release(self, checked: list[CheckedImage]) -> None:

@@ -103,7 +103,7 @@ class OpenAIApi:
         try:
             body = await self.actor.read_body(request, ChatCompletionBody)
             self._check_request(body)
-            messages, images = _chat_messages(body.messages)
+            messages, images, image_params = _chat_messages(body.messages)
             if body.top_logprobs and not body.logprobs:
                 raise ClientError(400, "parameter `top_logprobs` needs `logprobs` to be true", "top_logprobs")
             max_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -114,7 +114,7 @@ class OpenAIApi:
             sampling, stop = self._sampling(body, max_tokens, top, {"max_new_tokens": max_name})
             n = _given(body.n, 1)
             with self.actor.queue.reserve(n) as places:  # places in the queue while images are checked
-                checked = await self.actor.check_images(images)
+                checked = await self.actor.check_images(images, image_params)
                 try:
                     prompt = await self.actor.tokenize(self._build_chat, messages, checked, "messages")
                     job = Job(chat=True, logprobs=bool(body.logprobs))
@@ -359,11 +359,12 @@ class OpenAIApi:
         return {"token": self.prompts.token_text(token_id), "logprob": logprob, "bytes": list(token_bytes)}
 
 
-def _chat_messages(messages: list[ChatMessage]) -> tuple[list[dict], list[ImageInput]]:
-    """The messages as the chat template takes them, and their images in order."""
+def _chat_messages(messages: list[ChatMessage]) -> tuple[list[dict], list[ImageInput], list[str]]:
+    """The messages as the chat template takes them, their images in order, and where each image
+    is in the body (`messages[i].content[j].image_url`)."""
     if not messages:
         raise ClientError(400, "parameter `messages` must not be empty", "messages")
-    rendered, images = [], []
+    rendered, images, params = [], [], []
     for i, message in enumerate(messages):
         role = CHAT_ROLES.get(message.role)
         if role is None:
@@ -375,7 +376,7 @@ def _chat_messages(messages: list[ChatMessage]) -> tuple[list[dict], list[ImageI
         content = message.content
         if not isinstance(content, str):
             content = []
-            for part in message.content:
+            for j, part in enumerate(message.content):
                 if isinstance(part, TextPart):
                     content.append({"type": "text", "text": part.text})
                 else:
@@ -385,8 +386,9 @@ def _chat_messages(messages: list[ChatMessage]) -> tuple[list[dict], list[ImageI
                         limit = part.image_url.max_dynamic_patch
                         images.append(ImageInput("url", part.image_url.url, max_dynamic_patch=limit))
                     content.append({"type": "image"})
+                    params.append(f"messages[{i}].content[{j}].image_url")
         rendered.append({"role": role, "content": content})
-    return rendered, images
+    return rendered, images, params
 
 
 def _given(value, default):
