@@ -15,6 +15,15 @@ class GenerateParameters(SamplingKnobs, kw_only=True):
     do_sample: bool = False
     return_details: bool = False  # add per-token ids and logprobs to the response
     image_max_patch_num: int = -1  # LightLLM's: > 0 is the tile limit of images that set none
+    # LightLLM's, not supported beyond their defaults: asking for more is a 400
+    # (`lightllm_api.refuse_unsupported`), not an answer that quietly leaves it out.
+    n: int | None = None  # 1 only
+    best_of: int | None = None  # 1 only
+    min_new_tokens: int | None = None  # 1 at most: the first token may be the end
+    regular_constraint: str | None = None
+    guided_grammar: str | None = None
+    guided_json: str | dict | None = None
+    allowed_token_ids: list[int] | None = None
 
 
 class ImageInput(msgspec.Struct):

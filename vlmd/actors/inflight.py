@@ -31,6 +31,14 @@ class ClientError(Exception):
         self.headers = headers or {}  # e.g. Retry-After on a 503
 
 
+def refuse_asked(asked: dict[str, bool]) -> None:
+    """A 400 naming the first parameter asked for (True) that the server does not do: an answer
+    that quietly left it out would look like it was done."""
+    for name, given in asked.items():
+        if given:
+            raise ClientError(400, f"parameter `{name}` is not supported by this server", name)
+
+
 def shutting_down() -> ClientError:
     """A request the draining server no longer takes in; Connection: close, so that a keep-alive
     client reconnects (to another replica)."""

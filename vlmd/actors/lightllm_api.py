@@ -14,8 +14,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from vlmd.actors.images import BadImage, check_tile_limit
-from vlmd.actors.inflight import ClientError, ClientGone, Tracked
-from vlmd.api import GenerateBody, ImageInput
+from vlmd.actors.inflight import ClientError, ClientGone, Tracked, refuse_asked
+from vlmd.api import GenerateBody, GenerateParameters, ImageInput
 from vlmd.detokenizer import IncrementalDetokenizer, Matcher
 from vlmd.messages import SamplingParams, TokenOut
 from vlmd.sampling import InvalidParameter, check_stop_strings, make_sampling_params
@@ -194,10 +194,26 @@ class LightLLMApi:
 
     def _sampling(self, body: GenerateBody) -> SamplingParams:
         p = body.parameters
+        refuse_unsupported(p)
         try:
             return make_sampling_params(p, max_new_tokens=p.max_new_tokens, do_sample=p.do_sample)
         except InvalidParameter as exc:
             raise ClientError(400, str(exc), exc.name) from None
+
+
+def refuse_unsupported(params: GenerateParameters) -> None:
+    """A 400 for a LightLLM parameter that asks for what vlmd does not do (several answers, a
+    minimum length, constrained decoding); their defaults pass."""
+    asked = {
+        "n": params.n not in (None, 1),
+        "best_of": params.best_of not in (None, 1),
+        "min_new_tokens": params.min_new_tokens is not None and params.min_new_tokens > 1,
+        "regular_constraint": params.regular_constraint is not None,
+        "guided_grammar": params.guided_grammar is not None,
+        "guided_json": params.guided_json is not None,
+        "allowed_token_ids": params.allowed_token_ids is not None,
+    }
+    refuse_asked(asked)
 
 
 def _sse(event: dict) -> bytes:

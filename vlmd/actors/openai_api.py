@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from vlmd.actors.images import CheckedImage
-from vlmd.actors.inflight import ClientError, ClientGone, Tracked
+from vlmd.actors.inflight import ClientError, ClientGone, Tracked, refuse_asked
 from vlmd.actors.limits import Places
 from vlmd.actors.tokenizer import ImageSpan
 from vlmd.api import ImageInput
@@ -415,9 +415,7 @@ def refuse_unsupported(body: SamplingFields) -> None:
         "suffix": getattr(body, "suffix", None) is not None,
         "best_of": getattr(body, "best_of", None) not in (None, _given(body.n, 1)),
     }
-    for name, given in asked.items():
-        if given:
-            raise ClientError(400, f"parameter `{name}` is not supported by this server", name)
+    refuse_asked(asked)
 
 
 def _usage(job: Job) -> dict:
