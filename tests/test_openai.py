@@ -150,6 +150,16 @@ def test_completions_greedy_equals_generate(client, mm_server):
     )
 
 
+def test_completion_logprobs_give_each_token_s_text_offset_streamed_or_not(client):
+    """As vLLM: where each token's text begins, counted from the completion's start."""
+    kw = {"model": MODEL, "prompt": "hello there", "max_tokens": 12, "logprobs": 1, **GREEDY}
+    whole = client.completions.create(**kw).choices[0].logprobs
+    starts = [sum(map(len, whole.tokens[:i])) for i in range(len(whole.tokens))]
+    assert whole.text_offset == starts and len(starts) == 12
+    chunks = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True) if c.choices]
+    assert [o for c in chunks if c for o in c.text_offset] == starts
+
+
 def test_a_completion_prompt_is_text_even_where_it_says_image(client, model_dir):
     """/v1/completions takes no images: `<image>` is text there; the image tokens are refused."""
     prompt = "HTML has no <image> tag; use"

@@ -10,6 +10,7 @@ the choice and aborts its scheduler request, which frees its pages at once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 import uuid
@@ -55,6 +56,7 @@ class Choice:
     num_tokens: int = 0  # generated tokens, up to the one that completed a stop string
     finish_reason: str | None = None
     tokens: list[tuple[int, float, TopLogprobs | None]] = field(default_factory=list)  # with logprobs
+    text_offset: int = 0  # characters of the token texts given in legacy logprobs so far
 
 
 @dataclass
@@ -308,7 +310,7 @@ class OpenAIApi:
         entry = chunk["choices"][0]
         entry["finish_reason"] = delta.finish_reason
         if job.logprobs:
-            entry["logprobs"] = self._logprobs(job, delta.tokens)
+            entry["logprobs"] = self._logprobs(job, delta.choice, delta.tokens)
         if include_usage:
             chunk["usage"] = None
         return chunk
@@ -321,15 +323,18 @@ class OpenAIApi:
                 entry["message"] = {"role": "assistant", "content": choice.text.text}
             else:
                 entry["text"] = choice.text.text
-            entry["logprobs"] = self._logprobs(job, choice.tokens) if job.logprobs else None
+            entry["logprobs"] = self._logprobs(job, choice, choice.tokens) if job.logprobs else None
             entry["finish_reason"] = choice.finish_reason
             choices.append(entry)
         kind = "chat.completion" if job.chat else "text_completion"
         response = {"id": _job_id(job), "object": kind, "created": job.created, "model": self.model_id}
         return {**response, "choices": choices, "usage": _usage(job)}
 
-    def _logprobs(self, job: Job, tokens: list[tuple[int, float, TopLogprobs | None]]) -> dict:
-        """Chat: OpenAI's `content` entries; completions: the legacy parallel lists."""
+    def _logprobs(
+        self, job: Job, choice: Choice, tokens: list[tuple[int, float, TopLogprobs | None]]
+    ) -> dict:
+        """Chat: OpenAI's `content` entries; completions: the legacy parallel lists, `text_offset`
+        counting on from the choice's tokens given before (a stream's earlier chunks)."""
         if job.chat:
             content = []
             for token_id, logprob, top in tokens:
@@ -341,8 +346,12 @@ class OpenAIApi:
                     }
                 )
             return {"content": content, "refusal": None}
+        texts = [self.prompts.token_text(t) for t, _, _ in tokens]
+        offsets = list(itertools.accumulate(map(len, texts), initial=choice.text_offset))
+        choice.text_offset = offsets.pop()
         return {
-            "tokens": [self.prompts.token_text(t) for t, _, _ in tokens],
+            "tokens": texts,
+            "text_offset": offsets,
             "token_logprobs": [lp for _, lp, _ in tokens],
             "top_logprobs": [self._top_by_text(top) for _, _, top in tokens],
         }
