@@ -380,6 +380,22 @@ def test_opengvlab_config_describes_the_same_model(
     }
 
 
+@pytest.mark.parametrize("layout", ["hf", "opengvlab"])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_token_bytes_add_up_to_the_text_in_every_vocabulary(hf_dirs, og_dirs, backbone, layout):
+    """OpenAI's logprob `bytes`: each token's own, byte-level (Qwen2, Llama 3) or SentencePiece
+    with byte fallback (InternLM2): after the first token, they add up to the UTF-8 of the text."""
+    from vlmd.actors.tokenizer import PromptBuilder
+
+    model_dir = (hf_dirs if layout == "hf" else og_dirs)[backbone]
+    builder = PromptBuilder(str(model_dir), image_seq_length=256, trust_remote_code=True)
+    text = "Ask: 这是什么？ héllo, wörld @ 3 ½\nnext line"
+    ids = builder.tokenizer.encode(text, add_special_tokens=False)
+    head = builder.tokenizer.decode(ids[:1])
+    whole = builder.tokenizer.decode(ids)
+    assert b"".join(builder.token_bytes(i) for i in ids[1:]) == whole[len(head) :].encode()
+
+
 def test_internlm2_tokenizer_is_remote_code(hf_dirs: dict[str, Path], og_dirs: dict[str, Path]) -> None:
     og_dir = og_dirs["internlm2"]
     assert _config(og_dir, "tokenizer_config.json")["auto_map"] == {

@@ -63,6 +63,7 @@ class PromptBuilder:
         self._template_placeholder = re.compile(re.escape(self.chat_placeholder))
         self.eos_token_ids = _eos_token_ids(model_dir, self.tokenizer, self.conversation)
         self._byte_values = _byte_level_alphabet()
+        self._vocabulary = _vocabulary_kind(self.tokenizer)
         self._token_bytes: dict[int, bytes] = {}
 
     def _token_id(self, token: str) -> int:
@@ -186,15 +187,20 @@ class PromptBuilder:
         return self.tokenizer.decode([token_id])
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The bytes a token stands for (part of a UTF-8 character, for some byte-level tokens)."""
+        """The bytes a token stands for (part of a UTF-8 character, for some tokens): a byte-level
+        piece through GPT-2's alphabet, a SentencePiece byte-fallback piece `<0xNN>` as its byte,
+        another SentencePiece piece as UTF-8 with `▁` a space."""
         cached = self._token_bytes.get(token_id)
         if cached is None:
             piece = self.tokenizer.convert_ids_to_tokens(token_id)
-            if token_id not in self.tokenizer.added_tokens_decoder and all(
-                char in self._byte_values for char in piece
-            ):
+            if token_id in self.tokenizer.added_tokens_decoder or not piece:
+                cached = self.token_text(token_id).encode()
+            elif self._vocabulary == "sentencepiece":
+                byte = _BYTE_FALLBACK.fullmatch(piece)
+                cached = bytes([int(byte[1], 16)]) if byte else piece.replace("\u2581", " ").encode()
+            elif self._vocabulary == "byte-level" and all(char in self._byte_values for char in piece):
                 cached = bytes(self._byte_values[char] for char in piece)
-            else:  # an added token, or not a byte-level vocabulary
+            else:
                 cached = self.token_text(token_id).encode()
             self._token_bytes[token_id] = cached
         return cached
@@ -213,6 +219,20 @@ def _eos_token_ids(model_dir: str, tokenizer, conversation) -> list[int]:
     if conversation is not None:
         return [tokenizer.convert_tokens_to_ids(conversation.stop_token)]
     return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _vocabulary_kind(tokenizer) -> str:
+    """How the vocabulary spells a space: "byte-level" (GPT-2's `Ġ`: Qwen2, Llama 3),
+    "sentencepiece" (`▁`, with `<0xNN>` byte fallback: InternLM2, Llama 2), or "other"."""
+    pieces = "".join(
+        p or "" for p in tokenizer.convert_ids_to_tokens(tokenizer.encode("a b", add_special_tokens=False))
+    )
+    if "\u2581" in pieces:
+        return "sentencepiece"
+    return "byte-level" if "\u0120" in pieces else "other"
 
 
 def _byte_level_alphabet() -> dict[str, int]:
