@@ -113,3 +113,19 @@ def test_token_bytes_concatenate_to_the_utf8_text(builder, hf_tokenizer):
     text = "这是什么？ héllo, wörld <|im_end|>"
     ids = hf_tokenizer.encode(text, add_special_tokens=False)
     assert b"".join(builder.token_bytes(i) for i in ids) == text.encode()
+
+
+def test_a_conversation_template_writes_an_empty_message_as_its_role_alone():
+    """As OpenGVLab's get_prompt (MPT style: `ret += role` where the message is empty)."""
+    from vlmd.conversation import CONVERSATIONS
+
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": [{"type": "text", "text": "again"}]},
+    ]
+    prompt = CONVERSATIONS["internvl2_5"].render(turns)
+    assert prompt.endswith(
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        "<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n"
+    )

@@ -45,14 +45,16 @@ class Conversation:
     def render(self, messages: list[dict]) -> str:
         """The prompt for `messages` (OpenAI roles; content a string or a list of
         `{"type": "text", "text": ...}` / `{"type": "image"}` parts), open for the assistant's
-        answer. System messages replace the default system message (joined by newlines)."""
+        answer. System messages replace the default system message (joined by newlines). An
+        empty message is its role alone, as OpenGVLab's get_prompt writes it."""
         systems = [flatten_content(m["content"]) for m in messages if m["role"] == "system"]
         system = "\n".join(systems) if systems else self.system_message
         prompt = self.system_template.format(system_message=system) + self.sep
         prefixes = {"user": self.user, "assistant": self.assistant}
         for message in messages:
             if message["role"] != "system":
-                prompt += prefixes[message["role"]] + flatten_content(message["content"]) + self.sep
+                text = flatten_content(message["content"])
+                prompt += prefixes[message["role"]] + (text + self.sep if text else "")
         return prompt + self.assistant
 
 
