@@ -131,6 +131,18 @@ def test_a_waiter_keeps_the_image_it_shares_when_its_first_sender_disconnects(mo
         assert server.stop() == 0
 
 
+def vision_actor(encode, batch_size: int, cache_capacity: int) -> tuple[VisionActor, SimpleNamespace]:
+    """A real vision front with one stand-in replica (`encode`), and the channel whose `sent` list
+    has what it sent to the scheduler."""
+    launch = SimpleNamespace(
+        args=SimpleNamespace(visual_infer_batch_size=batch_size, cache_capacity=cache_capacity),
+        runtime=SimpleNamespace(embed_store_rows=100),
+    )
+    channel = SimpleNamespace(sent=[])
+    channel.send = channel.sent.append
+    return VisionActor(launch, channel, [Replica(0, encode)]), channel
+
+
 def test_a_request_that_joins_an_encode_after_its_bytes_went_gets_its_own_encode():
     """The narrower form of the race above: A's encode is on a replica, A disconnects (its bytes
     are unlinked), the replica finds them gone, and only then C sends the same image. C must not
@@ -151,13 +163,7 @@ def test_a_request_that_joins_an_encode_after_its_bytes_went_gets_its_own_encode
         return errors
 
     async def scenario() -> list:
-        launch = SimpleNamespace(
-            args=SimpleNamespace(visual_infer_batch_size=1, cache_capacity=4),
-            runtime=SimpleNamespace(embed_store_rows=100),
-        )
-        channel = SimpleNamespace(sent=[])
-        channel.send = channel.sent.append
-        actor = VisionActor(launch, channel, [Replica(0, encode)])
+        actor, channel = vision_actor(encode, batch_size=1, cache_capacity=4)
         dispatch = asyncio.get_running_loop().create_task(actor.dispatch_loop())
         image_bytes = shm.SharedBytes(f"vlmd-{os.getpid()}-test-")
         data = make_image(64, 64, seed=1)
@@ -199,13 +205,7 @@ def test_a_batch_that_fills_the_cache_leaves_the_next_image_queued_not_refused()
         return [""] * len(images)
 
     async def scenario() -> list:
-        launch = SimpleNamespace(
-            args=SimpleNamespace(visual_infer_batch_size=8, cache_capacity=2),
-            runtime=SimpleNamespace(embed_store_rows=100),
-        )
-        channel = SimpleNamespace(sent=[])
-        channel.send = channel.sent.append
-        actor = VisionActor(launch, channel, [Replica(0, encode)])
+        actor, channel = vision_actor(encode, batch_size=8, cache_capacity=2)
         for request_id in "ABC":
             image = ImageRef(f"md5-{request_id}", "unused", 1, 1, 0, 10)
             actor.on_encode(EncodeImages(request_id, [image]))
