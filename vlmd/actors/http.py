@@ -284,17 +284,17 @@ class HttpActor:
         spans: list[ImageSpan],
         checked: list[CheckedImage],
         sampling: SamplingParams,
+        places: Places,
         stop_token_seqs: list[list[int]] = (),
         updates: asyncio.Queue | None = None,
         arrival: float | None = None,
-        places: Places | None = None,
     ) -> tuple[str, Tracked]:
-        """Hand a checked request to the scheduler; its tokens arrive in the Tracked. It holds a
-        place in the queue (--max_queued_requests) until its first token or its end, one of
-        `places` if given (reserved before its images were checked); `arrival`
-        (time.perf_counter() when the request was parsed) is where its latencies count from."""
+        """Hand a checked request to the scheduler; its tokens arrive in the Tracked. It holds one
+        of `places` (reserved in the queue, --max_queued_requests, before its images were
+        checked) until its first token or its end; `arrival` (time.perf_counter() when the
+        request was parsed) is where its latencies count from."""
         request_id = uuid.uuid4().hex
-        self.queue.enter(request_id, places)  # or a 503 with Retry-After
+        self.queue.enter(request_id, places)
         refs, segments, pixel_segments = self.held.hold(checked, spans)
         tracked = Tracked(
             asyncio.get_running_loop().create_future(),

@@ -73,7 +73,7 @@ class LightLLMApi:
                 # Off the event loop, as the prompt: long stop strings take as long to tokenize.
                 stop_token_seqs = await asyncio.to_thread(self.prompts.stop_token_seqs, stops)
                 request_id, tracked = self.actor.submit(
-                    prompt_ids, spans, checked, sampling, stop_token_seqs, arrival=arrival, places=places
+                    prompt_ids, spans, checked, sampling, places, stop_token_seqs, arrival=arrival
                 )
                 return request_id, tracked, stop_token_seqs
             finally:

@@ -68,12 +68,11 @@ class QueueGate:
         finally:
             self._reserved -= places.left
 
-    def enter(self, request_id: str, places: Places | None = None) -> None:
-        if places is not None and places.left > 0:
-            places.left -= 1
-            self._reserved -= 1
-        else:
-            self.check_room(1)
+    def enter(self, request_id: str, places: Places) -> None:
+        """The request takes one of the places reserved for it."""
+        assert places.left > 0, "a request enters in a place reserved for it"
+        places.left -= 1
+        self._reserved -= 1
         self._request_ids.add(request_id)
 
     def leave(self, request_id: str) -> None:

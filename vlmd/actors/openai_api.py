@@ -210,7 +210,7 @@ class OpenAIApi:
                     sampling, max_new_tokens=limit, seed=choice_seed(sampling.seed, i)
                 )
                 request_id, tracked = self.actor.submit(
-                    prompt_ids, spans, checked, params, updates=job.updates, places=places
+                    prompt_ids, spans, checked, params, places, updates=job.updates
                 )
                 text = StopStringText(self.prompts.tokenizer, stop)
                 job.choices.append(Choice(len(job.choices), prompt, request_id, tracked, text))
