@@ -323,6 +323,18 @@ def placement_flags(placement: str) -> list[str]:
     return flags + (["--decode_step_prefill_tokens", cap] if cap else [])
 
 
+def print_gaps(log_path: Path, gaps: list[dict]) -> None:
+    """Each of a bench report's longest gaps between tokens, with the server's stall lines logged
+    while it lasted (to stderr)."""
+    for gap, logged in zip(gaps, stalls_in_gaps(log_path, gaps), strict=True):
+        print(f"  {gap['itl_ms']:.1f} ms, the token at {gap['arrived']}", file=sys.stderr)
+        for what in logged[:8]:
+            print(f"    logged meanwhile: {what[:200]}", file=sys.stderr)
+        if len(logged) > 8:
+            print(f"    and {len(logged) - 8} more lines", file=sys.stderr)
+    sys.stderr.flush()
+
+
 def images_beside_text(args, log_dir: Path, placement: str) -> list[tuple[str, str, float]]:
     rows = []
     _, w7, h7, _ = IMAGE_SIZES[1]
@@ -337,19 +349,16 @@ def images_beside_text(args, log_dir: Path, placement: str) -> list[tuple[str, s
                 beside = bench(url, *text_stream(args, args.long_output // 4))
         for name, report in (("alone", alone), ("beside images", beside)):
             p99s = " / ".join(f"{r['itl_p99_ms']:.2f}" for r in report["requests"] if r["itl_p99_ms"])
+            itl = report["itl_ms"]
             print(
-                f"ViT {placement}: the text stream {name}: each request's ITL p99 ms: {p99s}", file=sys.stderr
+                f"ViT {placement}: the text stream {name}: each request's ITL p99 ms: {p99s}; "
+                f"all of them: median {itl['median']:.2f}, p90 {itl['p90']:.2f}, p99 {itl['p99']:.2f}",
+                file=sys.stderr,
             )
-        print(f"ViT {placement}: the text stream's longest gaps beside images:", file=sys.stderr)
         log_path = max(log_dir.glob("serve-*.log"), key=lambda path: path.stat().st_mtime)  # this server's
-        gaps = beside["longest_itls"]
-        for gap, logged in zip(gaps, stalls_in_gaps(log_path, gaps), strict=True):
-            print(f"  {gap['itl_ms']:.1f} ms, the token at {gap['arrived']}", file=sys.stderr)
-            for what in logged[:8]:
-                print(f"    logged meanwhile: {what[:200]}", file=sys.stderr)
-            if len(logged) > 8:
-                print(f"    and {len(logged) - 8} more lines", file=sys.stderr)
-        sys.stderr.flush()
+        for name, report in (("alone", alone), ("beside images", beside)):
+            print(f"ViT {placement}: the text stream's longest gaps {name}:", file=sys.stderr)
+            print_gaps(log_path, report["longest_itls"])
         before = stage_totals(url)
         images_alone = bench(url, *image_load(w13, h13, "png", 4, n))["request_throughput"]
         stages = stage_rows(f"ViT {placement}: 13-tile PNGs 4 at a time, no text", before, stage_totals(url))
