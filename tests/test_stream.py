@@ -34,6 +34,47 @@ def test_streamed_text_equals_generate(mm_server):
     assert events[-1]["generated_text"] == whole["generated_text"][0]
     assert events[-1]["finish_reason"] == "length"
     assert events[0]["token"]["prompt_tokens"] == whole["prompt_tokens"]
+    # LightLLM's details: with return_details (chat_body's), on the last event.
+    assert [e["details"] for e in events] == [None] * 39 + [
+        {"generated_tokens": 40, "finish_reason": "length"}
+    ]
+
+
+def test_events_carry_no_details_unless_asked(mm_server):
+    events = stream(mm_server, chat_body("hello", max_new_tokens=5, ignore_eos=True, return_details=False))
+    assert [e["details"] for e in events] == [None] * 5 and events[-1]["finished"]
+
+
+def test_tokens_held_for_a_stop_sequence_go_out_before_an_error(model_dir):
+    """A request that fails while its last tokens may begin a stop sequence: no stop sequence
+    ended them, so their events go out, then the error's."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from vlmd.actors.inflight import ClientError, Tracked
+    from vlmd.actors.lightllm_api import LightLLMApi
+    from vlmd.messages import TokenOut
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer.encode(" one two three", add_special_tokens=False)
+    prompts = SimpleNamespace(tokenizer=tokenizer, decode=tokenizer.decode)
+    forgotten = []
+    api = LightLLMApi(SimpleNamespace(prompts=prompts, forget=lambda *args: forgotten.append(args)))
+
+    async def run() -> list[dict]:
+        tracked = Tracked(asyncio.get_running_loop().create_future(), arrival=0.0, token_ids=list(ids))
+        first = TokenOut("r", ids, [0.0] * len(ids))
+        tracked.updates.put_nowait(ClientError(503, "the server is shutting down"))
+        stops = [[ids[-2], ids[-1], 7]]  # the last two tokens may begin it
+        events = api._events("r", tracked, first, stops, details=False)
+        return [json.loads(event[5:]) async for event in events]
+
+    events = asyncio.run(run())
+    assert [e["token"]["id"] for e in events[:-1]] == ids
+    assert events[-1] == {"error": "the server is shutting down", "finished": True, "finish_reason": None}
+    assert len(forgotten) == 1
 
 
 def test_stop_sequence_text_is_not_streamed(mm_server):

@@ -108,7 +108,8 @@ class LightLLMApi:
         """Server-sent events, one per token, as LightLLM emits them; the last carries the text.
         The response starts with the first token: an error before it has its own status."""
         try:
-            request_id, tracked, stops = await self._submit(await self.actor.read_body(request, GenerateBody))
+            body = await self.actor.read_body(request, GenerateBody)
+            request_id, tracked, stops = await self._submit(body)
         except ClientError as exc:
             return client_error_response(exc)
         try:
@@ -118,12 +119,16 @@ class LightLLMApi:
             if isinstance(exc, ClientGone):
                 return Response(status_code=499)  # nobody reads it; the request was aborted
             return client_error_response(exc)
-        events = self._events(request_id, tracked, first, stops)
+        events = self._events(request_id, tracked, first, stops, body.parameters.return_details)
         return StreamingResponse(events, media_type="text/event-stream")
 
-    async def _events(self, request_id: str, tracked: Tracked, first: TokenOut, stops: list[list[int]]):
+    async def _events(
+        self, request_id: str, tracked: Tracked, first: TokenOut, stops: list[list[int]], details: bool
+    ):
         """A token's event goes out once no stop sequence can begin at it (those of a matched stop
-        sequence never do: its text is not shown, the last one's event says the request ended)."""
+        sequence never do: its text is not shown, the last one's event says the request ended);
+        should the request fail first, the events held go out before the error's. As LightLLM's,
+        the last event carries the text and, with `return_details`, its details."""
         detok = IncrementalDetokenizer(self.prompts.tokenizer)
         special = set(self.prompts.tokenizer.all_special_ids)
         matchers = [Matcher(seq) for seq in stops]
@@ -132,7 +137,9 @@ class LightLLMApi:
         update = first
         try:
             while True:
-                if isinstance(update, ClientError):
+                if isinstance(update, ClientError):  # no stop sequence ended the tokens held
+                    for sent in held:
+                        yield sent
                     yield _sse({"error": str(update), "finished": True, "finish_reason": None})
                     return
                 for token_id, logprob in zip(update.token_ids, update.logprobs, strict=True):
@@ -154,6 +161,7 @@ class LightLLMApi:
                         "generated_text": None,
                         "finished": final,
                         "finish_reason": update.finish_reason if final else None,
+                        "details": None,
                     }
                     if not final:
                         for matcher in matchers:
@@ -166,6 +174,8 @@ class LightLLMApi:
                         continue
                     shown = tracked.token_ids[: len(tracked.token_ids) - update.num_stop_tokens]
                     event["generated_text"] = self.prompts.decode(shown)
+                    if details:
+                        event["details"] = {"generated_tokens": count, "finish_reason": update.finish_reason}
                     for sent in held[: len(held) - max(update.num_stop_tokens - 1, 0)]:
                         yield sent
                     yield _sse(event)
