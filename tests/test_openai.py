@@ -531,3 +531,37 @@ def test_non_streaming_client_that_disconnects_frees_its_pages(mm_server):
             time.sleep(0.05)
         assert metrics(mm_server)["vlmd_requests_running"] == 2  # both choices are running
     assert_aborted_and_serving(mm_server)
+
+
+def test_text_held_for_a_stop_string_goes_out_before_an_error(model_dir):
+    """A chat that fails while its last text may begin a stop string: no stop string ended it, so
+    it is streamed, then the error."""
+    from types import SimpleNamespace
+
+    from vlmd.actors.inflight import ClientError, Tracked
+    from vlmd.actors.openai_api import Choice, Job, OpenAIApi
+    from vlmd.detokenizer import StopStringText
+    from vlmd.messages import TokenOut
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer.encode(" one two three", add_special_tokens=False)
+    actor = SimpleNamespace(
+        prompts=SimpleNamespace(tokenizer=tokenizer),
+        args=SimpleNamespace(served_model_name="demo", model_dir=str(model_dir)),
+        forget=lambda *args: None,
+    )
+    api = OpenAIApi(actor)
+
+    async def run() -> list[bytes]:
+        job = Job(chat=True, logprobs=False)
+        tracked = Tracked(asyncio.get_running_loop().create_future(), arrival=0.0)
+        text = StopStringText(tokenizer, [" three four"])  # " three" may begin it
+        job.choices.append(Choice(0, 0, "r", tracked, text))
+        job.updates.put_nowait(ClientError(503, "the server is shutting down"))
+        return [event async for event in api._stream(job, False, TokenOut("r", ids, [0.0] * len(ids)))]
+
+    events = [event.removeprefix(b"data: ") for event in asyncio.run(run())]
+    assert events[-1] == b"[DONE]\n\n"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == " one two three"
+    assert chunks[-1]["error"]["message"] == "the server is shutting down"

@@ -259,6 +259,8 @@ class OpenAIApi:
                 if include_usage:
                     yield _sse({**self._chunk(job, None, None), "choices": [], "usage": _usage(job)})
             except ClientError as exc:
+                for delta in _held_texts(job):  # no stop string ended them: they are the answer's
+                    yield _sse(self._delta_chunk(job, delta, include_usage))
                 yield _sse(_error_body(exc))
             yield b"data: [DONE]\n\n"
         finally:
@@ -443,6 +445,19 @@ def _usage(job: Job) -> dict:
         "total_tokens": total,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
+
+
+def _held_texts(job: Job) -> list[Delta]:
+    """The text each unfinished choice held back for a possible stop string, when the request
+    fails: nothing was matched, so it is shown."""
+    deltas = []
+    for choice in job.choices:
+        if choice.finish_reason is None:
+            choice.text.finish()
+            text = choice.text.release()
+            if text:
+                deltas.append(Delta(choice, text, [], None))
+    return deltas
 
 
 def _error_body(exc: ClientError) -> dict:
