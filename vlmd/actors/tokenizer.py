@@ -56,6 +56,7 @@ class PromptBuilder:
             self._token_id(token) for token in (self.start_token, self.end_token, self.context_token)
         )
         self.image_tokens = (self.start_token, self.end_token, self.context_token)
+        self._image_text = self.start_token + self.context_token + self.end_token  # an image, once
         spellings = [self.start_token + self.end_token, IMAGE_PLACEHOLDER, self.context_token]
         self._placeholder = re.compile("|".join(re.escape(s) for s in spellings))
         self.conversation = CONVERSATIONS.get(conversation) if conversation else None
@@ -152,20 +153,28 @@ class PromptBuilder:
     def _expand(
         self, segments: list[str], tiles_per_image: list[int], add_special_tokens: bool = True
     ) -> tuple[list[int], list[ImageSpan]]:
-        num_placeholders = len(segments) - 1
+        # The whole text is encoded at once, each image as <img><IMG_CONTEXT></img>, then each
+        # <IMG_CONTEXT> repeated for the image's tokens: special tokens are never merged across, so
+        # these are the ids of the expanded text, as OpenGVLab's chat() and transformers' processor
+        # encode it. (Encoding the pieces between images one by one is not: a SentencePiece
+        # tokenizer that prepends a space to what it encodes, as Phi-3's does, would put one at the
+        # start of every piece.)
+        text = self._image_text.join(segments)
+        if not text and not add_special_tokens:
+            return [], []
+        encoded = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        if encoded.count(self.context_id) != len(tiles_per_image):
+            raise PromptError(f"the text around the images must not contain {self.context_token}")
         ids: list[int] = []
         spans: list[ImageSpan] = []
-        for i, segment in enumerate(segments):
-            # Placeholders expand to special tokens, which the tokenizer never merges across, so
-            # encoding the text between them piece by piece gives the ids of the whole string.
-            special = add_special_tokens and i == 0
-            ids += self.tokenizer.encode(segment, add_special_tokens=special) if segment or special else []
-            if i < num_placeholders:
-                num_tokens = tiles_per_image[i] * self.image_seq_length
-                ids.append(self.start_id)
-                spans.append(ImageSpan(len(ids), num_tokens))
-                ids += [self.context_id] * num_tokens
-                ids.append(self.end_id)
+        tiles = iter(tiles_per_image)
+        for token_id in encoded:
+            if token_id != self.context_id:
+                ids.append(token_id)
+                continue
+            num_tokens = next(tiles) * self.image_seq_length
+            spans.append(ImageSpan(len(ids), num_tokens))
+            ids += [self.context_id] * num_tokens
         return ids, spans
 
     def stop_token_seqs(self, stop_sequences: list[str]) -> list[list[int]]:
