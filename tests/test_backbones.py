@@ -1,9 +1,9 @@
 """Every dense InternVL backbone, served from its on-disk format as published, gives transformers'
 greedy tokens (float32, CPU) through the real HTTP server.
 
-OpenGVLab's checkpoints (Qwen2, InternLM2, Llama, Qwen3 backbones) are written by inverting
+OpenGVLab's checkpoints (Qwen2, InternLM2, Llama, Qwen3, Phi-3 backbones) are written by inverting
 transformers' own conversion (`vlmd.demo_opengvlab`), so transformers on the HF-native directory
-they came from is the reference; the HF-native Llama and Qwen3 conversions are served directly.
+they came from is the reference; the HF-native Llama, Qwen3 and Phi-3 models are served directly.
 Each OpenGVLab case renders chats another way: OpenGVLab's conversation template (no chat
 template in the tokenizer), a chat template over content parts, one over string content.
 """
@@ -25,6 +25,7 @@ from tests.test_parity import IMG_A, IMG_B, IMG_C, Reference, hf_prompt
 from vlmd.demo import write_demo_model
 from vlmd.demo_opengvlab import hf_demo_options, write_opengvlab_model
 from vlmd.image import TilingConfig, num_tiles
+from vlmd.models.config import InternVLArch
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,10 @@ CASES = {
     "internlm2-opengvlab": Case("internlm2", "opengvlab", "none", generation_config=False),
     "llama-opengvlab": Case("llama", "opengvlab", "parts"),
     "qwen3-opengvlab": Case("qwen3", "opengvlab", "string"),
+    "phi3-opengvlab": Case("phi3", "opengvlab", "none"),
     "llama-hf": Case("llama", "hf"),
     "qwen3-hf": Case("qwen3", "hf"),
+    "phi3-hf": Case("phi3", "hf"),
 }
 IMG_D = make_image(1000, 300, seed=9, fmt="JPEG")  # 3 x 1 tiles + thumbnail
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -90,7 +93,8 @@ def served(request, tmp_path_factory):
     assert server.actor_pids() == [] and server.shm_segments() == []
 
 
-def generate(url: str, prompt: str, images: list[bytes], num_tokens: int) -> list[int]:
+def generate(url: str, prompt: str, images: list[bytes], num_tokens: int, allow_refusal: bool = False):
+    """The greedy tokens (with `allow_refusal`, a 400 for a prompt beyond the context is its status)."""
     body = {
         "inputs": prompt,
         "parameters": {"max_new_tokens": num_tokens, "ignore_eos": True, "return_details": True},
@@ -99,6 +103,8 @@ def generate(url: str, prompt: str, images: list[bytes], num_tokens: int) -> lis
         },
     }
     response = requests.post(url + "/generate", json=body, timeout=300)
+    if allow_refusal and response.status_code == 400 and "max_req_total_len" in response.text:
+        return 400
     assert response.status_code == 200, response.text
     return [t["id"] for t in response.json()["tokens"]]
 
@@ -117,14 +123,24 @@ MIXED = [
 
 def test_concurrent_mixed_requests_give_transformers_tokens(served):
     """Text only, one image, two images of different sizes, 8 at once: every request's greedy
-    tokens equal transformers' on the HF-native weights, one request at a time."""
-    expected = [served.reference.generate(hf_prompt(p), imgs, n) for p, imgs, n in MIXED]
+    tokens equal transformers' on the HF-native weights, one request at a time. A request beyond
+    the context vlmd serves (Phi-3's original 4,096 tokens) is a 400 saying so."""
+    context = InternVLArch.from_model_dir(served.model_dir).max_position_embeddings
+    fits = [served.reference.inputs(hf_prompt(p), imgs)[0].shape[1] + n <= context for p, imgs, n in MIXED]
+    assert sum(fits) >= 6 and fits[1] and fits[-1], "too few requests fit to prove much"
+    expected = [
+        served.reference.generate(hf_prompt(p), imgs, n) if fit else None
+        for (p, imgs, n), fit in zip(MIXED, fits, strict=True)
+    ]
     assert len(set(expected[0])) >= 8, "the test model must not repeat itself, or this test proves little"
     assert expected[1] != served.reference.generate(hf_prompt(MIXED[1][0]), [IMG_B], 33), "ignores its image"
     with ThreadPoolExecutor(len(MIXED)) as pool:
-        got = list(pool.map(lambda r: generate(served.url, *r), MIXED))
+        got = list(pool.map(lambda r: generate(served.url, *r, allow_refusal=True), MIXED))
     for (prompt, _, _), want, have in zip(MIXED, expected, got, strict=True):
-        assert have == want, f"{served.case}: {prompt[:80]!r}"
+        if want is None:
+            assert have == 400, f"{served.case}: beyond the context, yet {have}: {prompt[:80]!r}"
+        else:
+            assert have == want, f"{served.case}: {prompt[:80]!r}"
 
 
 # What each OpenGVLab chat mode must render for one user turn with an image part before its text
@@ -139,6 +155,8 @@ CHAT_PROMPTS = {
     "llama-opengvlab": "<|im_start|>user\n<IMG_CONTEXT>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n",
     "qwen3-opengvlab": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     "<IMG_CONTEXT>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n",
+    "phi3-opengvlab": f"<|system|>\n{INTERNVL2_SYSTEM}<|end|><|user|>\n<IMG_CONTEXT>\nWhat is this?<|end|>"
+    "<|assistant|>\n",
 }
 
 
@@ -223,7 +241,6 @@ def test_chat_mode_and_eos_come_from_the_checkpoint(
     not InternLM2's own eos_token_id, </s>); the chat rendering follows the tokenizer's template,
     else OpenGVLab's conversation template named by config.json."""
     from vlmd.actors.tokenizer import PromptBuilder
-    from vlmd.models.config import InternVLArch
 
     spec = CASES[case]
     _, model_dir = write_case(

@@ -90,7 +90,8 @@ def test_transformers_loads_each_family(hf_dirs: dict[str, Path], backbone: str)
     family = hf_demo_options(backbone)["text_config"]["model_type"]
     text = model.model.language_model
     assert (
-        type(text).__name__ == {"qwen2": "Qwen2Model", "llama": "LlamaModel", "qwen3": "Qwen3Model"}[family]
+        type(text).__name__
+        == {"qwen2": "Qwen2Model", "llama": "LlamaModel", "qwen3": "Qwen3Model", "phi3": "Phi3Model"}[family]
     )
     params = {name: p.shape for name, p in text.layers[0].named_parameters()}
     biases = {name for name in params if name.endswith(".bias")}
@@ -106,6 +107,9 @@ def test_transformers_loads_each_family(hf_dirs: dict[str, Path], backbone: str)
         assert params["self_attn.q_proj.weight"] == (text.config.num_attention_heads * head_dim, 192)
     if family == "llama":
         assert not text.config.attention_bias and not text.config.mlp_bias
+    if family == "phi3":  # packed as Phi-3 checkpoints are, with LongRoPE
+        assert {"self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight"} <= params.keys()
+        assert text.config.rope_parameters["rope_type"] == "longrope"
     assert InternVLArch.from_model_dir(hf_dirs[backbone]).text_family == family
 
 
@@ -231,7 +235,7 @@ def convert_like_transformers(og_dir: Path, backbone: str) -> dict[str, torch.Te
     out = {}
     for key, value in old.items():
         new_key = _script_key(key, backbone)
-        if "attn.qkv" in key:
+        if key.startswith("vision_model") and "attn.qkv" in key:  # not Phi-3's self_attn.qkv_proj
             for name, rows in (
                 ("q", value[:vision_dim]),
                 ("k", value[vision_dim : 2 * vision_dim]),
@@ -301,6 +305,16 @@ OPENGVLAB_KEYS = {
         "language_model.model.norm.weight",
         "language_model.output.weight",
     },
+    "phi3": _VISION_KEYS
+    | {
+        "language_model.model.embed_tokens.weight",
+        *(f"language_model.model.layers.N.self_attn.{name}.weight" for name in ("qkv_proj", "o_proj")),
+        *(f"language_model.model.layers.N.mlp.{name}.weight" for name in ("gate_up_proj", "down_proj")),
+        "language_model.model.layers.N.input_layernorm.weight",
+        "language_model.model.layers.N.post_attention_layernorm.weight",
+        "language_model.model.norm.weight",
+        "language_model.lm_head.weight",
+    },
 }
 
 
@@ -351,16 +365,28 @@ def test_opengvlab_config_describes_the_same_model(
     assert (config["model_type"], config["architectures"]) == ("internvl_chat", ["InternVLChatModel"])
     assert config["auto_map"]["AutoModel"] == "modeling_internvl_chat.InternVLChatModel"
     assert not (og_dirs[backbone] / "modeling_internvl_chat.py").exists()
-    assert config["template"] == ("internlm2-chat" if backbone == "internlm2" else "internvl2_5")
+    assert config["template"] == {"internlm2": "internlm2-chat", "phi3": "phi3-chat"}.get(
+        backbone, "internvl2_5"
+    )
     assert (config["force_image_size"], config["ps_version"], config["select_layer"]) == (448, "v2", -1)
     assert (config["min_dynamic_patch"], config["max_dynamic_patch"], config["use_thumbnail"]) == (
         1,
         12,
         True,
     )
-    architecture = {"qwen2": "Qwen2", "llama": "Llama", "qwen3": "Qwen3", "internlm2": "InternLM2"}[backbone]
+    architecture = {
+        "qwen2": "Qwen2",
+        "llama": "Llama",
+        "qwen3": "Qwen3",
+        "internlm2": "InternLM2",
+        "phi3": "Phi3",
+    }[backbone]
     assert (llm["architectures"], llm["model_type"]) == ([f"{architecture}ForCausalLM"], backbone)
-    assert llm["tie_word_embeddings"] is False and llm["rope_theta"] == 1e6
+    assert llm["tie_word_embeddings"] is False and llm["rope_theta"] == (1e4 if backbone == "phi3" else 1e6)
+    if backbone == "phi3":  # as InternVL2-4B's llm_config says it
+        assert (llm["rope_scaling"]["type"], llm["original_max_position_embeddings"]) == ("su", 4096)
+        assert len(llm["rope_scaling"]["short_factor"]) == len(llm["rope_scaling"]["long_factor"]) == 32
+        assert (llm["max_position_embeddings"], llm["sliding_window"]) == (131072, 262144)
     if backbone == "internlm2":
         assert (llm["bias"], llm["rope_scaling"]) == (False, {"type": "dynamic", "factor": 2.0})
         assert llm["auto_map"]["AutoConfig"] == "configuration_internlm2.InternLM2Config"

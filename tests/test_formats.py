@@ -4,6 +4,7 @@ what is detected from config.json alone, what is refused, and where every parame
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -77,12 +78,23 @@ QWEN3_8B = {  # InternVL3.5-8B's
     "use_sliding_window": False,
     "tie_word_embeddings": False,
 }
-PHI3_MINI_128K = {  # InternVL2-4B's
+PHI3_MINI_128K = {  # InternVL2-4B's (the factors shortened to two values each: see the test)
     "architectures": ["Phi3ForCausalLM"],
     "model_type": "phi3",
     "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 32,
     "num_attention_heads": 32,
-    "rope_scaling": {"type": "su", "long_factor": [1.0] * 48, "short_factor": [1.0] * 48},
+    "num_key_value_heads": 32,
+    "vocab_size": 32064,
+    "hidden_act": "silu",
+    "max_position_embeddings": 131072,
+    "original_max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "rope_scaling": {"type": "su", "long_factor": [1.0] * 48, "short_factor": [1.05] * 48},
+    "sliding_window": 262144,
+    "tie_word_embeddings": False,
 }
 
 
@@ -136,6 +148,23 @@ def test_qwen3_and_internvit_6b_are_detected():
     assert arch.vision_num_hidden_layers == 45 and arch.template == "internvl2_5"
 
 
+def test_phi3_is_served_within_its_original_context():
+    """InternVL2-4B's Phi-3: LongRoPE's short factors and attention factor, the context bound to
+    the original 4,096 tokens (where transformers takes the short factors), and a sliding window
+    narrower than that bounds it too."""
+    arch = InternVLArch.from_config_dict(opengvlab_config(PHI3_MINI_128K, template="phi3-chat"))
+    assert (arch.text_family, arch.head_dim, arch.max_position_embeddings) == ("phi3", 96, 4096)
+    assert arch.rope_short_factor == (1.05,) * 48
+    assert arch.rope_attention_factor == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))
+    window = PHI3_MINI_128K | {"sliding_window": 2047, "rope_scaling": None}  # Phi-3-mini-4k's
+    arch = InternVLArch.from_config_dict(opengvlab_config(window))
+    assert (arch.max_position_embeddings, arch.rope_short_factor, arch.rope_attention_factor) == (
+        2047,
+        None,
+        1.0,
+    )
+
+
 @pytest.mark.parametrize(
     ("top", "layers"), [({"select_layer": -1}, 24), ({"select_layer": -4}, 21), ({"select_layer": 6}, 6)]
 )
@@ -150,7 +179,12 @@ def test_ps_version_v1_is_kept():
 @pytest.mark.parametrize(
     ("llm", "message"),
     [
-        (PHI3_MINI_128K, "unsupported language model 'Phi3ForCausalLM'"),
+        (PHI3_MINI_128K | {"partial_rotary_factor": 0.75}, "partial rotary"),  # Phi-4-mini's
+        (PHI3_MINI_128K | {"original_max_position_embeddings": None}, "original_max_position_embeddings"),
+        (
+            PHI3_MINI_128K | {"rope_scaling": {"type": "su", "short_factor": [1.0] * 47}},
+            "short_factor has 47",
+        ),
         (QWEN3_8B | {"architectures": ["Qwen3MoeForCausalLM"]}, "'Qwen3MoeForCausalLM'"),
         (QWEN3_8B | {"architectures": ["GptOssForCausalLM"]}, "'GptOssForCausalLM'"),
         (INTERNLM2_1_8B | {"bias": True}, "bias=true"),

@@ -45,10 +45,10 @@ class Reference:
             image_std=[0.229, 0.224, 0.225],
         )
 
-    @torch.inference_mode()
-    def generate(self, prompt: str, images: list[bytes], num_tokens: int = NUM_TOKENS, **kwargs) -> list[int]:
-        """`prompt` marks each image with <IMG_CONTEXT>, as the HF chat template writes it;
-        `kwargs` go to generate() (logits processors)."""
+    def inputs(self, prompt: str, images: list[bytes]) -> tuple[torch.Tensor, dict]:
+        """(input_ids [1, T], the pixel_values keyword if there are images) as the processor makes
+        them: `prompt` marks each image with <IMG_CONTEXT>, as the HF chat template writes it."""
+        kwargs = {}
         if images:
             pils = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
             processed = self.processor(images=pils, return_tensors="pt")
@@ -58,7 +58,14 @@ class Reference:
             for n, piece in zip(processed["num_patches"], pieces[1:], strict=True):
                 prompt += "<img>" + "<IMG_CONTEXT>" * (256 * int(n)) + "</img>" + piece
             kwargs["pixel_values"] = processed["pixel_values"]
-        input_ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+        return self.tokenizer(prompt, return_tensors="pt").input_ids, kwargs
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, images: list[bytes], num_tokens: int = NUM_TOKENS, **kwargs) -> list[int]:
+        """`prompt` marks each image with <IMG_CONTEXT>, as the HF chat template writes it;
+        `kwargs` go to generate() (logits processors)."""
+        input_ids, pixels = self.inputs(prompt, images)
+        kwargs |= pixels
         out = self.model.generate(
             input_ids, max_new_tokens=num_tokens, do_sample=False, eos_token_id=None, **kwargs
         )

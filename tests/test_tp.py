@@ -121,6 +121,24 @@ def test_every_rank_count_gives_the_single_rank_tokens(model_dir, tmp_path, size
     assert torch.load(path) == want
 
 
+@pytest.mark.parametrize("size", [2, 4])
+def test_phi3_packed_projections_split_over_ranks(tmp_path, size):
+    """Phi-3 as OpenGVLab publishes it (q/k/v in one qkv_proj, gate/up in one gate_up_proj): each
+    rank reads its rows of the packed tensors, KV heads replicated at 4 ranks, and the tokens are
+    one rank's (which are transformers': tests/test_backbones.py)."""
+    from vlmd.demo import write_demo_model
+    from vlmd.demo_opengvlab import hf_demo_options, write_opengvlab_model
+
+    write_demo_model(tmp_path / "hf", seed=4, **hf_demo_options("phi3"))
+    write_opengvlab_model(tmp_path / "hf", tmp_path / "og", "phi3")
+    model_dir = str(tmp_path / "og")
+    prompts = [list(range(5, 40)), list(range(100, 107)), list(range(300, 390))]
+    want = _greedy(model_dir, TPGroup(), prompts, 20)
+    path = str(tmp_path / "tokens.pt")
+    mp.spawn(_rank_main, args=(size, free_port(), model_dir, prompts, path), nprocs=size)
+    assert torch.load(path) == want
+
+
 def test_padded_lm_head_gives_the_unpadded_tokens(model_dir, tmp_path):
     """The CUDA layout of the LM head (zero rows up to a multiple of 64: the demo's 1000-token
     vocabulary becomes 1024 rows, each rank's 500 become 512) on one rank and on two."""

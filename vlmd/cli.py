@@ -12,7 +12,7 @@ from vlmd.config import ConfigError, add_serve_arguments, build_server_args
 
 DEMO_MODEL_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vlmd", "demo-model")
 # vlmd.demo_opengvlab.BACKBONES (a test keeps them equal), spelt out so the parser needs no torch.
-DEMO_BACKBONES = ("qwen2", "llama", "qwen3", "internlm2")
+DEMO_BACKBONES = ("qwen2", "llama", "qwen3", "internlm2", "phi3")
 DEMO_SIZES = ("tiny", "internvl3-8b")  # vlmd.demo.SIZES (not imported here: it imports torch)
 
 

@@ -6,8 +6,9 @@ tokenizer_config.json with the ChatML template), preprocessor_config.json and
 generation_config.json. Output is a pure function of (seed, overrides).
 
 The language model is Qwen2 (InternVL 2.5 / 3), Llama (the -hf conversions of InternLM2-backbone
-models) or Qwen3 (InternVL 3.5), chosen by `text_config={"model_type": ...}`; the tokenizer is the
-byte-level one or, with `tokenizer="sentencepiece"`, a SentencePiece-style one as InternLM2-hf has.
+models), Qwen3 (InternVL 3.5) or Phi-3 (InternVL2-4B), chosen by `text_config={"model_type": ...}`;
+the tokenizer is the byte-level one or, with `tokenizer="sentencepiece"`, a SentencePiece-style
+one as InternLM2-hf has (`"phi3"`: the same with Phi-3's chat tokens).
 `vlmd.demo_opengvlab` rewrites such a directory in OpenGVLab's own published format.
 
 The weights are not HF's default init: with std 0.02 everywhere a random model emits one token
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlmd.demo_sp_tokenizer import SENTENCEPIECE
+from vlmd.demo_sp_tokenizer import PHI3_SENTENCEPIECE, SENTENCEPIECE
 from vlmd.demo_tokenizer import BYTE_LEVEL, DemoTokenizer
 
 # Init stds (see the module docstring for why they are this large).
@@ -44,16 +45,20 @@ PROJECTOR_OUT_GAIN = 2.0  # image rows end up with a norm like a text embedding'
 # projections' scale, so these gains alone keep attention picking rather than averaging.
 QK_NORM_GAIN = 2.0
 
-DEFAULT_TEXT_CONFIG: dict[str, Any] = {
-    "model_type": "qwen2",
-    "architectures": ["Qwen2ForCausalLM"],
-    # head_dim 64: the smallest FlashInfer serves, so the demo model exercises the GPU kernels too.
+# The tiny language model's sizes (all families but Qwen3, whose widths differ on purpose).
+_TINY_TEXT: dict[str, Any] = {
     "hidden_size": 256,
     "intermediate_size": 512,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "hidden_act": "silu",
+}
+DEFAULT_TEXT_CONFIG: dict[str, Any] = {
+    "model_type": "qwen2",
+    "architectures": ["Qwen2ForCausalLM"],
+    # head_dim 64: the smallest FlashInfer serves, so the demo model exercises the GPU kernels too.
+    **_TINY_TEXT,
     "max_position_embeddings": 8192,
     "rms_norm_eps": 1e-6,
     "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
@@ -106,9 +111,43 @@ QWEN3_TEXT_CONFIG: dict[str, Any] = {
     "use_cache": True,
     "dtype": "float32",
 }
+# Phi-3-mini-128k's shape of config (InternVL2-4B's language model), LongRoPE included: short
+# factors that differ per frequency, long ones that differ from them, and an attention factor
+# of sqrt(1 + ln 32 / ln 4096) from the 131072 / 4096 context ratio.
+PHI3_TEXT_CONFIG: dict[str, Any] = {
+    "model_type": "phi3",
+    "architectures": ["Phi3ForCausalLM"],
+    **_TINY_TEXT,
+    "max_position_embeddings": 131072,
+    "original_max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_parameters": {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0 + 0.1 * i for i in range(32)],
+        "long_factor": [2.0 + 0.5 * i for i in range(32)],
+        "original_max_position_embeddings": 4096,
+    },
+    "sliding_window": 262144,
+    "pad_token_id": None,  # Phi3Config's default, 32000, is beyond the demo's vocabulary
+    "attention_dropout": 0.0,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "use_cache": True,
+    "dtype": "float32",
+}
 # text_config defaults by text_config.model_type (DEFAULT_TEXT_CONFIG is Qwen2's).
-TEXT_CONFIGS = {"qwen2": DEFAULT_TEXT_CONFIG, "llama": LLAMA_TEXT_CONFIG, "qwen3": QWEN3_TEXT_CONFIG}
-TOKENIZERS: dict[str, DemoTokenizer] = {"byte_level": BYTE_LEVEL, "sentencepiece": SENTENCEPIECE}
+TEXT_CONFIGS = {
+    "qwen2": DEFAULT_TEXT_CONFIG,
+    "llama": LLAMA_TEXT_CONFIG,
+    "qwen3": QWEN3_TEXT_CONFIG,
+    "phi3": PHI3_TEXT_CONFIG,
+}
+TOKENIZERS: dict[str, DemoTokenizer] = {
+    "byte_level": BYTE_LEVEL,
+    "sentencepiece": SENTENCEPIECE,
+    "phi3": PHI3_SENTENCEPIECE,
+}
 DEFAULT_VISION_CONFIG: dict[str, Any] = {
     "model_type": "internvl_vision",
     "architectures": ["InternVisionModel"],
@@ -174,8 +213,8 @@ def write_demo_model(path: str | Path, seed: int = 0, **overrides: Any) -> None:
 
     overrides:
       text_config / vision_config: dicts merged over the defaults (sizes, norm_type, ...);
-        text_config's model_type ("qwen2", "llama" or "qwen3") picks the defaults (TEXT_CONFIGS);
-      tokenizer: "byte_level" (default) or "sentencepiece" (TOKENIZERS);
+        text_config's model_type ("qwen2", "llama", "qwen3" or "phi3") picks the defaults (TEXT_CONFIGS);
+      tokenizer: "byte_level" (default), "sentencepiece" or "phi3" (TOKENIZERS);
       tie_word_embeddings: bool (default False);
       key_layout: "hub" (model.language_model.*, default) or "legacy" (language_model.model.*,
         what transformers 5 `save_pretrained` writes);
@@ -371,6 +410,11 @@ def _text_weights(init: _Init, text: dict[str, Any], prefix: str) -> dict[str, t
         t[layer + "mlp.down_proj.weight"] = init.linear(hidden, inter)
         t[layer + "input_layernorm.weight"] = init.norm_weight(hidden)
         t[layer + "post_attention_layernorm.weight"] = init.norm_weight(hidden)
+        if text["model_type"] == "phi3":  # its checkpoints pack q/k/v and gate/up, rows one after another
+            names = [f"{layer}self_attn.{name}_proj.weight" for name in "qkv"]
+            t[layer + "self_attn.qkv_proj.weight"] = torch.cat([t.pop(name) for name in names])
+            names = [f"{layer}mlp.{name}_proj.weight" for name in ("gate", "up")]
+            t[layer + "mlp.gate_up_proj.weight"] = torch.cat([t.pop(name) for name in names])
     # Random signs on the final norm: with tied embeddings the residual stream still holds the
     # current token's own embedding e, and a positive gain would make e.(g*e) ~ |e|^2 the top
     # logit every step (the model repeats its input token forever); zero-mean gains cancel it.

@@ -22,29 +22,36 @@ from tokenizers import Tokenizer
 
 from vlmd.demo import read_demo_weights, write_json, write_safetensors
 
-BACKBONES = ("qwen2", "llama", "qwen3", "internlm2")
+BACKBONES = ("qwen2", "llama", "qwen3", "internlm2", "phi3")
 # Per backbone: the HF demo's text_config.model_type and tokenizer (InternLM2's -hf conversion is a
 # Llama with a SentencePiece-style tokenizer, as InternVL2_5-8B-MPO-hf is), the llm_config
 # architecture, and the conversation template OpenGVLab's config.json names.
-_HF_TEXT_FAMILY = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3", "internlm2": "llama"}
+_HF_TEXT_FAMILY = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3", "internlm2": "llama", "phi3": "phi3"}
 _HF_TOKENIZER = {
     "qwen2": "byte_level",
     "llama": "byte_level",
     "qwen3": "byte_level",
     "internlm2": "sentencepiece",
+    "phi3": "phi3",
 }
-_HF_TOKENIZER_CLASS = {"byte_level": "Qwen2Tokenizer", "sentencepiece": "LlamaTokenizerFast"}
+_HF_TOKENIZER_CLASS = {
+    "byte_level": "Qwen2Tokenizer",
+    "sentencepiece": "LlamaTokenizerFast",
+    "phi3": "LlamaTokenizerFast",
+}
 _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "llama": "LlamaForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "internlm2": "InternLM2ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 _DEFAULT_TEMPLATES = {
     "qwen2": "internvl2_5",
     "llama": "internvl2_5",
     "qwen3": "internvl2_5",
     "internlm2": "internlm2-chat",
+    "phi3": "phi3-chat",
 }
 # generation_config.json's eos_token_id as OpenGVLab ships it: InternVL2-1B (Qwen2) has
 # [<|im_start|>, <|im_end|>], InternVL2-2B (InternLM2) [<|im_end|>, <|im_start|>].
@@ -53,6 +60,7 @@ _GENERATION_EOS = {
     "llama": ("<|im_start|>", "<|im_end|>"),
     "qwen3": ("<|im_start|>", "<|im_end|>"),
     "internlm2": ("<|im_end|>", "<|im_start|>"),
+    "phi3": ("</s>", "<|assistant|>", "<|end|>"),  # InternVL2-4B's: 32000, 32001, 32007
 }
 
 # InternVL3.5's style: list content, `<image>` + newline for an image part, no default system turn.
@@ -247,6 +255,16 @@ def _family_llm_keys(
             "sliding_window": None,
             "max_window_layers": text["num_hidden_layers"],
         }
+    if backbone == "phi3":  # Phi-3-mini-128k's keys, as InternVL2-4B publishes them
+        return {
+            "original_max_position_embeddings": rope_scaling.pop("original_max_position_embeddings"),
+            "rope_scaling": {**rope_scaling, "type": "su"},
+            "sliding_window": text["sliding_window"],
+            "attention_dropout": 0.0,
+            "embd_pdrop": 0.0,
+            "resid_pdrop": 0.0,
+            "pad_token_id": text["eos_token_id"],
+        }
     return {  # internlm2
         "auto_map": {
             "AutoConfig": "configuration_internlm2.InternLM2Config",
@@ -407,6 +425,8 @@ def _tokenizer_config(hf_config: dict[str, Any], backbone: str, chat_template: s
     if backbone == "internlm2":
         config["tokenizer_class"] = "InternLM2Tokenizer"
         config["auto_map"] = {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]}
+    elif backbone == "phi3":
+        config["tokenizer_class"] = "LlamaTokenizer"  # InternVL2-4B's (Phi-3's SentencePiece)
     else:
         config["tokenizer_class"] = "Qwen2Tokenizer"
     if CHAT_TEMPLATES[chat_template] is not None:

@@ -34,6 +34,9 @@ CHAT_TOKENS = (
     "</box>",
 )
 SPECIAL_TOKENS = (UNK, BOS, EOS, *CHAT_TOKENS)
+# Phi-3's chat tokens (InternVL2-4B's phi3-chat template), after the others: the Phi-3 kind is this
+# vocabulary with four more ids at its end.
+PHI3_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 EXTRA_SPECIAL_TOKENS = {
     "start_image_token": "<img>",
     "end_image_token": "</img>",
@@ -42,8 +45,9 @@ EXTRA_SPECIAL_TOKENS = {
 SP_VOCAB_SIZE = 1000  # <unk> <s> </s> + bytes + pieces + CHAT_TOKENS
 
 
-def build_sp_tokenizer() -> Tokenizer:
-    """The SentencePiece-style BPE trained on the demo corpus (deterministic)."""
+def build_sp_tokenizer(extra_tokens: tuple[str, ...] = ()) -> Tokenizer:
+    """The SentencePiece-style BPE trained on the demo corpus (deterministic); `extra_tokens`
+    are special tokens after all the others."""
     pieces, merges = _train_pieces()
     vocab = {token: i for i, token in enumerate((UNK, BOS, EOS, *BYTE_TOKENS, *pieces))}
     assert len(vocab) == 3 + len(BYTE_TOKENS) + len(pieces), "a trained piece collides with a base token"
@@ -57,7 +61,7 @@ def build_sp_tokenizer() -> Tokenizer:
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     )
     tokenizer.add_special_tokens(
-        [AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS]
+        [AddedToken(token, special=True, normalized=False) for token in (*SPECIAL_TOKENS, *extra_tokens)]
     )
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, vocab[BOS])]
@@ -82,7 +86,9 @@ def _train_pieces() -> tuple[list[str], list[tuple[str, str]]]:
     return pieces, [tuple(merge) for merge in model["merges"]]
 
 
-def sp_tokenizer_config(token_ids: dict[str, int], config: dict[str, Any]) -> dict[str, Any]:
+def sp_tokenizer_config(
+    token_ids: dict[str, int], config: dict[str, Any], special_tokens: tuple[str, ...] = SPECIAL_TOKENS
+) -> dict[str, Any]:
     """tokenizer_config.json as the InternLM2-backbone -hf repos write it: a Llama fast tokenizer
     that adds `<s>` and no `</s>`, and the same chat template as the byte-level demo."""
     return {
@@ -94,7 +100,7 @@ def sp_tokenizer_config(token_ids: dict[str, int], config: dict[str, Any]) -> di
         "add_eos_token": False,
         "add_prefix_space": False,
         "legacy": False,
-        "added_tokens_decoder": added_tokens_decoder(token_ids, SPECIAL_TOKENS),
+        "added_tokens_decoder": added_tokens_decoder(token_ids, special_tokens),
         "bos_token": BOS,
         "eos_token": EOS,
         "pad_token": EOS,
@@ -122,4 +128,20 @@ SENTENCEPIECE = DemoTokenizer(
     eos_token=EOS,
     tokenizer_config=sp_tokenizer_config,
     generation_config=sp_generation_config,
+)
+
+
+PHI3_SENTENCEPIECE = DemoTokenizer(
+    build=lambda: build_sp_tokenizer(PHI3_TOKENS),
+    special_tokens=(*SPECIAL_TOKENS, *PHI3_TOKENS),
+    bos_token=BOS,
+    eos_token=EOS,
+    tokenizer_config=lambda token_ids, config: sp_tokenizer_config(
+        token_ids, config, (*SPECIAL_TOKENS, *PHI3_TOKENS)
+    ),
+    generation_config=lambda token_ids: {
+        "bos_token_id": token_ids[BOS],
+        "eos_token_id": [token_ids[EOS], token_ids["<|assistant|>"], token_ids["<|end|>"]],  # Phi-3's
+        "pad_token_id": token_ids[EOS],
+    },
 )

@@ -48,9 +48,25 @@ class TorchOps:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Neox-style rotary; q: [T, q_heads, head_dim], k: [T, kv_heads, head_dim], either may be
         a strided view (of a fused q/k/v output)."""
+        return self.scaled_rope(q, k, positions, inv_freq, 1.0)
+
+    def scaled_rope(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        positions: torch.Tensor,
+        inv_freq: torch.Tensor,
+        scaling: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rope` from any per-frequency `inv_freq`, with cos and sin multiplied by `scaling` in
+        float32 (LongRoPE's attention factor). Every kind of ops runs this one op by op: a fused
+        kernel that derives the frequencies from theta cannot."""
         freqs = positions[:, None].float() * inv_freq[None, :]  # [T, head_dim / 2]
         angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, head_dim]
-        cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if scaling != 1.0:
+            cos, sin = cos * scaling, sin * scaling
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 

@@ -22,16 +22,18 @@ OPENGVLAB, HF_NATIVE = "opengvlab", "hf"
 
 
 # The language-model families vlmd runs (one model file each in vlmd/models/), by the
-# architecture name OpenGVLab's `llm_config` gives. InternLM2 is Llama's arithmetic with its
-# q/k/v packed into one tensor, which the loader unpacks (`vlmd.models.layouts`).
+# architecture name OpenGVLab's `llm_config` gives. InternLM2 and Phi-3 are Llama's arithmetic
+# with q/k/v (and Phi-3's gate/up) packed into one tensor, which the loader unpacks
+# (`vlmd.models.layouts`).
 TEXT_FAMILIES = {
     "Qwen2ForCausalLM": "qwen2",
     "LlamaForCausalLM": "llama",
     "InternLM2ForCausalLM": "internlm2",
     "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
 }
 # transformers' `text_config.model_type` -> the family (the -hf conversions of InternLM2 are Llama).
-HF_TEXT_MODEL_TYPES = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3"}
+HF_TEXT_MODEL_TYPES = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3", "phi3": "phi3"}
 
 SUPPORTED = (
     "vlmd serves dense InternVL checkpoints: OpenGVLab's 'internvl_chat' with a "
@@ -66,7 +68,7 @@ class InternVLArch:
     vocab_size: int
     rms_norm_eps: float
     rope_theta: float
-    max_position_embeddings: int
+    max_position_embeddings: int  # the context vlmd serves (`vlmd.models.formats` bounds it)
     tie_word_embeddings: bool
     # Vision tower (InternViT).
     vision_hidden_size: int
@@ -90,6 +92,10 @@ class InternVLArch:
     dtype: str  # the checkpoint's torch dtype name, e.g. "bfloat16"
     layout: str = HF_NATIVE  # OPENGVLAB or HF_NATIVE: how the safetensors keys are laid out
     template: str | None = None  # OpenGVLab's conversation template name (config.json "template")
+    # LongRoPE (Phi-3's "su" / "longrope"): within the original context, each rotary frequency is
+    # divided by its short factor and cos/sin are scaled by the attention factor. None: plain RoPE.
+    rope_short_factor: tuple[float, ...] | None = None
+    rope_attention_factor: float = 1.0
 
     @property
     def vision_head_dim(self) -> int:
@@ -157,6 +163,11 @@ class InternVLArch:
             )
         if self.image_token_id is not None and not 0 <= self.image_token_id < self.vocab_size:
             raise ValueError(f"image_token_id={self.image_token_id} is outside the vocabulary")
+        if self.rope_short_factor is not None and len(self.rope_short_factor) * 2 != self.head_dim:
+            raise ValueError(
+                f"the RoPE short_factor has {len(self.rope_short_factor)} values; head_dim "
+                f"{self.head_dim} needs {self.head_dim // 2}"
+            )
 
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:

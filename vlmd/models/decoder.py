@@ -2,8 +2,9 @@
 request's new tokens are rows of one [T, hidden].
 
 A family differs from Llama only in its attention: Qwen2 adds q/k/v biases, Qwen3 an RMSNorm
-over each head of q and k; InternLM2 is Llama once the loader has unpacked its packed weights.
-The family files (qwen2.py, llama.py, internlm2.py, qwen3.py) hold those variants;
+over each head of q and k; InternLM2 and Phi-3 are Llama once the loader has unpacked their
+packed weights (Phi-3's LongRoPE is the rotary's own option, `RotaryEmbedding`).
+The family files (qwen2.py, llama.py, internlm2.py, qwen3.py, phi3.py) hold those variants;
 the loader picks one by the architecture's `text_family`.
 
 Attention is the only op that cares where one request ends and the next begins, and that is
@@ -107,7 +108,9 @@ class DecoderModel(nn.Module):
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(arch, i, attention) for i in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta)
+        self.rotary = RotaryEmbedding(
+            arch.head_dim, arch.rope_theta, arch.rope_short_factor, arch.rope_attention_factor
+        )
 
     def forward(
         self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend

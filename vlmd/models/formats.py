@@ -16,6 +16,7 @@ Torch-free, like `vlmd.models.config`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from vlmd.models.config import (
@@ -30,6 +31,8 @@ from vlmd.models.config import (
 # dynamic NTK scaling changes the frequencies only for sequences longer than that (transformers
 # and InternLM2's own code alike), so up to it the result is plain RoPE, bit for bit.
 PLAIN_WITHIN_CONTEXT_ROPE = ("default", "dynamic")
+# LongRoPE, under its two names (Phi-3's first configs say "su"); see `_longrope_fields`.
+LONGROPE = ("longrope", "su")
 
 
 def arch_fields(config: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
@@ -117,7 +120,11 @@ def _text_fields(family: str, text: dict[str, Any]) -> dict[str, Any]:
     _check_text(family, text)
     hidden_size = text["hidden_size"]
     num_attention_heads = text["num_attention_heads"]
-    return {
+    context = text.get("max_position_embeddings", 32768)
+    if family == "phi3" and text.get("sliding_window"):
+        # Phi-3's attention sees the last sliding_window tokens: within them, all of them.
+        context = min(context, int(text["sliding_window"]))
+    fields = {
         "text_family": family,
         "hidden_size": hidden_size,
         "num_hidden_layers": text["num_hidden_layers"],
@@ -128,7 +135,33 @@ def _text_fields(family: str, text: dict[str, Any]) -> dict[str, Any]:
         "vocab_size": text["vocab_size"],
         "rms_norm_eps": float(text.get("rms_norm_eps", 1e-6)),
         "rope_theta": _rope_theta(text),
-        "max_position_embeddings": text.get("max_position_embeddings", 32768),
+        "max_position_embeddings": context,
+    }
+    rope = _rope_parameters(text)
+    if _rope_type(rope) in LONGROPE:
+        fields |= _longrope_fields(text, rope, context)
+    return fields
+
+
+def _longrope_fields(text: dict[str, Any], rope: dict[str, Any], context: int) -> dict[str, Any]:
+    """LongRoPE within the original context: transformers (and Phi-3's own code) take the short
+    factors while the sequence is at most original_max_position_embeddings long, the long ones
+    beyond, for the whole sequence at once. vlmd serves the original context, where the short
+    factors alone apply; the attention factor scales cos and sin either way."""
+    original = rope.get("original_max_position_embeddings") or text.get("original_max_position_embeddings")
+    if not original:
+        raise ValueError("LongRoPE scaling needs original_max_position_embeddings")
+    short = rope.get("short_factor")
+    if not isinstance(short, list) or not all(isinstance(f, int | float) for f in short):
+        raise ValueError("LongRoPE scaling needs a list of numbers as short_factor")
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        factor = rope.get("factor") or text.get("max_position_embeddings", original) / original
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {
+        "max_position_embeddings": min(context, int(original)),
+        "rope_short_factor": tuple(float(f) for f in short),
+        "rope_attention_factor": float(attention_factor),
     }
 
 
@@ -141,13 +174,16 @@ def _check_text(family: str, text: dict[str, Any]) -> None:
             raise ValueError(f"{family}: {key}=true (biased projections) is not supported")
     if text.get("use_sliding_window", False):
         raise ValueError(f"{family}: sliding-window attention (use_sliding_window=true) is not supported")
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in PLAIN_WITHIN_CONTEXT_ROPE:
+    rope_type = _rope_type(_rope_parameters(text))
+    if rope_type not in PLAIN_WITHIN_CONTEXT_ROPE + LONGROPE:
         raise ValueError(
-            f"RoPE scaling {rope_type!r} is not supported; vlmd runs plain (and dynamic NTK) RoPE"
+            f"RoPE scaling {rope_type!r} is not supported; vlmd runs plain, dynamic NTK and LongRoPE "
+            "(within the original context) RoPE"
         )
-    if text.get("partial_rotary_factor", 1.0) != 1.0:
+    if (
+        text.get("partial_rotary_factor", 1.0) != 1.0
+        or _rope_parameters(text).get("partial_rotary_factor", 1.0) != 1.0
+    ):
         raise ValueError("partial rotary embeddings are not supported")
 
 
@@ -225,6 +261,14 @@ def _image_seq_length(image_size: int, patch_size: int, downsample_ratio: float)
     if side % scale:
         raise ValueError(f"a {side}x{side} patch grid cannot be pixel-shuffled by {downsample_ratio}")
     return (side // scale) ** 2
+
+
+def _rope_parameters(text: dict[str, Any]) -> dict[str, Any]:
+    return text.get("rope_parameters") or text.get("rope_scaling") or {}
+
+
+def _rope_type(rope: dict[str, Any]) -> str:
+    return rope.get("rope_type", rope.get("type", "default"))
 
 
 def _rope_theta(text: dict[str, Any]) -> float:

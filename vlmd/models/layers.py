@@ -38,16 +38,27 @@ class RotaryEmbedding(nn.Module):
     cos/sin are computed from the positions of each step in float32 rather than looked up in a
     table: this is exactly the arithmetic HF does, so the two agree bit for bit, and a step's
     cost (T x head_dim/2 products) is negligible next to attention.
+
+    LongRoPE (`factors`, within the original context): each frequency divided by its factor, and
+    cos/sin multiplied by `scaling`, as transformers computes them.
     """
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(
+        self, head_dim: int, theta: float, factors: tuple[float, ...] | None = None, scaling: float = 1.0
+    ) -> None:
         super().__init__()
         self.theta = theta
+        self.plain = factors is None and scaling == 1.0  # what a fused kernel from theta alone gives
+        self.scaling = scaling
         self.ops = TORCH_OPS
         # Built on the CPU explicitly so a model constructed under a meta device still gets a
         # real buffer; `module.to(device)` moves it, and it stays float32 whatever the weights are.
         exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
-        self.register_buffer("inv_freq", 1.0 / (theta**exponents), persistent=False)
+        if factors is None:
+            inv_freq = 1.0 / (theta**exponents)
+        else:
+            inv_freq = 1.0 / (torch.tensor(factors, dtype=torch.float32, device="cpu") * theta**exponents)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def prepare(self, positions: torch.Tensor) -> torch.Tensor:
         """A step's positions as every layer's `forward` takes them (converted once per step)."""
@@ -57,6 +68,8 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T]; q: [T, num_q_heads, head_dim]; k: [T, num_kv_heads, head_dim]."""
+        if not self.plain:
+            return self.ops.scaled_rope(q, k, positions, self.inv_freq, self.scaling)
         return self.ops.rope(q, k, positions, self.inv_freq, self.theta)
 
 

@@ -9,6 +9,8 @@ packed tensor holds several, each a set of its rows (`RowMap`):
                                                  (thirds of the rows)
     mlp1.{0,1,3}                               multi_modal_projector.{layer_norm,linear_1,linear_2}
     language_model.model.* / .lm_head          model.* / lm_head (Qwen2, Llama, Qwen3)
+    Phi-3: self_attn.qkv_proj,                 self_attn.{q,k,v}_proj, mlp.{gate,up}_proj (rows
+           mlp.gate_up_proj (either layout)      one after another)
     InternLM2: attention.wqkv                  self_attn.{q,k,v}_proj: per KV head, its query
                                                  heads, then k, then v (head_dim rows each)
                tok_embeddings, attention.wo,   embed_tokens, self_attn.o_proj,
@@ -187,6 +189,26 @@ def _internlm2_rules(arch: InternVLArch) -> tuple[Rule, ...]:
     )
 
 
+def _phi3_rules(arch: InternVLArch, prefix: str) -> tuple[Rule, ...]:
+    """Phi-3's packed projections, in either layout (`prefix`: where its layers are): `qkv_proj`
+    holds the q rows, then k's, then v's; `gate_up_proj` the gate rows, then up's."""
+    layer = re.escape(prefix) + r"layers\.(\d+)\."
+    q_size, kv_size = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
+    qkv = [
+        (_LM_OUT + "self_attn.q_proj.weight", Offset(0)),
+        (_LM_OUT + "self_attn.k_proj.weight", Offset(q_size)),
+        (_LM_OUT + "self_attn.v_proj.weight", Offset(q_size + kv_size)),
+    ]
+    gate_up = [
+        (_LM_OUT + "mlp.gate_proj.weight", Offset(0)),
+        (_LM_OUT + "mlp.up_proj.weight", Offset(arch.intermediate_size)),
+    ]
+    return (
+        _split(layer + r"self_attn\.qkv_proj\.weight", LANGUAGE, qkv),
+        _split(layer + r"mlp\.gate_up_proj\.weight", LANGUAGE, gate_up),
+    )
+
+
 _OPENGVLAB_TEXT_RULES = (
     _rename(r"language_model\.model\.(.+)", LANGUAGE, r"model.\1"),
     _rename(r"language_model\.lm_head\.(.+)", LANGUAGE, r"lm_head.\1"),
@@ -196,8 +218,19 @@ _OPENGVLAB_TEXT_RULES = (
 def layout_rules(arch: InternVLArch) -> tuple[Rule, ...]:
     """The rules of the architecture's checkpoint layout (first match wins)."""
     if arch.layout != OPENGVLAB:
+        if arch.text_family == "phi3":
+            return (
+                _phi3_rules(arch, "model.language_model.")
+                + _phi3_rules(arch, "language_model.model.")
+                + _HF_RULES
+            )
         return _HF_RULES
-    text = _internlm2_rules(arch) if arch.text_family == "internlm2" else _OPENGVLAB_TEXT_RULES
+    if arch.text_family == "internlm2":
+        text = _internlm2_rules(arch)
+    elif arch.text_family == "phi3":
+        text = _phi3_rules(arch, "language_model.model.") + _OPENGVLAB_TEXT_RULES
+    else:
+        text = _OPENGVLAB_TEXT_RULES
     return _opengvlab_vision_rules(arch) + text
 
 

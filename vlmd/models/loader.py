@@ -28,6 +28,7 @@ from vlmd.models.internlm2 import InternLM2ForCausalLM
 from vlmd.models.internvl import InternVLVision
 from vlmd.models.layouts import LANGUAGE, VISION, Source, component_sources, preview
 from vlmd.models.llama import LlamaForCausalLM
+from vlmd.models.phi3 import Phi3ForCausalLM
 from vlmd.models.qwen2 import Qwen2ForCausalLM
 from vlmd.models.qwen3 import Qwen3ForCausalLM
 from vlmd.models.tensor_parallel import SINGLE_RANK, Shard, TPGroup, shard_language_model, shard_vision
@@ -37,6 +38,7 @@ LANGUAGE_MODELS: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM,
     "internlm2": InternLM2ForCausalLM,
     "qwen3": Qwen3ForCausalLM,
+    "phi3": Phi3ForCausalLM,
 }
 
 
