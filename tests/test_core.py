@@ -147,6 +147,28 @@ def test_admission_takes_what_is_needed_now_and_the_newest_is_preempted():
     assert sched.num_used_pages == 0 and not sched.requests
 
 
+def test_a_request_that_fills_the_pool_alone_is_admitted_once_nothing_runs():
+    """The watermark keeps pages free for running requests' next tokens: a request that fits the
+    pool but not the pool less the watermark waits while others run, and is admitted once none
+    does (it was never admitted: it held the head of the queue, and every request behind it,
+    for ever)."""
+    sched = make_scheduler(num_pages=200, budget=1024, enable_prefix_cache=False)  # watermark: 2 pages
+    sched.add(make_request("a", prompt_len=5, max_new=3))
+    run_step(sched)
+    sched.add(make_request("big", prompt_len=199 * 4 - 1, max_new=1))  # 199 pages with its token
+    sched.add(make_request("next", prompt_len=5, max_new=1))
+    plan, _, _ = run_step(sched)
+    assert [item.request_id for item in plan.items] == ["a"]  # big waits while a runs
+    _, _, finished = run_step(sched)
+    assert [f.request.request_id for f in finished] == ["a"]
+    plan, _, finished = run_step(sched)
+    assert [item.request_id for item in plan.items] == ["big"]
+    assert [f.request.request_id for f in finished] == ["big"]
+    plan, _, finished = run_step(sched)
+    assert [f.request.request_id for f in finished] == ["next"]
+    assert sched.num_used_pages == 0 and not sched.requests
+
+
 def test_chunked_prefill_spans_cover_the_prompt():
     sched = make_scheduler(budget=4)
     sched.add(make_request("a", prompt_len=10, max_new=2))

@@ -7,7 +7,8 @@ requests in arrival order while their KV fits. Pages are allocated as tokens arr
 tokens beside them: the prompts wait, the decode rows never do.
 
 Admission takes what a request needs now, not what it may need: its known tokens not found in
-the prefix cache (`vlmd.core.prefix_cache`), plus a small watermark of the pool. When a running
+the prefix cache (`vlmd.core.prefix_cache`), plus a small watermark of the pool while others run
+(with none running, a request may take the whole pool). When a running
 request needs a page and none is free (nor evictable from the cache), the newest running
 requests are preempted: their pages are released, they go back to the front of the queue with
 every token they have, and are computed again once re-admitted (much of it a prefix-cache hit).
@@ -266,7 +267,10 @@ class Scheduler:
         self._head_path = (head, path)  # `_admit` takes it: nothing changes the cache in between
         need = pages_for(head.num_tokens + 1, self.config.page_size) - len(path)
         held = sum(node.ref_count == 0 for node in path)  # cached pages it would stop being evictable
-        return self.cache.num_available - held - need >= self._watermark_pages
+        # The watermark keeps room for the running requests' next tokens; with none running, a
+        # request that fits the pool (the http actor bounds every request by it) takes it all.
+        watermark = self._watermark_pages if self.running else 0
+        return self.cache.num_available - held - need >= watermark
 
     def _admit(self) -> Request:
         request = self.waiting.popleft()
