@@ -150,6 +150,15 @@ def test_only_http_and_https_are_fetched(mm_server, host, url):
     assert "is not http or https" in message and ("file" in message or url.split(":")[0] in message)
 
 
+@pytest.mark.parametrize(
+    "url", ["http://a..b/x.png", "http://.example.com/x.png", f"https://{'a' * 64}.com/x.png"]
+)
+def test_a_host_name_that_cannot_be_encoded_is_a_400(mm_server, url):
+    """An empty label, or one over 63 characters, fails IDNA encoding before any lookup (it was
+    an uncaught UnicodeError: a 500)."""
+    assert "is not a valid host name" in refusal(mm_server, url)
+
+
 def test_a_trickling_server_hits_the_deadline_of_the_whole_download(mm_server, host):
     started = time.monotonic()
     message = refusal(mm_server, host + "/trickle")

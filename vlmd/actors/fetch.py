@@ -85,6 +85,8 @@ async def _resolve(host: str, port: int) -> list[str]:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise FetchError(f"cannot resolve {host}: {exc.strerror}") from None
+    except UnicodeError as exc:  # the IDNA encoding of a label that is empty or over 63 characters
+        raise FetchError(f"{host} is not a valid host name: {exc}") from None
     return list(dict.fromkeys(info[4][0] for info in infos))  # in the resolver's order, once each
 
 
