@@ -19,9 +19,11 @@ from vlmd.actors.images import THREAD_BYTES, BadImage, _decode_base64, decode_ba
 
 
 def one_call(text: str) -> bytes | None:
-    """What the standard library's call gives (None: it rejects the text)."""
+    """What the standard library's call gives on the text without its whitespace (None: it
+    rejects the text)."""
+    text = text.partition(",")[2] if text.lower().startswith("data:") else text
     try:
-        return base64.b64decode(text.partition(",")[2] if text.startswith("data:") else text, validate=True)
+        return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         return None
 
@@ -57,6 +59,17 @@ def test_base64_decodes_and_rejects_as_the_one_call(text, data_url):
     if data_url:
         text = "data:image/png;base64," + text
     assert decoded(text) == one_call(text)
+
+
+def test_line_wrapped_base64_and_any_case_of_data_urls_decode():
+    """MIME's base64 (76-column lines, as the base64 tool writes it) decodes as LightLLM's
+    lenient decode takes it; a data URL's scheme is any case; one without a comma says so."""
+    raw = os.urandom(300)
+    wrapped = base64.encodebytes(raw).decode()  # "\n" every 76 characters
+    assert "\n" in wrapped.strip() and decoded(wrapped) == raw
+    assert decoded("DATA:image/png;base64," + base64.b64encode(raw).decode()) == raw
+    with pytest.raises(BadImage, match="needs a comma"):
+        asyncio.run(decode_base64(0, "data:image/png;base64iVBOR"))
 
 
 def test_every_short_text_of_padding_and_quanta_is_judged_as_the_one_call_judges_it():

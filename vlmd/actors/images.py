@@ -253,7 +253,7 @@ class ImageChecker:
         )
 
     async def _load_bytes(self, index: int, image: ImageInput) -> bytes:
-        if image.type == "base64" or (image.type == "url" and image.data.startswith("data:")):
+        if image.type == "base64" or (image.type == "url" and is_data_url(image.data)):
             data = await decode_base64(index, image.data)
             if len(data) > self.max_bytes:
                 raise BadImage(
@@ -284,20 +284,35 @@ def check_tile_limit(value: int, server_max_tiles: int, param: str, where: str =
 
 
 async def decode_base64(index: int, text: str) -> bytes:
-    """`base64.b64decode(text, validate=True)` (after a data: URL's comma): what it returns, and
-    BadImage for what it rejects. A large text is decoded on the bytes thread (`in_bytes_thread`)."""
+    """`base64.b64decode(text, validate=True)` (after a data: URL's comma, its whitespace removed:
+    the line breaks of MIME's 76-column base64, which LightLLM's lenient decode takes): what it
+    returns, and BadImage for what it rejects. A large text is decoded on the bytes thread
+    (`in_bytes_thread`)."""
+    if is_data_url(text) and "," not in text:
+        raise BadImage(f"image {index}: a data URL needs a comma before its data")
     data = await in_bytes_thread(len(text), _decode_base64, text)
     if data is None:
         raise BadImage(f"image {index}: invalid base64 data")
     return data
 
 
+def is_data_url(text: str) -> bool:
+    """A data: URL (its scheme in any case, as every URL scheme)."""
+    return text[:5].lower() == "data:"
+
+
+_WHITESPACE = " \t\n\r\v\f"
+_NO_WHITESPACE = str.maketrans("", "", _WHITESPACE)
+
+
 def _decode_base64(text: str) -> bytes | None:
     """pybase64's strict decode (SIMD: about 20x the standard library's speed; it lets go of the
     GIL on a str) under the standard library's rules for padding, which differ from pybase64's
     only where the text is padded beyond a whole quantum: there the padding is dropped first."""
-    if text.startswith("data:"):
+    if is_data_url(text):
         text = text.partition(",")[2]
+    if any(char in text for char in _WHITESPACE):
+        text = text.translate(_NO_WHITESPACE)
     end = text[-8:]  # the final run of '=', counted without copying the text
     pads = len(end) - len(end.rstrip("="))
     if pads == len(end):
