@@ -78,7 +78,7 @@ QWEN3_8B = {  # InternVL3.5-8B's
     "use_sliding_window": False,
     "tie_word_embeddings": False,
 }
-PHI3_MINI_128K = {  # InternVL2-4B's (the factors shortened to two values each: see the test)
+PHI3_MINI_128K = {  # InternVL2-4B's (its factors replaced by constants: the test reads them back)
     "architectures": ["Phi3ForCausalLM"],
     "model_type": "phi3",
     "hidden_size": 3072,

@@ -54,11 +54,8 @@ class RotaryEmbedding(nn.Module):
         # Built on the CPU explicitly so a model constructed under a meta device still gets a
         # real buffer; `module.to(device)` moves it, and it stays float32 whatever the weights are.
         exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
-        if factors is None:
-            inv_freq = 1.0 / (theta**exponents)
-        else:
-            inv_freq = 1.0 / (torch.tensor(factors, dtype=torch.float32, device="cpu") * theta**exponents)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        divisors = 1.0 if factors is None else torch.tensor(factors, dtype=torch.float32, device="cpu")
+        self.register_buffer("inv_freq", 1.0 / (divisors * theta**exponents), persistent=False)
 
     def prepare(self, positions: torch.Tensor) -> torch.Tensor:
         """A step's positions as every layer's `forward` takes them (converted once per step)."""
