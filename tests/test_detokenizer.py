@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from vlmd.detokenizer import REPLACEMENT, IncrementalDetokenizer, StopStringText
+from vlmd.detokenizer import REPLACEMENT, IncrementalDetokenizer, Matcher, StopStringText
 
 
 def test_pieces_concatenate_to_the_full_decode(model_dir):
@@ -128,3 +128,12 @@ class PieceTokenizer:
 def test_stop_strings_match_the_slow_reference_over_any_split(pieces, stop):
     shown, out = run_tokens(PieceTokenizer(pieces), list(range(len(pieces))), stop)
     assert (shown, out.text) == reference_stop(pieces, stop)
+
+
+def test_a_matcher_fed_after_a_whole_match_goes_on_matching():
+    """Token-id matchers (/generate_stream) are fed every token: a match that overlaps the one
+    before is found (feeding past a whole match indexed beyond the stop sequence)."""
+    matcher = Matcher("abab")
+    assert matcher.first_end("abab") == 3
+    assert matcher.first_end("ab") == 1  # "ab" + the last match's "ab"
+    assert matcher.first_end("x") == -1 and matcher.matched == 0

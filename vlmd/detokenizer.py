@@ -106,8 +106,11 @@ class Matcher:
             self.fallback[i] = k
 
     def first_end(self, piece: Sequence) -> int:
-        """Feed `piece`; the index in it where the stop string first ends, or -1."""
+        """Feed `piece`; the index in it where the stop string first ends, or -1. After a whole
+        match, feeding goes on from the longest end of it that begins the stop string again."""
         stop, fallback, k = self.stop, self.fallback, self.matched
+        if k == len(stop):
+            k = fallback[k - 1]
         for i, char in enumerate(piece):
             while k and char != stop[k]:
                 k = fallback[k - 1]
